@@ -1,0 +1,53 @@
+"""llm-aligner core: load an Aligner and correct any model's answers.
+
+``import aligner_core`` is cheap: torch and transformers load only when a model does.
+"""
+
+from __future__ import annotations
+
+from .aligner import Aligner
+from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
+from .correction import Correction, similarity
+from .errors import (
+    AlignerError,
+    AlignerOutOfMemoryError,
+    ContextOverflowError,
+    EmptyAnswerError,
+    GenerationOptionError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelLoadError,
+    TemplateError,
+)
+from .loading import DEFAULT_MODEL, write_aligner_config
+from .templates import ChatTemplate, Template, TextTemplate, get_template, list_templates, register_template
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Aligner",
+    "AlignerError",
+    "AlignerOutOfMemoryError",
+    "Backend",
+    "ChatTemplate",
+    "ContextOverflowError",
+    "Correction",
+    "EmptyAnswerError",
+    "GenerationOptionError",
+    "GenerationOutput",
+    "GenerationParams",
+    "GenerationRequest",
+    "InvalidInputError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "Template",
+    "TemplateError",
+    "TextTemplate",
+    "__version__",
+    "get_template",
+    "list_templates",
+    "register_template",
+    "similarity",
+    "write_aligner_config",
+]

@@ -1,0 +1,3 @@
+from aligner_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""The ``aligner`` command line: ``aligner correct``, ``aligner demo``, ``aligner templates``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="aligner",
+    help="Correct any LLM's answers with an Aligner model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is loaded and chosen.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def correct(
+    input: Annotated[Path, typer.Argument(help="JSONL file of records to correct.", exists=True, dir_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub id, local directory or GGUF file.")] = "HuggingFaceTB/SmolLM2-135M-Instruct",
+    template: Annotated[str | None, typer.Option(help="Prompt template (default: recorded in the model, else chosen for it).")] = None,
+    question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
+    answer_field: Annotated[str, typer.Option(help="Field holding the answer to correct.")] = "answer",
+    output_field: Annotated[str, typer.Option(help="Field to write the correction into.")] = "correction",
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Token budget of one padded batch.")] = 16384,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 1024,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Records corrected and written durably at a time.")] = 64,
+    on_overflow: Annotated[str, typer.Option(help="'error' or 'truncate' for answers longer than the context.")] = "error",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Skip records already in OUTPUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Correct a JSONL file of question-answer records into OUTPUT, durably and resumably."""
+    from .aligner import Aligner
+    from .errors import AlignerError
+    from .filejob import correct_jsonl
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite contradict each other: pick one")
+    if on_overflow not in ("error", "truncate"):
+        raise typer.BadParameter(f"--on-overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    try:
+        aligner = Aligner.from_pretrained(
+            model, template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+            max_batch_tokens=batch_tokens, on_overflow=on_overflow,  # type: ignore[arg-type]
+        )
+        stats = correct_jsonl(
+            aligner, input, output, question_field=question_field, answer_field=answer_field,
+            output_field=output_field, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
+            show_progress=progress,
+        )
+    except AlignerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(
+        f"wrote {stats.written} records to {output} ({stats.changed} changed, {stats.failed} failed"
+        + (f", {stats.skipped} already done" if stats.skipped else "") + ")",
+        err=True,
+    )
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    model: Annotated[str | None, typer.Option(help="Model to demo (default: the packaged SmolLM2-135M-Instruct).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 96,
+) -> None:
+    """Correct the bundled sample pairs offline and show each original beside its correction."""
+    from .demo import run_demo
+    from .errors import AlignerError
+
+    try:
+        run_demo(model, max_new_tokens=max_new_tokens)
+    except AlignerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def templates() -> None:
+    """List the registered prompt templates."""
+    from .templates import list_templates
+
+    for name in list_templates():
+        typer.echo(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aligner`` command; returns the exit code."""
+    try:
+        app(args=argv, prog_name="aligner")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

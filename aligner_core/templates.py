@@ -1,0 +1,150 @@
+"""Prompt templates, byte-exact with the official Aligner code (see ALIGNER.md).
+
+Released checkpoints degrade when the prompt differs by one byte, so the official strings are
+tested literally. User text is substituted in one pass: an answer that itself contains
+``{question}`` is never re-expanded, and braces need no escaping.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import TemplateError
+
+#: The conversation wrapper the official Aligner was trained with (no space after ``ASSISTANT:``).
+CONVERSATION = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
+
+_FIELD = re.compile(r"\{(question|answer)\}")
+
+
+@runtime_checkable
+class Template(Protocol):
+    """Anything that turns a question-answer pair into the prompt string a model reads."""
+
+    name: str
+    #: Whether the tokenizer should add its special tokens (BOS) when encoding the prompt.
+    add_special_tokens: bool
+
+    def format(self, *, question: str, answer: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class TextTemplate:
+    """A plain-text template with ``{question}`` and ``{answer}`` placeholders."""
+
+    name: str
+    text: str
+    add_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        found = set(_FIELD.findall(self.text))
+        if found != {"question", "answer"}:
+            raise TemplateError(
+                f"template {self.name!r} must contain both {{question}} and {{answer}}, found {sorted(found)}"
+            )
+
+    def format(self, *, question: str, answer: str) -> str:
+        values = {"question": question, "answer": answer}
+        return _FIELD.sub(lambda m: values[m.group(1)], self.text)
+
+
+DEFAULT_CHAT_INSTRUCTION = (
+    "Edit the following Question-Answer pair to make it more helpful and harmless. "
+    "Reply with the improved answer only, without any preamble.\n\n"
+    "Question: {question}\nAnswer: {answer}"
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Renders the tokenizer's own chat template around a correction instruction.
+
+    For instruct models used as untrained correctors: the model was never trained on the
+    Aligner format, but it follows an instruction in its native chat format.
+    """
+
+    name: str = "chat"
+    instruction: str = DEFAULT_CHAT_INSTRUCTION
+    system: str | None = None
+    tokenizer: Any = None
+    add_special_tokens: bool = False
+
+    def bind(self, tokenizer: Any) -> ChatTemplate:
+        """Return a copy that renders with ``tokenizer``'s chat template."""
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise TemplateError(
+                f"template {self.name!r} needs a tokenizer with a chat template; this tokenizer has none. "
+                "Pass template='aligner-v1' or 'aligner-general', or register your own."
+            )
+        return replace(self, tokenizer=tokenizer)
+
+    def format(self, *, question: str, answer: str) -> str:
+        if self.tokenizer is None:
+            raise TemplateError(
+                f"template {self.name!r} renders the model's chat template: call .bind(tokenizer) first "
+                "(Aligner does this for you)."
+            )
+        content = TextTemplate(self.name, self.instruction).format(question=question, answer=answer)
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_REGISTRY: dict[str, Template] = {}
+
+
+def register_template(template: Template, *, overwrite: bool = False) -> Template:
+    """Make ``template`` available by its name to ``get_template`` and ``Aligner(template=...)``."""
+    if not isinstance(template, Template):
+        raise TemplateError(f"{template!r} is not a Template (needs name, add_special_tokens and format())")
+    if template.name in _REGISTRY and not overwrite:
+        raise TemplateError(f"a template named {template.name!r} exists; pass overwrite=True to replace it")
+    _REGISTRY[template.name] = template
+    return template
+
+
+def get_template(name: str, tokenizer: Any = None) -> Template:
+    """Look a template up by name; chat templates are bound to ``tokenizer`` when it is given."""
+    if not isinstance(name, str):
+        raise TemplateError(f"template name must be a string, got {type(name).__name__}")
+    try:
+        template = _REGISTRY[name]
+    except KeyError:
+        raise TemplateError(f"unknown template {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    if tokenizer is not None and isinstance(template, ChatTemplate):
+        return template.bind(tokenizer)
+    return template
+
+
+def list_templates() -> list[str]:
+    """Names of all registered templates."""
+    return sorted(_REGISTRY)
+
+
+register_template(
+    TextTemplate(
+        "aligner-v1",
+        CONVERSATION.format(
+            input="Edit the following Question-Answer pair to make it more helpful and harmless: "
+            "{question} | {answer}"
+        ),
+    )
+)
+register_template(
+    TextTemplate(
+        "aligner-general",
+        CONVERSATION.format(input="##Question: {question}\n##Answer: {answer}\n##Correction: "),
+    )
+)
+register_template(
+    TextTemplate(
+        "aligner-empathy",
+        CONVERSATION.format(
+            input="Edit the following Question-Answer pair to make it more empathic and helpful: "
+            "{question} | {answer}"
+        ),
+    )
+)
+register_template(ChatTemplate())

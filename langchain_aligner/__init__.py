@@ -1,0 +1,1 @@
+"""LangChain integration for llm-aligner (AlignerRunnable, AlignedChatModel): see docs/langchain.md."""

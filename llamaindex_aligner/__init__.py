@@ -1,0 +1,1 @@
+"""LlamaIndex integration for llm-aligner (AlignerNodePostprocessor, AlignedQueryEngine): see docs/llamaindex.md."""
