@@ -107,7 +107,7 @@ class Aligner:
             recorded = read_recorded_template(*dirs)
             if recorded is not None:
                 template, why = recorded, "recorded in the model directory"
-            elif is_official_checkpoint(source.name, getattr(loaded, "config", None)):
+            elif is_official_checkpoint(source):
                 template, why = "aligner-v1", "official Aligner checkpoint"
             elif getattr(tokenizer, "chat_template", None):
                 template, why = "chat", "the tokenizer has a chat template (untrained corrector)"

@@ -33,7 +33,7 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 #: File in a model directory recording which template the model was trained with.
 ALIGNER_CONFIG = "aligner_config.json"
 
-_OFFICIAL = re.compile(r"(^|/)aligner/aligner-", re.IGNORECASE)
+_OFFICIAL = re.compile(r"(^|/|--)aligner(/|--)aligner-", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,19 @@ def write_aligner_config(directory: str | os.PathLike[str], *, template: str, **
     return f
 
 
-def is_official_checkpoint(name: str, config: Any = None) -> bool:
-    """True for the released ``aligner/aligner-*`` checkpoints (which use the v1 prompt)."""
-    candidates = [name, str(getattr(config, "_name_or_path", "") or "")]
+def is_official_checkpoint(source: ModelSource) -> bool:
+    """True for the released ``aligner/aligner-*`` checkpoints (which use the v1 prompt).
+
+    Matches the hub id, a hub-cache path (``models--aligner--aligner-7b-v1.0``) or the
+    ``_name_or_path`` saved in a local copy's ``config.json``.
+    """
+    candidates = [source.name, source.location]
+    config = Path(source.location) / "config.json"
+    if source.kind == "dir" and config.is_file():
+        try:
+            candidates.append(str(json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")))
+        except (OSError, ValueError):
+            pass
     return any(_OFFICIAL.search(c) for c in candidates if c)
 
 
