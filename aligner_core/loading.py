@@ -6,6 +6,7 @@ dequantized weights are cached as safetensors and later loads take well under a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -139,10 +140,8 @@ def is_official_checkpoint(source: ModelSource) -> bool:
     candidates = [source.name, source.location]
     config = Path(source.location) / "config.json"
     if source.kind == "dir" and config.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError):
             candidates.append(str(json.loads(config.read_text(encoding="utf-8")).get("_name_or_path", "")))
-        except (OSError, ValueError):
-            pass
     return any(_OFFICIAL.search(c) for c in candidates if c)
 
 
@@ -288,7 +287,7 @@ def load_model(
         tok_kwargs = {k: v for k, v in kwargs.items() if k in {"trust_remote_code", "gguf_file", "revision"}}
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **tok_kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         pickle_only = _only_pickle(location) or (source.kind == "hub" and "safetensors" in str(exc).lower())
         if not allow_pickle and pickle_only:
             raise ModelLoadError(

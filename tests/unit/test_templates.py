@@ -1,6 +1,13 @@
 import pytest
 
-from aligner_core import ChatTemplate, TemplateError, TextTemplate, get_template, list_templates, register_template
+from aligner_core import (
+    ChatTemplate,
+    TemplateError,
+    TextTemplate,
+    get_template,
+    list_templates,
+    register_template,
+)
 
 V1 = (
     "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and "

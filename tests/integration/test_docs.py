@@ -1,0 +1,37 @@
+"""Every Python example in README.md and docs/*.md runs (blocks of one page share a namespace), and the
+shell examples of the docs pages run too, in a scratch directory."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"```(python|bash)\n(.*?)```", re.S)
+
+
+def blocks(page: Path, lang: str) -> list[str]:
+    return [body for kind, body in FENCE.findall(page.read_text()) if kind == lang]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "python")], ids=lambda p: p.name)
+def test_python_examples_run(page, smollm2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for code in blocks(page, "python"):
+        exec(compile(code, f"{page.name}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md" and blocks(p, "bash")], ids=lambda p: p.name)
+def test_shell_examples_run(page, smollm2, tmp_path):
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1"}
+    script = "set -euo pipefail\n" + "\n".join(blocks(page, "bash"))
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
