@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +22,8 @@ from .errors import (
     InvalidInputError,
     TemplateError,
 )
+from .scheduler import Job, MicroBatcher
+from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
 from .templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger("aligner_core")
@@ -52,6 +58,8 @@ class Aligner:
         name: str = "",
         max_new_tokens: int = 1024,
         on_overflow: OverflowPolicy = "error",
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
     ) -> None:
         if on_overflow not in ("error", "truncate"):
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
@@ -60,6 +68,14 @@ class Aligner:
         self.name = name
         self.on_overflow: OverflowPolicy = on_overflow
         self.defaults = GenerationParams(max_new_tokens=max_new_tokens)
+        self._lock = threading.Lock()  # one model, one user at a time: the worker or a correct_batch call
+        self.scheduler = MicroBatcher(
+            backend,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_batch_tokens=getattr(backend, "max_batch_tokens", 16384),
+            lock=self._lock,
+        )
 
     # -- construction ------------------------------------------------------------------------
 
@@ -81,6 +97,7 @@ class Aligner:
         max_new_tokens: int = 1024,
         max_batch_tokens: int = 16384,
         on_overflow: OverflowPolicy = "error",
+        max_wait_ms: float = 5.0,
     ) -> Aligner:
         """Load an Aligner from a hub id, a local directory or a GGUF file.
 
@@ -125,6 +142,7 @@ class Aligner:
             max_new_tokens=max_new_tokens,
             max_batch_tokens=max_batch_tokens,
             on_overflow=on_overflow,
+            max_wait_ms=max_wait_ms,
         )
 
     @classmethod
@@ -139,6 +157,8 @@ class Aligner:
         max_batch_tokens: int = 16384,
         max_batch_size: int | None = None,
         on_overflow: OverflowPolicy = "error",
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
     ) -> Aligner:
         """Wrap a transformers model and tokenizer that are already loaded."""
         from .engine import TransformersBackend
@@ -148,7 +168,15 @@ class Aligner:
             template = get_template(template, tokenizer=tokenizer)
         elif isinstance(template, ChatTemplate) and template.tokenizer is None:
             template = template.bind(tokenizer)
-        return cls(backend, template, name=name or str(getattr(model, "name_or_path", "")), max_new_tokens=max_new_tokens, on_overflow=on_overflow)
+        return cls(
+            backend,
+            template,
+            name=name or str(getattr(model, "name_or_path", "")),
+            max_new_tokens=max_new_tokens,
+            on_overflow=on_overflow,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+        )
 
     def __repr__(self) -> str:
         return f"Aligner(name={self.name!r}, template={self.template.name!r})"
@@ -161,9 +189,112 @@ class Aligner:
         params = self.defaults.updated(generation)
         prepared = self.prepare(question, answer, params, on_overflow=overflow)
         start = time.perf_counter()
-        (out,) = self.backend.generate([prepared.request], params, fail_fast=True)
-        assert isinstance(out, GenerationOutput)
+        out = self.scheduler.submit(Job(params, prepared.request)).result()
         return self.build(prepared, out, latency=time.perf_counter() - start)
+
+    async def acorrect(self, question: str, answer: str, **generation: Any) -> Correction:
+        """Async ``correct``: concurrent calls from many coroutines share GPU/CPU batches.
+
+        The event loop is never blocked: the model runs in the worker thread and the result is
+        handed back on this loop. Cancelling the awaiting task drops the request if it has not started.
+        """
+        overflow = generation.pop("on_overflow", None)
+        params = self.defaults.updated(generation)
+        prepared = self.prepare(question, answer, params, on_overflow=overflow)
+        start = time.perf_counter()
+        out = await self._submit_async(Job(params, prepared.request))
+        return self.build(prepared, out, latency=time.perf_counter() - start)
+
+    async def acorrect_batch(
+        self,
+        pairs: Sequence[Any],
+        *,
+        return_exceptions: bool = False,
+        max_new_tokens: int | Sequence[int] | None = None,
+        **generation: Any,
+    ) -> list[Any]:
+        """Async ``correct_batch``: all pairs go to the shared worker at once; input order is kept."""
+        slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
+        start = time.perf_counter()
+
+        async def one(slot: _Prepared | Exception) -> Correction:
+            if isinstance(slot, Exception):
+                raise slot
+            out = await self._submit_async(Job(params, slot.request))
+            return self.build(slot, out, latency=time.perf_counter() - start)
+
+        return list(await asyncio.gather(*(one(s) for s in slots), return_exceptions=return_exceptions))
+
+    async def _submit_async(self, job: Job) -> GenerationOutput:
+        try:
+            future = self.scheduler.submit(job, block=False)
+        except queue.Full:  # backpressure: wait for room without blocking the event loop
+            future = await asyncio.to_thread(self.scheduler.submit, job)
+        return await asyncio.wrap_future(future)
+
+    def stream(self, question: str, answer: str, **generation: Any) -> CorrectionStream:
+        """Yield the correction as text deltas while it is generated.
+
+        The deltas concatenate to exactly ``Correction.text``; the stream's ``correction``
+        attribute holds the full ``Correction`` once the iterator is exhausted. ``close()`` stops
+        generation early.
+        """
+        stream = CorrectionStream()
+        self.scheduler.submit(self._stream_job(stream, question, answer, generation))
+        return stream
+
+    def astream(self, question: str, answer: str, **generation: Any) -> AsyncCorrectionStream:
+        """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
+        stream = AsyncCorrectionStream(asyncio.get_running_loop())
+        job = self._stream_job(stream, question, answer, generation)
+        try:
+            self.scheduler.submit(job, block=False)
+        except queue.Full:  # backpressure: queue it from a thread on first read, never blocking the loop
+            stream._started = lambda: asyncio.to_thread(self.scheduler.submit, job)
+        return stream
+
+    def _stream_job(self, stream: Any, question: str, answer: str, generation: dict[str, Any]) -> Job:
+        overflow = generation.pop("on_overflow", None)
+        params = self.defaults.updated(generation)
+        prepared = self.prepare(question, answer, params, on_overflow=overflow)
+        deltas = TextDeltas(self.backend.decode, params.stop)
+        eos = set(getattr(self.backend, "eos_token_ids", ()))
+
+        def run() -> GenerationOutput:
+            start = time.perf_counter()
+            try:
+                out = self.backend.generate_stream(  # type: ignore[attr-defined]
+                    prepared.request, params, lambda toks: stream.put(deltas.push([t for t in toks if t not in eos]))
+                )
+            except StreamCancelled:
+                stream.done(None)
+                raise
+            except BaseException as exc:
+                stream.done(None, exc)
+                raise
+            correction = self.build(prepared, out, latency=time.perf_counter() - start)
+            with contextlib.suppress(StreamCancelled):
+                stream.put(deltas.finish(correction.text))
+            stream.done(correction)
+            return out
+
+        return Job(None, prepared.request, exclusive=run)
+
+    def close(self) -> None:
+        """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
+        self.scheduler.close()
+
+    def __enter__(self) -> Aligner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Aligner:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
 
     @overload
     def correct_batch(
@@ -205,6 +336,34 @@ class Aligner:
         """
         from tqdm.auto import tqdm
 
+        slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
+        live = [i for i, s in enumerate(slots) if isinstance(s, _Prepared)]
+        results: list[Correction | Exception] = [s for s in slots]  # type: ignore[misc]
+        with tqdm(total=len(pairs), desc="Correcting", unit="pair", disable=not show_progress) as bar:
+            bar.update(len(pairs) - len(live))
+            with self._lock:
+                outputs = self.backend.generate(
+                    [slots[i].request for i in live],  # type: ignore[union-attr]
+                    params,
+                    fail_fast=not return_exceptions,
+                    on_result=lambda _j, _out: bar.update(1),
+                )
+        for i, out in zip(live, outputs):
+            prepared = slots[i]
+            assert isinstance(prepared, _Prepared)
+            results[i] = out if isinstance(out, BaseException) else self.build(prepared, out)  # type: ignore[assignment]
+        return results
+
+    # -- the shared path ---------------------------------------------------------------------
+
+    def _prepare_all(
+        self,
+        pairs: Sequence[Any],
+        return_exceptions: bool,
+        max_new_tokens: int | Sequence[int] | None,
+        generation: dict[str, Any],
+    ) -> tuple[list[_Prepared | Exception], GenerationParams]:
+        """Validate and render every pair; the first problem is raised unless ``return_exceptions``."""
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
             raise InvalidInputError(f"pairs must be a sequence of (question, answer) pairs, got {type(pairs).__name__}")
         overflow = generation.pop("on_overflow", None)
@@ -219,23 +378,7 @@ class Aligner:
                 if not return_exceptions:
                     raise
                 slots.append(exc)
-        live = [i for i, s in enumerate(slots) if isinstance(s, _Prepared)]
-        results: list[Correction | Exception] = [s for s in slots]  # type: ignore[misc]
-        with tqdm(total=len(pairs), desc="Correcting", unit="pair", disable=not show_progress) as bar:
-            bar.update(len(pairs) - len(live))
-            outputs = self.backend.generate(
-                [slots[i].request for i in live],  # type: ignore[union-attr]
-                params,
-                fail_fast=not return_exceptions,
-                on_result=lambda _j, _out: bar.update(1),
-            )
-        for i, out in zip(live, outputs):
-            prepared = slots[i]
-            assert isinstance(prepared, _Prepared)
-            results[i] = out if isinstance(out, BaseException) else self.build(prepared, out)  # type: ignore[assignment]
-        return results
-
-    # -- the shared path ---------------------------------------------------------------------
+        return slots, params
 
     def prepare(
         self,

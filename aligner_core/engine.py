@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -90,12 +90,62 @@ class TransformersBackend:
             except Exception as exc:
                 if fail_fast:
                     raise
-                outputs = [exc] * len(batch)
+                outputs = self._isolate([requests[i] for i in batch], params, exc)
             for i, out in zip(batch, outputs):
                 results[i] = out
                 if on_result is not None:
                     on_result(i, out)
         return results  # type: ignore[return-value]
+
+    def _isolate(
+        self, batch: list[GenerationRequest], params: GenerationParams, exc: Exception
+    ) -> list[GenerationOutput | BaseException]:
+        """After a batch failed, run its requests one by one so only the culprit fails."""
+        if len(batch) == 1:
+            return [exc]
+        logger.warning("a batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
+        results: list[GenerationOutput | BaseException] = []
+        for request in batch:
+            try:
+                results.extend(self._run_splitting([request], params))
+            except Exception as single:
+                results.append(single)
+        return results
+
+    def generate_stream(
+        self, request: GenerationRequest, params: GenerationParams, sink: Callable[[list[int]], None]
+    ) -> GenerationOutput:
+        """Generate one request, handing each new token to ``sink`` as it is produced."""
+        from transformers.generation.streamers import BaseStreamer
+
+        class _Sink(BaseStreamer):
+            def __init__(self) -> None:
+                self.prompt_seen = False
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:  # generate() first hands over the prompt
+                    self.prompt_seen = True
+                    return
+                sink([int(t) for t in value.reshape(-1).tolist()])
+
+            def end(self) -> None:
+                pass
+
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        start = time.perf_counter()
+        input_ids, attention_mask = self.pad_left([request.prompt_ids])
+        extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self.generation_config(params, request.max_new_tokens),
+                streamer=_Sink(),
+                **extra,
+            )
+        tokens = out[0, input_ids.shape[1]:].tolist()
+        return self.finish(tokens, request.max_new_tokens, params.stop, time.perf_counter() - start)
 
     def _run_splitting(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
         """Run a batch; on out-of-memory free the cache, halve it and retry each half."""

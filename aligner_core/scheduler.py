@@ -1,0 +1,182 @@
+"""Micro-batching: concurrent callers share batches run by one worker thread that owns the model.
+
+Callers (threads via ``submit(...).result()``, coroutines via ``asyncio.wrap_future``, which resolves
+on the caller's loop with ``call_soon_threadsafe``) put validated requests on a bounded queue. The
+worker takes the first waiting request, waits at most ``max_wait_ms`` for more (or until the token
+budget is full), groups them by decoding options and runs each group as one planned batch. A failing
+request fails only its own future; a cancelled one is skipped if it has not started.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
+from .errors import AlignerError
+
+logger = logging.getLogger("aligner_core")
+
+
+class SchedulerClosedError(AlignerError, RuntimeError):
+    """The Aligner was closed; no new requests are accepted and pending ones are failed."""
+
+
+@dataclass
+class Job:
+    """One queued unit of work: generation requests (or an exclusive callable) and their futures."""
+
+    params: GenerationParams | None
+    request: GenerationRequest | None = None
+    future: Future = field(default_factory=Future)
+    exclusive: Callable[[], Any] | None = None
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    """A background worker that serves concurrent requests in shared batches."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
+        max_batch_tokens: int = 16384,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be a positive integer, got {max_queue}")
+        self.backend = backend
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_batch_tokens = max_batch_tokens
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self.lock = lock or threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.batches_run = 0
+
+    # -- callers -----------------------------------------------------------------------------
+
+    def submit(self, job: Job, *, block: bool = True, timeout: float | None = None) -> Future:
+        """Queue a job; blocks (backpressure) while the queue is full unless ``block=False``."""
+        if self._closed:
+            raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
+        self._ensure_worker()
+        self.queue.put(job, block=block, timeout=timeout)
+        return job.future
+
+    def _ensure_worker(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="aligner-worker", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting work, finish what is queued, and stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self.queue.put(_STOP)
+            self._thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is _STOP:
+                self._drain_closed()
+                return
+            jobs, stop = self._gather(first)
+            try:
+                self._serve(jobs)
+            except BaseException as exc:  # never let the worker die with futures pending
+                logger.exception("aligner worker failed a batch")
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            if stop:
+                self._drain_closed()
+                return
+
+    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """Collect jobs that arrive within ``max_wait`` of the first, up to the token budget."""
+        jobs = [first]
+        if first.exclusive is not None:
+            return jobs, False
+        budget = _cost(first)
+        deadline = time.monotonic() + self.max_wait
+        while budget < self.max_batch_tokens:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+            budget += _cost(job)
+        return jobs, False
+
+    def _serve(self, jobs: list[Job]) -> None:
+        groups: dict[GenerationParams, list[Job]] = {}
+        for job in jobs:
+            if job.exclusive is not None:
+                if job.future.set_running_or_notify_cancel():
+                    with self.lock:
+                        _settle(job.future, job.exclusive)
+                continue
+            if job.future.set_running_or_notify_cancel():  # False: cancelled while queued
+                groups.setdefault(job.params, []).append(job)  # type: ignore[arg-type]
+        for params, group in groups.items():
+            with self.lock:
+                outputs = self.backend.generate([j.request for j in group], params, fail_fast=False)  # type: ignore[misc]
+            self.batches_run += 1
+            for job, out in zip(group, outputs):
+                if isinstance(out, BaseException):
+                    job.future.set_exception(out)
+                else:
+                    job.future.set_result(out)
+
+    def _drain_closed(self) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(SchedulerClosedError("the Aligner was closed before this request ran"))
+
+
+def _cost(job: Job) -> int:
+    r = job.request
+    return 0 if r is None else len(r.prompt_ids) + r.reserve
+
+
+def _settle(future: Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+__all__ = ["GenerationOutput", "Job", "MicroBatcher", "SchedulerClosedError"]
