@@ -428,7 +428,11 @@ class Aligner:
                 ids = self.backend.encode(prompt, add_special_tokens=special)
             metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
         reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
-        request = GenerationRequest(prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve)
+        if metadata.get("truncated"):
+            answer_ids = answer_ids[: metadata["answer_tokens_kept"]]
+        request = GenerationRequest(
+            prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids)
+        )
         return _Prepared(question=question, answer=answer, request=request, metadata=metadata)
 
     def build(self, prepared: _Prepared, out: GenerationOutput, *, latency: float | None = None) -> Correction:

@@ -27,6 +27,10 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Draft from the answer and verify in one pass (greedy only; identical output, fewer passes).
+    speculative: bool = True
+    #: Tokens proposed per step and row before adapting to the acceptance rate.
+    num_draft_tokens: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -39,8 +43,15 @@ class GenerationParams:
             raise GenerationOptionError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if self.repetition_penalty <= 0:
             raise GenerationOptionError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 0:
+            raise GenerationOptionError(f"num_draft_tokens must be an integer >= 0, got {self.num_draft_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationOptionError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+
+    @property
+    def drafting(self) -> bool:
+        """Whether answer-anchored drafting applies: it is exact only for plain greedy decoding."""
+        return self.speculative and self.num_draft_tokens > 0 and not self.do_sample and self.repetition_penalty == 1.0
 
     def updated(self, options: Mapping[str, Any]) -> GenerationParams:
         """A copy with ``options`` applied; unknown names raise ``GenerationOptionError``."""
@@ -59,12 +70,14 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to complete. ``reserve`` is the number of new tokens to plan memory for."""
+    """One prompt to complete. ``reserve`` is the number of new tokens to plan memory for;
+    ``draft_ids`` is the text the output is expected to copy from (the answer being corrected)."""
 
     prompt: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     reserve: int
+    draft_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -131,6 +132,8 @@ class TransformersBackend:
             def end(self) -> None:
                 pass
 
+        if params.drafting and request.draft_ids:
+            return self._run_drafted([request], params, sink=lambda _row, tokens: sink(tokens))[0]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         start = time.perf_counter()
@@ -191,7 +194,45 @@ class TransformersBackend:
                 mask[row, width - len(p):] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _run_drafted(
+        self, batch: list[GenerationRequest], params: GenerationParams, sink: Callable[[int, list[int]], None] | None = None
+    ) -> list[GenerationOutput]:
+        """Greedy decoding with answer-anchored drafts (see ``speculative.py``)."""
+        from .speculative import drafted_greedy
+
+        start = time.perf_counter()
+        stop_check = None
+        if params.stop:
+            longest = max(len(s) for s in params.stop)
+
+            def stop_check(_row: int, tokens: list[int]) -> bool:
+                tail = self.decode(tokens[-(longest + 8):])
+                return any(s in tail for s in params.stop)
+
+        rows = drafted_greedy(
+            self.model,
+            [r.prompt_ids for r in batch],
+            [r.draft_ids for r in batch],
+            [r.max_new_tokens for r in batch],
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            num_draft_tokens=params.num_draft_tokens,
+            stop_check=stop_check,
+            sink=sink,
+        )
+        latency = time.perf_counter() - start
+        outputs = []
+        for row, r in zip(rows, batch):
+            out = self.finish(row.tokens, r.max_new_tokens, params.stop, latency)
+            rate = row.accepted / row.proposed if row.proposed else 0.0
+            meta = {"speculative": True, "draft_tokens": row.proposed, "accepted_draft_tokens": row.accepted,
+                    "acceptance_rate": round(rate, 4), "decode_steps": row.steps}
+            outputs.append(replace(out, metadata=meta))
+        return outputs
+
     def _run_batch(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
+        if params.drafting and any(r.draft_ids for r in batch):
+            return self._run_drafted(batch, params)
         start = time.perf_counter()
         input_ids, attention_mask = self.pad_left([r.prompt_ids for r in batch])
         extra: dict[str, Any] = {}

@@ -18,9 +18,10 @@ PAIRS = [
 ]
 
 
-def test_batched_equals_sequential_greedy(tiny_aligner):
-    batched = tiny_aligner.correct_batch(PAIRS)
-    sequential = [tiny_aligner.correct(q, a) for q, a in PAIRS]
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "drafted"])
+def test_batched_equals_sequential_greedy(tiny_aligner, speculative):
+    batched = tiny_aligner.correct_batch(PAIRS, speculative=speculative)
+    sequential = [tiny_aligner.correct(q, a, speculative=False) for q, a in PAIRS]
     assert [c.text for c in batched] == [c.text for c in sequential]
     assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in sequential]
     assert [c.finish_reason for c in batched] == [c.finish_reason for c in sequential]
@@ -41,7 +42,7 @@ def test_batches_are_planned_under_budget_and_order_is_kept(tiny_model, tiny_tok
     random.Random(3).shuffle(shuffled)
     tiny_model.generate = recording_generate
     try:
-        out = aligner.correct_batch(shuffled)
+        out = aligner.correct_batch(shuffled, speculative=False)
     finally:
         del tiny_model.generate
     assert [c.question for c in out] == [q for q, _ in shuffled]
@@ -138,7 +139,7 @@ def test_oom_failure_is_isolated_with_return_exceptions(tiny_model, tiny_tokeniz
 
     tiny_model.forward = failing
     try:
-        out = aligner.correct_batch(PAIRS, return_exceptions=True)
+        out = aligner.correct_batch(PAIRS, return_exceptions=True, speculative=False)
     finally:
         del tiny_model.forward
     failed = [i for i, r in enumerate(out) if isinstance(r, Exception)]
