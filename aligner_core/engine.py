@@ -39,7 +39,15 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 class TransformersBackend:
     """Runs a transformers causal LM on batches of prompts planned under a token budget."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch_tokens: int = 16384, max_batch_size: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_tokens: int = 16384,
+        max_batch_size: int | None = None,
+        max_verify_tokens: int | None = None,
+    ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens}")
         self.model = model
@@ -53,6 +61,11 @@ class TransformersBackend:
             pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         self.pad_token_id = int(pad)
         self.context_length: int | None = _context_length(model, tokenizer)
+        if max_verify_tokens is None:
+            # Tokens one drafted decoding step may verify (rows x width): a CPU turns compute-bound
+            # after a few tokens per step, a GPU only after hundreds (see docs/performance.md).
+            max_verify_tokens = 16 if self.device.type == "cpu" else 256
+        self.max_verify_tokens = max_verify_tokens
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +230,7 @@ class TransformersBackend:
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             num_draft_tokens=params.num_draft_tokens,
+            max_verify_tokens=self.max_verify_tokens,
             stop_check=stop_check,
             sink=sink,
         )

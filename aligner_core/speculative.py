@@ -77,6 +77,7 @@ def drafted_greedy(
     eos_token_ids: Sequence[int],
     pad_token_id: int,
     num_draft_tokens: int = 8,
+    max_verify_tokens: int | None = None,
     stop_check: Callable[[int, list[int]], bool] | None = None,
     sink: Sink | None = None,
 ) -> list[RowResult]:
@@ -84,6 +85,9 @@ def drafted_greedy(
 
     ``stop_check(row, tokens)`` may end a row early (stop strings); ``sink(row, new_tokens)``
     receives tokens as they are accepted (streaming). ``num_draft_tokens=0`` is plain decoding.
+    ``max_verify_tokens`` caps the tokens one decoding step feeds the model (rows x block width):
+    verifying drafts is nearly free while a step is memory-bound (small batches, GPUs) and costs
+    real compute once it is not (large batches on a CPU), where the cap turns drafting off.
     """
     from transformers import DynamicCache
 
@@ -104,9 +108,12 @@ def drafted_greedy(
 
     while active:
         drafts: list[list[int]] = []
+        width_cap = num_draft_tokens
+        if max_verify_tokens is not None:
+            width_cap = min(width_cap * 2, max(0, max_verify_tokens // len(active) - 1))
         for i in active:
             room = max_new_tokens[i] - len(results[i].tokens) - 1
-            k = min(budgets[i], room) if num_draft_tokens > 0 else 0
+            k = min(budgets[i], room, width_cap) if num_draft_tokens > 0 else 0
             drafts.append(drafters[i].propose(results[i].tokens, k) if k > 0 else [])
         if first:
             blocks = [[pad_token_id] * (width - len(prompts[i])) + list(prompts[i]) + d for i, d in zip(active, drafts)]

@@ -95,3 +95,17 @@ def test_drafted_stop_strings_match_plain(tiny_aligner):
     assert tiny_aligner.correct(q, a, max_new_tokens=16, stop=[stop]).text == tiny_aligner.correct(
         q, a, max_new_tokens=16, stop=[stop], speculative=False
     ).text
+
+
+def test_verify_budget_limits_the_step_width(setup):
+    model, tok, prompts = setup
+    limits = [12, 12, 12, 12]
+    plain = [r.tokens for r in run(model, tok, prompts, [[]] * 4, limits, k=0)]
+    capped = drafted_greedy(model, prompts, plain, limits, eos_token_ids=[tok.eos_token_id],
+                            pad_token_id=tok.pad_token_id, num_draft_tokens=6, max_verify_tokens=4)
+    assert [r.tokens for r in capped] == plain
+    assert sum(r.proposed for r in capped) == 0  # 4 rows x width 1 already fill the budget
+    roomy = drafted_greedy(model, prompts, plain, limits, eos_token_ids=[tok.eos_token_id],
+                           pad_token_id=tok.pad_token_id, num_draft_tokens=6, max_verify_tokens=12)
+    assert [r.tokens for r in roomy] == plain
+    assert max(r.proposed for r in roomy) > 0
