@@ -181,6 +181,11 @@ class Aligner:
     def __repr__(self) -> str:
         return f"Aligner(name={self.name!r}, template={self.template.name!r})"
 
+    @property
+    def model_lock(self) -> threading.Lock:
+        """Held while the model runs; take it to share the loaded model (e.g. as an upstream LLM)."""
+        return self._lock
+
     # -- public API --------------------------------------------------------------------------
 
     def correct(self, question: str, answer: str, **generation: Any) -> Correction:

@@ -1,0 +1,66 @@
+"""Added latency per query on CPU: plain engine vs AlignedQueryEngine vs AlignerNodePostprocessor (same query, interleaved).
+
+    python -m benchmarks.llamaindex_latency [RUNS=5] [MAX_NEW_TOKENS=32] [QUERY]
+"""
+
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    import torch
+    from llama_index.core import Document, VectorStoreIndex
+
+    from aligner_core import Aligner
+    from llamaindex_aligner import (
+        AlignedQueryEngine,
+        AlignerNodePostprocessor,
+        SentenceTransformerEmbedding,
+        TransformersLLM,
+    )
+
+    N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    TOK = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    DOCS = [
+        "Canberra is the capital city of Australia. Sydney is its largest city.",
+        "Spiders are arachnids and have eight legs. Insects have six legs.",
+        "To boil an egg, put it in boiling water for nine minutes, then cool it in cold water.",
+        "Never mix bleach and ammonia: the fumes are toxic.",
+    ]
+    Q = sys.argv[3] if len(sys.argv) > 3 else "What is the capital of Australia?"
+    aligner = Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", max_new_tokens=TOK)
+    llm = TransformersLLM.from_aligner(aligner, max_new_tokens=TOK)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding())
+    plain = index.as_query_engine(llm=llm, similarity_top_k=2)
+    engines = {
+        "plain": plain,
+        "aligned": AlignedQueryEngine(plain, aligner),
+        "postprocessor": index.as_query_engine(llm=llm, similarity_top_k=2, node_postprocessors=[AlignerNodePostprocessor(aligner=aligner)]),
+    }
+    times = {k: [] for k in engines}
+    corr = []
+    for e in engines.values():  # warm-up
+        e.query(Q)
+    for _ in range(N):
+        for k, e in engines.items():
+            t = time.perf_counter()
+            r = e.query(Q)
+            times[k].append(time.perf_counter() - t)
+            if k == "aligned":
+                corr.append(r.metadata["aligner"]["latency_s"])
+    print(f"torch threads={torch.get_num_threads()} cores={os.cpu_count()} load={os.getloadavg()} N={N} max_new_tokens={TOK}")
+    print("answer:", repr(engines["aligned"].query(Q).response))
+    base = statistics.median(times["plain"])
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"{k:14s} median {m:6.2f}s  min {min(v):6.2f}s  added vs plain {m - base:+6.2f}s ({m / base:.2f}x)")
+    print(f"aligner latency_s reported in metadata: median {statistics.median(corr):.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Streaming for ``AlignerRunnable``: gather the streamed answer, then stream its correction as deltas.
+
+A ``str`` answer streams ``str`` deltas; a message answer streams ``AIMessageChunk`` deltas and one
+last chunk carrying the tool calls, usage and ``response_metadata["aligner"]``, so the chunks add
+up to what ``invoke`` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.runnables import RunnableConfig
+
+from aligner_core import Correction
+
+from ._io import Job, to_chunk
+from ._io import merge as merge_chunk
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from aligner_core import Aligner
+
+#: Each call is a "chain" run: an "llm" run would make tracers count the upstream's usage_metadata
+#: (kept on the corrected AIMessage) a second time; the Aligner's own tokens are in the details.
+RUN_TYPE = "chain"
+#: Name of the custom callback event that carries each correction's details (or its error).
+EVENT = "aligner_correction"
+
+
+class StreamingStage:
+    """``stream``/``transform`` and their async twins for ``AlignerRunnable`` (a mixin)."""
+
+    if TYPE_CHECKING:
+        aligner: Aligner
+
+        def _job(self, value: Any, config: RunnableConfig) -> Job: ...
+        def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
+        def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]: ...
+        def _transform_stream_with_config(self, *args: Any, **kwargs: Any) -> Iterator[Any]: ...
+        def _atransform_stream_with_config(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]: ...
+
+    @staticmethod
+    def _delta(job: Job, text: str) -> str | AIMessageChunk:
+        return text if isinstance(job.answer, str) else AIMessageChunk(content=text, id=job.answer.id)
+
+    @staticmethod
+    def _whole(result: Any) -> str | AIMessageChunk:
+        """A whole output as one (last) chunk: passthroughs and untouched answers."""
+        if isinstance(result, str):
+            return result
+        return AIMessageChunk(**{**to_chunk(result).model_dump(exclude={"type"}), "chunk_position": "last"})
+
+    @staticmethod
+    def _tail(job: Job, out: Any) -> Iterator[str | AIMessageChunk]:
+        """After the deltas, a message answer gets one last chunk with tool calls, usage and metadata."""
+        if isinstance(job.answer, AIMessage):
+            whole = to_chunk(out)
+            rest = [b for b in whole.content if isinstance(b, dict) and b.get("type") != "text"]
+            yield AIMessageChunk(
+                content=rest or "",
+                id=job.answer.id,
+                additional_kwargs=whole.additional_kwargs,
+                response_metadata=whole.response_metadata,
+                usage_metadata=whole.usage_metadata,
+                tool_call_chunks=whole.tool_call_chunks,
+                chunk_position="last",
+            )
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """Stream the correction: ``str`` deltas, or ``AIMessageChunk`` deltas for a message answer."""
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """In a streaming sequence: gather the streamed answer, then stream its correction."""
+        yield from self._transform_stream_with_config(input, self._transform, config, run_type=RUN_TYPE, **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        """Async ``stream``."""
+
+        async def once() -> AsyncIterator[Any]:
+            yield input
+
+        async for chunk in self.atransform(once(), config, **kwargs):
+            yield chunk
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Async ``transform``."""
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE, **kwargs):
+            yield chunk
+
+    def _transform(
+        self, chunks: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+    ) -> Iterator[Any]:
+        value = None
+        for chunk in chunks:
+            value = merge_chunk(value, chunk)
+        job = self._job(value, config)
+        if job.skip:
+            yield self._whole(job.answer)
+            return
+        emitted = False
+        try:
+            stream = self.aligner.stream(job.question, job.text, **self._options(kwargs))
+        except Exception as exc:
+            result: Correction | BaseException | None = exc
+        else:
+            try:
+                for delta in stream:
+                    emitted = True
+                    yield self._delta(job, delta)
+                result = stream.correction
+            except Exception as exc:
+                if emitted:  # deltas already went out: a passthrough cannot take them back
+                    raise
+                result = exc
+            finally:
+                stream.close()
+        out, meta = self._settle(job, result)  # type: ignore[arg-type]
+        run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
+        yield from self._tail(job, out) if emitted else [self._whole(out)]
+
+    async def _atransform(
+        self,
+        chunks: AsyncIterator[Any],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        value = None
+        async for chunk in chunks:
+            value = merge_chunk(value, chunk)
+        job = self._job(value, config)
+        if job.skip:
+            yield self._whole(job.answer)
+            return
+        emitted = False
+        try:
+            stream = self.aligner.astream(job.question, job.text, **self._options(kwargs))
+        except Exception as exc:
+            result: Correction | BaseException | None = exc
+        else:
+            try:
+                async for delta in stream:
+                    emitted = True
+                    yield self._delta(job, delta)
+                result = stream.correction
+            except Exception as exc:
+                if emitted:
+                    raise
+                result = exc
+            finally:
+                await stream.aclose()
+        out, meta = self._settle(job, result)  # type: ignore[arg-type]
+        await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
+        for chunk in self._tail(job, out) if emitted else [self._whole(out)]:
+            yield chunk
+

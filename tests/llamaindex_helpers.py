@@ -1,0 +1,98 @@
+"""Shared by the LlamaIndex tests: sample nodes, a fixed-answer query engine and an instrumentation recorder."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
+from llama_index.core.bridge.pydantic import Field
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.base import BaseEvent
+from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
+from llama_index.core.query_engine import CustomQueryEngine
+from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
+
+QUESTION = "What is the capital of Australia?"
+ANSWER = "The capital of Australia is Sydney."
+#: Far more tokens than the tiny test model's 512-token context: the Aligner rejects it (ContextOverflowError).
+OVERLONG = "0 1 2 3 4 5 6 7 8 9 " * 200
+
+
+def text_nodes() -> list[NodeWithScore]:
+    """Three text nodes with ids, scores, metadata and a relationship."""
+    texts = [
+        ("n1", "The capital of Australia is Sydney.", 0.9, {"source": "atlas.txt", "page": 3}),
+        ("n2", "Spiders have six legs.", 0.5, {"source": "bugs.txt"}),
+        ("n3", "Canberra is a planned city.", 0.7, {}),
+    ]
+    out = []
+    for node_id, text, score, metadata in texts:
+        node = TextNode(id_=node_id, text=text, metadata=dict(metadata))
+        node.relationships[NodeRelationship.SOURCE] = RelatedNodeInfo(node_id=f"doc-{node_id}")
+        out.append(NodeWithScore(node=node, score=score))
+    return out
+
+
+class FixedAnswerEngine(CustomQueryEngine):
+    """A real query engine that answers every query with ``answer``, optionally as a (sync or async) stream."""
+
+    answer: str = ANSWER
+    nodes: list[NodeWithScore] = Field(default_factory=list)
+    stream: Literal["none", "sync", "async"] = "none"
+
+    def _words(self) -> list[str]:
+        words = self.answer.split(" ")
+        return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+    def custom_query(self, query_str: str) -> Any:
+        if self.stream == "sync":
+            return StreamingResponse(iter(self._words()), list(self.nodes), {"inner": "kept"})
+        return Response(self.answer, list(self.nodes), {"inner": "kept"})
+
+    async def acustom_query(self, query_str: str) -> Any:
+        if self.stream != "async":
+            return self.custom_query(query_str)
+
+        async def gen() -> AsyncIterator[str]:
+            for w in self._words():
+                yield w
+
+        return AsyncStreamingResponse(gen(), list(self.nodes), {"inner": "kept"})
+
+
+class EventRecorder(BaseEventHandler):
+    """Keeps every instrumentation event it sees."""
+
+    events: list[BaseEvent] = Field(default_factory=list)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "EventRecorder"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.events.append(event)
+
+    def of(self, name: str) -> list[Any]:
+        return [e for e in self.events if e.class_name() == name]
+
+
+@contextmanager
+def recording() -> Iterator[tuple[EventRecorder, SimpleSpanHandler]]:
+    """Attach an event recorder and a span handler to the root dispatcher for the duration of a block."""
+    root = get_dispatcher()
+    events, spans = EventRecorder(), SimpleSpanHandler()
+    root.add_event_handler(events)
+    root.add_span_handler(spans)
+    try:
+        yield events, spans
+    finally:
+        root.event_handlers.remove(events)
+        root.span_handlers.remove(spans)
+
+
+def span_names(spans: SimpleSpanHandler) -> list[str]:
+    """``Class.method`` of every completed span."""
+    return [s.id_.rsplit("-", 5)[0] for s in spans.completed_spans]
