@@ -109,3 +109,27 @@ def test_verify_budget_limits_the_step_width(setup):
                            pad_token_id=tok.pad_token_id, num_draft_tokens=6, max_verify_tokens=12)
     assert [r.tokens for r in roomy] == plain
     assert max(r.proposed for r in roomy) > 0
+
+
+def test_common_prefix_and_length_groups():
+    from aligner_core.speculative import common_prefix, group_by_length
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3]]) == 2  # each keeps a token of its own
+    assert common_prefix([[5, 1], [6, 1]]) == 0
+    groups = group_by_length([100, 10, 98, 12, 50, 11], budget=4096)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert [0, 2] in groups and [4] in groups and sorted(groups[-1]) == [1, 3, 5]
+    assert all(len(g) == 1 for g in group_by_length([10] * 3, budget=10))
+
+
+def test_prefill_shares_the_prefix_and_merges_groups(setup):
+    from aligner_core.speculative import _cache_keyword, prefill
+
+    model, tok, prompts = setup
+    state = prefill(model, prompts, pad_token_id=tok.pad_token_id, cache_kw=_cache_keyword(model))
+    assert sorted(state.order) == list(range(len(prompts)))
+    assert state.order != list(range(len(prompts)))  # grouped by length, longest first
+    assert state.mask.shape[0] == len(prompts)
+    assert [int(state.mask[row].sum()) for row in range(len(prompts))] == [len(prompts[i]) for i in state.order]
+    singles = [reference_generate(model, tok, p, 1)[0] for p in prompts]
+    assert [singles[i] for i in state.order] == state.first
