@@ -66,6 +66,7 @@ class TransformersBackend:
             # after a few tokens per step, a GPU only after hundreds (see docs/performance.md).
             max_verify_tokens = 16 if self.device.type == "cpu" else 256
         self.max_verify_tokens = max_verify_tokens
+        self.loop_supported = True
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +146,7 @@ class TransformersBackend:
             def end(self) -> None:
                 pass
 
-        if params.drafting and request.draft_ids:
+        if params.drafting and self.loop_supported and request.draft_ids:
             return self._run_drafted([request], params, sink=lambda _row, tokens: sink(tokens))[0]
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -245,8 +246,12 @@ class TransformersBackend:
         return outputs
 
     def _run_batch(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
-        if params.drafting and any(r.draft_ids for r in batch):
-            return self._run_drafted(batch, params)
+        if params.drafting and self.loop_supported and any(r.draft_ids for r in batch):
+            try:
+                return self._run_drafted(batch, params)
+            except TypeError as exc:  # a model whose forward lacks position_ids / logits_to_keep / cache
+                logger.warning("the drafting loop does not support this model (%s); using generate()", exc)
+                self.loop_supported = False
         start = time.perf_counter()
         input_ids, attention_mask = self.pad_left([r.prompt_ids for r in batch])
         extra: dict[str, Any] = {}

@@ -133,3 +133,25 @@ def test_prefill_shares_the_prefix_and_merges_groups(setup):
     assert [int(state.mask[row].sum()) for row in range(len(prompts))] == [len(prompts[i]) for i in state.order]
     singles = [reference_generate(model, tok, p, 1)[0] for p in prompts]
     assert [singles[i] for i in state.order] == state.first
+
+
+def test_models_the_loop_cannot_drive_fall_back_to_generate(tiny_model, tiny_tokenizer, caplog):
+    from aligner_core import Aligner
+
+    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=8)
+    reference = aligner.correct("q", "an answer", speculative=False).text
+    original = tiny_model.forward
+
+    def old_style_forward(*args, **kwargs):
+        if "logits_to_keep" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return original(*args, **kwargs)
+
+    tiny_model.forward = old_style_forward
+    try:
+        with caplog.at_level("WARNING", logger="aligner_core"):
+            assert aligner.correct("q", "an answer").text == reference
+    finally:
+        del tiny_model.forward
+    assert aligner.backend.loop_supported is False
+    assert "using generate()" in caplog.text
