@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
@@ -146,7 +146,9 @@ class MicroBatcher:
                         _settle(job.future, job.exclusive)
                 continue
             if job.future.set_running_or_notify_cancel():  # False: cancelled while queued
-                groups.setdefault(job.params, []).append(job)  # type: ignore[arg-type]
+                # Each request carries its own max_new_tokens, so calls that differ only there share a batch.
+                key = replace(job.params, max_new_tokens=1)  # type: ignore[arg-type]
+                groups.setdefault(key, []).append(job)
         for params, group in groups.items():
             with self.lock:
                 outputs = self.backend.generate([j.request for j in group], params, fail_fast=False)  # type: ignore[misc]

@@ -207,3 +207,18 @@ def test_stream_errors_reach_the_consumer(aligner, tiny_model):
     with Poison(tiny_model, [0]), pytest.raises(ValueError, match="poisoned"):  # BOS is in every prompt
         list(aligner.stream(*pair(0)))
 
+
+
+def test_calls_with_different_lengths_share_a_batch(aligner):
+    pairs = [pair(i) for i in range(8)]
+    limits = [2, 4, 6, 8, 3, 5, 7, 8]
+    expected = [c.text for c in aligner.correct_batch(pairs, max_new_tokens=limits)]
+
+    async def main():
+        return await asyncio.gather(*(aligner.acorrect(q, a, max_new_tokens=n) for (q, a), n in zip(pairs, limits)))
+
+    before = aligner.scheduler.batches_run
+    out = asyncio.run(main())
+    assert [c.text for c in out] == expected
+    assert [c.completion_tokens <= n for c, n in zip(out, limits)] == [True] * 8
+    assert aligner.scheduler.batches_run - before <= 2
