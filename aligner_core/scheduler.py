@@ -2,8 +2,8 @@
 
 Callers (threads via ``submit(...).result()``, coroutines via ``asyncio.wrap_future``, which resolves
 on the caller's loop with ``call_soon_threadsafe``) put validated requests on a bounded queue. The
-worker takes the first waiting request, waits at most ``max_wait_ms`` for more (or until the token
-budget is full), groups them by decoding options and runs each group as one planned batch. A failing
+worker takes the first waiting request, keeps gathering while more arrive within ``max_wait_ms`` of
+each other (at most ten times that in all, or until the token budget is full), groups them by decoding options and runs each group as one planned batch. A failing
 request fails only its own future; a cancelled one is skipped if it has not started.
 """
 
@@ -119,14 +119,19 @@ class MicroBatcher:
                 return
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """Collect jobs that arrive within ``max_wait`` of the first, up to the token budget."""
+        """Collect the burst that arrives with the first job, up to the token budget.
+
+        Waits until no job has arrived for ``max_wait`` (callers still rendering their prompts keep
+        the batch open), but never longer than ten times ``max_wait`` in all.
+        """
         jobs = [first]
         if first.exclusive is not None:
             return jobs, False
         budget = _cost(first)
-        deadline = time.monotonic() + self.max_wait
+        now = time.monotonic()
+        cap, deadline = now + 10 * self.max_wait, now + self.max_wait
         while budget < self.max_batch_tokens:
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline, cap) - time.monotonic()
             try:
                 job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
@@ -135,6 +140,7 @@ class MicroBatcher:
                 return jobs, True
             jobs.append(job)
             budget += _cost(job)
+            deadline = time.monotonic() + self.max_wait
         return jobs, False
 
     def _serve(self, jobs: list[Job]) -> None:

@@ -5,7 +5,8 @@
 Loads SmolLM2-135M-Instruct once and, on the same 32 mixed-length pairs (benchmarks/data/pairs32.jsonl,
 answers 20-187 words), times: (a) a loop of one-at-a-time ``generate``; (b) padded ``generate`` over
 chunks of 8 in input order, as a user would write by hand; (c) transformers ``generate_batch``
-(continuous batching); (d) ``correct_batch``; (e) 32 concurrent ``acorrect``. Then, at batch 1, plain
+(continuous batching); (d) ``correct_batch``; (d') ``correct_batch(speculative=False)``, which runs
+transformers ``generate`` over the planned batches; (e) 32 concurrent ``acorrect``. Then, at batch 1, plain
 greedy versus answer-anchored drafting on a copy-edit set (benchmarks/data/copyedit8.jsonl) where the
 output copies most of the answer. All runs are greedy, so every method generates the same tokens.
 """
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_generate_batch:
         record("c", "(c) transformers generate_batch", generate_batch)
     record("d", "(d) correct_batch", lambda: correct_batch(True))
-    record("d0", "(d') correct_batch, drafting off", lambda: correct_batch(False))
+    record("d0", "(d') correct_batch, speculative=False", lambda: correct_batch(False))
     record("e", "(e) 32 concurrent acorrect", concurrent)
 
     # Batch 1: plain greedy versus answer-anchored drafting on a copy-heavy task.
