@@ -97,6 +97,18 @@ def templates() -> None:
         typer.echo(name)
 
 
+def _register_subcommands() -> None:
+    """Commands that live with their feature: ``train``, ``eval``, ``pairs`` (imports stay cheap)."""
+    from .evaluation import register as register_eval
+    from .pairs import register as register_pairs
+
+    register_eval(app)
+    register_pairs(app)
+
+
+_register_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aligner`` command; returns the exit code."""
     try:

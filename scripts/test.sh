@@ -2,7 +2,7 @@
 # Set up .venv with the dev extras and run the whole test suite offline. .ci/run calls this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "dev,langchain,llamaindex"
+bash scripts/setup.sh "dev,langchain,llamaindex,eval,train"
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)

@@ -1,0 +1,46 @@
+"""Bootstrap preference data: (question, upstream answer, correction) -> DPO pairs for the upstream model.
+
+See docs/evaluation.md. ``import aligner_core.pairs`` is cheap: models load only in a generating round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .build import (
+    DEFAULT_MAX_SIMILARITY,
+    DEFAULT_PROMPT_FORMAT,
+    PairStats,
+    classify,
+    make_pair,
+    pairs_from_records,
+    write_pairs,
+)
+from .generate import RoundResult, TransformersUpstream, Upstream, generate_round, iter_prompts
+
+if TYPE_CHECKING:
+    import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``pairs`` command to a typer app (``aligner_core.cli`` calls this)."""
+    from .cli import register as _register
+
+    _register(app)
+
+
+__all__ = [
+    "DEFAULT_MAX_SIMILARITY",
+    "DEFAULT_PROMPT_FORMAT",
+    "PairStats",
+    "RoundResult",
+    "TransformersUpstream",
+    "Upstream",
+    "classify",
+    "generate_round",
+    "iter_prompts",
+    "make_pair",
+    "pairs_from_records",
+    "register",
+    "write_pairs",
+]
