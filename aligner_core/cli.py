@@ -101,7 +101,9 @@ def _register_subcommands() -> None:
     """Commands that live with their feature: ``train``, ``eval``, ``pairs`` (imports stay cheap)."""
     from .evaluation import register as register_eval
     from .pairs import register as register_pairs
+    from .training import register as register_train
 
+    register_train(app)
     register_eval(app)
     register_pairs(app)
 
