@@ -135,22 +135,3 @@ def register(app: typer.Typer) -> None:
     """Add the ``eval`` command to the ``aligner`` app."""
     app.command("eval", no_args_is_help=True)(eval_command)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``eval`` alone (``python -m aligner_core.evaluation.cli eval ...``); returns the exit code."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
-
-    @app.callback()
-    def _root() -> None:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    register(app)
-    try:
-        app(args=argv, prog_name="aligner")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -125,22 +124,3 @@ def register(app: typer.Typer) -> None:
     """Add the ``pairs`` command to the ``aligner`` app."""
     app.command("pairs", no_args_is_help=True)(pairs_command)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``pairs`` alone (``python -m aligner_core.pairs.cli pairs ...``); returns the exit code."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
-
-    @app.callback()
-    def _root() -> None:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    register(app)
-    try:
-        app(args=argv, prog_name="aligner")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
