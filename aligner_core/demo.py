@@ -16,7 +16,8 @@ def sample_pairs() -> list[tuple[str, str]]:
 
 
 def word_diff(original: str, corrected: str) -> Any:
-    """A rich Text showing removed words in red strikethrough and added words in green."""
+    """A rich Text of the word changes, ``[-removed-]`` in red and ``{+added+}`` in green (git word-diff
+    markers, so the diff still reads when colours are off)."""
     from rich.text import Text
 
     a, b = original.split(), corrected.split()
@@ -26,9 +27,9 @@ def word_diff(original: str, corrected: str) -> Any:
             out.append(" ".join(a[i1:i2]) + " ")
             continue
         if op in ("delete", "replace"):
-            out.append(" ".join(a[i1:i2]) + " ", style="red strike")
+            out.append("[-" + " ".join(a[i1:i2]) + "-] ", style="red")
         if op in ("insert", "replace"):
-            out.append(" ".join(b[j1:j2]) + " ", style="green")
+            out.append("{+" + " ".join(b[j1:j2]) + "+} ", style="green")
     return out
 
 

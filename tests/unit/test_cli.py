@@ -127,3 +127,10 @@ def test_cli_correct_reports_failures_with_exit_code(tiny_model_dir, tmp_path, c
     assert main(["correct", str(inp), "-o", str(out), "--model", str(tiny_model_dir)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["correct", str(inp), "-o", str(out), "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_demo_word_diff_marks_removed_and_added_words():
+    from aligner_core.demo import word_diff
+
+    text = word_diff("The capital is Sydney, a big city.", "The capital is Canberra, a big city.").plain
+    assert text.strip() == "The capital is [-Sydney,-] {+Canberra,+} a big city."
