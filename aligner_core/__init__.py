@@ -17,6 +17,7 @@ from .errors import (
     InvalidInputError,
     MissingDependencyError,
     ModelLoadError,
+    OutputExistsError,
     TemplateError,
 )
 from .loading import DEFAULT_MODEL, write_aligner_config
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidInputError",
     "MissingDependencyError",
     "ModelLoadError",
+    "OutputExistsError",
     "Template",
     "TemplateError",
     "TextTemplate",

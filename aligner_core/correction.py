@@ -64,11 +64,12 @@ class Correction:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the CLI writes these fields)."""
+        """A JSON-ready dict of every field."""
+        return {"question": self.question, "original": self.original, "text": self.text, **self.stats()}
+
+    def stats(self) -> dict[str, Any]:
+        """The JSON-ready fields besides the three texts (what output records store beside them)."""
         return {
-            "question": self.question,
-            "original": self.original,
-            "text": self.text,
             "changed": self.changed,
             "similarity": round(self.similarity, 6),
             "prompt_tokens": self.prompt_tokens,

@@ -31,6 +31,10 @@ class ModelLoadError(AlignerError, OSError):
     """The model could not be found or loaded (offline, missing files, unsafe weights)."""
 
 
+class OutputExistsError(AlignerError, FileExistsError):
+    """The output file exists and neither resume nor overwrite was asked for."""
+
+
 class MissingDependencyError(AlignerError, ImportError):
     """An optional dependency is needed for the requested feature."""
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AlignerError, InvalidInputError
-from .jsonl import count_records, read_jsonl, resume_offset, write_durably
+from .errors import InvalidInputError, OutputExistsError
+from .jsonl import chunked, count_records, open_resumable, read_jsonl, write_durably
 
 if TYPE_CHECKING:
     from .aligner import Aligner
-
-
-class OutputExistsError(AlignerError, FileExistsError):
-    """The output file exists and neither resume nor overwrite was asked for."""
 
 
 @dataclass
@@ -55,25 +50,12 @@ def correct_jsonl(
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    out = Path(out_path)
-    if out.exists() and not (resume or overwrite):
-        raise OutputExistsError(f"{out} exists: pass --resume to continue it or --overwrite to start again")
-    stats = JobStats(skipped=resume_offset(out) if resume else 0)
-    total = count_records(in_path)
-    mode = "a" if resume else "w"
-    with open(out, mode, encoding="utf-8") as f, tqdm(
-        total=total, initial=stats.skipped, desc="Correcting", unit="rec", disable=not show_progress
+    f, done = open_resumable(out_path, resume=resume, overwrite=overwrite)
+    stats = JobStats(skipped=done)
+    with f, tqdm(
+        total=count_records(in_path), initial=stats.skipped, desc="Correcting", unit="rec", disable=not show_progress
     ) as bar:
-        chunk: list[tuple[int, dict[str, Any] | Exception]] = []
-        for item in read_jsonl(in_path, skip=stats.skipped):
-            chunk.append(item)
-            if len(chunk) >= chunk_size:
-                _run_chunk(aligner, chunk, f, stats, question_field, answer_field, output_field, generation)
-                bar.update(len(chunk))
-                if on_chunk is not None:
-                    on_chunk(stats.skipped + stats.written)
-                chunk = []
-        if chunk:
+        for chunk in chunked(read_jsonl(in_path, skip=stats.skipped), chunk_size):
             _run_chunk(aligner, chunk, f, stats, question_field, answer_field, output_field, generation)
             bar.update(len(chunk))
             if on_chunk is not None:
@@ -115,9 +97,9 @@ def _run_chunk(
             lines.append({**record, of: None, "aligner_error": {"type": type(result).__name__, "message": str(result)}})
             continue
         stats.changed += int(result.changed)
-        info = result.to_dict()
-        for k in ("question", "original", "text"):
-            info.pop(k)
-        lines.append({**record, of: result.text, "aligner": info})
+        lines.append({**record, of: result.text, "aligner": result.stats()})
     write_durably(f, lines)
     stats.written += len(lines)
+
+
+__all__ = ["JobStats", "OutputExistsError", "correct_jsonl"]

@@ -11,7 +11,11 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+from .errors import OutputExistsError
+
+T = TypeVar("T")
 
 
 def read_jsonl(path: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
@@ -68,6 +72,34 @@ def resume_offset(path: str | os.PathLike[str]) -> int:
             f.flush()
             os.fsync(f.fileno())
     return len(lines)
+
+
+def open_resumable(path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> tuple[IO[str], int]:
+    """Open a chunked run's JSONL output: ``(file, records already done)``.
+
+    An existing file is refused unless ``resume`` (repaired by ``resume_offset``, then appended to)
+    or ``overwrite`` (started again).
+    """
+    p = Path(path)
+    if p.exists() and not (resume or overwrite):
+        raise OutputExistsError(f"{p} exists: pass --resume to continue it or --overwrite to start again")
+    done = resume_offset(p) if resume else 0
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return open(p, "a" if resume else "w", encoding="utf-8"), done
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {size}")
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..correction import similarity
-from ..filejob import OutputExistsError
-from ..jsonl import count_records, read_jsonl, resume_offset, write_durably
+from ..jsonl import chunked, count_records, open_resumable, read_jsonl, write_durably
 from .judges import Comparison, Judge, Verdict
 from .metrics import EvalSummary, summarize
 from .report import write_report
@@ -74,11 +73,9 @@ def evaluate_file(
         raise TypeError(f"judge must implement the Judge protocol (name, dimensions, judge_batch), got {type(judge).__name__}")
     out = Path(out_dir)
     verdicts = out / VERDICTS_FILE
-    if verdicts.exists() and not (resume or overwrite):
-        raise OutputExistsError(f"{verdicts} exists: pass --resume to continue it or --overwrite to start again")
-    out.mkdir(parents=True, exist_ok=True)
+    f, done = open_resumable(verdicts, resume=resume, overwrite=overwrite)
     result = EvalResult(summary=summarize([]), verdicts_path=verdicts)
-    result.skipped = resume_offset(verdicts) if resume else 0
+    result.skipped = done
     fields = (question_field, answer_field, correction_field)
     holder: dict[str, Any] = {"aligner": aligner}
 
@@ -88,16 +85,10 @@ def evaluate_file(
             holder["aligner"] = value = value()  # a loader: load the Aligner on first need
         return value
 
-    with open(verdicts, "a" if resume else "w", encoding="utf-8") as f, tqdm(
+    with f, tqdm(
         total=count_records(in_path), initial=result.skipped, desc="Judging", unit="rec", disable=not show_progress
     ) as bar:
-        chunk: list[tuple[int, dict[str, Any] | Exception]] = []
-        for item in read_jsonl(in_path, skip=result.skipped):
-            chunk.append(item)
-            if len(chunk) >= chunk_size:
-                _run_chunk(chunk, f, judge, get_aligner, fields, generation, result, bar, judge_unchanged)
-                chunk = []
-        if chunk:
+        for chunk in chunked(read_jsonl(in_path, skip=result.skipped), chunk_size):
             _run_chunk(chunk, f, judge, get_aligner, fields, generation, result, bar, judge_unchanged)
     rows = (r for _, r in read_jsonl(verdicts) if isinstance(r, dict))
     result.summary = summarize(rows, judge=judge.name, n_resamples=n_resamples, confidence=confidence, seed=seed)
@@ -147,10 +138,7 @@ def _run_chunk(
                 if isinstance(fix, Exception):
                     errors[i] = fix
                     continue
-                info = fix.to_dict()
-                for k in ("question", "original", "text"):
-                    info.pop(k)
-                rows[i][cf], rows[i]["aligner"] = fix.text, info
+                rows[i][cf], rows[i]["aligner"] = fix.text, fix.stats()
                 result.generated += 1
     live = [i for i, e in enumerate(errors) if e is None]
     unchanged = {i for i in live if rows[i][cf].strip() == rows[i][af].strip()} if not judge_unchanged else set()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..correction import similarity
-from ..filejob import OutputExistsError
+from ..errors import OutputExistsError
 from ..jsonl import read_jsonl, write_durably
 
 #: Standard (non-conversational) pairs: TRL concatenates prompt + chosen, so the prompt ends in a break.

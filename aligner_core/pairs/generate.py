@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TemplateError
-from ..filejob import OutputExistsError
-from ..jsonl import read_jsonl, resume_offset, write_durably
+from ..errors import OutputExistsError, TemplateError
+from ..jsonl import chunked, open_resumable, read_jsonl, write_durably
 from .build import PairStats, write_pairs
 
 if TYPE_CHECKING:
@@ -163,19 +162,17 @@ def generate_round(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     out = Path(out_path)
     records = Path(records_path) if records_path is not None else out.with_name(out.stem + ".records.jsonl")
-    for existing in (records, out):
-        if existing.exists() and not (resume or overwrite):
-            raise OutputExistsError(f"{existing} exists: pass --resume to continue the round or --overwrite to start again")
+    if out.exists() and not (resume or overwrite):
+        raise OutputExistsError(f"{out} exists: pass --resume to continue the round or --overwrite to start again")
+    f, done = open_resumable(records, resume=resume, overwrite=overwrite)
     result = RoundResult(records_path=records, pairs_path=out, pairs=PairStats())
-    result.skipped = resume_offset(records) if resume else 0
+    result.skipped = done
     prompts = list(iter_prompts(prompts_path, question_field=question_field, skip=result.skipped))
-    records.parent.mkdir(parents=True, exist_ok=True)
-    with open(records, "a" if resume else "w", encoding="utf-8") as f, tqdm(
+    with f, tqdm(
         total=result.skipped + len(prompts), initial=result.skipped, desc="Answering and correcting",
         unit="prompt", disable=not show_progress,
     ) as bar:
-        for start in range(0, len(prompts), chunk_size):
-            chunk = prompts[start : start + chunk_size]
+        for chunk in chunked(prompts, chunk_size):
             _run_chunk(chunk, f, upstream, aligner, generation, result)
             bar.update(len(chunk))
     result.pairs = write_pairs(records, out, overwrite=True, **(pair_options or {}))
@@ -211,10 +208,7 @@ def _run_chunk(
             rows.append({"question": question, "answer": answer, "correction": None, "error": f"aligner failed: {fix}"})
             result.failed += 1
             continue
-        info = fix.to_dict()
-        for k in ("question", "original", "text"):
-            info.pop(k)
-        rows.append({"question": question, "answer": answer, "correction": fix.text, "aligner": info})
+        rows.append({"question": question, "answer": answer, "correction": fix.text, "aligner": fix.stats()})
         result.generated += 1
     write_durably(f, rows)
 
