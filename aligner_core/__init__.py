@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from .aligner import Aligner
-from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
 from .correction import Correction, similarity
+from .engines.base import Backend, Engine, GenerationOutput, GenerationParams, GenerationRequest
 from .errors import (
     AlignerError,
     AlignerOutOfMemoryError,
@@ -31,6 +31,7 @@ __all__ = [
     "AlignerError",
     "AlignerOutOfMemoryError",
     "Backend",
+    "Engine",
     "ChatTemplate",
     "ContextOverflowError",
     "Correction",

@@ -6,15 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
 from .correction import Correction
+from .engines.base import Engine, GenerationOutput, GenerationParams, GenerationRequest
 from .errors import (
     AlignerError,
     ContextOverflowError,
@@ -22,7 +21,6 @@ from .errors import (
     InvalidInputError,
     TemplateError,
 )
-from .scheduler import Job, MicroBatcher
 from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
 from .templates import ChatTemplate, Template, get_template
 
@@ -46,36 +44,28 @@ class _Prepared:
 class Aligner:
     """A corrector: reads a question and an upstream answer, writes a better answer.
 
-    Build one with :meth:`from_pretrained` (loads a model) or :meth:`from_model` (wraps a model and
-    tokenizer you already have); every entry point goes through the same backend.
+    Build one with :meth:`from_pretrained` (loads a model into this process, on the library's
+    transformers engine or on vLLM), :meth:`from_server` (any OpenAI-compatible server: vLLM,
+    SGLang, TGI, llama.cpp, Ollama) or :meth:`from_model` (wraps a model and tokenizer you already
+    have). Every entry point goes through the same engine interface (``aligner_core.engines``).
     """
 
     def __init__(
         self,
-        backend: Backend,
+        engine: Engine,
         template: Template,
         *,
         name: str = "",
         max_new_tokens: int = 1024,
         on_overflow: OverflowPolicy = "error",
-        max_wait_ms: float = 5.0,
-        max_queue: int = 4096,
     ) -> None:
         if on_overflow not in ("error", "truncate"):
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
-        self.backend = backend
+        self.engine = engine
         self.template = template
         self.name = name
         self.on_overflow: OverflowPolicy = on_overflow
         self.defaults = GenerationParams(max_new_tokens=max_new_tokens)
-        self._lock = threading.Lock()  # one model, one user at a time: the worker or a correct_batch call
-        self.scheduler = MicroBatcher(
-            backend,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
-            max_batch_tokens=getattr(backend, "max_batch_tokens", 16384),
-            lock=self._lock,
-        )
 
     # -- construction ------------------------------------------------------------------------
 
@@ -85,6 +75,7 @@ class Aligner:
         model: str | os.PathLike[str],
         *,
         template: str | Template | None = None,
+        engine: Literal["transformers", "vllm"] = "transformers",
         dtype: Any = "auto",
         device: str | None = None,
         device_map: Any = None,
@@ -98,14 +89,36 @@ class Aligner:
         max_batch_tokens: int = 16384,
         on_overflow: OverflowPolicy = "error",
         max_wait_ms: float = 5.0,
+        **engine_kwargs: Any,
     ) -> Aligner:
         """Load an Aligner from a hub id, a local directory or a GGUF file.
 
         ``template=None`` picks the template recorded in the model (or adapter) directory, then
         ``aligner-v1`` for the official ``aligner/aligner-*`` checkpoints, then ``chat`` when the
         tokenizer has a chat template. ``allow_pickle`` opts in to ``.bin`` weights.
+
+        ``engine="vllm"`` runs the model on vLLM in this process (``pip install
+        "llm-aligner[vllm]"``); ``engine_kwargs`` go to ``vllm.LLM`` / its engine arguments
+        (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
         """
-        from .loading import is_official_checkpoint, load_model, read_recorded_template
+        if engine == "vllm":
+            from .engines.vllm import VLLMEngine
+
+            if adapter is not None or device is not None or device_map is not None:
+                raise ValueError("adapter, device and device_map apply to engine='transformers'; merge the adapter "
+                                 "first and let vLLM place the model (tensor_parallel_size=...)")
+            vllm_engine, source, tokenizer = VLLMEngine.from_pretrained(
+                model, dtype=dtype, gguf_file=gguf_file, quantization=quantization, revision=revision,
+                trust_remote_code=trust_remote_code, **engine_kwargs,
+            )
+            chosen = template if template is not None else choose_template(source, tokenizer)
+            return cls(vllm_engine, _bind(chosen, tokenizer), name=source.name,
+                       max_new_tokens=max_new_tokens, on_overflow=on_overflow)
+        if engine != "transformers":
+            raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r} (for a server use Aligner.from_server)")
+        if engine_kwargs:
+            raise TypeError(f"unexpected keyword argument(s) for engine='transformers': {sorted(engine_kwargs)}")
+        from .loading import load_model
 
         loaded, tokenizer, source = load_model(
             model,
@@ -120,20 +133,7 @@ class Aligner:
             revision=revision,
         )
         if template is None:
-            dirs = [adapter, source.location if source.kind == "dir" else None]
-            recorded = read_recorded_template(*dirs)
-            if recorded is not None:
-                template, why = recorded, "recorded in the model directory"
-            elif is_official_checkpoint(source):
-                template, why = "aligner-v1", "official Aligner checkpoint"
-            elif getattr(tokenizer, "chat_template", None):
-                template, why = "chat", "the tokenizer has a chat template (untrained corrector)"
-            else:
-                raise TemplateError(
-                    f"cannot tell which prompt template {source.name!r} expects: pass template='aligner-v1', "
-                    "'aligner-general', 'chat' or your own"
-                )
-            logger.info("template %r chosen for %s: %s", template, source.name, why)
+            template = choose_template(source, tokenizer, adapter=adapter)
         return cls.from_model(
             loaded,
             tokenizer,
@@ -161,53 +161,97 @@ class Aligner:
         max_queue: int = 4096,
     ) -> Aligner:
         """Wrap a transformers model and tokenizer that are already loaded."""
-        from .engine import TransformersBackend
+        from .engines.local import TransformersEngine
 
-        backend = TransformersBackend(model, tokenizer, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
-        if isinstance(template, str):
-            template = get_template(template, tokenizer=tokenizer)
-        elif isinstance(template, ChatTemplate) and template.tokenizer is None:
-            template = template.bind(tokenizer)
+        engine = TransformersEngine(
+            model, tokenizer, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms, max_queue=max_queue,
+        )
         return cls(
-            backend,
-            template,
+            engine,
+            _bind(template, tokenizer),
             name=name or str(getattr(model, "name_or_path", "")),
             max_new_tokens=max_new_tokens,
             on_overflow=on_overflow,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
         )
 
+    @classmethod
+    def from_server(
+        cls,
+        base_url: str,
+        *,
+        model: str | None = None,
+        template: str | Template | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        max_concurrency: int = 64,
+        tokenizer: Any = None,
+        max_new_tokens: int = 1024,
+        on_overflow: OverflowPolicy = "error",
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> Aligner:
+        """Correct through any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
+
+        No local model or GPU is needed. The exact rendered template goes to ``/v1/completions``
+        (greedy by default); ``model=None`` takes the one model the server serves. ``template=None``
+        picks ``aligner-v1`` for the official checkpoints, the template recorded in the served
+        directory when it is readable here, else ``chat`` (the server applies the model's chat
+        template). ``tokenizer`` (a tokenizer object, hub id or directory) is optional: with it,
+        prompts are counted and checked against the server's context before they are sent.
+        ``api_key`` defaults to ``$OPENAI_API_KEY``. Faults are per request: connection errors,
+        timeouts, 429 and 5xx are retried ``max_retries`` times with backoff.
+        """
+        from .engines.server import ServerEngine
+
+        engine = ServerEngine(
+            base_url, model=model, api_key=api_key, timeout=timeout, max_retries=max_retries,
+            max_concurrency=max_concurrency, tokenizer=tokenizer, extra_body=extra_body,
+        )
+        try:
+            if template is None:
+                template = engine.choose_template()
+            chosen = _bind(template, engine.tokenizer) if engine.tokenizer is not None else _resolve(template)
+        except BaseException:
+            engine.close()
+            raise
+        return cls(engine, chosen, name=engine.model_name or base_url, max_new_tokens=max_new_tokens,
+                   on_overflow=on_overflow)
+
     def __repr__(self) -> str:
-        return f"Aligner(name={self.name!r}, template={self.template.name!r})"
+        return f"Aligner(name={self.name!r}, template={self.template.name!r}, engine={self.engine.name!r})"
+
+    @property
+    def backend(self) -> Engine:
+        """The engine (the first release's name for it)."""
+        return self.engine
 
     @property
     def model_lock(self) -> threading.Lock:
-        """Held while the model runs; take it to share the loaded model (e.g. as an upstream LLM)."""
-        return self._lock
+        """Held while a local model runs; take it to share the loaded model (e.g. as an upstream LLM)."""
+        lock = getattr(self.engine, "lock", None)
+        if lock is None:
+            raise AttributeError(f"the {self.engine.name!r} engine holds no local model to share")
+        return lock
 
     # -- public API --------------------------------------------------------------------------
 
     def correct(self, question: str, answer: str, **generation: Any) -> Correction:
         """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call."""
-        overflow = generation.pop("on_overflow", None)
-        params = self.defaults.updated(generation)
-        prepared = self.prepare(question, answer, params, on_overflow=overflow)
+        prepared, params = self._prepare_one(question, answer, generation)
         start = time.perf_counter()
-        out = self.scheduler.submit(Job(params, prepared.request)).result()
+        out = self.engine.submit(prepared.request, params).result()
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
     async def acorrect(self, question: str, answer: str, **generation: Any) -> Correction:
-        """Async ``correct``: concurrent calls from many coroutines share GPU/CPU batches.
+        """Async ``correct``: concurrent calls from many coroutines share the engine's batches.
 
-        The event loop is never blocked: the model runs in the worker thread and the result is
-        handed back on this loop. Cancelling the awaiting task drops the request if it has not started.
+        The event loop is never blocked. Cancelling the awaiting task drops the request if it has
+        not started.
         """
-        overflow = generation.pop("on_overflow", None)
-        params = self.defaults.updated(generation)
-        prepared = self.prepare(question, answer, params, on_overflow=overflow)
+        prepared, params = self._prepare_one(question, answer, generation)
         start = time.perf_counter()
-        out = await self._submit_async(Job(params, prepared.request))
+        out = await self.engine.agenerate(prepared.request, params)
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
     async def acorrect_batch(
@@ -218,24 +262,17 @@ class Aligner:
         max_new_tokens: int | Sequence[int] | None = None,
         **generation: Any,
     ) -> list[Any]:
-        """Async ``correct_batch``: all pairs go to the shared worker at once; input order is kept."""
+        """Async ``correct_batch``: all pairs go to the engine at once; input order is kept."""
         slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
         start = time.perf_counter()
 
         async def one(slot: _Prepared | Exception) -> Correction:
             if isinstance(slot, Exception):
                 raise slot
-            out = await self._submit_async(Job(params, slot.request))
+            out = await self.engine.agenerate(slot.request, params)
             return self.build(slot, out, latency=time.perf_counter() - start)
 
         return list(await asyncio.gather(*(one(s) for s in slots), return_exceptions=return_exceptions))
-
-    async def _submit_async(self, job: Job) -> GenerationOutput:
-        try:
-            future = self.scheduler.submit(job, block=False)
-        except queue.Full:  # backpressure: wait for room without blocking the event loop
-            future = await asyncio.to_thread(self.scheduler.submit, job)
-        return await asyncio.wrap_future(future)
 
     def stream(self, question: str, answer: str, **generation: Any) -> CorrectionStream:
         """Yield the correction as text deltas while it is generated.
@@ -244,50 +281,58 @@ class Aligner:
         attribute holds the full ``Correction`` once the iterator is exhausted. ``close()`` stops
         generation early.
         """
+        prepared, params = self._prepare_one(question, answer, generation)
         stream = CorrectionStream()
-        self.scheduler.submit(self._stream_job(stream, question, answer, generation))
+        deltas = TextDeltas(params.stop)
+        start = time.perf_counter()
+
+        def finished(future: Any) -> None:
+            self._finish_stream(stream, deltas, prepared, future, start)
+
+        future = self.engine.stream(prepared.request, params, lambda text: stream.put(deltas.update(text)))
+        future.add_done_callback(finished)
         return stream
 
     def astream(self, question: str, answer: str, **generation: Any) -> AsyncCorrectionStream:
         """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
-        stream = AsyncCorrectionStream(asyncio.get_running_loop())
-        job = self._stream_job(stream, question, answer, generation)
-        try:
-            self.scheduler.submit(job, block=False)
-        except queue.Full:  # backpressure: queue it from a thread on first read, never blocking the loop
-            stream._started = lambda: asyncio.to_thread(self.scheduler.submit, job)
-        return stream
+        loop = asyncio.get_running_loop()
+        prepared, params = self._prepare_one(question, answer, generation)
+        stream = AsyncCorrectionStream(loop)
+        deltas = TextDeltas(params.stop)
 
-    def _stream_job(self, stream: Any, question: str, answer: str, generation: dict[str, Any]) -> Job:
-        overflow = generation.pop("on_overflow", None)
-        params = self.defaults.updated(generation)
-        prepared = self.prepare(question, answer, params, on_overflow=overflow)
-        deltas = TextDeltas(self.backend.decode, params.stop)
-        eos = set(getattr(self.backend, "eos_token_ids", ()))
-
-        def run() -> GenerationOutput:
+        async def run() -> None:
             start = time.perf_counter()
+            future: asyncio.Future[GenerationOutput] = loop.create_future()
             try:
-                out = self.backend.generate_stream(  # type: ignore[attr-defined]
-                    prepared.request, params, lambda toks: stream.put(deltas.push([t for t in toks if t not in eos]))
+                future.set_result(
+                    await self.engine.astream(prepared.request, params, lambda text: stream.put(deltas.update(text)))
                 )
-            except StreamCancelled:
+            except asyncio.CancelledError:
                 stream.done(None)
                 raise
             except BaseException as exc:
-                stream.done(None, exc)
-                raise
-            correction = self.build(prepared, out, latency=time.perf_counter() - start)
-            with contextlib.suppress(StreamCancelled):
-                stream.put(deltas.finish(correction.text))
-            stream.done(correction)
-            return out
+                future.set_exception(exc)
+            self._finish_stream(stream, deltas, prepared, future, start)
 
-        return Job(None, prepared.request, exclusive=run)
+        stream._task = loop.create_task(run())  # kept on the stream so it is not garbage-collected
+        return stream
+
+    def _finish_stream(self, stream: Any, deltas: TextDeltas, prepared: _Prepared, future: Any, start: float) -> None:
+        error = future.exception()
+        if isinstance(error, StreamCancelled):
+            stream.done(None)
+            return
+        if error is not None:
+            stream.done(None, error)
+            return
+        correction = self.build(prepared, future.result(), latency=time.perf_counter() - start)
+        with contextlib.suppress(StreamCancelled):
+            stream.put(deltas.finish(correction.text))
+        stream.done(correction)
 
     def close(self) -> None:
-        """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
-        self.scheduler.close()
+        """Release the engine (pending requests fail with a clear error)."""
+        self.engine.close()
 
     def __enter__(self) -> Aligner:
         return self
@@ -346,13 +391,12 @@ class Aligner:
         results: list[Correction | Exception] = [s for s in slots]  # type: ignore[misc]
         with tqdm(total=len(pairs), desc="Correcting", unit="pair", disable=not show_progress) as bar:
             bar.update(len(pairs) - len(live))
-            with self._lock:
-                outputs = self.backend.generate(
-                    [slots[i].request for i in live],  # type: ignore[union-attr]
-                    params,
-                    fail_fast=not return_exceptions,
-                    on_result=lambda _j, _out: bar.update(1),
-                )
+            outputs = self.engine.generate(
+                [slots[i].request for i in live],  # type: ignore[union-attr]
+                params,
+                fail_fast=not return_exceptions,
+                on_result=lambda _j, _out: bar.update(1),
+            )
         for i, out in zip(live, outputs):
             prepared = slots[i]
             assert isinstance(prepared, _Prepared)
@@ -360,6 +404,11 @@ class Aligner:
         return results
 
     # -- the shared path ---------------------------------------------------------------------
+
+    def _prepare_one(self, question: Any, answer: Any, generation: dict[str, Any]) -> tuple[_Prepared, GenerationParams]:
+        overflow = generation.pop("on_overflow", None)
+        params = self.defaults.updated(generation)
+        return self.prepare(question, answer, params, on_overflow=overflow), params
 
     def _prepare_all(
         self,
@@ -406,12 +455,14 @@ class Aligner:
         if policy not in ("error", "truncate"):
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {policy!r}")
         limit = max_new_tokens or params.max_new_tokens
-        special = self.template.add_special_tokens
-        prompt = self.template.format(question=question, answer=answer)
-        ids = self.backend.encode(prompt, add_special_tokens=special)
-        answer_ids = self.backend.encode(answer, add_special_tokens=False)
-        metadata: dict[str, Any] = {"template": self.template.name}
-        ctx = self.backend.context_length
+        metadata: dict[str, Any] = {"template": self.template.name, "engine": self.engine.name}
+        if not (self.engine.tokenizes_locally or policy == "truncate"):
+            # The engine counts tokens on its side; an overlong prompt fails there with ContextOverflowError.
+            return _Prepared(question, answer, self._remote_request(question, answer, limit), metadata)
+        prompt, ids = self._render(question, answer)
+        answer_ids = self.engine.encode(answer, add_special_tokens=False)
+        ctx = self.engine.context_length
+        cut = None
         if ctx is not None and len(ids) + limit > ctx:
             if policy == "error":
                 raise ContextOverflowError(
@@ -424,21 +475,44 @@ class Aligner:
                     f"{where}even with the answer cut to nothing the prompt and max_new_tokens={limit} exceed the "
                     f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
                 )
-            cut = self.backend.decode(answer_ids[:keep])
-            prompt = self.template.format(question=question, answer=cut)
-            ids = self.backend.encode(prompt, add_special_tokens=special)
+            cut = self.engine.decode(answer_ids[:keep])
+            prompt, ids = self._render(question, cut)
             while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
                 keep -= 1
-                prompt = self.template.format(question=question, answer=self.backend.decode(answer_ids[:keep]))
-                ids = self.backend.encode(prompt, add_special_tokens=special)
+                cut = self.engine.decode(answer_ids[:keep])
+                prompt, ids = self._render(question, cut)
             metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
+            answer_ids = answer_ids[:keep]
+        if not self.engine.tokenizes_locally:
+            return _Prepared(question, answer, self._remote_request(question, cut or answer, limit), metadata)
         reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
-        if metadata.get("truncated"):
-            answer_ids = answer_ids[: metadata["answer_tokens_kept"]]
         request = GenerationRequest(
-            prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids)
+            prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids),
+            add_special_tokens=self.template.add_special_tokens,
         )
         return _Prepared(question=question, answer=answer, request=request, metadata=metadata)
+
+    def _render(self, question: str, answer: str) -> tuple[str, list[int]]:
+        """The prompt and its tokens (a chat template left to a server is counted by the server)."""
+        if isinstance(self.template, ChatTemplate) and self.template.tokenizer is None:
+            encode_messages = getattr(self.engine, "encode_messages", None)
+            if encode_messages is None:
+                raise TemplateError(f"the {self.engine.name!r} engine cannot render the chat template without a tokenizer")
+            return "", encode_messages(self.template.messages(question=question, answer=answer))
+        prompt = self.template.format(question=question, answer=answer)
+        return prompt, self.engine.encode(prompt, add_special_tokens=self.template.add_special_tokens)
+
+    def _remote_request(self, question: str, answer: str, limit: int) -> GenerationRequest:
+        """A request for an engine that tokenizes on its side: the exact prompt, or chat messages
+        when the model's chat template is left to the server."""
+        template = self.template
+        if isinstance(template, ChatTemplate) and template.tokenizer is None:
+            messages = template.messages(question=question, answer=answer)
+            return GenerationRequest(prompt="", prompt_ids=(), max_new_tokens=limit, reserve=limit,
+                                     messages=tuple(messages))
+        prompt = template.format(question=question, answer=answer)
+        return GenerationRequest(prompt=prompt, prompt_ids=(), max_new_tokens=limit, reserve=limit,
+                                 add_special_tokens=template.add_special_tokens)
 
     def build(self, prepared: _Prepared, out: GenerationOutput, *, latency: float | None = None) -> Correction:
         """Turn a backend output into the public ``Correction``."""
@@ -446,12 +520,46 @@ class Aligner:
             question=prepared.question,
             original=prepared.answer,
             text=out.text,
-            prompt_tokens=len(prepared.request.prompt_ids),
+            prompt_tokens=out.prompt_tokens if out.prompt_tokens is not None else len(prepared.request.prompt_ids),
             completion_tokens=out.completion_tokens,
             finish_reason=out.finish_reason,
             latency_s=out.latency_s if latency is None else latency,
             metadata={**prepared.metadata, **out.metadata},
         )
+
+
+def choose_template(source: Any, tokenizer: Any, *, adapter: Any = None) -> str:
+    """The template a loaded model expects: recorded in its directory, official, or its chat template."""
+    from .loading import is_official_checkpoint, read_recorded_template
+
+    dirs = [adapter, source.location if source.kind == "dir" else None]
+    recorded = read_recorded_template(*dirs)
+    if recorded is not None:
+        template, why = recorded, "recorded in the model directory"
+    elif is_official_checkpoint(source):
+        template, why = "aligner-v1", "official Aligner checkpoint"
+    elif getattr(tokenizer, "chat_template", None):
+        template, why = "chat", "the tokenizer has a chat template (untrained corrector)"
+    else:
+        raise TemplateError(
+            f"cannot tell which prompt template {source.name!r} expects: pass template='aligner-v1', "
+            "'aligner-general', 'chat' or your own"
+        )
+    logger.info("template %r chosen for %s: %s", template, source.name, why)
+    return template
+
+
+def _resolve(template: str | Template) -> Template:
+    return get_template(template) if isinstance(template, str) else template
+
+
+def _bind(template: str | Template, tokenizer: Any) -> Template:
+    """Look a template up and bind a chat template to ``tokenizer``."""
+    if isinstance(template, str):
+        return get_template(template, tokenizer=tokenizer)
+    if isinstance(template, ChatTemplate) and template.tokenizer is None:
+        return template.bind(tokenizer)
+    return template
 
 
 def _unpack(pair: Any, index: int) -> tuple[Any, Any]:

@@ -8,6 +8,17 @@ from typing import Annotated
 
 import typer
 
+from .engine_options import (
+    ApiKeyOpt,
+    ConcurrencyOpt,
+    EngineChoice,
+    EngineOpt,
+    ModelOpt,
+    RetriesOpt,
+    ServerOpt,
+    TimeoutOpt,
+)
+
 app = typer.Typer(
     name="aligner",
     help="Correct any LLM's answers with an Aligner model.",
@@ -26,7 +37,7 @@ def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log wha
 def correct(
     input: Annotated[Path, typer.Argument(help="JSONL file of records to correct.", exists=True, dir_okay=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Hub id, local directory or GGUF file.")] = "HuggingFaceTB/SmolLM2-135M-Instruct",
+    model: ModelOpt = None,
     template: Annotated[str | None, typer.Option(help="Prompt template (default: recorded in the model, else chosen for it).")] = None,
     question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
     answer_field: Annotated[str, typer.Option(help="Field holding the answer to correct.")] = "answer",
@@ -40,32 +51,55 @@ def correct(
     resume: Annotated[bool, typer.Option("--resume", help="Skip records already in OUTPUT.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    server: ServerOpt = None,
+    engine: EngineOpt = "transformers",
+    api_key: ApiKeyOpt = None,
+    timeout: TimeoutOpt = 60.0,
+    max_retries: RetriesOpt = 3,
+    max_concurrency: ConcurrencyOpt = 64,
+    ray: Annotated[bool, typer.Option("--ray", help="Spread the file over a Ray cluster (starts a local one if none).", rich_help_panel="Ray")] = False,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or ray://host:10001.", rich_help_panel="Ray")] = None,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Aligner replicas (one model each) for --ray.", rich_help_panel="Ray")] = 1,
 ) -> None:
     """Correct a JSONL file of question-answer records into OUTPUT, durably and resumably."""
-    from .aligner import Aligner
-    from .errors import AlignerError
+    from .errors import AlignerError, EngineUnavailableError
     from .filejob import correct_jsonl
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite contradict each other: pick one")
     if on_overflow not in ("error", "truncate"):
         raise typer.BadParameter(f"--on-overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    if not ray and (address is not None or replicas != 1):
+        raise typer.BadParameter("--address and --replicas apply to --ray runs: add --ray")
+    choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+                          max_retries=max_retries, max_concurrency=max_concurrency)
+    load_options = {"template": template, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
+                    "max_batch_tokens": batch_tokens, "on_overflow": on_overflow}
+    job_options = {"question_field": question_field, "answer_field": answer_field, "output_field": output_field,
+                   "resume": resume, "overwrite": overwrite, "chunk_size": chunk_size, "show_progress": progress}
     try:
-        aligner = Aligner.from_pretrained(
-            model, template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-            max_batch_tokens=batch_tokens, on_overflow=on_overflow,  # type: ignore[arg-type]
-        )
-        stats = correct_jsonl(
-            aligner, input, output, question_field=question_field, answer_field=answer_field,
-            output_field=output_field, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
-            show_progress=progress,
-        )
+        if ray:
+            from .engines.ray import correct_file_ray
+
+            stats = correct_file_ray(input, output, choice, load_options=load_options, replicas=replicas,
+                                     address=address, **job_options)
+        else:
+            aligner = choice.load(**load_options)
+            try:
+                stats = correct_jsonl(aligner, input, output, **job_options)
+            finally:
+                aligner.close()
+    except EngineUnavailableError as exc:
+        typer.echo(f"error: {exc}\nthe records corrected so far are saved in {output}: run the same command with "
+                   "--resume once the engine is back", err=True)
+        raise typer.Exit(3) from exc
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(
         f"wrote {stats.written} records to {output} ({stats.changed} changed, {stats.failed} failed"
-        + (f", {stats.skipped} already done" if stats.skipped else "") + ")",
+        + (f", {stats.skipped} already done" if stats.skipped else "") + f") on the {choice.where}"
+        + (f" x {replicas} Ray replica(s)" if ray else ""),
         err=True,
     )
     if stats.failed:
@@ -74,15 +108,19 @@ def correct(
 
 @app.command()
 def demo(
-    model: Annotated[str | None, typer.Option(help="Model to demo (default: the packaged SmolLM2-135M-Instruct).")] = None,
+    model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 96,
+    server: ServerOpt = None,
+    engine: EngineOpt = "transformers",
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Correct the bundled sample pairs offline and show each original beside its correction."""
     from .demo import run_demo
     from .errors import AlignerError
 
     try:
-        run_demo(model, max_new_tokens=max_new_tokens)
+        run_demo(max_new_tokens=max_new_tokens,
+                 choice=EngineChoice(model=model, server=server, engine=engine, api_key=api_key))
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

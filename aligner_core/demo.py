@@ -6,7 +6,10 @@ import difflib
 import json
 import time
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine_options import EngineChoice
 
 
 def sample_pairs() -> list[tuple[str, str]]:
@@ -33,21 +36,27 @@ def word_diff(original: str, corrected: str) -> Any:
     return out
 
 
-def run_demo(model: str | None = None, *, max_new_tokens: int = 96, max_batch_tokens: int = 16384) -> int:
-    """Load the model, correct the samples in batches with a progress bar, print each side by side."""
+def run_demo(
+    model: str | None = None, *, max_new_tokens: int = 96, max_batch_tokens: int = 16384, choice: EngineChoice | None = None
+) -> int:
+    """Load the model, correct the samples in batches with a progress bar, print each side by side.
+
+    ``choice`` runs the demo on another engine (``aligner demo --server URL`` or ``--engine vllm``).
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from .aligner import Aligner
+    from .engine_options import EngineChoice
     from .loading import DEFAULT_MODEL
 
     console = Console()
-    name = model or DEFAULT_MODEL
+    choice = choice or EngineChoice(model=model)
+    name = choice.model or ("the server's model" if choice.server else DEFAULT_MODEL)
     start = time.perf_counter()
-    with console.status(f"Loading {name} (the first run dequantizes the GGUF once, ~20 s)"):
-        aligner = Aligner.from_pretrained(name, max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens)
+    with console.status(f"Loading {name} on the {choice.where} (a first local run dequantizes the GGUF once, ~20 s)"):
+        aligner = choice.load(max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens)
     loaded = time.perf_counter() - start
-    console.print(f"Loaded [bold]{name}[/] in {loaded:.1f}s, template [bold]{aligner.template.name}[/]")
+    console.print(f"Loaded [bold]{aligner.name}[/] on the {choice.where} in {loaded:.1f}s, template [bold]{aligner.template.name}[/]")
     pairs = sample_pairs()
     start = time.perf_counter()
     results = aligner.correct_batch(pairs, show_progress=True)

@@ -43,6 +43,43 @@ class AlignerOutOfMemoryError(AlignerError, RuntimeError):
     """Even a batch of one request ran out of accelerator memory."""
 
 
+class EngineClosedError(AlignerError, RuntimeError):
+    """The Aligner (or its engine) was closed; no new requests are accepted."""
+
+
+class EngineUnavailableError(AlignerError, RuntimeError):
+    """The engine cannot serve right now (server down or not answering in time, after retries).
+
+    Transient: nothing is wrong with the request, so file jobs stop instead of recording the row as
+    failed, and ``--resume`` picks up from there once the engine is back.
+    """
+
+
+class ServerError(AlignerError, RuntimeError):
+    """An OpenAI-compatible server failed a request; ``url`` and ``status`` say where and how."""
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class ServerUnavailableError(ServerError, EngineUnavailableError, ConnectionError):
+    """The server refused or dropped the connection, or kept answering 429/5xx, after every retry."""
+
+
+class ServerTimeoutError(ServerError, EngineUnavailableError, TimeoutError):
+    """The server did not answer within ``timeout`` seconds, after every retry."""
+
+
+class ServerRequestError(ServerError, ValueError):
+    """The server rejected the request (4xx: unknown model, bad option, bad key); not retried."""
+
+
+class ServerContextOverflowError(ServerRequestError, ContextOverflowError):
+    """The server said the prompt plus ``max_new_tokens`` exceeds the model's context."""
+
+
 def missing(package: str, extra: str | None = None, feature: str = "this feature") -> MissingDependencyError:
     """Build the install hint for an optional dependency."""
     hint = f'pip install "llm-aligner[{extra}]"' if extra else f"pip install {package}"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidInputError, OutputExistsError
+from .errors import EngineUnavailableError, InvalidInputError, OutputExistsError
 from .jsonl import chunked, count_records, open_resumable, read_jsonl, write_durably
 
 if TYPE_CHECKING:
@@ -45,6 +45,10 @@ def correct_jsonl(
     ``aligner`` object (changed, similarity, tokens, finish reason, latency). A record that cannot
     be corrected gets ``output_field: null`` and an ``aligner_error`` instead, so lines stay aligned
     with the input and nothing is silently dropped. ``resume`` skips records already in ``out_path``.
+
+    When the engine itself is unavailable (a server down or timing out after its retries), the
+    records before the first such failure are written and ``EngineUnavailableError`` is raised:
+    those rows are not marked failed, so ``resume`` corrects them once the engine is back.
     """
     from tqdm.auto import tqdm
 
@@ -87,6 +91,14 @@ def _run_chunk(
     results: list[Any] = [p if not isinstance(p, tuple) else None for p in pairs]
     for i, r in zip(todo, done):
         results[i] = r
+    outage = next((i for i, r in enumerate(results) if isinstance(r, EngineUnavailableError)), None)
+    if outage is not None:  # keep what came before it; the rest is retried by --resume
+        _write(f, stats, chunk[:outage], results[:outage], of)
+        raise results[outage]
+    _write(f, stats, chunk, results, of)
+
+
+def _write(f: Any, stats: JobStats, chunk: list[Any], results: list[Any], of: str) -> None:
     lines = []
     for (number, record), result in zip(chunk, results):
         if isinstance(record, Exception):
@@ -94,12 +106,28 @@ def _run_chunk(
             record = {"line": number}
         if isinstance(result, Exception):
             stats.failed += 1
-            lines.append({**record, of: None, "aligner_error": {"type": type(result).__name__, "message": str(result)}})
+            lines.append(output_line(record, of, error=error_info(result)))
             continue
         stats.changed += int(result.changed)
-        lines.append({**record, of: result.text, "aligner": result.stats()})
+        lines.append(output_line(record, of, text=result.text, stats=result.stats()))
     write_durably(f, lines)
     stats.written += len(lines)
+
+
+def error_info(exc: BaseException) -> dict[str, str]:
+    """The ``aligner_error`` object of a failed record."""
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def output_line(
+    record: dict[str, Any], of: str, *, text: str | None = None, stats: dict[str, Any] | None = None,
+    error: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One output line, shared by every file job (local and Ray) so their files are alike: the input
+    record plus ``of`` and the ``aligner`` stats, or ``of: null`` and ``aligner_error``."""
+    if error is not None:
+        return {**record, of: None, "aligner_error": error}
+    return {**record, of: text, "aligner": stats}
 
 
 __all__ = ["JobStats", "OutputExistsError", "correct_jsonl"]

@@ -18,13 +18,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .backend import Backend, GenerationOutput, GenerationParams, GenerationRequest
-from .errors import AlignerError
+from .engines.base import GenerationOutput, GenerationParams, GenerationRequest
+from .errors import EngineClosedError
 
 logger = logging.getLogger("aligner_core")
 
 
-class SchedulerClosedError(AlignerError, RuntimeError):
+class SchedulerClosedError(EngineClosedError):
     """The Aligner was closed; no new requests are accepted and pending ones are failed."""
 
 
@@ -46,7 +46,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        backend: Backend,
+        run_batch: Callable[..., list[GenerationOutput | BaseException]],
         *,
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
@@ -57,7 +57,7 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue}")
-        self.backend = backend
+        self.run_batch = run_batch  # the engine's unlocked batch runner: (requests, params, fail_fast=...)
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch_tokens = max_batch_tokens
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
@@ -157,7 +157,7 @@ class MicroBatcher:
                 groups.setdefault(key, []).append(job)
         for params, group in groups.items():
             with self.lock:
-                outputs = self.backend.generate([j.request for j in group], params, fail_fast=False)  # type: ignore[misc]
+                outputs = self.run_batch([j.request for j in group], params, fail_fast=False)  # type: ignore[misc]
             self.batches_run += 1
             for job, out in zip(group, outputs):
                 if isinstance(out, BaseException):

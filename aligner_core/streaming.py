@@ -25,21 +25,20 @@ class StreamCancelled(Exception):
 
 
 class TextDeltas:
-    """Turns a growing list of generated tokens into safe-to-emit text deltas."""
+    """Turns the growing generated text into safe-to-emit deltas.
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
-        self.decode = decode
+    Engines report the whole raw text so far (decoded tokens, or server-sent pieces joined); a
+    delta is released only once later text cannot change it.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()):
         self.stop = tuple(stop)
-        self.tokens: list[int] = []
         self.emitted = ""
         self.stopped = False
 
-    def push(self, tokens: Sequence[int]) -> str:
+    def update(self, text: str) -> str:
+        """The new delta for the raw ``text`` generated so far ("" when nothing is safe yet)."""
         if self.stopped:
-            return ""
-        self.tokens.extend(tokens)
-        text = self.decode(self.tokens)
-        if text.endswith("\ufffd"):
             return ""
         return self._advance(self._safe(text))
 

@@ -86,10 +86,16 @@ class ChatTemplate:
                 f"template {self.name!r} renders the model's chat template: call .bind(tokenizer) first "
                 "(Aligner does this for you)."
             )
+        return self.tokenizer.apply_chat_template(
+            self.messages(question=question, answer=answer), tokenize=False, add_generation_prompt=True
+        )
+
+    def messages(self, *, question: str, answer: str) -> list[dict[str, str]]:
+        """The chat messages the template renders (what a server's chat endpoint is sent)."""
         content = TextTemplate(self.name, self.instruction).format(question=question, answer=answer)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages
 
 
 _REGISTRY: dict[str, Template] = {}

@@ -2,7 +2,7 @@
 
 It is the offline *upstream* of the examples and tests (the packaged SmolLM2 answering questions);
 any LangChain chat model (``ChatOpenAI``, ``ChatOllama``, ...) takes its place in real use. It
-runs through the same engine as the Aligner (``aligner_core.engine.TransformersBackend``).
+runs through the same engine as the Aligner (``aligner_core.engines.local.TransformersEngine``).
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ class ChatTransformers(BaseChatModel):
 
     def _engine(self) -> Any:
         if self._backend is None:
-            from aligner_core.engine import TransformersBackend  # imports torch: only when a model runs
+            from aligner_core.engines.local import TransformersEngine  # imports torch: only when a model runs
 
-            self._backend = TransformersBackend(self.model, self.tokenizer)
+            self._backend = TransformersEngine(self.model, self.tokenizer)
         return self._backend
 
     def _generate(

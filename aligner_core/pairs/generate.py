@@ -38,8 +38,8 @@ class TransformersUpstream:
         max_batch_tokens: int = 16384,
         **generation: Any,
     ) -> None:
-        from ..backend import GenerationParams
-        from ..engine import TransformersBackend
+        from ..engines.base import GenerationParams
+        from ..engines.local import TransformersEngine
 
         if prompt_format is None and not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
@@ -47,7 +47,7 @@ class TransformersUpstream:
             )
         if prompt_format is not None and "{question}" not in prompt_format:
             raise TemplateError(f"prompt_format must contain {{question}}, got {prompt_format!r}")
-        self.backend = TransformersBackend(model, tokenizer, max_batch_tokens=max_batch_tokens)
+        self.backend = TransformersEngine(model, tokenizer, max_batch_tokens=max_batch_tokens)
         self.tokenizer = tokenizer
         self.system = system
         self.prompt_format = prompt_format
@@ -73,7 +73,7 @@ class TransformersUpstream:
 
     def answer(self, questions: Sequence[str]) -> list[str | BaseException]:
         """Answer each question (an exception in place of an answer that failed)."""
-        from ..backend import GenerationRequest
+        from ..engines.base import GenerationRequest
 
         requests = []
         for q in questions:

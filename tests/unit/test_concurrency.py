@@ -35,7 +35,7 @@ def test_hundreds_of_concurrent_acorrect_calls_each_get_their_own_result(aligner
     assert [c.question for c in got] == [q for q, _ in pairs]
     assert [c.original for c in got] == [a for _, a in pairs]
     assert [c.text for c in got] == expected
-    assert aligner.scheduler.batches_run < n / 4, "concurrent calls must share batches"
+    assert aligner.engine.scheduler.batches_run < n / 4, "concurrent calls must share batches"
 
 
 def test_correct_from_many_threads_shares_batches(aligner):
@@ -51,7 +51,7 @@ def test_correct_from_many_threads_shares_batches(aligner):
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(call, pairs))
     assert [c.text for c in got] == expected
-    assert aligner.scheduler.batches_run < 64
+    assert aligner.engine.scheduler.batches_run < 64
 
 
 def test_acorrect_batch_keeps_order_and_isolates_bad_items(aligner):
@@ -217,8 +217,8 @@ def test_calls_with_different_lengths_share_a_batch(aligner):
     async def main():
         return await asyncio.gather(*(aligner.acorrect(q, a, max_new_tokens=n) for (q, a), n in zip(pairs, limits)))
 
-    before = aligner.scheduler.batches_run
+    before = aligner.engine.scheduler.batches_run
     out = asyncio.run(main())
     assert [c.text for c in out] == expected
     assert [c.completion_tokens <= n for c, n in zip(out, limits)] == [True] * 8
-    assert aligner.scheduler.batches_run - before <= 2
+    assert aligner.engine.scheduler.batches_run - before <= 2

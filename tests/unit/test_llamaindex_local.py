@@ -53,7 +53,7 @@ def test_prompts_use_the_chat_template(tiny_model, tiny_tokenizer):
 
 def test_options_and_sharing(tiny_aligner, tiny_model):
     llm = TransformersLLM.from_aligner(tiny_aligner, max_new_tokens=3)
-    assert llm._model is tiny_model and llm._lock is getattr(tiny_aligner, "_lock", None)
+    assert llm._model is tiny_model and llm._lock is tiny_aligner.model_lock
     with pytest.raises(TypeError, match="temperature"):
         llm.complete("Hi", temperature=0.5)
     with pytest.raises(ValueError):

@@ -1,18 +1,27 @@
-"""The local transformers backend: padded, length-bucketed batches with out-of-memory splitting."""
+"""The local transformers engine: the library's own decoding loop in the caller's process.
+
+Padded, length-bucketed batches planned under a token budget, out-of-memory splitting,
+answer-anchored drafting (``speculative.py``) and a micro-batching worker (``scheduler.py``) that
+lets concurrent ``submit``/``agenerate`` callers share batches.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from .backend import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback
-from .errors import AlignerOutOfMemoryError
-from .planner import plan_batches
+from ..errors import AlignerOutOfMemoryError
+from ..planner import plan_batches
+from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
 
@@ -36,8 +45,16 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-class TransformersBackend:
-    """Runs a transformers causal LM on batches of prompts planned under a token budget."""
+class TransformersEngine:
+    """Runs a transformers causal LM on batches of prompts planned under a token budget.
+
+    One model, one user at a time: ``lock`` is held while the model runs (take it to share the
+    loaded model, e.g. as an upstream chat model). Concurrent single requests are gathered into
+    shared batches by a background worker started on first use.
+    """
+
+    name = "transformers"
+    tokenizes_locally = True
 
     def __init__(
         self,
@@ -47,9 +64,17 @@ class TransformersBackend:
         max_batch_tokens: int = 16384,
         max_batch_size: int | None = None,
         max_verify_tokens: int | None = None,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 4096,
     ):
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens}")
+        from ..scheduler import MicroBatcher
+
+        self.lock = threading.Lock()
+        self.scheduler = MicroBatcher(
+            self._generate, max_wait_ms=max_wait_ms, max_queue=max_queue, max_batch_tokens=max_batch_tokens, lock=self.lock
+        )
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
@@ -78,9 +103,69 @@ class TransformersBackend:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    # -- generation --------------------------------------------------------------------------
+    # -- the Engine entry points --------------------------------------------------------------
 
     def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: GenerationParams,
+        *,
+        fail_fast: bool = True,
+        on_result: ResultCallback | None = None,
+    ) -> list[GenerationOutput | BaseException]:
+        """Complete a batch in planned sub-batches, holding the model for the whole call."""
+        with self.lock:
+            return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result)
+
+    def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
+        from ..scheduler import Job
+
+        return self.scheduler.submit(Job(params, request))
+
+    async def agenerate(self, request: GenerationRequest, params: GenerationParams) -> GenerationOutput:
+        from ..scheduler import Job
+
+        job = Job(params, request)
+        try:
+            future = self.scheduler.submit(job, block=False)
+        except queue.Full:  # backpressure: wait for room without blocking the event loop
+            future = await asyncio.to_thread(self.scheduler.submit, job)
+        return await asyncio.wrap_future(future)
+
+    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+        from ..scheduler import Job
+
+        return self.scheduler.submit(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+
+    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+        from ..scheduler import Job
+
+        job = Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text))
+        try:
+            future = self.scheduler.submit(job, block=False)
+        except queue.Full:
+            future = await asyncio.to_thread(self.scheduler.submit, job)
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
+        self.scheduler.close()
+
+    def _stream_text(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+        eos = set(self.eos_token_ids)
+        tokens: list[int] = []
+
+        def sink(new: list[int]) -> None:
+            tokens.extend(t for t in new if t not in eos)
+            text = self.decode(tokens)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                on_text(text)
+
+        return self.generate_stream(request, params, sink)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def _generate(
         self,
         requests: Sequence[GenerationRequest],
         params: GenerationParams,
@@ -212,7 +297,7 @@ class TransformersBackend:
         self, batch: list[GenerationRequest], params: GenerationParams, sink: Callable[[int, list[int]], None] | None = None
     ) -> list[GenerationOutput]:
         """Greedy decoding with answer-anchored drafts (see ``speculative.py``)."""
-        from .speculative import drafted_greedy
+        from ..speculative import drafted_greedy
 
         start = time.perf_counter()
         stop_check = None

@@ -1,18 +1,21 @@
-"""The seam between the Aligner facade and whatever runs the model.
+"""The seam between the Aligner facade and whatever runs the model: the ``Engine`` protocol.
 
-The facade renders templates, validates input and builds ``Correction`` objects; a backend only
-turns token prompts into generated text. The local transformers backend lives in ``engine.py``;
-a remote engine (vLLM or SGLang over the OpenAI API) would implement the same protocol.
+The facade renders templates, validates input and builds ``Correction`` objects; an engine only
+turns prompts into generated text. One module per engine lives beside this one (``local``: the
+library's own transformers loop; ``server``: any OpenAI-compatible server; ``vllm``: vLLM
+in-process); Ray spreads whole datasets over many Aligners (``ray``). The facade and the
+framework adapters never know which engine runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
-from .correction import FinishReason
-from .errors import GenerationOptionError
+from ..correction import FinishReason
+from ..errors import GenerationOptionError
 
 
 @dataclass(frozen=True)
@@ -70,36 +73,59 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to complete. ``reserve`` is the number of new tokens to plan memory for;
-    ``draft_ids`` is the text the output is expected to copy from (the answer being corrected)."""
+    """One prompt to complete.
+
+    ``prompt_ids`` are empty when the engine tokenizes on its side (a server without a local
+    tokenizer); ``reserve`` is the number of new tokens to plan memory for; ``draft_ids`` is the
+    text the output is expected to copy from (the answer being corrected); ``add_special_tokens``
+    says whether the engine should add the tokenizer's special tokens (BOS) to ``prompt``.
+    ``messages`` is set instead of a rendered prompt when a chat template is left to a server.
+    """
 
     prompt: str
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     reserve: int
     draft_ids: tuple[int, ...] = ()
+    add_special_tokens: bool = True
+    messages: tuple[Mapping[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """What a backend produced for one request."""
+    """What an engine produced for one request. ``prompt_tokens`` is set by engines that count
+    the prompt on their side (servers report it in ``usage``)."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason
     latency_s: float
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    prompt_tokens: int | None = None
 
 
 ResultCallback = Callable[[int, "GenerationOutput | BaseException"], None]
+#: Receives the whole text generated so far (raw, before the final strip) each time it grows.
+TextSink = Callable[[str], None]
 
 
 @runtime_checkable
-class Backend(Protocol):
-    """What the Aligner facade needs from an engine."""
+class Engine(Protocol):
+    """What the Aligner facade needs from an engine.
 
+    Five ways in, one per caller shape: ``generate`` (a batch, blocking), ``submit`` (one request
+    from a thread), ``agenerate`` (one request from a coroutine, never blocking the loop), and
+    ``stream`` / ``astream`` (one request whose text is handed to ``on_text`` as it grows; the
+    sink raises ``StreamCancelled`` to stop generation). A failure is always confined to the
+    request that caused it.
+    """
+
+    #: Short engine name recorded in ``Correction.metadata["engine"]``: "transformers", "server", "vllm".
+    name: str
     #: Longest prompt + completion the model accepts, in tokens (None when unknown).
     context_length: int | None
+    #: True when ``encode``/``decode`` are local and cheap, so the facade counts tokens up front.
+    tokenizes_locally: bool
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
 
@@ -119,3 +145,27 @@ class Backend(Protocol):
         requests' places and the others still complete. ``on_result`` is called as each finishes.
         """
         ...
+
+    def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
+        """Start one request; the future resolves to its output (or its own exception)."""
+        ...
+
+    async def agenerate(self, request: GenerationRequest, params: GenerationParams) -> GenerationOutput:
+        """Complete one request from a coroutine; concurrent calls share the engine's batching."""
+        ...
+
+    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+        """Start one request that reports its text as it grows; the future holds the final output."""
+        ...
+
+    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+        """Async twin of ``stream``; ``on_text`` may be called from another thread."""
+        ...
+
+    def close(self) -> None:
+        """Release workers, connections and memory; later calls fail with a clear error."""
+        ...
+
+
+#: The name the first release used for the seam.
+Backend = Engine
