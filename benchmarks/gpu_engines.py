@@ -129,7 +129,7 @@ def run_shape(shape: str, tokenizer: Any, device: str, n: int, max_new_tokens: i
         vllm_note = "not measurable here: vLLM is not installed on this GPU machine (no network to install it)"
     print(f"  vLLM in-process: {vllm_note}", flush=True)
     aligner.close()
-    del aligner, model
+    aligner = model = None  # free the accelerator before the next shape
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"shape": shape, "parameters": params, "requests": n, "mean_prompt_tokens": round(prompt_tokens, 1),
