@@ -137,3 +137,30 @@ def test_server_killed_mid_run_fails_only_unfinished_requests_and_resume_loses_n
     assert [r["id"] for r in rows] == list(range(n))
     assert all(r["correction"] and "aligner_error" not in r for r in rows)
     assert f"{len(partial)} already done" in resumed.stderr
+
+
+def test_cli_killed_mid_run_on_the_server_then_resumed_loses_and_duplicates_nothing(vllm_server, tmp_path):
+    import signal
+
+    n = 48
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(
+        json.dumps({"id": i, "question": f"Spell the number {i}.", "answer": f"{i} is spelled {i}{i}."}) + "\n"
+        for i in range(n)
+    ))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "aligner_core.cli", "correct", str(src), "-o", str(out), "--server", vllm_server.url,
+           "--max-new-tokens", "12", "--chunk-size", "4", "--max-concurrency", "2", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(_read_rows(out)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    partial = len(_read_rows(out))
+    assert 8 <= partial < n, "the kill must land mid-run"
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = _read_rows(out)
+    assert [r["id"] for r in rows] == list(range(n)) and all(r["correction"] for r in rows)
