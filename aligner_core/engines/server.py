@@ -15,6 +15,7 @@ the server's own message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from ..errors import (
     TemplateError,
     missing,
 )
+from .aio import EventLoopThread, gather_in_order
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
@@ -52,28 +54,6 @@ _OFFICIAL = re.compile(r"(^|/)aligner[-_]?\d+b[-_]", re.I)
 class _LoopState:
     client: Any  # httpx.AsyncClient bound to one event loop
     limit: asyncio.Semaphore
-
-
-class _IOThread:
-    """One background event loop that runs the sync entry points' coroutines."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="aligner-server-io", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self, cleanup: Any) -> None:
-        try:
-            self.run(cleanup).result(timeout=10)
-        except Exception:  # pragma: no cover - best effort on shutdown
-            logger.debug("closing the server engine's clients failed", exc_info=True)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
 
 
 class ServerEngine:
@@ -121,7 +101,7 @@ class ServerEngine:
         self._sync = httpx.Client(timeout=self.timeout, headers=self._headers)
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self._states_lock = threading.Lock()
-        self._io: _IOThread | None = None
+        self._io: EventLoopThread | None = None
         self._io_lock = threading.Lock()
         self._closed = False
         self.tokenizer = _load_tokenizer(tokenizer)
@@ -246,7 +226,9 @@ class ServerEngine:
         """All requests at once, at most ``max_concurrency`` in flight; the server batches them."""
         if not requests:
             return []
-        future = self._io_thread().run(self._agenerate_all(requests, params, fail_fast, on_result))
+        future = self._io_thread().run(gather_in_order(
+            requests, lambda r: self.agenerate(r, params), fail_fast=fail_fast, on_result=on_result
+        ))
         try:
             return future.result()
         except BaseException:
@@ -283,7 +265,10 @@ class ServerEngine:
                 asyncio.run_coroutine_threadsafe(state.client.aclose(), loop)
         if self._io is not None:
             io_state = self._states.get(self._io.loop)
-            self._io.stop(io_state.client.aclose() if io_state else asyncio.sleep(0))
+            if io_state is not None:
+                with contextlib.suppress(Exception):  # best effort: the connections die with the loop anyway
+                    self._io.run(io_state.client.aclose()).result(timeout=10)
+            self._io.stop(timeout=10)
         self._sync.close()
 
     def __repr__(self) -> str:
@@ -295,12 +280,12 @@ class ServerEngine:
         if self._closed:
             raise EngineClosedError(f"this Aligner's connection to {self.base_url} is closed: create a new one")
 
-    def _io_thread(self) -> _IOThread:
+    def _io_thread(self) -> EventLoopThread:
         self._check_open()
         if self._io is None:
             with self._io_lock:
                 if self._io is None:
-                    self._io = _IOThread()
+                    self._io = EventLoopThread("aligner-server-io")
         return self._io
 
     def _state(self) -> _LoopState:
@@ -312,34 +297,6 @@ class ServerEngine:
                 client = self._httpx.AsyncClient(timeout=self.timeout, headers=self._headers, limits=self._limits)
                 state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.max_concurrency))
         return state
-
-    async def _agenerate_all(
-        self,
-        requests: Sequence[GenerationRequest],
-        params: GenerationParams,
-        fail_fast: bool,
-        on_result: ResultCallback | None,
-    ) -> list[GenerationOutput | BaseException]:
-        results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
-
-        async def one(i: int) -> None:
-            try:
-                out: GenerationOutput | BaseException = await self.agenerate(requests[i], params)
-            except Exception as exc:
-                if fail_fast:
-                    raise
-                out = exc
-            results[i] = out
-            if on_result is not None:
-                on_result(i, out)
-
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-        return results  # type: ignore[return-value]
 
     def _body(self, request: GenerationRequest, params: GenerationParams, stream: bool) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_new_tokens}

@@ -35,6 +35,7 @@ from ..errors import (
     missing,
 )
 from ..loading import ModelSource
+from .aio import EventLoopThread, gather_in_order
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
@@ -43,24 +44,6 @@ logger = logging.getLogger("aligner_core")
 CPU_KV_CACHE_BYTES = 2 << 30
 #: Seconds vLLM's engine processes get to exit on ``close()`` before they are killed.
 SHUTDOWN_GRACE_S = 30.0
-
-
-class _EngineLoop:
-    """The engine's own event loop on a daemon thread: ``AsyncLLM`` and every request run on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="aligner-vllm-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        if not self.thread.is_alive():
-            self.loop.close()  # later run() calls fail at once instead of waiting forever
 
 
 class VLLMEngine:
@@ -83,7 +66,7 @@ class VLLMEngine:
         async def build() -> Any:  # on the engine loop, so vLLM's output handler runs there
             return AsyncLLM.from_engine_args(engine_args)
 
-        self._loop = _EngineLoop()
+        self._loop = EventLoopThread("aligner-vllm-loop")
         try:
             self._llm: Any = self._loop.run(build()).result()
         except BaseException:
@@ -189,7 +172,9 @@ class VLLMEngine:
         """Submit every request at once (vLLM's scheduler batches them); results in request order."""
         if not requests:
             return []
-        future = self._start(self._run_all(requests, params, fail_fast, on_result))
+        future = self._start(gather_in_order(
+            requests, lambda r: self._run(r, params, None), fail_fast=fail_fast, on_result=on_result
+        ))
         try:
             return future.result()
         except BaseException:
@@ -254,34 +239,6 @@ class VLLMEngine:
         # Collect it while this loop is alive: AsyncLLM.__del__ at interpreter exit shuts down again, noisily.
         del llm
         gc.collect()
-
-    async def _run_all(
-        self,
-        requests: Sequence[GenerationRequest],
-        params: GenerationParams,
-        fail_fast: bool,
-        on_result: ResultCallback | None,
-    ) -> list[GenerationOutput | BaseException]:
-        results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
-
-        async def one(i: int) -> None:
-            try:
-                out: GenerationOutput | BaseException = await self._run(requests[i], params, None)
-            except Exception as exc:
-                if fail_fast:
-                    raise
-                out = exc
-            results[i] = out
-            if on_result is not None:
-                on_result(i, out)
-
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
-        return results  # type: ignore[return-value]
 
     async def _run(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink | None) -> GenerationOutput:
         task = asyncio.current_task()

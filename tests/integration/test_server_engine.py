@@ -113,7 +113,9 @@ def test_wrong_model_name_fails_at_once_with_the_servers_message(vllm_server):
 
 def test_a_slow_request_times_out_alone(vllm_server):
     """A request that cannot finish within the timeout fails; the others in the batch complete."""
-    with Aligner.from_server(vllm_server.url, timeout=1.5, max_retries=1, template="aligner-v1") as aligner:
+    # ignore_eos (a vLLM option, through extra_body): the long request really generates 1,500 tokens
+    with Aligner.from_server(vllm_server.url, timeout=1.5, max_retries=1, template="aligner-v1",
+                             extra_body={"ignore_eos": True}) as aligner:
         long_answer = " ".join(["word"] * 50)
         pairs = [PAIRS[0], ("Repeat the answer many times.", long_answer), PAIRS[1]]
         start = time.perf_counter()

@@ -1,0 +1,67 @@
+"""Asyncio plumbing shared by the engines that are async inside (server, vLLM).
+
+An engine owns one event loop on a daemon thread for its sync entry points; a batch is run as one
+task per request, results kept in request order, each failure confined to its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from .base import GenerationOutput, GenerationRequest, ResultCallback
+
+
+class EventLoopThread:
+    """One event loop running forever on a daemon thread; ``run`` hands it a coroutine from any thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[Any]) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=timeout)
+        if not self.thread.is_alive():
+            self.loop.close()  # later run() calls fail at once instead of waiting forever
+
+
+async def gather_in_order(
+    requests: Sequence[GenerationRequest],
+    run_one: Callable[[GenerationRequest], Awaitable[GenerationOutput]],
+    *,
+    fail_fast: bool,
+    on_result: ResultCallback | None,
+) -> list[GenerationOutput | BaseException]:
+    """Run every request at once; outputs (or the request's own exception) in request order.
+
+    With ``fail_fast`` the first failure cancels the rest and is raised. ``on_result`` is called as
+    each request finishes, in completion order.
+    """
+    results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        try:
+            out: GenerationOutput | BaseException = await run_one(requests[i])
+        except Exception as exc:
+            if fail_fast:
+                raise
+            out = exc
+        results[i] = out
+        if on_result is not None:
+            on_result(i, out)
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(requests))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return results  # type: ignore[return-value]
