@@ -3,8 +3,10 @@ shell examples of the docs pages run too, in a scratch directory."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,17 @@ def blocks(page: Path, lang: str) -> list[str]:
 
 
 def server_env(page: Path, request: pytest.FixtureRequest) -> dict[str, str]:
-    """Pages whose examples talk to a server get the session's real vLLM server in ``$ALIGNER_SERVER``."""
-    if "ALIGNER_SERVER" not in page.read_text():
-        return {}
-    return {"ALIGNER_SERVER": request.getfixturevalue("vllm_server").url}  # skips without vLLM
+    """Pages whose examples talk to a server get the session's real vLLM server in ``$ALIGNER_SERVER``;
+    pages that start Ray get a temp folder of their own for it (removed afterwards)."""
+    env: dict[str, str] = {}
+    text = page.read_text()
+    if "ALIGNER_SERVER" in text:
+        env["ALIGNER_SERVER"] = request.getfixturevalue("vllm_server").url  # skips without vLLM
+    if "--ray" in text or "ray.init" in text:
+        ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay under 107 bytes
+        request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+        env["RAY_TMPDIR"] = ray_tmp
+    return env
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p, "python")], ids=lambda p: p.name)

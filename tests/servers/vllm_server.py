@@ -95,6 +95,32 @@ def server_env(workdir: Path) -> dict[str, str]:
     return env
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir(SHM)) if SHM.is_dir() else set()
+
+
+def _mapped_paths() -> set[str]:
+    """Every file some live process maps (so a segment still in use is never removed)."""
+    paths: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            paths.update(line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+    return paths
+
+
+def remove_orphaned_shm(before: set[str]) -> None:
+    """Remove the shared-memory segments that appeared since ``before`` and nothing maps any more
+    (a SIGKILLed vLLM leaves its ``psm_*`` and ``sem.mp-*`` entries behind)."""
+    mapped = _mapped_paths()
+    for name in shm_entries() - before:
+        if str(SHM / name) not in mapped:
+            with contextlib.suppress(OSError):
+                (SHM / name).unlink()
+
+
 @dataclass
 class VLLMServer:
     """A running vLLM server started by this process."""
@@ -105,6 +131,7 @@ class VLLMServer:
     log: Path
     model: str = SERVED_NAME
     stopped: bool = field(default=False)
+    shm_before: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -125,6 +152,7 @@ class VLLMServer:
         self.stopped = True
         stop_process(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_orphaned_shm(self.shm_before)
 
 
 @dataclass
@@ -141,12 +169,13 @@ def start(model: Path | None = None, *, port: int | None = None, speculative: bo
     port = port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="aligner-vllm-"))
     log = workdir / "server.log"
+    before = shm_entries()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             server_command(model, port, speculative=speculative), env=server_env(workdir),
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    return VLLMServer(proc, port, workdir, log)
+    return VLLMServer(proc, port, workdir, log, shm_before=before)
 
 
 def wait_healthy(root_url: str, timeout: float, *, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
