@@ -316,7 +316,7 @@ class Aligner:
                 future.set_exception(exc)
             self._finish_stream(stream, deltas, prepared, future, start)
 
-        stream._task = loop.create_task(run())  # kept on the stream so it is not garbage-collected
+        stream._task = loop.create_task(run())
         return stream
 
     def _finish_stream(self, stream: Any, deltas: TextDeltas, prepared: _Prepared, future: Any, start: float) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class AsyncCorrectionStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.correction: Correction | None = None
-        self._started: Callable[[], Any] | None = None
+        self._task: asyncio.Task[None] | None = None  # the producer, held so it is not garbage-collected
 
     def put(self, delta: str) -> None:
         if self._cancelled.is_set():
@@ -139,9 +139,6 @@ class AsyncCorrectionStream:
         return self
 
     async def __anext__(self) -> str:
-        if self._started is not None:
-            start, self._started = self._started, None
-            await start()
         try:
             item = await self._queue.get()
         except asyncio.CancelledError:

@@ -33,6 +33,15 @@ class EventLoopThread:
             self.loop.close()  # later run() calls fail at once instead of waiting forever
 
 
+def result_or_cancel(future: Future[Any]) -> Any:
+    """Wait for a future run on an engine's loop; if the wait ends early (Ctrl-C), cancel what still runs."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise
+
+
 async def gather_in_order(
     requests: Sequence[GenerationRequest],
     run_one: Callable[[GenerationRequest], Awaitable[GenerationOutput]],

@@ -125,12 +125,7 @@ class TransformersEngine:
     async def agenerate(self, request: GenerationRequest, params: GenerationParams) -> GenerationOutput:
         from ..scheduler import Job
 
-        job = Job(params, request)
-        try:
-            future = self.scheduler.submit(job, block=False)
-        except queue.Full:  # backpressure: wait for room without blocking the event loop
-            future = await asyncio.to_thread(self.scheduler.submit, job)
-        return await asyncio.wrap_future(future)
+        return await self._submit_async(Job(params, request))
 
     def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
         from ..scheduler import Job
@@ -140,16 +135,19 @@ class TransformersEngine:
     async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
         from ..scheduler import Job
 
-        job = Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text))
+        return await self._submit_async(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+
+    def close(self) -> None:
+        """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
+        self.scheduler.close()
+
+    async def _submit_async(self, job: Any) -> GenerationOutput:
+        """Queue a job from a coroutine; when the queue is full, wait for room without blocking the loop."""
         try:
             future = self.scheduler.submit(job, block=False)
         except queue.Full:
             future = await asyncio.to_thread(self.scheduler.submit, job)
         return await asyncio.wrap_future(future)
-
-    def close(self) -> None:
-        """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
-        self.scheduler.close()
 
     def _stream_text(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
         eos = set(self.eos_token_ids)

@@ -40,7 +40,7 @@ from ..errors import (
     TemplateError,
     missing,
 )
-from .aio import EventLoopThread, gather_in_order
+from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
@@ -226,14 +226,9 @@ class ServerEngine:
         """All requests at once, at most ``max_concurrency`` in flight; the server batches them."""
         if not requests:
             return []
-        future = self._io_thread().run(gather_in_order(
+        return result_or_cancel(self._io_thread().run(gather_in_order(
             requests, lambda r: self.agenerate(r, params), fail_fast=fail_fast, on_result=on_result
-        ))
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. Ctrl-C: stop the requests still in flight
-            raise
+        )))
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         return self._io_thread().run(self.agenerate(request, params))

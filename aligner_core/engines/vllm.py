@@ -35,7 +35,7 @@ from ..errors import (
     missing,
 )
 from ..loading import ModelSource
-from .aio import EventLoopThread, gather_in_order
+from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
@@ -172,14 +172,9 @@ class VLLMEngine:
         """Submit every request at once (vLLM's scheduler batches them); results in request order."""
         if not requests:
             return []
-        future = self._start(gather_in_order(
+        return result_or_cancel(self._start(gather_in_order(
             requests, lambda r: self._run(r, params, None), fail_fast=fail_fast, on_result=on_result
-        ))
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. Ctrl-C: abort the requests still running
-            raise
+        )))
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         return self._start(self._run(request, params, None))
