@@ -12,6 +12,7 @@ from .errors import (
     AlignerError,
     AlignerOutOfMemoryError,
     ContextOverflowError,
+    CorrectionTimeoutError,
     EmptyAnswerError,
     EngineClosedError,
     EngineUnavailableError,
@@ -28,6 +29,7 @@ from .errors import (
     TemplateError,
 )
 from .loading import DEFAULT_MODEL, write_aligner_config
+from .local_chat import LocalChat
 from .templates import ChatTemplate, Template, TextTemplate, get_template, list_templates, register_template
 
 __version__ = "0.1.0"
@@ -44,9 +46,11 @@ __all__ = [
     "Correction",
     "EmptyAnswerError",
     "EngineClosedError",
+    "CorrectionTimeoutError",
     "EngineUnavailableError",
     "GenerationOptionError",
     "GenerationOutput",
+    "LocalChat",
     "GenerationParams",
     "GenerationRequest",
     "InvalidInputError",

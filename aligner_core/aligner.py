@@ -17,7 +17,9 @@ from .engines.base import Engine, GenerationOutput, GenerationParams, Generation
 from .errors import (
     AlignerError,
     ContextOverflowError,
+    CorrectionTimeoutError,
     EmptyAnswerError,
+    GenerationOptionError,
     InvalidInputError,
     TemplateError,
 )
@@ -238,22 +240,42 @@ class Aligner:
 
     # -- public API --------------------------------------------------------------------------
 
-    def correct(self, question: str, answer: str, **generation: Any) -> Correction:
-        """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call."""
+    def correct(self, question: str, answer: str, *, timeout: float | None = None, **generation: Any) -> Correction:
+        """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call.
+
+        ``timeout`` (seconds) bounds the wait: past it the request is cancelled and
+        ``CorrectionTimeoutError`` raised, so a caller with a deadline is never held longer.
+        """
+        limit = _check_timeout(timeout)
         prepared, params = self._prepare_one(question, answer, generation)
         start = time.perf_counter()
-        out = self.engine.submit(prepared.request, params).result()
+        future = self.engine.submit(prepared.request, params)
+        try:
+            out = future.result(timeout=limit)
+        except TimeoutError as exc:
+            if isinstance(exc, AlignerError):  # the engine's own timeout (a server engine), not this call's
+                raise
+            future.cancel()
+            raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
-    async def acorrect(self, question: str, answer: str, **generation: Any) -> Correction:
+    async def acorrect(
+        self, question: str, answer: str, *, timeout: float | None = None, **generation: Any
+    ) -> Correction:
         """Async ``correct``: concurrent calls from many coroutines share the engine's batches.
 
         The event loop is never blocked. Cancelling the awaiting task drops the request if it has
-        not started.
+        not started; ``timeout`` does the same after that many seconds (``CorrectionTimeoutError``).
         """
+        limit = _check_timeout(timeout)
         prepared, params = self._prepare_one(question, answer, generation)
         start = time.perf_counter()
-        out = await self.engine.agenerate(prepared.request, params)
+        try:
+            out = await asyncio.wait_for(self.engine.agenerate(prepared.request, params), limit)
+        except TimeoutError as exc:
+            if isinstance(exc, AlignerError):  # the engine's own timeout (a server engine), not this call's
+                raise
+            raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
     async def acorrect_batch(
@@ -586,3 +608,11 @@ def _per_item_limits(value: int | Sequence[int] | None, n: int, default: int) ->
     for v in items:
         GenerationParams(max_new_tokens=v)  # validates
     return items
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise GenerationOptionError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)

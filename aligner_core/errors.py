@@ -55,6 +55,10 @@ class EngineUnavailableError(AlignerError, RuntimeError):
     """
 
 
+class CorrectionTimeoutError(AlignerError, TimeoutError):
+    """A correction did not finish within the caller's ``timeout``; the request was cancelled."""
+
+
 class ServerError(AlignerError, RuntimeError):
     """An OpenAI-compatible server failed a request; ``url`` and ``status`` say where and how."""
 

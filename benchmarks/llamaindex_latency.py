@@ -20,7 +20,7 @@ def main() -> int:
         AlignedQueryEngine,
         AlignerNodePostprocessor,
         SentenceTransformerEmbedding,
-        TransformersLLM,
+        huggingface_llm,
     )
 
     N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
@@ -33,7 +33,7 @@ def main() -> int:
     ]
     Q = sys.argv[3] if len(sys.argv) > 3 else "What is the capital of Australia?"
     aligner = Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", max_new_tokens=TOK)
-    llm = TransformersLLM.from_aligner(aligner, max_new_tokens=TOK)
+    llm = huggingface_llm(aligner, max_new_tokens=TOK)  # HuggingFaceLLM over the Aligner's weights
     index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding())
     plain = index.as_query_engine(llm=llm, similarity_top_k=2)
     engines = {

@@ -1,7 +1,7 @@
 """LangChain integration for llm-aligner: see docs/langchain.md.
 
 - ``AlignerRunnable``: an LCEL stage that corrects a chain's answer (``str`` or ``AIMessage``).
-- ``with_aligner``: wrap any chain whose input holds the question.
+- ``with_aligner``: wrap any chain whose input holds the question (an ``AlignedChain``).
 - ``AlignedChatModel``: a drop-in chat model whose answers are corrected.
 - ``ChatTransformers``: a small local chat model, the offline upstream of the examples.
 
@@ -18,13 +18,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._io import METADATA_KEY, MissingQuestionError, UnsupportedInputError
+from ._quiet import UNCORRECTED_TAG
 from ._streaming import EVENT
+from .chain import AlignedChain, with_aligner
 from .chat_model import AlignedChatModel
 from .local_chat import ChatTransformers
-from .runnable import AlignerRunnable, with_aligner
+from .runnable import AlignerRunnable
 
 __all__ = [
     "EVENT",
+    "UNCORRECTED_TAG",
+    "AlignedChain",
     "METADATA_KEY",
     "AlignedChatModel",
     "AlignerRunnable",

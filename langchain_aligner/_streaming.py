@@ -10,12 +10,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForChainRun,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForChainRun,
+    CallbackManagerForLLMRun,
+)
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.runnables import RunnableConfig
 
 from aligner_core import Correction
 
+from . import _trace
 from ._io import Job, to_chunk
 from ._io import merge as merge_chunk
 
@@ -40,6 +46,8 @@ class StreamingStage:
         def _job(self, value: Any, config: RunnableConfig) -> Job: ...
         def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
         def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]: ...
+        def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException) -> None: ...
+        async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException) -> None: ...
         def _transform_stream_with_config(self, *args: Any, **kwargs: Any) -> Iterator[Any]: ...
         def _atransform_stream_with_config(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]: ...
 
@@ -105,22 +113,29 @@ class StreamingStage:
             yield self._whole(job.answer)
             return
         emitted = False
+        options = self._options(kwargs)
+        run = _trace.start(run_manager.get_child(), self.aligner, job, options)
         try:
-            stream = self.aligner.stream(job.question, job.text, **self._options(kwargs))
+            stream = self.aligner.stream(job.question, job.text, **options)
         except Exception as exc:
             result: Correction | BaseException | None = exc
         else:
             try:
                 for delta in stream:
                     emitted = True
+                    run.on_llm_new_token(delta, chunk=_trace.chunk(delta))
                     yield self._delta(job, delta)
                 result = stream.correction
-            except Exception as exc:
-                if emitted:  # deltas already went out: a passthrough cannot take them back
+            except BaseException as exc:
+                run.on_llm_error(exc)
+                if emitted or not isinstance(exc, Exception):  # deltas already went out: no passthrough
                     raise
                 result = exc
+                run = None  # type: ignore[assignment]
             finally:
                 stream.close()
+        if run is not None:
+            self._end(run, result)  # type: ignore[arg-type]
         out, meta = self._settle(job, result)  # type: ignore[arg-type]
         run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
         yield from self._tail(job, out) if emitted else [self._whole(out)]
@@ -140,22 +155,29 @@ class StreamingStage:
             yield self._whole(job.answer)
             return
         emitted = False
+        options = self._options(kwargs)
+        run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
         try:
-            stream = self.aligner.astream(job.question, job.text, **self._options(kwargs))
+            stream = self.aligner.astream(job.question, job.text, **options)
         except Exception as exc:
             result: Correction | BaseException | None = exc
         else:
             try:
                 async for delta in stream:
                     emitted = True
+                    await run.on_llm_new_token(delta, chunk=_trace.chunk(delta))
                     yield self._delta(job, delta)
                 result = stream.correction
-            except Exception as exc:
-                if emitted:
+            except BaseException as exc:
+                await run.on_llm_error(exc)
+                if emitted or not isinstance(exc, Exception):
                     raise
                 result = exc
+                run = None  # type: ignore[assignment]
             finally:
                 await stream.aclose()
+        if run is not None:
+            await self._aend(run, result)  # type: ignore[arg-type]
         out, meta = self._settle(job, result)  # type: ignore[arg-type]
         await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
         for chunk in self._tail(job, out) if emitted else [self._whole(out)]:

@@ -2,21 +2,105 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManager, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
+from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.config import ensure_config, patch_config
+from langchain_core.runnables.configurable import DynamicRunnable
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from aligner_core import Aligner
 
 from ._io import last_human_text
+from ._quiet import UNCORRECTED_TAG, mute_manager
 from .runnable import AlignerRunnable, OnError
+
+
+class _RunId(BaseCallbackHandler):
+    """Learns the id of the first chat-model run it sees: the streamed ``AlignedChatModel`` run."""
+
+    run_id: UUID | None = None
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.run_id is None:
+            self.run_id = run_id
+
+
+@dataclass
+class _Call:
+    """The caller's config of the current call (its ``configurable`` reaches the wrapped model), and the
+    run id capture: ``BaseChatModel`` calls ``_stream`` without its run manager."""
+
+    owner: Any
+    config: RunnableConfig
+    capture: _RunId | None = None
+
+    def manager(self) -> CallbackManager | None:
+        if self.capture is None or self.capture.run_id is None:
+            return None
+        callbacks = self.config.get("callbacks")
+        if isinstance(callbacks, list):
+            callbacks = [h for h in callbacks if h is not self.capture]
+        manager = CallbackManager.configure(
+            inheritable_callbacks=callbacks,
+            inheritable_tags=self.config.get("tags"),
+            inheritable_metadata=self.config.get("metadata"),
+        )
+        child = CallbackManager(handlers=[], parent_run_id=self.capture.run_id)
+        child.set_handlers([h for h in manager.handlers if h is not self.capture])
+        child.add_tags(manager.inheritable_tags)
+        child.add_metadata(manager.inheritable_metadata)
+        return child
+
+
+_CALL: ContextVar[_Call | None] = ContextVar("langchain_aligner_call", default=None)
+
+
+def _capturing(config: RunnableConfig | None) -> tuple[RunnableConfig, _RunId, RunnableConfig]:
+    """The caller's config, a run-id capture, and the config with the capture added to its callbacks."""
+    config = ensure_config(config)
+    capture = _RunId()
+    callbacks = config.get("callbacks")
+    if callbacks is None:
+        added: Any = [capture]
+    elif isinstance(callbacks, list):
+        added = [*callbacks, capture]
+    else:
+        added = callbacks.copy()
+        added.add_handler(capture, inherit=False)
+    return config, capture, {**config, "callbacks": added}
+
+
+def chat_model_of(runnable: Any) -> BaseChatModel | None:
+    """The chat model inside ``with_retry``/``with_fallbacks``/``bind``/``configurable_*`` wrappers, if any."""
+    for _ in range(16):
+        if isinstance(runnable, BaseChatModel):
+            return runnable
+        if isinstance(runnable, RunnableBindingBase):
+            runnable = runnable.bound
+        elif isinstance(runnable, RunnableWithFallbacks):
+            runnable = runnable.runnable
+        elif isinstance(runnable, DynamicRunnable):
+            runnable = runnable.default
+        else:
+            return None
+    return None
 
 
 class AlignedChatModel(BaseChatModel):
@@ -25,14 +109,33 @@ class AlignedChatModel(BaseChatModel):
     The result is the wrapped model's message with corrected content: its id, tool calls,
     ``usage_metadata`` (the wrapped model's tokens) and ``response_metadata`` are kept, and the
     correction's details are under ``response_metadata["aligner"]``. A message that only calls
-    tools passes through untouched, and ``bind_tools`` delegates to the wrapped model. Streaming
-    streams the correction (the wrapped model's answer has to be complete before it can be corrected).
+    tools passes through untouched, and ``bind_tools`` delegates to the wrapped model.
+
+    Streaming streams the correction only: the wrapped model runs to completion with its token
+    events kept from callbacks, ``astream_events`` and ``stream_events`` (its run is still traced,
+    tagged ``aligner:uncorrected``), because an answer can only be corrected once it is complete.
+    ``stream_uncorrected=True`` is the explicit opt-in to let its raw tokens through as well.
+
+    Standard parameters: ``max_tokens``, ``temperature``, ``stop``, ``timeout`` and ``max_retries``
+    apply to the correction; ``model``, ``base_url`` and ``api_key`` name the Aligner when none is
+    passed (``base_url``: an OpenAI-compatible server serving it, else ``model`` loads locally).
     """
 
-    llm: BaseChatModel
-    """The wrapped (upstream) chat model."""
-    aligner: Aligner
-    """The corrector (``aligner_core.Aligner``)."""
+    llm: Runnable[LanguageModelInput, BaseMessage]
+    """The wrapped (upstream) chat model: any chat-model Runnable (``with_retry``, ``with_fallbacks``, ``bind``,
+    a configurable ``init_chat_model()``)."""
+    aligner: Aligner | None = None
+    """The corrector (``aligner_core.Aligner``); built from ``model``/``base_url`` when not given."""
+    model_name: str | None = Field(default=None, alias="model")
+    """The Aligner's model: a hub id or local path, or with ``base_url`` the served model's name."""
+    base_url: str | None = None
+    """An OpenAI-compatible server (vLLM, ...) serving the Aligner, e.g. ``http://127.0.0.1:8000/v1``."""
+    api_key: SecretStr | None = None
+    """That server's API key."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one correction may take (the HTTP timeout on a server built from ``base_url``)."""
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries of a correction that failed transiently (timeouts, an unreachable engine)."""
     on_error: OnError = "raise"
     """``"passthrough"`` returns the wrapped model's answer when the corrector fails (error in metadata)."""
     max_tokens: int | None = None
@@ -43,8 +146,38 @@ class AlignedChatModel(BaseChatModel):
     """Stop strings for both the wrapped model and the corrector; a call's ``stop`` adds to them."""
     streaming: bool = False
     """Whether ``invoke`` streams internally, so streaming callbacks see the correction's tokens."""
+    stream_uncorrected: bool = False
+    """Also let the wrapped model's uncorrected tokens reach callbacks and event streams (unsafe for UIs)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _build_aligner(self) -> AlignedChatModel:
+        """Load the Aligner named by ``model``/``base_url`` when none was passed."""
+        if self.aligner is not None:
+            return self
+        if self.base_url:
+            key = self.api_key.get_secret_value() if self.api_key else None
+            options: dict[str, Any] = {"model": self.model_name, "api_key": key}
+            if self.timeout is not None:
+                options["timeout"] = self.timeout
+            if self.max_retries is not None:
+                options["max_retries"] = self.max_retries
+            self.aligner = Aligner.from_server(self.base_url, **options)
+        elif self.model_name:
+            self.aligner = Aligner.from_pretrained(self.model_name)
+        else:
+            raise ValueError(
+                "AlignedChatModel needs a corrector: pass aligner=Aligner..., or model='<hub id or path>', "
+                "or base_url='http://host:port/v1' (and model='<served name>') for an Aligner on a server"
+            )
+        return self
+
+    @property
+    def corrector(self) -> Aligner:
+        """The Aligner (always set after validation)."""
+        assert self.aligner is not None
+        return self.aligner
 
     @property
     def _llm_type(self) -> str:
@@ -53,14 +186,20 @@ class AlignedChatModel(BaseChatModel):
     @property
     def upstream_name(self) -> str:
         """The wrapped model's name, as it reports it to tracing."""
-        name = self.llm._get_ls_params().get("ls_model_name")
-        return name if isinstance(name, str) and name else self.llm._llm_type
+        inner = chat_model_of(self.llm)
+        if inner is None:
+            try:
+                return self.llm.get_name()
+            except Exception:  # a configurable model builds its model (and name) only per call
+                return type(self.llm).__name__
+        name = inner._get_ls_params().get("ls_model_name")
+        return name if isinstance(name, str) and name else inner._llm_type
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "llm": self.upstream_name,
-            "aligner": self.aligner.name,
+            "aligner": self.corrector.name,
             "on_error": self.on_error,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
@@ -88,16 +227,41 @@ class AlignedChatModel(BaseChatModel):
         tool_choice: str | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Let the wrapped model format the tools, and forward what it binds on every call."""
+        """Let the wrapped model bind the tools (its format, its ``tool_choice``); answers with tool calls pass through."""
         if tool_choice is not None:
             kwargs["tool_choice"] = tool_choice
-        bound = self.llm.bind_tools(tools, **kwargs)
-        if not (isinstance(bound, RunnableBinding) and bound.bound is self.llm):
+        bind = getattr(self.llm, "bind_tools", None)
+        if bind is None:
             raise NotImplementedError(
-                f"{type(self.llm).__name__}.bind_tools returned {type(bound).__name__}; AlignedChatModel can only "
-                "forward tools that the wrapped model binds as call keyword arguments"
+                f"the wrapped {type(self.llm).__name__} cannot bind tools: bind them before wrapping it "
+                "(llm.bind_tools(tools).with_retry()), then pass that as llm="
             )
-        return self.bind(**bound.kwargs)
+        return self.model_copy(update={"llm": bind(tools, **kwargs)}).bind()
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Structured output from the wrapped model, honouring ``method``.
+
+        A structured answer is data, not prose: it is never rewritten by the Aligner (a tool-call
+        answer passes through ``AlignedChatModel``; ``json_schema``/``json_mode`` are the wrapped
+        model's own ``with_structured_output``). Correct free-text answers instead, or parse after.
+        """
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw, method=method, **kwargs)
+        if method not in ("json_schema", "json_mode"):
+            raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
+        structured = getattr(self.llm, "with_structured_output", None)
+        if structured is None:
+            raise NotImplementedError(
+                f"the wrapped {type(self.llm).__name__} has no with_structured_output for method={method!r}"
+            )
+        return structured(schema, include_raw=include_raw, method=method, **kwargs)
 
     # -- the hooks -------------------------------------------------------------------------------
 
@@ -113,18 +277,104 @@ class AlignedChatModel(BaseChatModel):
         if stops := self._stops(stop):
             options["stop"] = stops
         question = last_human_text(messages) or ""
-        return AlignerRunnable(aligner=self.aligner, question=question, on_error=self.on_error, generation_kwargs=options)
+        on_server = self.base_url is not None  # the server engine applies timeout and retries itself
+        return AlignerRunnable(
+            aligner=self.corrector, question=question, on_error=self.on_error, generation_kwargs=options,
+            timeout=None if on_server else self.timeout, max_retries=0 if on_server else (self.max_retries or 0),
+        )
 
-    @staticmethod
-    def _child(run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None) -> RunnableConfig | None:
-        """A config whose runs nest under this chat model run (what ``ParentRunManager.get_child`` does)."""
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """``BaseChatModel.invoke``; the caller's ``configurable`` values reach the wrapped model."""
+        config, capture, captured = _capturing(config)
+        token = _CALL.set(_Call(self, config, capture))
+        try:
+            return super().invoke(input, captured, stop=stop, **kwargs)
+        finally:
+            _reset(token)
+
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        """Async :meth:`invoke`."""
+        config, capture, captured = _capturing(config)
+        token = _CALL.set(_Call(self, config, capture))
+        try:
+            return await super().ainvoke(input, captured, stop=stop, **kwargs)
+        finally:
+            _reset(token)
+
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        """Stream the correction (``BaseChatModel.stream``, with the nested runs traced under this one)."""
+        config, capture, captured = _capturing(config)
+        token = _CALL.set(_Call(self, config, capture))
+        try:
+            yield from super().stream(input, captured, stop=stop, **kwargs)
+        finally:
+            _reset(token)
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        """Async :meth:`stream`."""
+        config, capture, captured = _capturing(config)
+        token = _CALL.set(_Call(self, config, capture))
+        try:
+            async for chunk in super().astream(input, captured, stop=stop, **kwargs):
+                yield chunk
+        finally:
+            _reset(token)
+
+    def _current(self) -> _Call | None:
+        call = _CALL.get()
+        return call if call is not None and call.owner is self else None
+
+    def _parent(
+        self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
+    ) -> CallbackManager | None:
+        """A manager whose runs nest under this chat model run (what ``ParentRunManager.get_child`` does).
+
+        ``BaseChatModel`` calls ``_stream`` without its run manager: it is rebuilt from the caller's
+        config and the run id learnt when the run started.
+        """
         if run_manager is None:
-            return None
+            call = self._current()
+            return call.manager() if call is not None else None
         manager = CallbackManager(handlers=[], parent_run_id=run_manager.run_id)
         manager.set_handlers(run_manager.inheritable_handlers)
         manager.add_tags(run_manager.inheritable_tags)
         manager.add_metadata(run_manager.inheritable_metadata)
-        return RunnableConfig(callbacks=manager)
+        return manager
+
+    def _configs(
+        self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
+    ) -> tuple[RunnableConfig | None, RunnableConfig | None]:
+        """Configs of the wrapped model's run and of the correction's, both nested under this chat model run.
+
+        Both are muted (no token events): the wrapped model's tokens are uncorrected, and the
+        correction's tokens go out as this run's own. ``stream_uncorrected`` unmutes the former.
+        """
+
+        call = self._current()
+
+        def child(quiet: bool, tag: str | None) -> RunnableConfig | None:
+            manager = self._parent(run_manager)
+            if manager is None:  # no run to nest under: never hand the caller's handlers over unmuted
+                manager = CallbackManager(handlers=[])
+            if quiet:
+                mute_manager(manager)
+            if tag:
+                manager.add_tags([tag])
+            return patch_config(call.config if call is not None else None, callbacks=manager)
+
+        return child(not self.stream_uncorrected, UNCORRECTED_TAG), child(True, None)
 
     def _named(self, message: AIMessage) -> AIMessage:
         if "model_name" in message.response_metadata:
@@ -134,6 +384,10 @@ class AlignedChatModel(BaseChatModel):
     def _chunk(self, chunk: AIMessageChunk) -> ChatGenerationChunk:
         return ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)
 
+    def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        stops = self._stops(stop)
+        return {**({"stop": stops} if stops else {}), **kwargs}
+
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -141,9 +395,9 @@ class AlignedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        config = self._child(run_manager)
-        answer = self.llm.invoke(messages, config, stop=self._stops(stop) or None, **kwargs)
-        message = self._stage(messages, stop).invoke(answer, config)
+        up, down = self._configs(run_manager)
+        answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
+        message = self._stage(messages, stop).invoke(answer, down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     async def _agenerate(
@@ -153,9 +407,9 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        config = self._child(run_manager)
-        answer = await self.llm.ainvoke(messages, config, stop=self._stops(stop) or None, **kwargs)
-        message = await self._stage(messages, stop).ainvoke(answer, config)
+        up, down = self._configs(run_manager)
+        answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
+        message = await self._stage(messages, stop).ainvoke(answer, down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     def _stream(
@@ -165,9 +419,9 @@ class AlignedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        config = self._child(run_manager)
-        answer = self.llm.invoke(messages, config, stop=self._stops(stop) or None, **kwargs)
-        for chunk in self._stage(messages, stop).stream(answer, config):
+        up, down = self._configs(run_manager)
+        answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
+        for chunk in self._stage(messages, stop).stream(answer, down):
             yield self._chunk(chunk)
 
     async def _astream(
@@ -177,7 +431,12 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        config = self._child(run_manager)
-        answer = await self.llm.ainvoke(messages, config, stop=self._stops(stop) or None, **kwargs)
-        async for chunk in self._stage(messages, stop).astream(answer, config):
+        up, down = self._configs(run_manager)
+        answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
+        async for chunk in self._stage(messages, stop).astream(answer, down):
             yield self._chunk(chunk)
+
+
+def _reset(token: Any) -> None:
+    with contextlib.suppress(ValueError):  # a generator closed from another context: nothing to restore there
+        _CALL.reset(token)

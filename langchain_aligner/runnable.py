@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForChainRun,
+    AsyncCallbackManagerForLLMRun,
     CallbackManagerForChainRun,
+    CallbackManagerForLLMRun,
 )
-from langchain_core.runnables import (
-    Runnable,
-    RunnableConfig,
-    RunnableLambda,
-    RunnableParallel,
-    RunnableSerializable,
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig, RunnableSerializable
+from langchain_core.runnables.utils import ConfigurableFieldSpec
+from langchain_core.utils.pydantic import create_model_v2
+from pydantic import BaseModel, ConfigDict, Field
+
+from aligner_core import (
+    Aligner,
+    Correction,
+    CorrectionTimeoutError,
+    EngineUnavailableError,
+    GenerationOptionError,
 )
-from pydantic import ConfigDict, Field
 
-from aligner_core import Aligner, Correction, GenerationOptionError
-
+from . import _trace
 from ._io import (
     Job,
-    MissingQuestionError,
     failure,
     output,
     passthrough,
-    question_text,
     resolve,
 )
 from ._streaming import EVENT, RUN_TYPE, StreamingStage
 
 OnError = Literal["raise", "passthrough"]
+#: Failures worth another try: nothing is wrong with the request itself.
+TRANSIENT = (CorrectionTimeoutError, EngineUnavailableError)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): 0.25, 0.5, 1, ... capped at 4."""
+    return min(0.25 * 2 ** (attempt - 1), 4.0)
 
 
 class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
@@ -39,7 +52,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
 
     Input: the answer itself (``str`` or ``AIMessage``), or a dict with the question under
     ``question_key`` and the answer under ``answer_key``. Without a question in the input, the
-    question comes from ``config["configurable"][question_key]``, else from ``question``.
+    question comes from ``config["configurable"][question_key]``, else from ``question``. Each
+    correction is also a chat-model run named ``Aligner`` (the Aligner's tokens, streamed text and
+    usage), nested in this stage's chain run.
     """
 
     aligner: Aligner
@@ -54,8 +69,52 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     """``"passthrough"`` returns the original answer when the corrector fails (error in metadata and log)."""
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Generation options for every correction (``max_new_tokens``, ``stop``, ...); call kwargs add to them."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds one correction may take in ``invoke``/``ainvoke``/``abatch``; past it the request is cancelled
+    (``CorrectionTimeoutError``). Streams and the planned ``batch`` pass are bounded by their tokens only."""
+    max_retries: int = Field(default=0, ge=0)
+    """Retries of a correction that failed transiently (a timeout, an engine that cannot serve)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    # -- what it accepts and returns -------------------------------------------------------------
+
+    @property
+    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return Union[str, AIMessage, dict]  # noqa: UP007
+
+    @property
+    def OutputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return Union[str, AIMessage]  # noqa: UP007
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        """The answer (``str`` or ``AIMessage``), or a dict with it under ``answer_key`` and the question."""
+        pair = create_model_v2(
+            "AlignerRunnablePair",
+            field_definitions={
+                self.answer_key: (Union[str, AIMessage], ...),  # noqa: UP007
+                self.question_key: (Union[str, None], None),  # noqa: UP007
+            },
+        )
+        return create_model_v2("AlignerRunnableInput", root=Union[str, AIMessage, pair])  # type: ignore[valid-type] # noqa: UP007
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        """The corrected answer, of the answer's type."""
+        return create_model_v2("AlignerRunnableOutput", root=Union[str, AIMessage])  # noqa: UP007
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        """The question may come from ``config["configurable"][question_key]``."""
+        return [
+            ConfigurableFieldSpec(
+                id=self.question_key,
+                annotation=Union[str, None],  # noqa: UP007
+                name="Question",
+                description="The question the answer replies to, when the input does not hold it.",
+                default=None,
+                is_shared=True,
+            )
+        ]
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -80,6 +139,38 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             return passthrough(job, result, name), failure(job, result, name)
         return output(job, result, name)
 
+    def _correct(self, job: Job, options: Mapping[str, Any]) -> Correction:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.aligner.correct(job.question, job.text, timeout=self.timeout, **options)
+            except TRANSIENT:
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(backoff(attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _acorrect(self, job: Job, options: Mapping[str, Any]) -> Correction:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self.aligner.acorrect(job.question, job.text, timeout=self.timeout, **options)
+            except TRANSIENT:
+                if attempt == self.max_retries:
+                    raise
+            await asyncio.sleep(backoff(attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException) -> None:
+        if isinstance(result, BaseException):
+            run.on_llm_error(result)
+        else:
+            run.on_llm_end(_trace.result(result, self.aligner))
+
+    async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException) -> None:
+        if isinstance(result, BaseException):
+            await run.on_llm_error(result)
+        else:
+            await run.on_llm_end(_trace.result(result, self.aligner))
+
     # -- invoke and batch ----------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -90,10 +181,13 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         job = self._job(value, config)
         if job.skip:
             return job.answer
+        options = self._options(kwargs)
+        run = _trace.start(run_manager.get_child(), self.aligner, job, options)
         try:
-            result: Correction | BaseException = self.aligner.correct(job.question, job.text, **self._options(kwargs))
+            result: Correction | BaseException = self._correct(job, options)
         except Exception as exc:
             result = exc
+        self._end(run, result)
         out, meta = self._settle(job, result)
         run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
         return out
@@ -108,12 +202,13 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         job = self._job(value, config)
         if job.skip:
             return job.answer
+        options = self._options(kwargs)
+        run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
         try:
-            result: Correction | BaseException = await self.aligner.acorrect(
-                job.question, job.text, **self._options(kwargs)
-            )
+            result: Correction | BaseException = await self._acorrect(job, options)
         except Exception as exc:
             result = exc
+        await self._aend(run, result)
         out, meta = self._settle(job, result)
         await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
         return out
@@ -126,7 +221,10 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        """Correct many answers in one ``correct_batch`` pass (input order kept); one run per input."""
+        """Correct many answers in planned ``correct_batch`` passes (input order kept); one run per input.
+
+        ``config["max_concurrency"]`` bounds how many corrections one pass holds.
+        """
         return self._batch_with_config(
             self._batch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE,
             fail_fast=not return_exceptions, **kwargs,
@@ -140,7 +238,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        """Async ``batch``: one ``acorrect_batch`` pass."""
+        """Async ``batch``: concurrent ``acorrect`` calls sharing the engine's batches, at most
+        ``config["max_concurrency"]`` at a time."""
         return await self._abatch_with_config(
             self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE,
             fail_fast=not return_exceptions, **kwargs,
@@ -174,6 +273,11 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
                 metas.append((i, meta))
         return outs, metas
 
+    @staticmethod
+    def _limit(configs: Sequence[RunnableConfig], n: int) -> int:
+        limit = configs[0].get("max_concurrency") if configs else None
+        return max(1, int(limit)) if limit else max(n, 1)
+
     def _batch(
         self,
         values: list[Any],
@@ -185,8 +289,18 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     ) -> list[Any]:
         jobs = self._jobs(values, config, fail_fast)
         live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
-        pairs = [(jobs[i].question, jobs[i].text) for i in live]  # type: ignore[union-attr]
-        results = self.aligner.correct_batch(pairs, return_exceptions=True, **self._options(kwargs)) if pairs else []
+        options = self._options(kwargs)
+        runs = {i: _trace.start(run_manager[i].get_child(), self.aligner, jobs[i], options) for i in live}  # type: ignore[arg-type]
+        results: list[Any] = []
+        step = self._limit(config, len(live))
+        for k in range(0, len(live), step):
+            pairs = [(jobs[i].question, jobs[i].text) for i in live[k : k + step]]  # type: ignore[union-attr]
+            try:
+                results += self.aligner.correct_batch(pairs, return_exceptions=True, **options)
+            except Exception as exc:  # a bad option: every correction of this pass fails with it
+                results += [exc] * len(pairs)
+        for i, result in zip(live, results):
+            self._end(runs[i], result)
         outs, metas = self._finish(jobs, live, results)
         for i, meta in metas:
             run_manager[i].get_child().on_custom_event(EVENT, meta, run_id=run_manager[i].run_id)
@@ -203,38 +317,23 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     ) -> list[Any]:
         jobs = self._jobs(values, config, fail_fast)
         live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
-        pairs = [(jobs[i].question, jobs[i].text) for i in live]  # type: ignore[union-attr]
-        results = (
-            await self.aligner.acorrect_batch(pairs, return_exceptions=True, **self._options(kwargs)) if pairs else []
-        )
+        options = self._options(kwargs)
+        gate = asyncio.Semaphore(self._limit(config, len(live)))
+
+        async def one(i: int) -> Correction | BaseException:
+            job = jobs[i]
+            assert isinstance(job, Job)
+            async with gate:
+                run = await _trace.astart(run_manager[i].get_child(), self.aligner, job, options)
+                try:
+                    result: Correction | BaseException = await self._acorrect(job, options)
+                except Exception as exc:
+                    result = exc
+                await self._aend(run, result)
+                return result
+
+        results = list(await asyncio.gather(*(one(i) for i in live)))
         outs, metas = self._finish(jobs, live, results)
         for i, meta in metas:
             await run_manager[i].get_child().on_custom_event(EVENT, meta, run_id=run_manager[i].run_id)
         return outs
-
-
-def with_aligner(
-    chain: Runnable[Any, Any],
-    *,
-    aligner: Aligner,
-    question_key: str = "question",
-    on_error: OnError = "raise",
-    generation_kwargs: Mapping[str, Any] | None = None,
-) -> Runnable[Any, Any]:
-    """Wrap ``chain`` so that its answer is corrected against the question in the chain's own input.
-
-    The input may be a dict (the question under ``question_key``, as a str or messages), a str, a
-    chat prompt value or a message list (the last human message is the question). The output has
-    the chain's answer type; ``invoke``/``batch``/``stream`` and their async twins all work.
-    """
-
-    def question_of(value: Any) -> str:
-        if isinstance(value, Mapping):
-            if question_key not in value:
-                raise MissingQuestionError(f"the chain input has no {question_key!r} key (keys: {sorted(map(str, value))})")
-            value = value[question_key]
-        return question_text(value)
-
-    stage = AlignerRunnable(aligner=aligner, on_error=on_error, generation_kwargs=dict(generation_kwargs or {}))
-    gather = RunnableParallel(question=RunnableLambda(question_of, name="question"), answer=chain)
-    return (gather | stage).with_config(run_name="with_aligner")

@@ -1,4 +1,4 @@
-"""LlamaIndex integration for llm-aligner (AlignerNodePostprocessor, AlignedQueryEngine): see docs/llamaindex.md.
+"""LlamaIndex integration for llm-aligner (postprocessor, query and chat engines, an aligned LLM): see docs/llamaindex.md.
 
 ``import llamaindex_aligner`` is cheap: llama-index-core loads when a name below is first used, and torch
 only when a model runs. Needs ``pip install "llm-aligner[llamaindex]"``.
@@ -10,8 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .chat_engine import AlignedChatEngine, AlignedStreamingChatResponse
     from .events import AlignerEndEvent, AlignerStartEvent
-    from .local import MINILM, SentenceTransformerEmbedding, TransformersLLM, minilm_path
+    from .llm import AlignedLLM
+    from .local import MINILM, SentenceTransformerEmbedding, SharedModel, huggingface_llm, minilm_path
     from .postprocessor import ORIGINAL_TEXT_KEY, AlignerNodePostprocessor
     from .query_engine import AlignedQueryEngine
 
@@ -19,9 +21,13 @@ _EXPORTS = {
     "AlignerNodePostprocessor": "postprocessor",
     "ORIGINAL_TEXT_KEY": "postprocessor",
     "AlignedQueryEngine": "query_engine",
+    "AlignedChatEngine": "chat_engine",
+    "AlignedStreamingChatResponse": "chat_engine",
+    "AlignedLLM": "llm",
     "AlignerStartEvent": "events",
     "AlignerEndEvent": "events",
-    "TransformersLLM": "local",
+    "huggingface_llm": "local",
+    "SharedModel": "local",
     "SentenceTransformerEmbedding": "local",
     "MINILM": "local",
     "minilm_path": "local",
@@ -30,12 +36,16 @@ _EXPORTS = {
 __all__ = [
     "MINILM",
     "ORIGINAL_TEXT_KEY",
+    "AlignedChatEngine",
+    "AlignedLLM",
     "AlignedQueryEngine",
+    "AlignedStreamingChatResponse",
     "AlignerEndEvent",
     "AlignerNodePostprocessor",
     "AlignerStartEvent",
     "SentenceTransformerEmbedding",
-    "TransformersLLM",
+    "SharedModel",
+    "huggingface_llm",
     "minilm_path",
 ]
 

@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 class AlignerStartEvent(BaseEvent):
     """A correction pass starts: how many items came in and how many go to the Aligner."""
 
-    component: str = Field(description="Which adapter ran: 'node_postprocessor' or 'query_engine'.")
+    component: str = Field(description="Which adapter ran: 'node_postprocessor', 'query_engine', 'chat_engine' or 'llm'.")
     query: str = Field(description="The question the Aligner sees (the query string).")
     num_items: int = Field(description="Nodes (or answers) received.")
     num_selected: int = Field(description="Of those, how many are sent to the Aligner.")
@@ -27,7 +27,7 @@ class AlignerStartEvent(BaseEvent):
 class AlignerEndEvent(BaseEvent):
     """A correction pass ended: counts, tokens and the wall-clock latency it added."""
 
-    component: str = Field(description="Which adapter ran: 'node_postprocessor' or 'query_engine'.")
+    component: str = Field(description="Which adapter ran: 'node_postprocessor', 'query_engine', 'chat_engine' or 'llm'.")
     num_items: int = Field(description="Nodes (or answers) received.")
     num_corrected: int = Field(description="Items whose text was replaced by a correction.")
     num_changed: int = Field(description="Corrections that differ from their original text.")

@@ -18,8 +18,9 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, check_options, describe
+from ._common import OnError, aligner_spec, check_options, describe, load_aligner
 from .events import AlignerEndEvent, AlignerStartEvent
+from .llm_events import LLMCall, start_call
 
 dispatcher = get_dispatcher(__name__)
 logger = logging.getLogger("llamaindex_aligner")
@@ -46,8 +47,10 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    top_k: int | None = Field(
-        default=None, ge=1, description="Correct only the top_k highest-scoring text nodes; None corrects all."
+    top_n: int | None = Field(
+        default=None,
+        ge=1,
+        description="Correct only the top_n highest-scoring text nodes (the others pass through); None corrects all.",
     )
     inspector: Inspector | None = Field(
         default=None,
@@ -67,9 +70,13 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
 
     _aligner: Aligner = PrivateAttr()
 
-    def __init__(self, aligner: Aligner, **kwargs: Any) -> None:
+    def __init__(self, aligner: Aligner, *, top_k: int | None = None, **kwargs: Any) -> None:
         if not isinstance(aligner, Aligner):
             raise TypeError(f"aligner must be an aligner_core.Aligner, got {type(aligner).__name__}")
+        if top_k is not None:  # the first release's name; rerank postprocessors call it top_n
+            if kwargs.get("top_n") not in (None, top_k):
+                raise ValueError(f"top_k is an alias of top_n: got top_n={kwargs['top_n']!r} and top_k={top_k!r}")
+            kwargs["top_n"] = top_k
         super().__init__(**kwargs)
         check_options(aligner, self.generation_kwargs)
         self._aligner = aligner
@@ -82,6 +89,27 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     def aligner(self) -> Aligner:
         """The Aligner that corrects the nodes."""
         return self._aligner
+
+    @property
+    def top_k(self) -> int | None:
+        """Alias of ``top_n``."""
+        return self.top_n
+
+    # -- serialization: the Aligner is a live model, recorded by name ---------------------------
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The settings, plus ``"aligner"``: the Aligner's model, template and engine (not its weights)."""
+        return {**super().to_dict(**kwargs), "aligner": aligner_spec(self._aligner)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], aligner: Aligner | None = None, **kwargs: Any) -> AlignerNodePostprocessor:
+        """Rebuild from :meth:`to_dict`. Pass ``aligner=`` to reuse a loaded one; without it the recorded
+        model is loaded with ``Aligner.from_pretrained`` (a hub id or the packaged SmolLM2 reloads; an
+        Aligner built from objects or a server cannot, and a ``ValueError`` says so)."""
+        data = {**data, **kwargs}
+        data.pop("class_name", None)
+        spec = data.pop("aligner", None)
+        return cls(aligner=aligner if aligner is not None else load_aligner(spec, cls.class_name()), **data)
 
     # -- the LlamaIndex hooks ----------------------------------------------------------------
 
@@ -125,37 +153,44 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     def _passthrough(self) -> bool:
         return self.on_error == "passthrough"
 
-    def _begin(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> tuple[str, list[int], float]:
-        """Pick the nodes to correct and report the start of the pass."""
+    def _begin(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> tuple[str, list[int], _Pass]:
+        """Pick the nodes to correct and report the start of the pass (and of each node's generation)."""
         if query_bundle is None:
             raise ValueError("AlignerNodePostprocessor needs the query as the question: pass query_bundle or query_str")
         query = query_bundle.query_str
         selected = [i for i, n in enumerate(nodes) if _text(n).strip()]
-        if self.top_k is not None and len(selected) > self.top_k:
-            best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[: self.top_k]
+        if self.top_n is not None and len(selected) > self.top_n:
+            best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[: self.top_n]
             selected = sorted(best)
         if self.inspector is not None:
             selected = [i for i in selected if self.inspector(query, _text(nodes[i]))]
         dispatcher.event(
             AlignerStartEvent(component=COMPONENT, query=query, num_items=len(nodes), num_selected=len(selected))
         )
-        return query, selected, time.perf_counter()
+        calls = [
+            start_call(self._aligner, self.callback_manager, query, _text(nodes[i]), component=COMPONENT,
+                       options=self.generation_kwargs)
+            for i in selected
+        ]
+        return query, selected, _Pass(time.perf_counter(), calls)
 
     def _finish(
         self,
         nodes: Sequence[NodeWithScore],
         selected: Sequence[int],
         results: Sequence[Correction | BaseException],
-        start: float,
+        start: _Pass,
     ) -> list[NodeWithScore]:
         out = list(nodes)
         corrections: list[Correction] = []
         errors: list[BaseException] = []
-        for i, result in zip(selected, results):
+        for i, result, call in zip(selected, results, start.calls):
             if isinstance(result, BaseException):
+                call.failed(result)
                 logger.warning("node %s passed through uncorrected: %s", nodes[i].node.node_id, describe(result))
                 errors.append(result)
                 continue
+            call.done(result)
             corrections.append(result)
             if result.text.strip():
                 out[i] = self._corrected(nodes[i], result)
@@ -163,16 +198,18 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         return out
 
     def _failed(
-        self, nodes: Sequence[NodeWithScore], selected: Sequence[int], exc: Exception, start: float
+        self, nodes: Sequence[NodeWithScore], selected: Sequence[int], exc: Exception, start: _Pass
     ) -> list[NodeWithScore]:
         """The whole batch failed: raise (always for a misspelled option), or pass every node through."""
+        for call in start.calls:
+            call.failed(exc)
         self._end(len(nodes), [], [exc] * len(selected), start)
         if not self._passthrough or isinstance(exc, GenerationOptionError):
             raise exc
         logger.warning("%d node(s) passed through uncorrected: %s", len(selected), describe(exc))
         return list(nodes)
 
-    def _end(self, num_items: int, corrections: Sequence[Correction], errors: Sequence[BaseException], start: float) -> None:
+    def _end(self, num_items: int, corrections: Sequence[Correction], errors: Sequence[BaseException], start: _Pass) -> None:
         dispatcher.event(
             AlignerEndEvent(
                 component=COMPONENT,
@@ -182,7 +219,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
                 num_errors=len(errors),
                 prompt_tokens=sum(c.prompt_tokens for c in corrections),
                 completion_tokens=sum(c.completion_tokens for c in corrections),
-                latency_s=time.perf_counter() - start,
+                latency_s=time.perf_counter() - start.time,
                 error=describe(errors[0]) if errors else None,
             )
         )
@@ -196,6 +233,13 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         node.excluded_embed_metadata_keys = _with(item.node.excluded_embed_metadata_keys, key)
         node.set_content(correction.text)
         return NodeWithScore(node=node, score=item.score)
+
+
+class _Pass:
+    """A pass under way: when it started, and the open LLM event of each selected node."""
+
+    def __init__(self, time: float, calls: list[LLMCall]) -> None:
+        self.time, self.calls = time, calls
 
 
 def _text(item: NodeWithScore) -> str:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from aligner_core import Aligner, Correction, GenerationOptionError
+from aligner_core import Aligner
 from aligner_core.errors import missing
 
 try:
@@ -21,18 +19,15 @@ try:
         StreamingResponse,
     )
     from llama_index.core.callbacks import CallbackManager
-    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.chat_engine.types import BaseChatEngine
     from llama_index.core.prompts.mixin import PromptMixinType
     from llama_index.core.schema import NodeWithScore, QueryBundle
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, check_options, describe
-from ._streams import Relay, one
-from .events import AlignerEndEvent, AlignerStartEvent
-
-dispatcher = get_dispatcher(__name__)
-logger = logging.getLogger("llamaindex_aligner")
+from ._common import OnError
+from ._correct import AnswerCorrector
+from ._streams import one
 
 COMPONENT = "query_engine"
 
@@ -45,7 +40,8 @@ class AlignedQueryEngine(BaseQueryEngine):
     them, plus the final ``text``) in ``metadata[metadata_key]``. A streaming answer is read to the
     end, corrected, and returned as a streaming response of the correction (its metadata is filled
     in once the stream is consumed). ``on_error="passthrough"`` returns the original answer and
-    records the error, so the engine keeps serving when the corrector fails.
+    records the error, so the engine keeps serving when the corrector fails. For chat engines use
+    :class:`~llamaindex_aligner.AlignedChatEngine`.
     """
 
     def __init__(
@@ -58,17 +54,20 @@ class AlignedQueryEngine(BaseQueryEngine):
         metadata_key: str = "aligner",
         callback_manager: CallbackManager | None = None,
     ) -> None:
+        if isinstance(query_engine, BaseChatEngine):
+            raise TypeError(
+                f"{type(query_engine).__name__} is a chat engine: wrap it with AlignedChatEngine(chat_engine, aligner)"
+            )
         if not isinstance(query_engine, BaseQueryEngine):
             raise TypeError(f"query_engine must be a LlamaIndex BaseQueryEngine, got {type(query_engine).__name__}")
-        if not isinstance(aligner, Aligner):
-            raise TypeError(f"aligner must be an aligner_core.Aligner, got {type(aligner).__name__}")
-        if on_error not in ("raise", "passthrough"):
-            raise ValueError(f"on_error must be 'raise' or 'passthrough', got {on_error!r}")
-        self.generation_kwargs = dict(generation_kwargs or {})
-        check_options(aligner, self.generation_kwargs)
+        self._corrector = AnswerCorrector(
+            aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
+            callback_manager=lambda: self.callback_manager,
+        )
         self.query_engine = query_engine
         self.aligner = aligner
         self.on_error: OnError = on_error
+        self.generation_kwargs = self._corrector.generation_kwargs
         self.metadata_key = metadata_key
         super().__init__(callback_manager=callback_manager or query_engine.callback_manager)
 
@@ -94,19 +93,14 @@ class AlignedQueryEngine(BaseQueryEngine):
         answer = self._answer(response)
         if answer is None:
             return self._skipped(response)
-        start = self._start(question)
-        try:
-            correction = self.aligner.correct(question, answer, **self.generation_kwargs)
-        except Exception as exc:
-            return self._replace(response, self._error(answer, exc, start))
-        return self._replace(response, self._done(correction, start))
+        return self._replace(response, self._corrector.correct(question, answer))
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         response = await self.query_engine.aquery(query_bundle)
         question = query_bundle.query_str
         if isinstance(response, AsyncStreamingResponse):
             answer = (await response.get_response()).response or ""
-            info, relay = self._open(question, answer, self.aligner.astream)
+            info, relay = self._corrector.open(question, answer, asynchronous=True)
             agen = relay.adeltas() if relay else one(answer)
             return AsyncStreamingResponse(agen, response.source_nodes, self._metadata(response, info))
         if isinstance(response, StreamingResponse):
@@ -114,41 +108,16 @@ class AlignedQueryEngine(BaseQueryEngine):
         answer = self._answer(response)
         if answer is None:
             return self._skipped(response)
-        start = self._start(question)
-        try:
-            correction = await self.aligner.acorrect(question, answer, **self.generation_kwargs)
-        except Exception as exc:
-            return self._replace(response, self._error(answer, exc, start))
-        return self._replace(response, self._done(correction, start))
+        return self._replace(response, await self._corrector.acorrect(question, answer))
 
-    # -- streams -----------------------------------------------------------------------------
+    # -- shared steps ------------------------------------------------------------------------
 
     def _sync_stream(self, question: str, response: StreamingResponse) -> StreamingResponse:
         """Buffer the inner stream, start correcting the whole answer, and stream the correction."""
         answer = response.get_response().response or ""
-        info, relay = self._open(question, answer, self.aligner.stream)
+        info, relay = self._corrector.open(question, answer)
         gen = relay.deltas() if relay else iter([answer])
         return StreamingResponse(gen, response.source_nodes, self._metadata(response, info))
-
-    def _open(self, question: str, answer: str, open_stream: Any) -> tuple[dict[str, Any], Relay | None]:
-        """Start the correction now (so errors surface in query()), or say why there is none."""
-        if not answer.strip():
-            return {**self._base(answer), "skipped": "empty answer"}, None
-        info = {**self._base(answer), "text": None, "pending": True}
-        start = self._start(question)
-        try:
-            stream = open_stream(question, answer, **self.generation_kwargs)
-        except Exception as exc:
-            return self._error(answer, exc, start), None
-        return info, Relay(
-            stream,
-            answer,
-            info,
-            done=lambda correction: self._done(correction, start),
-            fail=lambda exc, partial: self._error(answer, exc, start, partial=partial),
-        )
-
-    # -- shared steps ------------------------------------------------------------------------
 
     @staticmethod
     def _answer(response: RESPONSE_TYPE) -> str | None:
@@ -159,54 +128,10 @@ class AlignedQueryEngine(BaseQueryEngine):
             return None
         raise TypeError(f"cannot correct a {type(response).__name__}: expected a LlamaIndex Response")
 
-    def _start(self, question: str) -> float:
-        dispatcher.event(AlignerStartEvent(component=COMPONENT, query=question, num_items=1, num_selected=1))
-        return time.perf_counter()
-
-    def _end(self, start: float, correction: Correction | None, error: BaseException | None) -> None:
-        used = correction is not None and bool(correction.text.strip())
-        dispatcher.event(
-            AlignerEndEvent(
-                component=COMPONENT,
-                num_items=1,
-                num_corrected=int(used),
-                num_changed=int(used and correction is not None and correction.changed),
-                num_errors=int(error is not None),
-                prompt_tokens=correction.prompt_tokens if correction else 0,
-                completion_tokens=correction.completion_tokens if correction else 0,
-                latency_s=time.perf_counter() - start,
-                error=describe(error) if error is not None else None,
-            )
-        )
-
-    def _base(self, answer: str | None) -> dict[str, Any]:
-        return {"model": self.aligner.name, "original": answer, "text": answer, "changed": False, "error": None}
-
-    def _done(self, correction: Correction, start: float) -> dict[str, Any]:
-        """The details of a finished correction; an empty correction is never better, so the original stays."""
-        self._end(start, correction, None)
-        data = correction.to_dict()
-        del data["question"]
-        info = {"model": self.aligner.name, **data, "error": None}
-        if not correction.text.strip():
-            info.update(text=correction.original, changed=False, similarity=1.0, empty_correction=True)
-        return info
-
-    def _error(self, answer: str, exc: Exception, start: float, *, partial: bool = False) -> dict[str, Any]:
-        """Raise ``exc`` (on_error='raise', or a misspelled option) or describe the passthrough."""
-        self._end(start, None, exc)
-        if self.on_error == "raise" or isinstance(exc, GenerationOptionError):
-            raise exc
-        logger.warning("the Aligner failed, passing the answer through: %s", describe(exc))
-        info = {**self._base(answer), "error": describe(exc), "error_type": type(exc).__name__}
-        if partial:
-            info["partial"] = True  # the stream failed after some of the correction was sent
-        return info
-
     def _skipped(self, response: RESPONSE_TYPE) -> RESPONSE_TYPE:
         reason = "structured response" if isinstance(response, PydanticResponse) else "empty answer"
         text = response.response if isinstance(response, Response) else None
-        info = {**self._base(text), "skipped": reason}
+        info = self._corrector.skipped(text, reason)
         return dataclasses.replace(response, metadata=self._metadata(response, info))
 
     def _replace(self, response: Response, info: dict[str, Any]) -> Response:

@@ -1,4 +1,4 @@
-"""Shared by the LlamaIndex tests: sample nodes, a fixed-answer query engine and an instrumentation recorder."""
+"""Shared by the LlamaIndex tests: sample nodes, a fixed-answer query engine and LLM, an instrumentation recorder."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
 from llama_index.core.base.response.schema import AsyncStreamingResponse, Response, StreamingResponse
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.base import BaseEvent
 from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 
@@ -96,3 +99,49 @@ def recording() -> Iterator[tuple[EventRecorder, SimpleSpanHandler]]:
 def span_names(spans: SimpleSpanHandler) -> list[str]:
     """``Class.method`` of every completed span."""
     return [s.id_.rsplit("-", 5)[0] for s in spans.completed_spans]
+
+
+class ScriptedLLM(CustomLLM):
+    """A real LlamaIndex LLM (the upstream) that answers every prompt with ``answer``, streamed word by word.
+
+    ``streamed`` counts the deltas its own streams produced, so a test can tell whether anything
+    was streamed from it at all.
+    """
+
+    answer: str = ANSWER
+    chat_model: bool = False
+    streamed: int = 0
+    prompts: list[str] = Field(default_factory=list)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="scripted", is_chat_model=self.chat_model, num_output=32, context_window=4096)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        self.prompts.append(prompt)
+        return CompletionResponse(text=self.answer, raw={"usage": {"prompt_tokens": 7, "completion_tokens": 8}})
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
+        self.prompts.append(prompt)
+
+        def gen() -> Iterator[CompletionResponse]:
+            text = ""
+            for word in self.answer.split(" "):
+                delta = word if not text else " " + word
+                text += delta
+                self.streamed += 1
+                yield CompletionResponse(text=text, delta=delta)
+
+        return gen()
+
+
+def tiny_llm(aligner: Any, max_new_tokens: int = 4) -> Any:
+    """``huggingface_llm`` over the tiny Aligner's model; LlamaIndex packs context assuming ~500 tokens of
+    room, more than the tiny model's 512 positions, so the window is declared larger (the prompts stay short)."""
+    from llamaindex_aligner import huggingface_llm
+
+    llm = huggingface_llm(aligner, max_new_tokens=max_new_tokens)
+    llm.context_window = 4096
+    return llm

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputExistsError, TemplateError
 from ..jsonl import chunked, open_resumable, read_jsonl, write_durably
+from ..local_chat import LocalChat
 from .build import PairStats, write_pairs
 
 if TYPE_CHECKING:
@@ -19,12 +20,12 @@ if TYPE_CHECKING:
 Upstream = Callable[[Sequence[str]], Sequence[str]]
 
 
-class TransformersUpstream:
+class TransformersUpstream(LocalChat):
     """A local causal LM answering questions through its chat template, in planned batches.
 
-    Decoding is greedy unless ``do_sample=True``; other ``generation`` options are those of
-    ``aligner_core.GenerationParams`` (``temperature``, ``top_p``, ``stop``, ...). A model without
-    a chat template needs ``prompt_format`` (e.g. ``"Question: {question}\\nAnswer:"``).
+    ``LocalChat`` built from ``(model, tokenizer)``: decoding is greedy unless ``do_sample=True``; other
+    ``generation`` options are those of ``aligner_core.GenerationParams``. A model without a chat
+    template needs ``prompt_format`` (e.g. ``"Question: {question}\\nAnswer:"``).
     """
 
     def __init__(
@@ -38,23 +39,24 @@ class TransformersUpstream:
         max_batch_tokens: int = 16384,
         **generation: Any,
     ) -> None:
-        from ..engines.base import GenerationParams
         from ..engines.local import TransformersEngine
 
         if prompt_format is None and not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
                 "the upstream model's tokenizer has no chat template: pass prompt_format='...{question}...'"
             )
-        if prompt_format is not None and "{question}" not in prompt_format:
-            raise TemplateError(f"prompt_format must contain {{question}}, got {prompt_format!r}")
-        self.backend = TransformersEngine(model, tokenizer, max_batch_tokens=max_batch_tokens)
-        self.tokenizer = tokenizer
-        self.system = system
-        self.prompt_format = prompt_format
-        self.params = GenerationParams(max_new_tokens=max_new_tokens, speculative=False).updated(generation)
+        super().__init__(
+            TransformersEngine(model, tokenizer, max_batch_tokens=max_batch_tokens),
+            max_new_tokens=max_new_tokens, system=system, prompt_format=prompt_format, **generation,
+        )
+
+    @property
+    def backend(self) -> Any:
+        """The engine (older name)."""
+        return self.engine
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls, model: str | os.PathLike[str], *, device: str | None = None, dtype: Any = "auto", **kwargs: Any
     ) -> TransformersUpstream:
         """Load the upstream model from a hub id, local directory or GGUF file."""
@@ -63,33 +65,9 @@ class TransformersUpstream:
         loaded, tokenizer, _ = load_model(model, device=device, dtype=dtype)
         return cls(loaded, tokenizer, **kwargs)
 
-    def render(self, question: str) -> str:
-        """The prompt the upstream model completes for ``question``."""
-        if self.prompt_format is not None:
-            return self.prompt_format.replace("{question}", question)
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": question})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def answer(self, questions: Sequence[str]) -> list[str | BaseException]:
-        """Answer each question (an exception in place of an answer that failed)."""
-        from ..engines.base import GenerationRequest
-
-        requests = []
-        for q in questions:
-            prompt = self.render(q)
-            ids = self.backend.encode(prompt, add_special_tokens=self.prompt_format is not None)
-            n = self.params.max_new_tokens
-            requests.append(GenerationRequest(prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=n, reserve=n))
-        outputs = self.backend.generate(requests, self.params, fail_fast=False)
-        return [o if isinstance(o, BaseException) else o.text.strip() for o in outputs]
-
-    def __call__(self, questions: Sequence[str]) -> list[str | BaseException]:
-        return self.answer(questions)
-
 
 def _answers(upstream: Any, questions: Sequence[str]) -> list[Any]:
-    if hasattr(upstream, "batch") and hasattr(upstream, "invoke") and not isinstance(upstream, TransformersUpstream):
+    if hasattr(upstream, "batch") and hasattr(upstream, "invoke") and not isinstance(upstream, LocalChat):
         replies = upstream.batch(list(questions), return_exceptions=True)
         return [r if isinstance(r, BaseException) else _message_text(r).strip() for r in replies]
     answers = list(upstream(questions))

@@ -11,7 +11,14 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 
-from langchain_aligner import EVENT, AlignedChatModel, AlignerRunnable, ChatTransformers, with_aligner
+from langchain_aligner import (
+    EVENT,
+    UNCORRECTED_TAG,
+    AlignedChatModel,
+    AlignerRunnable,
+    ChatTransformers,
+    with_aligner,
+)
 from tests.langchain_helpers import EventRecorder, names, tree
 
 pytestmark = pytest.mark.integration
@@ -56,9 +63,11 @@ def test_form2_message_metadata_survives_and_runs_nest(smollm2, llm, answers):
     assert meta["changed"] == (out.content.strip() != answers[0].strip())
     (root,) = collector.traced_runs
     shape = tree(root)
-    assert shape[0] == "with_aligner" and shape[2][-1] == ("AlignerRunnable", "chain", [])
-    assert {"ChatPromptTemplate", "ChatTransformers", "question"} <= set(names(shape))
-    chat_run = [r for r in root.child_runs[0].child_runs if r.name == "RunnableSequence"][0].child_runs[-1]
+    assert shape[0] == "with_aligner" and shape[2][-1] == ("AlignerRunnable", "chain", [("Aligner", "llm", [])])
+    assert {"ChatPromptTemplate", "ChatTransformers"} <= set(names(shape))
+    upstream = root.child_runs[0]  # the wrapped chain: traced, and tagged as uncorrected
+    assert upstream.name == "RunnableSequence" and UNCORRECTED_TAG in upstream.tags
+    chat_run = upstream.child_runs[-1]
     assert chat_run.run_type == "llm" and chat_run.name == "ChatTransformers"
     assert [e[0] for e in recorder.events] == [EVENT]
 

@@ -51,10 +51,6 @@ class TestAlignedChatModelOnSmolLM2(ChatModelIntegrationTests):
         llm = ChatTransformers.from_aligner(self._aligner, max_tokens=TOKENS)
         return {"llm": llm, "aligner": self._aligner, "max_tokens": TOKENS}
 
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        # A local corrector takes no timeout or max_retries (extra="forbid"); few tokens keep it quick.
-        return {"temperature": 0, "max_tokens": TOKENS, "stop": []}
 
     @property
     def supports_model_override(self) -> bool:

@@ -20,10 +20,12 @@ from llama_index.core.schema import MetadataMode  # noqa: E402
 
 from llamaindex_aligner import (  # noqa: E402
     ORIGINAL_TEXT_KEY,
+    AlignedChatEngine,
+    AlignedLLM,
     AlignedQueryEngine,
     AlignerNodePostprocessor,
     SentenceTransformerEmbedding,
-    TransformersLLM,
+    huggingface_llm,
 )
 from tests.llamaindex_helpers import recording  # noqa: E402
 
@@ -43,7 +45,7 @@ class Rag:
     def __init__(self, aligner):
         self.aligner = aligner
         self.embed = SentenceTransformerEmbedding()
-        self.llm = TransformersLLM.from_aligner(aligner, max_new_tokens=12)
+        self.llm = huggingface_llm(aligner, max_new_tokens=12)
         self.index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=self.embed)
 
     def engine(self, **kwargs):
@@ -91,7 +93,9 @@ def test_postprocessor_corrects_the_retrieved_context(rag):
     (end,) = events.of("AlignerEndEvent")
     assert (start.num_items, start.num_selected, end.num_errors) == (2, 2, 0)
     assert end.completion_tokens <= 2 * GEN["max_new_tokens"] and end.latency_s > 0
-    (llm_call,) = events.of("LLMCompletionStartEvent")
+    aligner_calls = [e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"]
+    assert len(aligner_calls) == 2  # one LLM event per corrected node, for token and cost views
+    (llm_call,) = [e for e in events.of("LLMCompletionStartEvent") if e not in aligner_calls]
     assert all(n.node.get_content() in llm_call.prompt for n in response.source_nodes)
     assert not any(n.node.metadata[ORIGINAL_TEXT_KEY] in llm_call.prompt for n in response.source_nodes)
 
@@ -151,3 +155,43 @@ def test_aligned_engine_streams_async(rag):
     response, deltas = asyncio.run(main())
     info = response.metadata["aligner"]
     assert "".join(deltas) == info["text"] and info["error"] is None and info["original"].strip()
+
+
+def test_chat_engine_streams_the_corrected_answer(rag):
+    inner = rag.index.as_chat_engine(chat_mode="context", llm=rag.llm, similarity_top_k=1)
+    engine = AlignedChatEngine(inner, rag.aligner, generation_kwargs=GEN)
+    response = engine.stream_chat(QUESTION)
+    text = "".join(response.response_gen)
+    info = response.metadata["aligner"]
+    assert text == info["text"] and text.strip() and info["original"].strip() and info["error"] is None
+    assert [m.content for m in engine.chat_history] == [QUESTION, text]
+    assert response.source_nodes[0].node.get_content() == DOCS[0]
+
+
+def test_aligned_llm_in_a_chat_engine_async(rag):
+    llm = AlignedLLM(llm=rag.llm, aligner=rag.aligner, generation_kwargs=GEN)
+    engine = rag.index.as_chat_engine(chat_mode="context", llm=llm, similarity_top_k=1)
+
+    async def main():
+        response = await engine.astream_chat(QUESTION)
+        return "".join([d async for d in response.async_response_gen()])
+
+    with recording() as (events, _):
+        text = asyncio.run(main())
+    assert text.strip()
+    assert engine.chat_history[-1].content == text  # the conversation keeps the corrected answer
+    ends = [e.response for e in events.of("LLMCompletionEndEvent") if "aligner" in (e.response.raw or {})]
+    (end,) = ends  # the aligned call, as observability sees it: the corrected text and the correction's usage
+    assert end.text == text and 0 < end.raw["usage"]["completion_tokens"] <= GEN["max_new_tokens"]
+
+
+def test_postprocessor_reloads_its_aligner_from_a_dict(rag):
+    pp = rag.postprocessor(top_n=1)
+    data = pp.to_dict()
+    assert data["aligner"]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    again = AlignerNodePostprocessor.from_dict(data)  # no aligner=: the packaged model is loaded again
+    assert again.to_dict() == data and again.aligner is not rag.aligner
+    nodes = rag.index.as_retriever(similarity_top_k=2).retrieve(QUESTION)
+    out = again.postprocess_nodes(nodes, query_str=QUESTION)
+    assert [ORIGINAL_TEXT_KEY in n.node.metadata for n in out] == [True, False]
+    again.aligner.close()

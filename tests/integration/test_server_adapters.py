@@ -62,6 +62,26 @@ def test_langchain_runnable_and_chat_model_on_the_server(served, expected, smoll
     assert "".join(asyncio.run(collect())) == reply.content
 
 
+def test_aligned_chat_model_builds_its_aligner_from_base_url(vllm_server, served, expected):
+    """LangChain's standard parameters name an Aligner on a server: base_url, model, api_key, timeout, max_retries."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models import FakeListChatModel
+
+    from langchain_aligner import AlignedChatModel
+
+    chat = AlignedChatModel(
+        llm=FakeListChatModel(responses=[ANSWERS[0]]), base_url=vllm_server.url, model=served.name,
+        api_key="unused-locally", timeout=30, max_retries=1, max_tokens=TOKENS,
+    )
+    try:
+        engine = chat.aligner.engine
+        assert engine.name == "server" and engine.timeout == 30 and engine.max_retries == 1
+        reply = chat.invoke(QUESTIONS[0])
+        assert reply.content == expected[0] and reply.response_metadata["aligner"]["metadata"]["engine"] == "server"
+    finally:
+        chat.aligner.close()
+
+
 def test_llamaindex_postprocessor_and_query_engine_on_the_server(served, expected):
     pytest.importorskip("llama_index.core")
     from llama_index.core.schema import NodeWithScore, TextNode

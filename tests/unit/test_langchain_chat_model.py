@@ -109,8 +109,10 @@ def test_bind_tools_delegates_to_the_wrapped_model(aligner):
 
     chat = AlignedChatModel(llm=upstream(AIMessage("", tool_calls=[TOOL_CALL])), aligner=aligner)
     bound = chat.bind_tools([lookup], tool_choice="any")
-    assert isinstance(bound, RunnableBinding) and bound.bound is chat
-    assert bound.kwargs["tools"][0]["function"]["name"] == "lookup" and bound.kwargs["tool_choice"] == "any"
+    assert isinstance(bound, RunnableBinding) and isinstance(bound.bound, AlignedChatModel)
+    tools = bound.bound.llm  # the wrapped model bound its own tools; the corrector is the same
+    assert bound.bound.aligner is chat.aligner and isinstance(tools, RunnableBinding)
+    assert tools.kwargs["tools"][0]["function"]["name"] == "lookup" and tools.kwargs["tool_choice"] == "any"
     assert bound.invoke(QUESTION).tool_calls == [TOOL_CALL]
 
 
@@ -142,7 +144,7 @@ def test_runs_nest_under_the_chat_model_run(aligner):
     assert tree(root) == (
         "AlignedChatModel",
         "llm",
-        [("FakeListChatModel", "llm", []), ("AlignerRunnable", "chain", [])],
+        [("FakeListChatModel", "llm", []), ("AlignerRunnable", "chain", [("Aligner", "llm", [])])],
     )
 
 
@@ -186,8 +188,3 @@ class TestAlignedChatModelStandard(ChatModelUnitTests):
     def chat_model_params(self) -> dict[str, Any]:
         return {"llm": upstream(AIMessage(ANSWER)), "aligner": self._aligner}
 
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        # A local corrector takes no api_key, timeout or max_retries; AlignedChatModel forbids unknown
-        # fields (extra="forbid"), so only the standard parameters it implements are passed.
-        return {"temperature": 0, "max_tokens": 100, "stop": []}

@@ -256,20 +256,44 @@ def spy(monkeypatch, aligner, name):
 def test_batch_is_one_correct_batch_pass_and_keeps_order(aligner, monkeypatch):
     expected = reference(aligner, PAIRS)
     batches, singles = spy(monkeypatch, aligner, "correct_batch"), spy(monkeypatch, aligner, "correct")
-    chain = RunnablePassthrough.assign(answer=PROMPT | fake_llm([a for _, a in PAIRS]) | StrOutputParser())
-    chain = chain | AlignerRunnable(aligner=aligner)
-    # max_concurrency=1: the fake upstream hands out its answers in call order, so call it in input order
-    out = chain.batch([{"question": q} for q, _ in PAIRS], config={"max_concurrency": 1})
+    answers = dict(PAIRS)
+    chain = RunnablePassthrough.assign(answer=RunnableLambda(lambda x: answers[x["question"]])) | AlignerRunnable(
+        aligner=aligner
+    )
+    out = chain.batch([{"question": q} for q, _ in PAIRS])
     assert out == expected
     assert len(batches) == 1 and len(batches[0][0]) == len(PAIRS) and singles == []
 
 
-def test_abatch_is_one_acorrect_batch_pass_and_keeps_order(aligner, monkeypatch):
+def test_batch_respects_max_concurrency(aligner, monkeypatch):
     expected = reference(aligner, PAIRS)
-    calls = spy(monkeypatch, aligner, "acorrect_batch")
+    batches = spy(monkeypatch, aligner, "correct_batch")
     stage = AlignerRunnable(aligner=aligner)
-    out = asyncio.run(stage.abatch([{"question": q, "answer": a} for q, a in PAIRS]))
-    assert out == expected and len(calls) == 1
+    out = stage.batch([{"question": q, "answer": a} for q, a in PAIRS], config={"max_concurrency": 2})
+    assert out == expected
+    assert [len(args[0]) for args in batches] == [2, 1]
+
+
+def test_abatch_shares_batches_and_respects_max_concurrency(aligner, monkeypatch):
+    expected = reference(aligner, PAIRS)
+    original = aligner.acorrect
+    live, peak, calls = [0], [0], []
+
+    async def counted(*args, **kwargs):
+        calls.append(args)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            live[0] -= 1
+
+    monkeypatch.setattr(aligner, "acorrect", counted)
+    stage = AlignerRunnable(aligner=aligner)
+    inputs = [{"question": q, "answer": a} for q, a in PAIRS]
+    assert asyncio.run(stage.abatch(inputs)) == expected and len(calls) == 3 and peak[0] == 3
+    peak[0] = 0
+    assert asyncio.run(stage.abatch(inputs, config={"max_concurrency": 1})) == expected and peak[0] == 1
 
 
 def test_ainvoke_and_concurrent_calls(aligner):
@@ -347,8 +371,8 @@ def test_each_call_is_a_chain_run_nested_under_the_chain(aligner):
     (root,) = collector.traced_runs
     shape = tree(root)
     assert shape[0] == "with_aligner"
-    assert names(shape)[-1] == "AlignerRunnable" and shape[2][-1] == ("AlignerRunnable", "chain", [])
-    assert {"FakeListChatModel", "ChatPromptTemplate", "question"} <= set(names(shape))
+    assert shape[2][-1] == ("AlignerRunnable", "chain", [("Aligner", "llm", [])])
+    assert {"FakeListChatModel", "ChatPromptTemplate"} <= set(names(shape))
     stage_run = next(r for r in root.child_runs if r.name == "AlignerRunnable")
     assert stage_run.parent_run_id == root.id and "t1" in stage_run.tags
     (name, data, run_id), = recorder.events

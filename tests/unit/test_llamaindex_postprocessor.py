@@ -15,8 +15,8 @@ from llama_index.core.prompts import PromptTemplate  # noqa: E402
 from llama_index.core.schema import ImageNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode  # noqa: E402
 
 from aligner_core import AlignerError, ContextOverflowError, GenerationOptionError  # noqa: E402
-from llamaindex_aligner import ORIGINAL_TEXT_KEY, AlignerNodePostprocessor, TransformersLLM  # noqa: E402
-from tests.llamaindex_helpers import OVERLONG, QUESTION, recording, span_names, text_nodes  # noqa: E402
+from llamaindex_aligner import ORIGINAL_TEXT_KEY, AlignerNodePostprocessor  # noqa: E402
+from tests.llamaindex_helpers import OVERLONG, QUESTION, recording, span_names, text_nodes, tiny_llm  # noqa: E402
 
 
 def expected_texts(aligner, texts, **gen):
@@ -178,7 +178,7 @@ def test_settings_are_checked(tiny_aligner):
     pp = AlignerNodePostprocessor(aligner=tiny_aligner, top_k=2)
     assert pp.class_name() == "AlignerNodePostprocessor"
     assert pp.aligner is tiny_aligner
-    assert pp.to_dict()["top_k"] == 2 and "inspector" not in pp.to_dict()
+    assert pp.to_dict()["top_n"] == 2 and pp.top_k == 2 and "inspector" not in pp.to_dict()
     with pytest.raises(ValidationError):
         AlignerNodePostprocessor(aligner=tiny_aligner, topk=2)  # misspelled: fails loudly
     with pytest.raises(ValidationError):
@@ -191,9 +191,8 @@ def test_settings_are_checked(tiny_aligner):
         AlignerNodePostprocessor(aligner="not an aligner")
 
 
-def test_in_a_query_engine_the_llm_sees_corrections_not_originals(tiny_aligner, tiny_model, tiny_tokenizer):
-    # LlamaIndex packs context assuming ~500 tokens of padding; the prompt itself stays short.
-    llm = TransformersLLM(tiny_model, tiny_tokenizer, max_new_tokens=4, context_window=4096)
+def test_in_a_query_engine_the_llm_sees_corrections_not_originals(tiny_aligner):
+    llm = tiny_llm(tiny_aligner)
     nodes = [n.node for n in text_nodes()]
     qa = PromptTemplate("Context: {context_str}\nQ: {query_str}\nA:")
     engine = SummaryIndex(nodes).as_query_engine(
@@ -202,7 +201,7 @@ def test_in_a_query_engine_the_llm_sees_corrections_not_originals(tiny_aligner, 
     with recording() as (events, _):
         response = engine.query(QUESTION)
     assert [n.node.metadata[ORIGINAL_TEXT_KEY] for n in response.source_nodes] == [n.text for n in nodes]
-    (llm_call,) = events.of("LLMCompletionStartEvent")
+    (llm_call,) = [e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") != "Aligner"]
     for n in response.source_nodes:
         assert n.node.get_content() in llm_call.prompt
     assert ORIGINAL_TEXT_KEY not in llm_call.prompt

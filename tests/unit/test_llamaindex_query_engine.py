@@ -21,7 +21,7 @@ from llama_index.core.query_engine import CustomQueryEngine  # noqa: E402
 from llama_index.core.schema import QueryBundle  # noqa: E402
 
 from aligner_core import AlignerError, ContextOverflowError, GenerationOptionError  # noqa: E402
-from llamaindex_aligner import AlignedQueryEngine, TransformersLLM  # noqa: E402
+from llamaindex_aligner import AlignedQueryEngine  # noqa: E402
 from tests.llamaindex_helpers import (  # noqa: E402
     ANSWER,
     OVERLONG,
@@ -30,6 +30,7 @@ from tests.llamaindex_helpers import (  # noqa: E402
     recording,
     span_names,
     text_nodes,
+    tiny_llm,
 )
 
 
@@ -209,8 +210,8 @@ def test_settings_are_checked(tiny_aligner):
         AlignedQueryEngine(inner, tiny_aligner, generation_kwargs={"max_tokens": 8})
 
 
-def test_wraps_a_retriever_query_engine(tiny_aligner, tiny_model, tiny_tokenizer):
-    llm = TransformersLLM(tiny_model, tiny_tokenizer, max_new_tokens=4, context_window=4096)
+def test_wraps_a_retriever_query_engine(tiny_aligner):
+    llm = tiny_llm(tiny_aligner)
     qa = PromptTemplate("Context: {context_str}\nQ: {query_str}\nA:")
     inner = SummaryIndex([n.node for n in text_nodes()]).as_query_engine(llm=llm, text_qa_template=qa)
     engine = AlignedQueryEngine(inner, tiny_aligner)

@@ -1,0 +1,260 @@
+"""``with_aligner``: wrap any chain so that its answer is corrected, and only the correction streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForChainRun,
+    CallbackManagerForChainRun,
+)
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import patch_config
+from langchain_core.runnables.utils import ConfigurableFieldSpec
+from pydantic import BaseModel, ConfigDict
+
+from aligner_core import Aligner
+
+from ._io import MissingQuestionError, merge, question_text
+from ._quiet import UNCORRECTED_TAG, child_config
+from ._streaming import RUN_TYPE
+from .runnable import AlignerRunnable, OnError
+
+
+class AlignedChain(RunnableSerializable[Any, Any]):
+    """A chain whose answer is corrected: what :func:`with_aligner` returns.
+
+    The wrapped chain runs to completion first (its run traced, its tokens kept from the caller's
+    callbacks and ``astream_events``), then the correction streams: as ``on_chat_model_stream`` of
+    the nested ``Aligner`` run, and as this runnable's own output chunks. ``stream_uncorrected=True``
+    lets the wrapped chain's tokens through as well (its runs are tagged ``aligner:uncorrected``).
+    Input and output schemas are the wrapped chain's.
+    """
+
+    chain: Runnable[Any, Any]
+    """The wrapped chain, whose input holds the question."""
+    stage: AlignerRunnable
+    """The correction stage."""
+    question_key: str = "question"
+    """Where the question is in a dict input."""
+    stream_uncorrected: bool = False
+    """Also stream the wrapped chain's uncorrected tokens to callbacks and ``astream_events`` (unsafe for UIs)."""
+    name: str | None = "with_aligner"
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    @property
+    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return self.chain.InputType
+
+    @property
+    def OutputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return self.chain.OutputType
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return self.chain.get_input_schema(config)
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> type[BaseModel]:
+        return self.chain.get_output_schema(config)
+
+    @property
+    def config_specs(self) -> list[ConfigurableFieldSpec]:
+        return self.chain.config_specs
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    def _question(self, value: Any) -> str:
+        if isinstance(value, Mapping):
+            if self.question_key not in value:
+                raise MissingQuestionError(
+                    f"the chain input has no {self.question_key!r} key (keys: {sorted(map(str, value))})"
+                )
+            value = value[self.question_key]
+        return question_text(value)
+
+    def _upstream(self, run_manager: Any, config: RunnableConfig) -> RunnableConfig:
+        return child_config(config, run_manager.get_child(), quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
+
+    @staticmethod
+    def _downstream(run_manager: Any, config: RunnableConfig) -> RunnableConfig:
+        return patch_config(config, callbacks=run_manager.get_child())
+
+    # -- invoke and stream -----------------------------------------------------------------------
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        """Answer with the chain, then correct. ``kwargs`` are generation options of the correction."""
+        return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
+
+    def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
+        question = self._question(value)
+        answer = self.chain.invoke(value, self._upstream(run_manager, config))
+        return self.stage.invoke({"question": question, "answer": answer}, self._downstream(run_manager, config), **kwargs)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._ainvoke, input, config, run_type=RUN_TYPE, **kwargs)
+
+    async def _ainvoke(
+        self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+    ) -> Any:
+        question = self._question(value)
+        answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
+        stage_input = {"question": question, "answer": answer}
+        return await self.stage.ainvoke(stage_input, self._downstream(run_manager, config), **kwargs)
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        """Stream the correction (the chain's own answer never streams, unless ``stream_uncorrected``)."""
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self._transform_stream_with_config(input, self._transform, config, run_type=RUN_TYPE, **kwargs)
+
+    def _transform(
+        self, chunks: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+    ) -> Iterator[Any]:
+        value = None
+        for chunk in chunks:
+            value = merge(value, chunk)
+        question = self._question(value)
+        answer = self.chain.invoke(value, self._upstream(run_manager, config))
+        stage_input = {"question": question, "answer": answer}
+        yield from self.stage.stream(stage_input, self._downstream(run_manager, config), **kwargs)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async def once() -> AsyncIterator[Any]:
+            yield input
+
+        async for chunk in self.atransform(once(), config, **kwargs):
+            yield chunk
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE, **kwargs):
+            yield chunk
+
+    async def _atransform(
+        self,
+        chunks: AsyncIterator[Any],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        value = None
+        async for chunk in chunks:
+            value = merge(value, chunk)
+        question = self._question(value)
+        answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
+        stage_input = {"question": question, "answer": answer}
+        async for out in self.stage.astream(stage_input, self._downstream(run_manager, config), **kwargs):
+            yield out
+
+    # -- batch -----------------------------------------------------------------------------------
+
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """The chain's ``batch``, then one planned correction pass (``max_concurrency`` bounds both)."""
+        return self._batch_with_config(
+            self._batch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
+        )
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        return await self._abatch_with_config(
+            self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
+        )
+
+    def _questions(self, values: list[Any]) -> list[str | Exception]:
+        out: list[str | Exception] = []
+        for value in values:
+            try:
+                out.append(self._question(value))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _batch(
+        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig], **kwargs: Any
+    ) -> list[Any]:
+        outs: list[Any] = self._questions(values)
+        live = [i for i, q in enumerate(outs) if isinstance(q, str)]
+        answers = self.chain.batch(
+            [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
+        ) if live else []
+        ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
+        for i, a in zip(live, answers):
+            if isinstance(a, Exception):
+                outs[i] = a
+        fixed = self.stage.batch(
+            [{"question": outs[i], "answer": a} for i, a in ready],
+            [self._downstream(run_manager[i], config[i]) for i, _ in ready],
+            return_exceptions=True,
+            **kwargs,
+        ) if ready else []
+        for (i, _), out in zip(ready, fixed):
+            outs[i] = out
+        return outs
+
+    async def _abatch(
+        self,
+        values: list[Any],
+        run_manager: list[AsyncCallbackManagerForChainRun],
+        config: list[RunnableConfig],
+        **kwargs: Any,
+    ) -> list[Any]:
+        outs: list[Any] = self._questions(values)
+        live = [i for i, q in enumerate(outs) if isinstance(q, str)]
+        answers = await self.chain.abatch(
+            [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
+        ) if live else []
+        ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
+        for i, a in zip(live, answers):
+            if isinstance(a, Exception):
+                outs[i] = a
+        fixed = await self.stage.abatch(
+            [{"question": outs[i], "answer": a} for i, a in ready],
+            [self._downstream(run_manager[i], config[i]) for i, _ in ready],
+            return_exceptions=True,
+            **kwargs,
+        ) if ready else []
+        for (i, _), out in zip(ready, fixed):
+            outs[i] = out
+        return outs
+
+
+def with_aligner(
+    chain: Runnable[Any, Any],
+    *,
+    aligner: Aligner,
+    question_key: str = "question",
+    on_error: OnError = "raise",
+    generation_kwargs: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
+    max_retries: int = 0,
+    stream_uncorrected: bool = False,
+) -> AlignedChain:
+    """Wrap ``chain`` so that its answer is corrected against the question in the chain's own input.
+
+    The input may be a dict (the question under ``question_key``, as a str or messages), a str, a
+    chat prompt value or a message list (the last human message is the question). The output has
+    the chain's answer type; ``invoke``/``batch``/``stream`` and their async twins all work, and
+    streaming yields the correction only (``stream_uncorrected=True`` lets the chain's own tokens
+    reach callbacks too). ``timeout``/``max_retries`` bound each correction (see ``AlignerRunnable``).
+    """
+    stage = AlignerRunnable(
+        aligner=aligner, on_error=on_error, generation_kwargs=dict(generation_kwargs or {}),
+        timeout=timeout, max_retries=max_retries,
+    )
+    return AlignedChain(chain=chain, stage=stage, question_key=question_key, stream_uncorrected=stream_uncorrected)
