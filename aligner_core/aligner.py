@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -23,6 +24,7 @@ from .errors import (
     InvalidInputError,
     TemplateError,
 )
+from .plaintext import encode_plain, holds_special
 from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
 from .templates import ChatTemplate, Template, get_template
 
@@ -303,43 +305,51 @@ class Aligner:
 
         The deltas concatenate to exactly ``Correction.text``; the stream's ``correction``
         attribute holds the full ``Correction`` once the iterator is exhausted. ``close()`` stops
-        generation early.
+        generation early, and so does dropping the stream: the worker holds it only weakly.
         """
         prepared, params = self._prepare_one(question, answer, generation)
         stream = CorrectionStream()
+        self._produce(weakref.ref(stream), prepared, params)
+        return stream
+
+    def _produce(self, ref: weakref.ref[CorrectionStream], prepared: _Prepared, params: GenerationParams) -> None:
         deltas = TextDeltas(params.stop)
         start = time.perf_counter()
 
         def finished(future: Any) -> None:
-            self._finish_stream(stream, deltas, prepared, future, start)
+            if (stream := ref()) is not None:
+                self._finish_stream(stream, deltas, prepared, future, start)
 
-        future = self.engine.stream(prepared.request, params, lambda text: stream.put(deltas.update(text)))
+        future = self.engine.stream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
         future.add_done_callback(finished)
-        return stream
 
     def astream(self, question: str, answer: str, **generation: Any) -> AsyncCorrectionStream:
         """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
         loop = asyncio.get_running_loop()
         prepared, params = self._prepare_one(question, answer, generation)
         stream = AsyncCorrectionStream(loop)
-        deltas = TextDeltas(params.stop)
-
-        async def run() -> None:
-            start = time.perf_counter()
-            future: asyncio.Future[GenerationOutput] = loop.create_future()
-            try:
-                future.set_result(
-                    await self.engine.astream(prepared.request, params, lambda text: stream.put(deltas.update(text)))
-                )
-            except asyncio.CancelledError:
-                stream.done(None)
-                raise
-            except BaseException as exc:
-                future.set_exception(exc)
-            self._finish_stream(stream, deltas, prepared, future, start)
-
-        stream._task = loop.create_task(run())
+        stream._task = loop.create_task(self._aproduce(weakref.ref(stream), loop, prepared, params))
         return stream
+
+    async def _aproduce(
+        self, ref: weakref.ref[AsyncCorrectionStream], loop: asyncio.AbstractEventLoop, prepared: _Prepared,
+        params: GenerationParams,
+    ) -> None:
+        deltas = TextDeltas(params.stop)
+        start = time.perf_counter()
+        future: asyncio.Future[GenerationOutput] = loop.create_future()
+        try:
+            future.set_result(
+                await self.engine.astream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
+            )
+        except asyncio.CancelledError:
+            if (stream := ref()) is not None:
+                stream.done(None)
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+        if (stream := ref()) is not None:
+            self._finish_stream(stream, deltas, prepared, future, start)
 
     def _finish_stream(self, stream: Any, deltas: TextDeltas, prepared: _Prepared, future: Any, start: float) -> None:
         error = future.exception()
@@ -473,6 +483,7 @@ class Aligner:
         for field_name, value in (("question", question), ("answer", answer)):
             if not isinstance(value, str):
                 raise InvalidInputError(f"{where}{field_name} must be a str, got {type(value).__name__}")
+            _check_text(where, field_name, value)
         if not answer.strip():
             raise EmptyAnswerError(f"{where}the answer is empty or whitespace: there is nothing to correct")
         policy = on_overflow or self.on_overflow
@@ -480,11 +491,16 @@ class Aligner:
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {policy!r}")
         limit = max_new_tokens or params.max_new_tokens
         metadata: dict[str, Any] = {"template": self.template.name, "engine": self.engine.name}
+        if ambiguous := _template_markers_in(self.template, question, answer):
+            metadata["template_markers_in_text"] = ambiguous
         if not (self.engine.tokenizes_locally or policy == "truncate"):
             # The engine counts tokens on its side; an overlong prompt fails there with ContextOverflowError.
             return _Prepared(question, answer, self._remote_request(question, answer, limit), metadata)
-        prompt, ids = self._render(question, answer)
-        answer_ids = self.engine.encode(answer, add_special_tokens=False)
+        plain = self._holds_special(question, answer)
+        if plain:
+            metadata["special_token_text"] = True  # encoded as plain text, never as control tokens
+        prompt, ids = self._render(question, answer, plain=plain)
+        answer_ids = self._encode_answer(answer, plain)
         ctx = self.engine.context_length
         cut = None
         if ctx is not None and len(ids) + limit > ctx:
@@ -500,11 +516,11 @@ class Aligner:
                     f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
                 )
             cut = self.engine.decode(answer_ids[:keep])
-            prompt, ids = self._render(question, cut)
+            prompt, ids = self._render(question, cut, plain=plain)
             while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
                 keep -= 1
                 cut = self.engine.decode(answer_ids[:keep])
-                prompt, ids = self._render(question, cut)
+                prompt, ids = self._render(question, cut, plain=plain)
             metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
             answer_ids = answer_ids[:keep]
         if not self.engine.tokenizes_locally:
@@ -512,19 +528,41 @@ class Aligner:
         reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
         request = GenerationRequest(
             prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids),
-            add_special_tokens=self.template.add_special_tokens,
+            add_special_tokens=self.template.add_special_tokens, exact_ids=plain,
         )
         return _Prepared(question=question, answer=answer, request=request, metadata=metadata)
 
-    def _render(self, question: str, answer: str) -> tuple[str, list[int]]:
-        """The prompt and its tokens (a chat template left to a server is counted by the server)."""
+    def _holds_special(self, question: str, answer: str) -> bool:
+        """Whether the pair holds special-token strings of a tokenizer this side can encode with."""
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        return tokenizer is not None and holds_special(tokenizer, (question, answer))
+
+    def _encode_answer(self, answer: str, plain: bool) -> list[int]:
+        if plain:
+            return self.engine.encode(answer, add_special_tokens=False, split_special_tokens=True)
+        return self.engine.encode(answer, add_special_tokens=False)
+
+    def _render(self, question: str, answer: str, *, plain: bool = False) -> tuple[str, list[int]]:
+        """The prompt and its tokens (a chat template left to a server is counted by the server).
+
+        With ``plain``, the question and the answer are encoded as plain text (see ``plaintext``).
+        """
         if isinstance(self.template, ChatTemplate) and self.template.tokenizer is None:
             encode_messages = getattr(self.engine, "encode_messages", None)
             if encode_messages is None:
                 raise TemplateError(f"the {self.engine.name!r} engine cannot render the chat template without a tokenizer")
             return "", encode_messages(self.template.messages(question=question, answer=answer))
         prompt = self.template.format(question=question, answer=answer)
-        return prompt, self.engine.encode(prompt, add_special_tokens=self.template.add_special_tokens)
+        special = self.template.add_special_tokens
+        if plain:
+            ids = encode_plain(self.engine.encode, prompt, (question, answer), add_special_tokens=special)
+            if ids is None:
+                raise InvalidInputError(
+                    f"the {self.template.name!r} template rewrote the question or answer, so its special-token text "
+                    "cannot be kept as plain text: remove the special-token strings from the text"
+                )
+            return prompt, ids
+        return prompt, self.engine.encode(prompt, add_special_tokens=special)
 
     def _remote_request(self, question: str, answer: str, limit: int) -> GenerationRequest:
         """A request for an engine that tokenizes on its side: the exact prompt, or chat messages
@@ -601,10 +639,12 @@ def _per_item_limits(value: int | Sequence[int] | None, n: int, default: int) ->
         return [default] * n
     if isinstance(value, int) and not isinstance(value, bool):
         items = [value] * n
-    else:
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         items = list(value)
         if len(items) != n:
             raise InvalidInputError(f"max_new_tokens has {len(items)} entries for {n} pairs")
+    else:
+        raise GenerationOptionError(f"max_new_tokens must be an integer >= 1 or one per pair, got {value!r}")
     for v in items:
         GenerationParams(max_new_tokens=v)  # validates
     return items
@@ -616,3 +656,39 @@ def _check_timeout(timeout: Any) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise GenerationOptionError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     return float(timeout)
+
+
+def _check_text(where: str, field_name: str, value: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (a broken ``\\ud800`` escape) cannot be encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{where}{field_name} holds a lone surrogate {value[exc.start]!r} at character {exc.start}: it is not "
+            "valid Unicode text (a broken \\uD800-\\uDFFF escape in the input?)"
+        ) from None
+
+
+_WARNED_MARKERS: set[str] = set()
+
+
+def _template_markers_in(template: Any, question: str, answer: str) -> list[str]:
+    """The template's own separators found inside the user's text (the official formats cannot escape them)."""
+    markers = getattr(template, "markers", ())
+    found = sorted({m for m in markers for text in (question, answer) if m in text})
+    if found and template.name not in _WARNED_MARKERS:
+        _WARNED_MARKERS.add(template.name)
+        logger.warning(
+            "the text holds the %r template's own separators %s: the format cannot escape them, so the prompt is "
+            "ambiguous for the model (kept as is; recorded in Correction.metadata['template_markers_in_text'])",
+            template.name, found,
+        )
+    return found
+
+
+def _deliver(ref: weakref.ref[Any], delta: str) -> None:
+    """Hand a delta to its stream; a stream nobody holds any more stops the generation."""
+    stream = ref()
+    if stream is None:
+        raise StreamCancelled
+    stream.put(delta)

@@ -71,6 +71,13 @@ def correct(
         raise typer.BadParameter(f"--on-overflow must be 'error' or 'truncate', got {on_overflow!r}")
     if not ray and (address is not None or replicas != 1):
         raise typer.BadParameter("--address and --replicas apply to --ray runs: add --ray")
+    from .jsonl import check_output
+
+    try:
+        check_output(output, resume=resume, overwrite=overwrite)  # before any model loads
+    except AlignerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
                           max_retries=max_retries, max_concurrency=max_concurrency)
     load_options = {"template": template, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,

@@ -35,6 +35,10 @@ class OutputExistsError(AlignerError, FileExistsError):
     """The output file exists and neither resume nor overwrite was asked for."""
 
 
+class OutputPathError(AlignerError, OSError):
+    """The output cannot be written there (a directory, a path under a file, a folder without write permission)."""
+
+
 class MissingDependencyError(AlignerError, ImportError):
     """An optional dependency is needed for the requested feature."""
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, OutputPathError
 
 T = TypeVar("T")
 
@@ -74,6 +74,26 @@ def resume_offset(path: str | os.PathLike[str]) -> int:
     return len(lines)
 
 
+def check_output(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> None:
+    """Fail early, before any model loads, when ``path`` cannot take a run's output."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{p} is a directory: give a file name for the output")
+    if p.exists():
+        if not (resume or overwrite):
+            raise OutputExistsError(f"{p} exists: pass --resume to continue it or --overwrite to start again")
+        if not os.access(p, os.W_OK):
+            raise OutputPathError(f"{p} is not writable")
+        return
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot create {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot create {p}: the folder {parent} is not writable")
+
+
 def open_resumable(path: str | os.PathLike[str], *, resume: bool, overwrite: bool) -> tuple[IO[str], int]:
     """Open a chunked run's JSONL output: ``(file, records already done)``.
 
@@ -104,6 +124,21 @@ def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> None:
     """Append records as JSON lines, then flush and fsync so a crash cannot lose them."""
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    f.write("".join(json_line(r) for r in records))
     f.flush()
     os.fsync(f.fileno())
+
+
+#: Characters that ``str.splitlines`` (and some JSON readers) take for line breaks; JSON may hold them raw.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(record: Any) -> str:
+    """One JSONL line: UTF-8 as is, except characters any reader could split a line at (written escaped),
+    and text that is not valid Unicode (a lone surrogate: the whole line is then ASCII-escaped)."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(record) + "\n"
+    return line.translate(_LINE_BREAKS) + "\n"

@@ -300,9 +300,19 @@ def load_model(
             raise missing("peft", "train", feature="loading a LoRA adapter")
         from peft import PeftModel
 
-        if not Path(adapter).is_dir():
+        adapter_dir = Path(adapter)
+        if not adapter_dir.is_dir():
             raise ModelLoadError(f"adapter directory not found: {adapter}")
-        loaded = PeftModel.from_pretrained(loaded, str(adapter))
+        has_safetensors = (adapter_dir / "adapter_model.safetensors").is_file()
+        if not allow_pickle and not has_safetensors and (adapter_dir / "adapter_model.bin").is_file():
+            raise ModelLoadError(
+                f"the adapter {str(adapter)!r} has no adapter_model.safetensors, only a pickle (adapter_model.bin), "
+                "which can run arbitrary code when loaded. If you trust the source, pass allow_pickle=True."
+            )
+        try:
+            loaded = PeftModel.from_pretrained(loaded, str(adapter))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the adapter {str(adapter)!r}: {type(exc).__name__}: {exc}") from exc
     if target_device is not None and qconfig is None:
         loaded = loaded.to(target_device)
     loaded.eval()

@@ -85,11 +85,13 @@ class MicroBatcher:
                 self._thread = threading.Thread(target=self._run, name="aligner-worker", daemon=True)
                 self._thread.start()
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop accepting work, finish what is queued, and stop the worker."""
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop accepting work: queued requests fail with ``SchedulerClosedError`` at once, the batch
+        already running finishes, and the worker stops (waiting for it at most ``timeout`` seconds)."""
         if self._closed:
             return
         self._closed = True
+        self._drain_closed()
         if self._thread is not None and self._thread.is_alive():
             self.queue.put(_STOP)
             self._thread.join(timeout)
@@ -156,14 +158,29 @@ class MicroBatcher:
                 key = replace(job.params, max_new_tokens=1)  # type: ignore[arg-type]
                 groups.setdefault(key, []).append(job)
         for params, group in groups.items():
+            self._run_group(params, group)
+
+    def _run_group(self, params: GenerationParams, group: list[Job]) -> None:
+        """Run one batch; if it fails as a whole, run its jobs one by one, so a failure stays with its request."""
+        try:
             with self.lock:
                 outputs = self.run_batch([j.request for j in group], params, fail_fast=False)  # type: ignore[misc]
-            self.batches_run += 1
-            for job, out in zip(group, outputs):
-                if isinstance(out, BaseException):
-                    job.future.set_exception(out)
-                else:
-                    job.future.set_result(out)
+        except BaseException as exc:
+            if len(group) == 1 or not isinstance(exc, Exception):
+                for job in group:
+                    job.future.set_exception(exc)
+                return
+            logger.warning("a batch of %d failed as a whole (%s: %s); running its requests alone",
+                           len(group), type(exc).__name__, exc)
+            for job in group:
+                self._run_group(params, [job])
+            return
+        self.batches_run += 1
+        for job, out in zip(group, outputs):
+            if isinstance(out, BaseException):
+                job.future.set_exception(out)
+            else:
+                job.future.set_result(out)
 
     def _drain_closed(self) -> None:
         while True:

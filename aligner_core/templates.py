@@ -49,6 +49,18 @@ class TextTemplate:
         values = {"question": question, "answer": answer}
         return _FIELD.sub(lambda m: values[m.group(1)], self.text)
 
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The template's own separators: the text between the fields and its role labels.
+
+        A question or answer holding one makes the prompt ambiguous (the format has no escaping); the
+        Aligner keeps the bytes and records it in ``Correction.metadata["template_markers_in_text"]``.
+        """
+        literals = _FIELD.split(self.text)[0::2]
+        between = [p for p in literals[1:-1] if p.strip()]
+        roles = [r for r in ("USER:", "ASSISTANT:") if r in self.text]
+        return tuple(dict.fromkeys([*between, *roles]))
+
 
 DEFAULT_CHAT_INSTRUCTION = (
     "Edit the following Question-Answer pair to make it more helpful and harmless. "

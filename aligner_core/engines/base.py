@@ -36,20 +36,30 @@ class GenerationParams:
     num_draft_tokens: int = 8
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise GenerationOptionError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise GenerationOptionError(f"temperature must be > 0, got {self.temperature!r} (use do_sample=False for greedy)")
+        # Every option is checked here, on the caller's thread: nothing one request carries may fail
+        # later inside a worker, where the error could reach requests batched with it.
+        _integer("max_new_tokens", self.max_new_tokens, minimum=1)
+        _flag("do_sample", self.do_sample)
+        _flag("speculative", self.speculative)
+        _number("temperature", self.temperature)
+        if self.temperature < 0 or (self.do_sample and self.temperature == 0):
+            raise GenerationOptionError(
+                f"temperature must be > 0 when sampling, got {self.temperature!r} (greedy decoding ignores it)"
+            )
+        _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise GenerationOptionError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise GenerationOptionError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        _integer("top_k", self.top_k, minimum=0, note=" (0 disables it)")
+        _number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise GenerationOptionError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not isinstance(self.num_draft_tokens, int) or self.num_draft_tokens < 0:
-            raise GenerationOptionError(f"num_draft_tokens must be an integer >= 0, got {self.num_draft_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        _integer("num_draft_tokens", self.num_draft_tokens, minimum=0)
+        if self.seed is not None:
+            _integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or not s for s in self.stop):
             raise GenerationOptionError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):  # engines want floats (2 -> 2.0)
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def drafting(self) -> bool:
@@ -67,8 +77,40 @@ class GenerationParams:
         values = dict(options)
         if "stop" in values:
             stop = values["stop"]
-            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+            if stop is None:
+                values["stop"] = ()
+            elif isinstance(stop, str):
+                values["stop"] = (stop,)
+            elif isinstance(stop, (list, tuple)):
+                values["stop"] = tuple(stop)
+            else:
+                raise GenerationOptionError(f"stop must be a string or a list of strings, got {stop!r}")
         return replace(self, **values)
+
+
+#: The largest seed every engine takes (torch and vLLM seed with 64-bit integers).
+MAX_SEED = 2**63 - 1
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise GenerationOptionError(f"{name} must be True or False, got {value!r}")
+
+
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+        float("inf"), float("-inf")
+    ):
+        raise GenerationOptionError(f"{name} must be a finite number, got {value!r}")
+
+
+def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+        if maximum is not None:
+            bound = f"an integer in [{minimum}, {maximum}]"
+        else:
+            bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise GenerationOptionError(f"{name} must be {bound}{note}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +131,9 @@ class GenerationRequest:
     draft_ids: tuple[int, ...] = ()
     add_special_tokens: bool = True
     messages: tuple[Mapping[str, str], ...] | None = None
+    #: The prompt must reach the model as ``prompt_ids``: its text would tokenize differently (user text
+    #: holding special-token strings, encoded as plain text). A server then gets the ids, not the text.
+    exact_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +172,9 @@ class Engine(Protocol):
     #: True when ``encode``/``decode`` are local and cheap, so the facade counts tokens up front.
     tokenizes_locally: bool
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``split_special_tokens`` reads special-token strings as plain text."""
+        ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 

@@ -97,8 +97,9 @@ class TransformersEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
+        options = {"split_special_tokens": True} if split_special_tokens else {}
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -114,6 +115,10 @@ class TransformersEngine:
         on_result: ResultCallback | None = None,
     ) -> list[GenerationOutput | BaseException]:
         """Complete a batch in planned sub-batches, holding the model for the whole call."""
+        if self.scheduler.closed:
+            from ..scheduler import SchedulerClosedError
+
+            raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
         with self.lock:
             return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result)
 

@@ -167,9 +167,10 @@ class ServerEngine:
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is not None:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            options = {"split_special_tokens": True} if split_special_tokens else {}
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
         body = {"model": self.model_name, "prompt": text, "add_special_tokens": add_special_tokens}
         return list(self._tokenizer_call("tokenize", body)["tokens"])
 
@@ -300,7 +301,7 @@ class ServerEngine:
             body["messages"] = [dict(m) for m in request.messages]
         else:
             path = "/completions"
-            body["prompt"] = request.prompt
+            body["prompt"] = list(request.prompt_ids) if request.exact_ids and request.prompt_ids else request.prompt
             if not request.add_special_tokens:
                 body["add_special_tokens"] = False  # vLLM: the rendered chat template holds its own BOS
         if params.do_sample:

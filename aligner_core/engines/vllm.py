@@ -153,8 +153,9 @@ class VLLMEngine:
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
+        options = {"split_special_tokens": True} if split_special_tokens else {}
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

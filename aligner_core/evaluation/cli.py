@@ -64,6 +64,7 @@ def eval_command(
 ) -> None:
     """Judge corrections against the original answers (3H win rates) and write a report."""
     from ..errors import AlignerError
+    from ..jsonl import check_output
     from .report import markdown_table
     from .runner import evaluate_file
 
@@ -87,6 +88,7 @@ def eval_command(
         return choice.load(template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
 
     try:
+        check_output(output / "verdicts.jsonl", resume=resume, overwrite=overwrite)  # before any model loads
         judge_obj = _build_judge(
             judge, reward_model, dimensions=dimensions, rubrics=extra_rubrics, max_tokens=judge_max_tokens,
             concurrency=concurrency, both_orders=both_orders, retries=retries, reward_dimension=reward_dimension,

@@ -121,8 +121,10 @@ def _generate(
     question_field: str,
     pair_options: dict[str, Any],
 ) -> Any:
+    from ..jsonl import check_output
     from .generate import TransformersUpstream, generate_round
 
+    check_output(output, resume=resume, overwrite=overwrite)  # before any model loads
     answerer = TransformersUpstream.from_pretrained(
         upstream, device=device, dtype=dtype, max_new_tokens=upstream_max_new_tokens, system=system,
         max_batch_tokens=batch_tokens,

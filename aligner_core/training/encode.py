@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TemplateError
+from ..plaintext import encode_plain, holds_special
 from ..templates import Template, TextTemplate
 from .data import Record, TrainingDataError, problems_message
 
@@ -66,14 +67,25 @@ class ExampleEncoder:
     def prompt(self, question: str, answer: str) -> str:
         return self.template.format(question=question, answer=answer)
 
+    def _encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
+        options = {"split_special_tokens": True} if split_special_tokens else {}
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
+
     def prompt_ids(self, question: str, answer: str) -> list[int]:
-        """Token ids of the prompt, exactly as ``Aligner.prepare`` encodes it for generation."""
+        """Token ids of the prompt, exactly as ``Aligner.prepare`` encodes it for generation (special-token
+        strings in the question or answer as plain text, see ``aligner_core.plaintext``)."""
         text = self.prompt(question, answer)
-        return list(self.tokenizer(text, add_special_tokens=self.template.add_special_tokens)["input_ids"])
+        special = self.template.add_special_tokens
+        if holds_special(self.tokenizer, (question, answer)):
+            ids = encode_plain(self._encode, text, (question, answer), add_special_tokens=special)
+            if ids is not None:
+                return ids
+        return self._encode(text, add_special_tokens=special)
 
     def correction_ids(self, correction: str) -> list[int]:
-        """Token ids of the correction followed by EOS."""
-        return [*self.tokenizer(correction, add_special_tokens=False)["input_ids"], self.eos_token_id]
+        """Token ids of the correction (special-token strings as plain text) followed by EOS."""
+        plain = holds_special(self.tokenizer, (correction,))
+        return [*self._encode(correction, add_special_tokens=False, split_special_tokens=plain), self.eos_token_id]
 
     def encode(self, question: str, answer: str, correction: str, where: str = "") -> Example:
         prompt = self.prompt_ids(question, answer)
@@ -90,6 +102,8 @@ class ExampleEncoder:
         target_ids = self.tokenizer([r.correction for r in records], add_special_tokens=False)["input_ids"]
         out = []
         for r, p, t in zip(records, prompt_ids, target_ids):
+            if holds_special(self.tokenizer, (r.question, r.answer, r.correction)):  # rare: the exact, slower path
+                p, t = self.prompt_ids(r.question, r.answer), self.correction_ids(r.correction)[:-1]
             t = [*t, self.eos_token_id]
             out.append(Example([*p, *t], [IGNORE_INDEX] * len(p) + t, len(p), r.where))
         return out

@@ -54,4 +54,5 @@ def test_generation_params_validation():
     with pytest.raises(GenerationOptionError, match="top_p"):
         p.updated({"top_p": 1.5})
     with pytest.raises(GenerationOptionError, match="temperature"):
-        p.updated({"temperature": 0})
+        p.updated({"temperature": 0, "do_sample": True})
+    assert p.updated({"temperature": 0}).temperature == 0  # greedy ignores it
