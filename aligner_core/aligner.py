@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -25,6 +25,7 @@ from .errors import (
     TemplateError,
 )
 from .plaintext import encode_plain, holds_special
+from .progress import Progress, ProgressCallback, tracking
 from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
 from .templates import ChatTemplate, Template, get_template
 
@@ -386,6 +387,7 @@ class Aligner:
         pairs: Sequence[Any],
         *,
         show_progress: bool = ...,
+        progress: ProgressCallback | Progress | None = ...,
         return_exceptions: Literal[False] = ...,
         max_new_tokens: int | Sequence[int] | None = ...,
         **generation: Any,
@@ -397,6 +399,7 @@ class Aligner:
         pairs: Sequence[Any],
         *,
         show_progress: bool = ...,
+        progress: ProgressCallback | Progress | None = ...,
         return_exceptions: Literal[True],
         max_new_tokens: int | Sequence[int] | None = ...,
         **generation: Any,
@@ -407,6 +410,7 @@ class Aligner:
         pairs: Sequence[Any],
         *,
         show_progress: bool = False,
+        progress: ProgressCallback | Progress | None = None,
         return_exceptions: bool = False,
         max_new_tokens: int | Sequence[int] | None = None,
         **generation: Any,
@@ -417,25 +421,64 @@ class Aligner:
         pair yields its exception in its place and the others are still corrected, as in
         ``asyncio.gather``; otherwise all input is validated before any compute and the first
         problem is raised.
-        """
-        from tqdm.auto import tqdm
 
+        Progress moves while the model decodes: ``show_progress`` draws a bar of completed pairs
+        with generated tokens and tok/s beside it, and ``progress`` receives the same counts as
+        ``ProgressUpdate`` snapshots (a callback, at most every 0.1 s and at each finished pair), or
+        adds them to a ``Progress`` shared by several calls (its owner closes it).
+        """
         slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
         live = [i for i, s in enumerate(slots) if isinstance(s, _Prepared)]
         results: list[Correction | Exception] = [s for s in slots]  # type: ignore[misc]
-        with tqdm(total=len(pairs), desc="Correcting", unit="pair", disable=not show_progress) as bar:
-            bar.update(len(pairs) - len(live))
-            outputs = self.engine.generate(
+        with self._progress(len(pairs), show_progress, progress) as tracker:
+            if tracker is not None:
+                tracker.update(rows=len(pairs) - len(live))  # pairs refused before any compute
+            outputs = self._generate_with_progress(
                 [slots[i].request for i in live],  # type: ignore[union-attr]
                 params,
                 fail_fast=not return_exceptions,
-                on_result=lambda _j, _out: bar.update(1),
+                progress=tracker,
             )
         for i, out in zip(live, outputs):
             prepared = slots[i]
             assert isinstance(prepared, _Prepared)
             results[i] = out if isinstance(out, BaseException) else self.build(prepared, out)  # type: ignore[assignment]
         return results
+
+    @contextlib.contextmanager
+    def _progress(
+        self, total: int, show: bool, progress: ProgressCallback | Progress | None
+    ) -> Iterator[Progress | None]:
+        """The tracker of one ``correct_batch`` (the caller's shared one, or a new one), with a bar when shown."""
+        if not show and progress is None:
+            yield None  # nobody watches: the engine skips counting
+            return
+        from tqdm.auto import tqdm
+
+        shared = progress if isinstance(progress, Progress) else None
+        with (
+            tqdm(
+                total=shared.total if shared else total, initial=shared.rows if shared else 0,
+                desc="Correcting", unit="pair", disable=not show,
+            ) as bar,
+            tracking(progress, bar, total=None if shared else total) as tracker,  # a shared total is its owner's
+        ):
+            yield tracker
+
+    def _generate_with_progress(
+        self, requests: list[GenerationRequest], params: GenerationParams, *, fail_fast: bool, progress: Progress | None
+    ) -> list[GenerationOutput | BaseException]:
+        """``engine.generate`` with live progress; an engine written before ``progress=`` reports rows as they finish."""
+        if progress is None:
+            return self.engine.generate(requests, params, fail_fast=fail_fast)
+        if _takes_progress(self.engine):
+            return self.engine.generate(requests, params, fail_fast=fail_fast, progress=progress)
+        return self.engine.generate(
+            requests, params, fail_fast=fail_fast,
+            on_result=lambda _i, out: progress.update(
+                tokens=0 if isinstance(out, BaseException) else out.completion_tokens, rows=1
+            ),
+        )
 
     # -- the shared path ---------------------------------------------------------------------
 
@@ -692,3 +735,14 @@ def _deliver(ref: weakref.ref[Any], delta: str) -> None:
     if stream is None:
         raise StreamCancelled
     stream.put(delta)
+
+
+def _takes_progress(engine: Engine) -> bool:
+    """Whether ``engine.generate`` accepts ``progress=`` (engines written before it do not)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or C callable
+        return False
+    return "progress" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,18 +24,45 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
+def versions() -> str:
+    """The library's version and those of the packages it runs on (read from metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for dist, label in (("llm-aligner", "llm-aligner"), ("torch", "torch"), ("transformers", "transformers")):
+        try:
+            parts.append(f"{label} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{label} (not installed)")
+    return ", ".join(parts)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(versions())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is loaded and chosen.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is loaded and chosen.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit.")
+    ] = False,
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
 def correct(
-    input: Annotated[Path, typer.Argument(help="JSONL file of records to correct.", exists=True, dir_okay=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL file to write.")],
+    input: Annotated[str, typer.Argument(
+        help="Records to correct: .jsonl, .json, .csv, .tsv or .parquet file, a datasets folder, or - (JSON lines "
+        "on stdin).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="JSONL file to write, or - for stdout.")],
     model: ModelOpt = None,
     template: Annotated[str | None, typer.Option(help="Prompt template (default: recorded in the model, else chosen for it).")] = None,
     question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
@@ -72,12 +98,16 @@ def correct(
     if not ray and (address is not None or replicas != 1):
         raise typer.BadParameter("--address and --replicas apply to --ray runs: add --ray")
     from .jsonl import check_output
+    from .records import check_input
 
-    try:
-        check_output(output, resume=resume, overwrite=overwrite)  # before any model loads
+    try:  # before any model loads
+        check_input(input)
+        check_output(output, resume=resume, overwrite=overwrite)
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if ray and (input == "-" or output == "-"):
+        raise typer.BadParameter("--ray reads and writes files: it cannot use - (stdin/stdout)")
     choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
                           max_retries=max_retries, max_concurrency=max_concurrency)
     load_options = {"template": template, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
@@ -103,12 +133,18 @@ def correct(
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    where = "stdout" if output == "-" else output
     typer.echo(
-        f"wrote {stats.written} records to {output} ({stats.changed} changed, {stats.failed} failed"
+        f"wrote {stats.written} records to {where} ({stats.changed} changed, {stats.failed} failed"
         + (f", {stats.skipped} already done" if stats.skipped else "") + f") on the {choice.where}"
         + (f" x {replicas} Ray replica(s)" if ray else ""),
         err=True,
     )
+    if stats.failed:
+        typer.echo(f"failed: {stats.describe_failures()} (see aligner_error in those records)", err=True)
+    if not stats.complete:
+        typer.echo(f"error: read {stats.read} records but wrote {stats.skipped + stats.written}", err=True)
+        raise typer.Exit(1)
     if stats.failed:
         raise typer.Exit(1)
 
@@ -143,7 +179,8 @@ def templates() -> None:
 
 
 def _register_subcommands() -> None:
-    """Commands that live with their feature: ``train``, ``eval``, ``pairs`` (imports stay cheap)."""
+    """Commands that live with their feature: ``train``, ``eval``, ``pairs``, ``cache`` (imports stay cheap)."""
+    from .cache_cli import register as register_cache
     from .evaluation import register as register_eval
     from .pairs import register as register_pairs
     from .training import register as register_train
@@ -151,6 +188,7 @@ def _register_subcommands() -> None:
     register_train(app)
     register_eval(app)
     register_pairs(app)
+    register_cache(app)
 
 
 _register_subcommands()

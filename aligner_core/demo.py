@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .engine_options import EngineChoice
+    from .progress import Progress, ProgressCallback
 
 
 def sample_pairs() -> list[tuple[str, str]]:
@@ -37,11 +38,17 @@ def word_diff(original: str, corrected: str) -> Any:
 
 
 def run_demo(
-    model: str | None = None, *, max_new_tokens: int = 96, max_batch_tokens: int = 16384, choice: EngineChoice | None = None
+    model: str | None = None,
+    *,
+    max_new_tokens: int = 96,
+    max_batch_tokens: int = 16384,
+    choice: EngineChoice | None = None,
+    progress: ProgressCallback | Progress | None = None,
 ) -> int:
-    """Load the model, correct the samples in batches with a progress bar, print each side by side.
+    """Load the model, correct the samples in batches with a live progress bar, print each side by side.
 
-    ``choice`` runs the demo on another engine (``aligner demo --server URL`` or ``--engine vllm``).
+    ``choice`` runs the demo on another engine (``aligner demo --server URL`` or ``--engine vllm``);
+    ``progress`` also receives the bar's counts (rows, tokens) as the model decodes.
     """
     from rich.console import Console
     from rich.table import Table
@@ -59,7 +66,7 @@ def run_demo(
     console.print(f"Loaded [bold]{aligner.name}[/] on the {choice.where} in {loaded:.1f}s, template [bold]{aligner.template.name}[/]")
     pairs = sample_pairs()
     start = time.perf_counter()
-    results = aligner.correct_batch(pairs, show_progress=True)
+    results = aligner.correct_batch(pairs, show_progress=True, progress=progress)
     elapsed = time.perf_counter() - start
     for i, c in enumerate(results, 1):
         table = Table(title=f"{i}. {c.question}", show_lines=True, expand=True, title_justify="left")

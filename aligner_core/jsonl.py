@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from .errors import OutputExistsError, OutputPathError
+from .records import json_lines
 
 T = TypeVar("T")
 
@@ -22,30 +24,12 @@ def read_jsonl(path: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple
     """Yield ``(line_number, record)`` for each non-blank line after the first ``skip`` records.
 
     A line that is not a JSON object yields a ``ValueError`` naming the line instead of stopping the run.
+    (Inputs of any format go through ``aligner_core.records``; this reads the library's own JSONL outputs.)
     """
-    seen = 0
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            seen += 1
-            if seen <= skip:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                yield number, ValueError(f"line {number}: invalid JSON: {exc}")
-                continue
-            if not isinstance(record, dict):
-                yield number, ValueError(f"line {number}: expected a JSON object, got {type(record).__name__}")
-                continue
-            yield number, record
-
-
-def count_records(path: str | os.PathLike[str]) -> int:
-    """Number of non-blank lines (records) in a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+        for item in json_lines(f):
+            if item.number > skip:
+                yield int(item.where.split()[1]), item.record
 
 
 def resume_offset(path: str | os.PathLike[str]) -> int:
@@ -75,7 +59,11 @@ def resume_offset(path: str | os.PathLike[str]) -> int:
 
 
 def check_output(path: str | os.PathLike[str], *, resume: bool = False, overwrite: bool = False) -> None:
-    """Fail early, before any model loads, when ``path`` cannot take a run's output."""
+    """Fail early, before any model loads, when ``path`` cannot take a run's output (``-`` is standard output)."""
+    if str(path) == "-":
+        if resume:
+            raise OutputPathError("--resume needs an output file: standard output cannot be read back")
+        return
     p = Path(path)
     if p.is_dir():
         raise OutputPathError(f"{p} is a directory: give a file name for the output")
@@ -126,7 +114,9 @@ def write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> None:
     """Append records as JSON lines, then flush and fsync so a crash cannot lose them."""
     f.write("".join(json_line(r) for r in records))
     f.flush()
-    os.fsync(f.fileno())
+    fileno = getattr(f, "fileno", None)
+    if fileno is not None and stat.S_ISREG(os.fstat(fileno()).st_mode):  # a pipe or a terminal has no disk to sync
+        os.fsync(fileno())
 
 
 #: Characters that ``str.splitlines`` (and some JSON readers) take for line breaks; JSON may hold them raw.

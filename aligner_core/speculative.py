@@ -189,11 +189,13 @@ def drafted_greedy(
     max_verify_tokens: int | None = None,
     stop_check: Callable[[int, list[int]], bool] | None = None,
     sink: Sink | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[RowResult]:
     """Greedy decoding of a batch with answer-anchored drafts; identical tokens to plain greedy.
 
     ``stop_check(row, tokens)`` may end a row early (stop strings); ``sink(row, new_tokens)``
-    receives tokens as they are accepted (streaming). ``num_draft_tokens=0`` is plain decoding.
+    receives tokens as they are accepted (streaming); ``on_step(new_tokens, finished_rows)`` is
+    called once per step with the batch's totals (progress). ``num_draft_tokens=0`` is plain decoding.
     ``max_verify_tokens`` caps the tokens one decoding step feeds the model (rows x block width):
     verifying drafts is nearly free while a step is memory-bound (small batches, GPUs) and costs
     real compute once it is not (large batches on a CPU), where the cap turns drafting off.
@@ -207,6 +209,7 @@ def drafted_greedy(
     budgets = [max(1, num_draft_tokens)] * n
     pending: list[int] = [0] * n
     valid = [0] * n  # valid tokens in the cache, per request
+    step_tokens = [0]  # tokens emitted in the current step (read by on_step)
 
     def emit(i: int, new: list[int]) -> bool:
         """Append a row's new tokens; True when the row is finished."""
@@ -220,6 +223,7 @@ def drafted_greedy(
         if len(new) >= room:
             new, done = new[:room], True
         res.tokens.extend(new)
+        step_tokens[0] += len(new)
         drafters[i].accepted(res.tokens)
         if sink is not None:
             sink(i, new)
@@ -236,6 +240,8 @@ def drafted_greedy(
         results[i].steps += 1
         if emit(i, [token]):
             finished.append(row)
+    if on_step is not None:
+        on_step(step_tokens[0], len(finished))
 
     while True:
         if finished:
@@ -274,6 +280,7 @@ def drafted_greedy(
         preds = out.logits.argmax(-1).tolist()  # [rows, span]
         used = 0
         finished = []
+        step_tokens[0] = 0
         for row, i in enumerate(active):
             d, p = drafts[row], preds[row]
             a = 0
@@ -292,6 +299,8 @@ def drafted_greedy(
             used = max(used, last)
             if emit(i, d[:a] + [p[a]]):
                 finished.append(row)
+        if on_step is not None:
+            on_step(step_tokens[0], len(finished))
         mask = full_mask
         surplus = span - used  # columns no row needs any more (the common rejected tail)
         if surplus > 0:

@@ -1,17 +1,26 @@
 """Added latency per query on CPU: plain engine vs AlignedQueryEngine vs AlignerNodePostprocessor (same query, interleaved).
 
-    python -m benchmarks.llamaindex_latency [RUNS=5] [MAX_NEW_TOKENS=32] [QUERY]
+    python -m benchmarks.llamaindex_latency [--runs 5] [--max-new-tokens 32] [--query "..."]
 """
 
+import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llamaindex_latency", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="Queries per engine (interleaved).")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="Longest answer and correction, in tokens.")
+    parser.add_argument("--query", default="What is the capital of Australia?", help="The query every engine answers.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
     from llama_index.core import Document, VectorStoreIndex
 
@@ -23,15 +32,15 @@ def main() -> int:
         huggingface_llm,
     )
 
-    N = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    TOK = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    N = args.runs
+    TOK = args.max_new_tokens
     DOCS = [
         "Canberra is the capital city of Australia. Sydney is its largest city.",
         "Spiders are arachnids and have eight legs. Insects have six legs.",
         "To boil an egg, put it in boiling water for nine minutes, then cool it in cold water.",
         "Never mix bleach and ammonia: the fumes are toxic.",
     ]
-    Q = sys.argv[3] if len(sys.argv) > 3 else "What is the capital of Australia?"
+    Q = args.query
     aligner = Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", max_new_tokens=TOK)
     llm = huggingface_llm(aligner, max_new_tokens=TOK)  # HuggingFaceLLM over the Aligner's weights
     index = VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding())

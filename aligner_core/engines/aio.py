@@ -10,9 +10,12 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import GenerationOutput, GenerationRequest, ResultCallback
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 
 class EventLoopThread:
@@ -48,11 +51,12 @@ async def gather_in_order(
     *,
     fail_fast: bool,
     on_result: ResultCallback | None,
+    progress: Progress | None = None,
 ) -> list[GenerationOutput | BaseException]:
     """Run every request at once; outputs (or the request's own exception) in request order.
 
     With ``fail_fast`` the first failure cancels the rest and is raised. ``on_result`` is called as
-    each request finishes, in completion order.
+    each request finishes, in completion order, and ``progress`` counts the row and its tokens then.
     """
     results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
 
@@ -64,6 +68,8 @@ async def gather_in_order(
                 raise
             out = exc
         results[i] = out
+        if progress is not None:
+            progress.update(tokens=0 if isinstance(out, BaseException) else out.completion_tokens, rows=1)
         if on_result is not None:
             on_result(i, out)
 

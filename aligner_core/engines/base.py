@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..correction import FinishReason
 from ..errors import GenerationOptionError
+
+if TYPE_CHECKING:
+    from ..progress import Progress
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,15 @@ class Engine(Protocol):
         *,
         fail_fast: bool = True,
         on_result: ResultCallback | None = None,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
         """Complete every request; results in request order.
 
         With ``fail_fast`` the first failure is raised; otherwise the exception takes the failed
         requests' places and the others still complete. ``on_result`` is called as each finishes.
+        ``progress`` (optional; engines written before it may lack it) gets generated tokens as
+        decoding runs where the engine sees them, and each row with its tokens as it finishes,
+        so its totals match the outputs' ``completion_tokens``.
         """
         ...
 

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import AlignerOutOfMemoryError
 from ..planner import plan_batches
+from ..progress import Progress
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
@@ -91,6 +92,10 @@ class TransformersEngine:
             # after a few tokens per step, a GPU only after hundreds (see docs/performance.md).
             max_verify_tokens = 16 if self.device.type == "cpu" else 256
         self.max_verify_tokens = max_verify_tokens
+        if self.device.type == "cpu":
+            from ..threads import configure_cpu_threads
+
+            configure_cpu_threads()  # physical cores this process may use, unless the user chose
         self.loop_supported = True
 
     @property
@@ -113,14 +118,18 @@ class TransformersEngine:
         *,
         fail_fast: bool = True,
         on_result: ResultCallback | None = None,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
-        """Complete a batch in planned sub-batches, holding the model for the whole call."""
+        """Complete a batch in planned sub-batches, holding the model for the whole call.
+
+        ``progress`` gets tokens every decoding step and each row once it hits EOS or its limit.
+        """
         if self.scheduler.closed:
             from ..scheduler import SchedulerClosedError
 
             raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
         with self.lock:
-            return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result)
+            return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result, progress=progress)
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         from ..scheduler import Job
@@ -175,6 +184,7 @@ class TransformersEngine:
         *,
         fail_fast: bool = True,
         on_result: ResultCallback | None = None,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
         results: list[GenerationOutput | BaseException | None] = [None] * len(requests)
         batches = plan_batches(
@@ -188,20 +198,22 @@ class TransformersEngine:
         for batch in batches:
             try:
                 outputs: list[GenerationOutput | BaseException] = list(
-                    self._run_splitting([requests[i] for i in batch], params)
+                    self._run_splitting([requests[i] for i in batch], params, progress)
                 )
             except Exception as exc:
                 if fail_fast:
                     raise
-                outputs = self._isolate([requests[i] for i in batch], params, exc)
+                outputs = self._isolate([requests[i] for i in batch], params, exc, progress)
             for i, out in zip(batch, outputs):
                 results[i] = out
+                if progress is not None and isinstance(out, BaseException):
+                    progress.update(rows=1)  # a failed row is complete too
                 if on_result is not None:
                     on_result(i, out)
         return results  # type: ignore[return-value]
 
     def _isolate(
-        self, batch: list[GenerationRequest], params: GenerationParams, exc: Exception
+        self, batch: list[GenerationRequest], params: GenerationParams, exc: Exception, progress: Progress | None = None
     ) -> list[GenerationOutput | BaseException]:
         """After a batch failed, run its requests one by one so only the culprit fails."""
         if len(batch) == 1:
@@ -210,7 +222,7 @@ class TransformersEngine:
         results: list[GenerationOutput | BaseException] = []
         for request in batch:
             try:
-                results.extend(self._run_splitting([request], params))
+                results.extend(self._run_splitting([request], params, progress))
             except Exception as single:
                 results.append(single)
         return results
@@ -252,10 +264,12 @@ class TransformersEngine:
         tokens = out[0, input_ids.shape[1]:].tolist()
         return self.finish(tokens, request.max_new_tokens, params.stop, time.perf_counter() - start)
 
-    def _run_splitting(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
+    def _run_splitting(
+        self, batch: list[GenerationRequest], params: GenerationParams, progress: Progress | None = None
+    ) -> list[GenerationOutput]:
         """Run a batch; on out-of-memory free the cache, halve it and retry each half."""
         try:
-            return self._run_batch(batch, params)
+            return self._run_batch(batch, params, progress)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -268,7 +282,7 @@ class TransformersEngine:
                 ) from exc
             half = len(batch) // 2
             logger.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return self._run_splitting(batch[:half], params) + self._run_splitting(batch[half:], params)
+            return self._run_splitting(batch[:half], params, progress) + self._run_splitting(batch[half:], params, progress)
 
     def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
         from transformers import GenerationConfig
@@ -297,7 +311,11 @@ class TransformersEngine:
         return ids.to(self.device), mask.to(self.device)
 
     def _run_drafted(
-        self, batch: list[GenerationRequest], params: GenerationParams, sink: Callable[[int, list[int]], None] | None = None
+        self,
+        batch: list[GenerationRequest],
+        params: GenerationParams,
+        sink: Callable[[int, list[int]], None] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[GenerationOutput]:
         """Greedy decoding with answer-anchored drafts (see ``speculative.py``)."""
         from ..speculative import drafted_greedy
@@ -322,6 +340,7 @@ class TransformersEngine:
             max_verify_tokens=self.max_verify_tokens,
             stop_check=stop_check,
             sink=sink,
+            on_step=on_step,
         )
         latency = time.perf_counter() - start
         outputs = []
@@ -333,18 +352,40 @@ class TransformersEngine:
             outputs.append(replace(out, metadata=meta))
         return outputs
 
-    def _run_batch(self, batch: list[GenerationRequest], params: GenerationParams) -> list[GenerationOutput]:
+    def _run_batch(
+        self, batch: list[GenerationRequest], params: GenerationParams, progress: Progress | None = None
+    ) -> list[GenerationOutput]:
+        """Run one planned batch, reporting its progress live and settling it exactly once it is done."""
+        if progress is None:
+            return self._decode_batch(batch, params, None)
+        report = _BatchReport(progress)
+        try:
+            outputs = self._decode_batch(batch, params, report)
+        except BaseException:
+            report.retract()  # an out-of-memory retry or a one-by-one rerun generates these rows again
+            raise
+        report.settle(outputs)
+        return outputs
+
+    def _decode_batch(
+        self, batch: list[GenerationRequest], params: GenerationParams, report: _BatchReport | None
+    ) -> list[GenerationOutput]:
+        on_step = report.step if report is not None else None
         if params.drafting and self.loop_supported and any(r.draft_ids for r in batch):
             try:
-                return self._run_drafted(batch, params)
+                return self._run_drafted(batch, params, on_step=on_step)
             except TypeError as exc:  # a model whose forward lacks position_ids / logits_to_keep / cache
                 logger.warning("the drafting loop does not support this model (%s); using generate()", exc)
                 self.loop_supported = False
+                if report is not None:
+                    report.retract()
         start = time.perf_counter()
         input_ids, attention_mask = self.pad_left([r.prompt_ids for r in batch])
         extra: dict[str, Any] = {}
         if params.stop:
             extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        if report is not None:
+            extra["streamer"] = _counting_streamer([r.max_new_tokens for r in batch], self.eos_token_ids, report.step)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -370,6 +411,66 @@ class TransformersEngine:
         if cut >= 0:
             text, finish = text[:cut], "stop"
         return GenerationOutput(text=text.strip(), completion_tokens=len(tokens), finish_reason=finish, latency_s=latency)
+
+
+class _BatchReport:
+    """One batch's share of a ``Progress``: reported live, taken back if the batch fails, settled at the end."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tokens = 0
+        self.rows = 0
+
+    def step(self, tokens: int, rows: int) -> None:
+        if tokens or rows:
+            self.tokens += tokens
+            self.rows += rows
+            self.progress.update(tokens=tokens, rows=rows)
+
+    def retract(self) -> None:
+        self.step(-self.tokens, -self.rows)
+
+    def settle(self, outputs: Sequence[GenerationOutput]) -> None:
+        """Make the totals exact: rows the loop could not see end (stop strings) and the final token counts."""
+        self.step(sum(o.completion_tokens for o in outputs) - self.tokens, len(outputs) - self.rows)
+
+
+def _counting_streamer(limits: Sequence[int], eos_token_ids: Sequence[int], on_step: Callable[[int, int], None]) -> Any:
+    """A streamer for ``model.generate`` that counts each step's tokens and the rows that just ended.
+
+    ``generate`` already copies each step's tokens to the host for a streamer, at the point where it
+    waits for the step anyway; counting them costs a few list operations per step. A row ends at EOS
+    or its own ``max_new_tokens``, as ``TransformersEngine.finish`` cuts it.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    eos = set(eos_token_ids)
+
+    class _Counter(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+            self.counts = [0] * len(limits)
+            self.open = [limit > 0 for limit in limits]
+
+        def put(self, value: torch.Tensor) -> None:
+            if not self.prompt_seen:  # generate() first hands over the prompt
+                self.prompt_seen = True
+                return
+            tokens = ended = 0
+            for row, token in enumerate(value.reshape(-1).tolist()):
+                if not self.open[row]:
+                    continue
+                tokens += 1
+                self.counts[row] += 1
+                if token in eos or self.counts[row] >= limits[row]:
+                    self.open[row] = False
+                    ended += 1
+            on_step(tokens, ended)
+
+        def end(self) -> None:
+            pass
+
+    return _Counter()
 
 
 def _free_cache() -> None:

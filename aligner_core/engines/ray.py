@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AlignerError, EngineUnavailableError, InvalidInputError, missing
 from ..filejob import JobStats, error_info, output_line
-from ..jsonl import count_records, open_resumable, read_jsonl, write_durably
+from ..jsonl import open_resumable, write_durably
+from ..records import count_items, numbered
 from .base import GenerationParams
 
 if TYPE_CHECKING:
@@ -106,9 +107,9 @@ def correct_file_ray(
     f, done = open_resumable(out_path, resume=resume, overwrite=overwrite)
     stats = JobStats(skipped=done)
     rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field]}
-            for n, r in read_jsonl(in_path, skip=done) if _sendable(r, question_field, answer_field)]
-    source = read_jsonl(in_path, skip=done)  # read again in step with the results: records stay on disk
-    with f, tqdm(total=count_records(in_path), initial=done, desc="Correcting", unit="rec",
+            for n, r in numbered(in_path, skip=done) if _sendable(r, question_field, answer_field)]
+    source = numbered(in_path, skip=done)  # read again in step with the results: records stay on disk
+    with f, tqdm(total=count_items(in_path), initial=done, desc="Correcting", unit="rec",
                  disable=not show_progress) as bar:
         if rows:
             connected = _connect(ray, address, replicas)
@@ -126,7 +127,10 @@ def correct_file_ray(
                 if connected:
                     ray.shutdown()
         _write_batch(f, stats, bar, source, [], question_field, answer_field, output_field)  # trailing bad lines
+    stats.read = stats.skipped + stats.written  # every record read was matched to its line above
     return stats
+
+
 
 
 class _AlignerReplica:
@@ -314,6 +318,7 @@ def _write_batch(
                 continue
             error = json.loads(result[ERROR_COLUMN])
         stats.failed += 1
+        stats.failed_at.append(f"record {number}")
         lines.append(output_line(record, of, error=error))
     write_durably(f, lines)
     stats.written += len(lines)

@@ -40,6 +40,7 @@ from ..errors import (
     TemplateError,
     missing,
 )
+from ..progress import Progress
 from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
@@ -223,12 +224,13 @@ class ServerEngine:
         *,
         fail_fast: bool = True,
         on_result: ResultCallback | None = None,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
         """All requests at once, at most ``max_concurrency`` in flight; the server batches them."""
         if not requests:
             return []
         return result_or_cancel(self._io_thread().run(gather_in_order(
-            requests, lambda r: self.agenerate(r, params), fail_fast=fail_fast, on_result=on_result
+            requests, lambda r: self.agenerate(r, params), fail_fast=fail_fast, on_result=on_result, progress=progress
         )))
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:

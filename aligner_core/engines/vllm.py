@@ -35,6 +35,7 @@ from ..errors import (
     missing,
 )
 from ..loading import ModelSource
+from ..progress import Progress
 from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
@@ -169,12 +170,13 @@ class VLLMEngine:
         *,
         fail_fast: bool = True,
         on_result: ResultCallback | None = None,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
         """Submit every request at once (vLLM's scheduler batches them); results in request order."""
         if not requests:
             return []
         return result_or_cancel(self._start(gather_in_order(
-            requests, lambda r: self._run(r, params, None), fail_fast=fail_fast, on_result=on_result
+            requests, lambda r: self._run(r, params, None), fail_fast=fail_fast, on_result=on_result, progress=progress
         )))
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..correction import similarity
-from ..jsonl import chunked, count_records, open_resumable, read_jsonl, write_durably
+from ..jsonl import chunked, open_resumable, read_jsonl, write_durably
+from ..progress import token_postfix
+from ..records import count_items, numbered
 from .judges import Comparison, Judge, Verdict
 from .metrics import EvalSummary, summarize
 from .report import write_report
@@ -86,9 +88,9 @@ def evaluate_file(
         return value
 
     with f, tqdm(
-        total=count_records(in_path), initial=result.skipped, desc="Judging", unit="rec", disable=not show_progress
+        total=count_items(in_path), initial=result.skipped, desc="Judging", unit="rec", disable=not show_progress
     ) as bar:
-        for chunk in chunked(read_jsonl(in_path, skip=result.skipped), chunk_size):
+        for chunk in chunked(numbered(in_path, skip=result.skipped), chunk_size):
             _run_chunk(chunk, f, judge, get_aligner, fields, generation, result, bar, judge_unchanged)
     rows = (r for _, r in read_jsonl(verdicts) if isinstance(r, dict))
     result.summary = summarize(rows, judge=judge.name, n_resamples=n_resamples, confidence=confidence, seed=seed)
@@ -132,7 +134,10 @@ def _run_chunk(
                 errors[i] = ValueError(f"record has no {cf!r} and no Aligner was given to produce one")
         else:
             bar.set_description("Correcting")
-            done = aligner.correct_batch([(rows[i][qf], rows[i][af]) for i in to_correct], return_exceptions=True, **generation)
+            done = aligner.correct_batch(
+                [(rows[i][qf], rows[i][af]) for i in to_correct], return_exceptions=True, progress=token_postfix(bar),
+                **generation,
+            )
             bar.set_description("Judging")
             for i, fix in zip(to_correct, done):
                 if isinstance(fix, Exception):

@@ -16,7 +16,8 @@ from typing import Any
 
 from ..correction import similarity
 from ..errors import OutputExistsError
-from ..jsonl import read_jsonl, write_durably
+from ..jsonl import write_durably
+from ..records import numbered
 
 #: Standard (non-conversational) pairs: TRL concatenates prompt + chosen, so the prompt ends in a break.
 DEFAULT_PROMPT_FORMAT = "{question}\n\n"
@@ -151,7 +152,7 @@ def write_pairs(
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
-    pairs, stats = pairs_from_records((r for _, r in read_jsonl(in_path)), **options)
+    pairs, stats = pairs_from_records((r for _, r in numbered(in_path)), **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputExistsError, TemplateError
-from ..jsonl import chunked, open_resumable, read_jsonl, write_durably
+from ..jsonl import chunked, open_resumable, write_durably
 from ..local_chat import LocalChat
+from ..progress import token_postfix
+from ..records import SUFFIXES, iter_items
 from .build import PairStats, write_pairs
 
 if TYPE_CHECKING:
@@ -84,14 +86,16 @@ def _message_text(message: Any) -> str:
 
 
 def iter_prompts(path: str | os.PathLike[str], *, question_field: str = "question", skip: int = 0) -> Iterator[str | Exception]:
-    """Questions from a JSONL file (``question_field`` of each record) or a text file (one per line)."""
+    """Questions from records (``question_field`` of each: any format of ``aligner_core.records``, ``-`` for
+    stdin) or from a text file (one per line)."""
     p = Path(path)
-    if p.suffix.lower() in {".jsonl", ".json"}:
-        for number, record in read_jsonl(p, skip=skip):
+    if str(path) == "-" or p.suffix.lower() in SUFFIXES or p.is_dir():
+        for item in iter_items(path, skip=skip):
+            record = item.record
             if isinstance(record, Exception):
                 yield record
             elif not isinstance(record.get(question_field), str) or not record[question_field].strip():
-                yield ValueError(f"line {number}: no {question_field!r} string")
+                yield ValueError(f"{item.where}: no {question_field!r} string")
             else:
                 yield record[question_field]
         return
@@ -151,7 +155,7 @@ def generate_round(
         unit="prompt", disable=not show_progress,
     ) as bar:
         for chunk in chunked(prompts, chunk_size):
-            _run_chunk(chunk, f, upstream, aligner, generation, result)
+            _run_chunk(chunk, f, upstream, aligner, {**generation, "progress": token_postfix(bar)}, result)
             bar.update(len(chunk))
     result.pairs = write_pairs(records, out, overwrite=True, **(pair_options or {}))
     return result

@@ -7,16 +7,14 @@ dataset), rather than after an hour of training.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from ..errors import AlignerError, missing
-from ..jsonl import read_jsonl
+from ..errors import AlignerError
+from ..records import RecordSourceError, iter_items
 
 #: How many problems an error message lists before it says "and N more".
 SHOWN = 10
@@ -99,82 +97,20 @@ def check_record(item: Any, where: str, fields: Fields) -> Record | str:
 def iter_raw(
     source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *, split: str = "train", config_name: str | None = None
 ) -> Iterable[tuple[str, Any]]:
-    """Yield ``(where, raw item)`` for each record; unreadable lines yield an exception as the item."""
+    """Yield ``(where, raw item)`` for each record; unreadable lines yield an exception as the item.
+
+    Files, folders and ``datasets`` names are read by the one loader every command uses (``aligner_core.records``).
+    """
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (bytes, Mapping)) or not isinstance(source, Sequence):
             raise TrainingDataError(f"data must be a path, a dataset name or a list of dicts, got {type(source).__name__}")
         yield from ((f"record {i}", item) for i, item in enumerate(source))
         return
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_file() and suffix == ".jsonl":
-        yield from ((f"line {n}", item) for n, item in read_jsonl(path))
-    elif path.is_file() and suffix == ".json":
-        yield from _json_file(path)
-    elif path.is_file() and suffix in {".csv", ".parquet", ".tsv"}:
-        builder = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}[suffix]
-        extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        yield from _rows(_load_dataset(builder, data_files=str(path), split="train", **extra))
-    elif path.is_file():
-        raise TrainingDataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    elif path.is_dir():
-        yield from _rows(_dataset_dir(path, split))
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-        raise TrainingDataError(f"no such file or directory: {source}")
-    else:
-        yield from _rows(_load_dataset(str(source), config_name, split=split))
-
-
-def _json_file(path: Path) -> Iterable[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # JSON lines saved with a .json name
-            yield from ((f"line {n}", item) for n, item in read_jsonl(path))
-            return
-        raise TrainingDataError(f"{path}: invalid JSON: {exc}") from exc
-    if isinstance(data, Mapping):  # {"train": [...]} or {"data": [...]}: one list of records inside
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise TrainingDataError(f"{path}: expected a JSON array of records (or an object holding exactly one)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise TrainingDataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    yield from ((f"record {i}", item) for i, item in enumerate(data))
-
-
-def _rows(dataset: Any) -> Iterable[tuple[str, Any]]:
-    yield from ((f"row {i}", row) for i, row in enumerate(dataset))
-
-
-def _load_dataset(*args: Any, **kwargs: Any) -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise missing("datasets", "train", feature="reading CSV/Parquet files and `datasets` names") from None
-    try:
-        return datasets.load_dataset(*args, **kwargs)
-    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false", "False"}
-        hint = " (HF_HUB_OFFLINE is set: only cached datasets load)" if offline else ""
-        raise TrainingDataError(f"could not load dataset {args[0]!r}{hint}: {exc}") from exc
-
-
-def _dataset_dir(path: Path, split: str) -> Any:
-    """A directory written by ``save_to_disk`` (a Dataset or a DatasetDict), else a folder of data files."""
-    if not ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        return _load_dataset(str(path), split=split)
-    try:
-        import datasets
-    except ImportError:
-        raise missing("datasets", "train", feature="reading a dataset directory") from None
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise TrainingDataError(f"{path} has no split {split!r}; it has {', '.join(loaded)} (pick one with --split)")
-        return loaded[split]
-    return loaded
+        for item in iter_items(source, split=split, config_name=config_name):
+            yield item.where, item.record
+    except RecordSourceError as exc:
+        raise TrainingDataError(str(exc)) from exc
 
 
 def _describe(source: Any) -> str:

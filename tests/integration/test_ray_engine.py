@@ -264,7 +264,7 @@ def test_file_with_bad_lines_matches_the_local_file_job(ray_cluster, tiny_model_
 def test_options_are_checked_before_any_replica_starts(ray_cluster, tiny_model_dir):
     ds = ray.data.from_items([{"question": "q", "answer": "a"}])
     with pytest.raises(GenerationOptionError, match="temperature"):
-        correct_dataset(ds, EngineChoice(model=str(tiny_model_dir)), temperature=0)
+        correct_dataset(ds, EngineChoice(model=str(tiny_model_dir)), temperature="hot")
     with pytest.raises(ValueError, match="replicas must be a positive integer, got 0"):
         correct_dataset(ds, EngineChoice(model=str(tiny_model_dir)), replicas=0)
 

@@ -22,7 +22,7 @@ def test_jsonl_json_array_and_list(tmp_path):
     assert [r.where for r in load_records(jsonl)] == ["line 1", "line 3"]
     array = tmp_path / "d.json"
     array.write_text(json.dumps([GOOD, GOOD]))
-    assert [r.where for r in load_records(array)] == ["record 0", "record 1"]
+    assert [r.where for r in load_records(array)] == ["record 1", "record 2"]
     wrapped = tmp_path / "w.json"
     wrapped.write_text(json.dumps({"data": [GOOD]}))
     assert len(load_records(wrapped)) == 1
@@ -56,7 +56,7 @@ def test_every_problem_is_named_before_any_compute(tmp_path):
     assert "line 3: missing fields 'question', 'answer', 'correction' (has: none)" in message
     assert "line 4: empty 'answer'" in message
     assert "line 5: fields must be strings: 'question' is int" in message
-    assert "line 6: invalid JSON" in message
+    assert "line 6, column 2: invalid JSON" in message
     assert "line 7: expected a JSON object, got list" in message
     assert "- line 1:" not in message
 
@@ -84,10 +84,10 @@ def test_datasets_directory_and_csv(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([GOOD, {**GOOD, "correction": ""}])
     ds.save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(TrainingDataError, match="row 1: empty 'correction'"):
+    with pytest.raises(TrainingDataError, match="row 2: empty 'correction'"):
         load_records(tmp_path / "ds")
     datasets.DatasetDict({"train": ds.select([0]), "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
-    assert [r.where for r in load_records(tmp_path / "dd", split="test")] == ["row 0"]
+    assert [r.where for r in load_records(tmp_path / "dd", split="test")] == ["row 1"]
     with pytest.raises(TrainingDataError, match="no split 'validation'"):
         load_records(tmp_path / "dd", split="validation")
     (tmp_path / "d.csv").write_text("question,answer,correction\nQ?,bad,good\n")
