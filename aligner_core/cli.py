@@ -68,7 +68,7 @@ def correct(
     question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
     answer_field: Annotated[str, typer.Option(help="Field holding the answer to correct.")] = "answer",
     output_field: Annotated[str, typer.Option(help="Field to write the correction into.")] = "correction",
-    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=1, help="Token budget of one padded batch.")] = 16384,
+    batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", min=1, help="Token budget of one padded batch (default: 16384 on CPU, derived from free memory on a GPU).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 1024,
     chunk_size: Annotated[int, typer.Option(min=1, help="Records corrected and written durably at a time.")] = 64,
     on_overflow: Annotated[str, typer.Option(help="'error' or 'truncate' for answers longer than the context.")] = "error",

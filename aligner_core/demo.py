@@ -41,7 +41,7 @@ def run_demo(
     model: str | None = None,
     *,
     max_new_tokens: int = 96,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int | None = None,
     choice: EngineChoice | None = None,
     progress: ProgressCallback | Progress | None = None,
 ) -> int:

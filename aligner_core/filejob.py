@@ -199,5 +199,4 @@ __all__ = ["JobStats", "OutputExistsError", "correct_jsonl"]
 
 def _position(item: Any) -> dict[str, Any]:
     """What stands in for an unreadable record: ``{"line": 7}`` for JSON lines, else ``{"record": "row 3"}``."""
-    kind, _, number = item.where.partition(" ")
-    return {"line": int(number)} if kind == "line" and number.isdigit() else {"record": item.where}
+    return {"line": item.line} if item.where.startswith("line ") else {"record": item.where}

@@ -29,7 +29,7 @@ def read_jsonl(path: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple
     with open(path, encoding="utf-8") as f:
         for item in json_lines(f):
             if item.number > skip:
-                yield int(item.where.split()[1]), item.record
+                yield item.line, item.record
 
 
 def resume_offset(path: str | os.PathLike[str]) -> int:

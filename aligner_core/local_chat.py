@@ -59,7 +59,7 @@ class LocalChat:
         self.params = GenerationParams(max_new_tokens=max_new_tokens, speculative=False).updated(generation)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, *, max_batch_tokens: int = 16384, **kwargs: Any) -> LocalChat:
+    def from_model(cls, model: Any, tokenizer: Any, *, max_batch_tokens: int | None = None, **kwargs: Any) -> LocalChat:
         """Chat with an already loaded transformers model (its own engine)."""
         from .engines.local import TransformersEngine
 

@@ -39,6 +39,12 @@ class Item:
     where: str
     record: dict[str, Any] | Exception
 
+    @property
+    def line(self) -> int:
+        """The file line of a JSON-lines record (blank lines counted), else the record number."""
+        kind, _, value = self.where.partition(" ")
+        return int(value) if kind == "line" and value.isdigit() else self.number
+
 
 def is_stdio(source: Any) -> bool:
     return isinstance(source, str) and source == STDIO
@@ -76,8 +82,8 @@ def iter_items(
 
 
 def numbered(source: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
-    """``(record number, record or why it is unreadable)``: what the chunked jobs consume."""
-    return ((item.number, item.record) for item in iter_items(source, skip=skip))
+    """``(line, record or why it is unreadable)``: what the chunked jobs consume (``Item.line``)."""
+    return ((item.line, item.record) for item in iter_items(source, skip=skip))
 
 
 def count_items(source: str | os.PathLike[str]) -> int | None:

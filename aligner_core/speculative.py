@@ -176,6 +176,57 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_token_id: int, 
     return Prefilled(cache=cache, mask=mask, order=order, valid=[len(prompts[i]) for i in order], first=first)
 
 
+#: A row checks its drafts every PAUSE_AFTER proposed tokens; when almost none were accepted (below
+#: MIN_ACCEPTANCE) it drafts nothing for PAUSE_STEPS steps (plain decoding for that row), then probes again
+#: with one token. Kept low on purpose: on a 2-core CPU, drafts accepted at 26% still paid (benchmarks/drafting.py).
+PAUSE_AFTER = 24
+MIN_ACCEPTANCE = 0.05
+PAUSE_STEPS = 16
+
+
+class DraftingPolicy:
+    """Whether a batch goes through the drafting loop or plain ``generate``, from what was measured.
+
+    On a CPU the loop wins even without accepted drafts (ragged prefill, finished rows leave, the verify
+    cap turns drafting off for large batches), so it always runs there. On an accelerator a step of the
+    loop costs more than one of ``generate`` at large batches, which only accepted drafts pay back: once
+    the acceptance measured over recent batches (an exponential average) is below ``min_acceptance``, a
+    batch of ``min_rows`` or more takes the plain path, and every ``probe_every``-th such batch drafts
+    again to keep the measurement fresh.
+    """
+
+    def __init__(
+        self, device_type: str, *, min_acceptance: float = 0.35, min_rows: int = 8, probe_every: int = 8,
+        smoothing: float = 0.3,
+    ) -> None:
+        self.device_type = device_type
+        self.min_acceptance = min_acceptance
+        self.min_rows = min_rows
+        self.probe_every = probe_every
+        self.smoothing = smoothing
+        self.acceptance: float | None = None
+        self._skipped = 0
+
+    def choose(self, rows: int) -> bool:
+        """True to run this batch through the drafting loop."""
+        if self.device_type == "cpu" or self.acceptance is None or rows < self.min_rows:
+            return True
+        if self.acceptance >= self.min_acceptance:
+            return True
+        self._skipped += 1
+        if self._skipped >= self.probe_every:
+            self._skipped = 0
+            return True
+        return False
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """Fold a drafted batch's acceptance into the average."""
+        if proposed <= 0:
+            return
+        rate = accepted / proposed
+        self.acceptance = rate if self.acceptance is None else (1 - self.smoothing) * self.acceptance + self.smoothing * rate
+
+
 @torch.inference_mode()
 def drafted_greedy(
     model: Any,
@@ -207,6 +258,8 @@ def drafted_greedy(
     eos = set(int(e) for e in eos_token_ids)
     cache_kw = _cache_keyword(model)
     budgets = [max(1, num_draft_tokens)] * n
+    paused = [0] * n  # steps a row drafts nothing, after its drafts kept missing
+    window = [[0, 0] for _ in range(n)]  # proposed, accepted since the row's last check
     pending: list[int] = [0] * n
     valid = [0] * n  # valid tokens in the cache, per request
     step_tokens = [0]  # tokens emitted in the current step (read by on_step)
@@ -259,6 +312,9 @@ def drafted_greedy(
         for i in active:
             room = max_new_tokens[i] - len(results[i].tokens) - 1
             k = min(budgets[i], room, width_cap) if num_draft_tokens > 0 else 0
+            if paused[i] > 0:
+                paused[i] -= 1
+                k = 0
             drafts.append(drafters[i].propose(results[i].tokens, k) if k > 0 else [])
         blocks = [[pending[i], *d] for i, d in zip(active, drafts)]
         span = max(len(b) for b in blocks)
@@ -292,6 +348,12 @@ def drafted_greedy(
             res.steps += 1
             if d:  # adapt: grow the draft after a full hit, shrink after a miss
                 budgets[i] = min(num_draft_tokens * 2, budgets[i] + 2) if a == len(d) else max(1, budgets[i] - 1)
+                window[i][0] += len(d)
+                window[i][1] += a
+                if window[i][0] >= PAUSE_AFTER:  # drafts that keep missing cost verify width: stop, probe later
+                    if window[i][1] < MIN_ACCEPTANCE * window[i][0]:
+                        paused[i], budgets[i] = PAUSE_STEPS, 1
+                    window[i] = [0, 0]
             # Cache validity: the pending token and the accepted drafts; the rest is masked from now on.
             last = 1 + a
             full_mask[row, mask.shape[1] + last:] = 0

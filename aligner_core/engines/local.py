@@ -62,12 +62,18 @@ class TransformersEngine:
         model: Any,
         tokenizer: Any,
         *,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | None = None,
         max_batch_size: int | None = None,
         max_verify_tokens: int | None = None,
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
     ):
+        if max_batch_tokens is None:  # CPU: a fixed budget; CUDA/MPS: what the card holds (see memory_budget)
+            from ..memory_budget import ACCELERATOR_MAX_ROWS, budget_for
+
+            max_batch_tokens = budget_for(model)
+            if max_batch_size is None and next(model.parameters()).device.type != "cpu":
+                max_batch_size = ACCELERATOR_MAX_ROWS  # the activation reserve covers this many rows' logits
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens}")
         from ..scheduler import MicroBatcher
@@ -92,6 +98,9 @@ class TransformersEngine:
             # after a few tokens per step, a GPU only after hundreds (see docs/performance.md).
             max_verify_tokens = 16 if self.device.type == "cpu" else 256
         self.max_verify_tokens = max_verify_tokens
+        from ..speculative import DraftingPolicy
+
+        self.drafting_policy = DraftingPolicy(self.device.type)
         if self.device.type == "cpu":
             from ..threads import configure_cpu_threads
 
@@ -371,9 +380,15 @@ class TransformersEngine:
         self, batch: list[GenerationRequest], params: GenerationParams, report: _BatchReport | None
     ) -> list[GenerationOutput]:
         on_step = report.step if report is not None else None
-        if params.drafting and self.loop_supported and any(r.draft_ids for r in batch):
+        drafting = params.drafting and self.loop_supported and any(r.draft_ids for r in batch)
+        if drafting and self.drafting_policy.choose(len(batch)):
             try:
-                return self._run_drafted(batch, params, on_step=on_step)
+                outputs = self._run_drafted(batch, params, on_step=on_step)
+                self.drafting_policy.record(
+                    sum(o.metadata.get("draft_tokens", 0) for o in outputs),
+                    sum(o.metadata.get("accepted_draft_tokens", 0) for o in outputs),
+                )
+                return outputs
             except TypeError as exc:  # a model whose forward lacks position_ids / logits_to_keep / cache
                 logger.warning("the drafting loop does not support this model (%s); using generate()", exc)
                 self.loop_supported = False

@@ -38,7 +38,7 @@ class TransformersUpstream(LocalChat):
         max_new_tokens: int = 256,
         system: str | None = None,
         prompt_format: str | None = None,
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int | None = None,
         **generation: Any,
     ) -> None:
         from ..engines.local import TransformersEngine

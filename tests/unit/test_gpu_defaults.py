@@ -1,0 +1,82 @@
+"""Issue 14 (the parts a CPU can pin): the batch budget derived from memory numbers, the drafting decision,
+and identical greedy text whatever drafting decides."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig
+
+from aligner_core import Aligner
+from aligner_core import speculative as sp
+from aligner_core.memory_budget import (
+    CPU_BATCH_TOKENS,
+    MAX_BATCH_TOKENS,
+    MIN_BATCH_TOKENS,
+    activation_reserve,
+    budget_for,
+    derive_budget,
+    kv_bytes_per_token,
+)
+from aligner_core.speculative import DraftingPolicy, drafted_greedy
+
+LLAMA_1B = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256)
+LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256)
+GIB = 2**30
+
+
+def test_kv_bytes_per_token_follow_the_shape():
+    assert kv_bytes_per_token(LLAMA_1B, 2) == 16 * 8 * 64 * 2 * 2 == 32768  # layers x KV heads x head dim x K,V x bf16
+    assert kv_bytes_per_token(LLAMA_8B, 2) == 32 * 8 * 128 * 2 * 2 == 131072
+    assert activation_reserve(LLAMA_8B, 2) > activation_reserve(LLAMA_1B, 2) > 256 * 128256 * 4
+
+
+def test_budget_from_free_memory_like_gpu_memory_utilization():
+    per_token, reserve = kv_bytes_per_token(LLAMA_8B, 2), activation_reserve(LLAMA_8B, 2)
+    # an H200 (141 GiB) with 16 GiB of 8B weights loaded: 125 GiB free, 10% of the card kept back
+    budget = derive_budget(125 * GIB, 141 * GIB, per_token, reserve_bytes=reserve)
+    assert budget == int((125 * GIB - 0.1 * 141 * GIB - reserve) // (per_token * 1.1))
+    assert budget > 262144 * 2  # the issue's hand-tuned 262,144 fits twice over; the old default was 16,384
+    assert derive_budget(125 * GIB, 141 * GIB, per_token, reserve_bytes=reserve, utilization=0.5) < budget
+    assert derive_budget(1 * GIB, 80 * GIB, per_token) == MIN_BATCH_TOKENS  # nearly full card: the floor
+    assert derive_budget(10**15, 10**15, 1) == MAX_BATCH_TOKENS
+    with pytest.raises(ValueError, match="utilization"):
+        derive_budget(GIB, GIB, per_token, utilization=1.5)
+
+
+def test_cpu_keeps_the_cpu_budget(tiny_model, tiny_tokenizer):
+    assert budget_for(tiny_model) == CPU_BATCH_TOKENS
+    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1")
+    try:
+        assert aligner.engine.max_batch_tokens == CPU_BATCH_TOKENS
+    finally:
+        aligner.close()
+
+
+def test_drafting_policy_falls_back_to_plain_decoding_when_drafts_miss():
+    cpu = DraftingPolicy("cpu")
+    cpu.record(100, 0)
+    assert all(cpu.choose(64) for _ in range(20))  # the loop wins on a CPU even without accepted drafts
+    gpu = DraftingPolicy("cuda", probe_every=4)
+    assert gpu.choose(64)  # nothing measured yet: draft, and measure
+    gpu.record(100, 5)
+    decisions = [gpu.choose(64) for _ in range(8)]
+    assert decisions == [False, False, False, True, False, False, False, True]  # plain, with a probe every 4th
+    assert gpu.choose(2)  # small batches: verifying drafts is nearly free
+    for _ in range(6):
+        gpu.record(100, 90)
+    assert gpu.choose(64)  # drafts accepted again: back to drafting
+
+
+def test_rows_whose_drafts_miss_pause_drafting_and_the_text_is_unchanged(tiny_model, tiny_tokenizer, monkeypatch):
+    prompt = tiny_tokenizer("Question: what? Answer: something here", add_special_tokens=False)["input_ids"]
+    reference = list(range(10, 60)) * 3  # a draft source the model's greedy output does not follow
+    run = lambda: drafted_greedy(tiny_model, [prompt], [reference], [80], eos_token_ids=[], pad_token_id=0)[0]  # noqa: E731
+    paused = run()
+    monkeypatch.setattr(sp, "PAUSE_AFTER", 10**9)  # never pause
+    unpaused = run()
+    plain = drafted_greedy(tiny_model, [prompt], [reference], [80], eos_token_ids=[], pad_token_id=0,
+                           num_draft_tokens=0)[0]
+    assert paused.tokens == unpaused.tokens == plain.tokens  # greedy text is the same whatever drafting does
+    assert paused.accepted == 0 and paused.proposed < unpaused.proposed
