@@ -20,7 +20,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
 from langchain_core.runnables.base import RunnableBindingBase
-from langchain_core.runnables.config import ensure_config, patch_config
+from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.configurable import DynamicRunnable
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, SecretStr, model_validator
@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, SecretStr, model_validator
 from aligner_core import Aligner
 
 from ._io import last_human_text
-from ._quiet import UNCORRECTED_TAG, mute_manager
+from ._quiet import UNCORRECTED_TAG, child_config
 from .runnable import AlignerRunnable, OnError
 
 
@@ -62,11 +62,17 @@ class _Call:
             inheritable_tags=self.config.get("tags"),
             inheritable_metadata=self.config.get("metadata"),
         )
-        child = CallbackManager(handlers=[], parent_run_id=self.capture.run_id)
-        child.set_handlers([h for h in manager.handlers if h is not self.capture])
-        child.add_tags(manager.inheritable_tags)
-        child.add_metadata(manager.inheritable_metadata)
-        return child
+        handlers = [h for h in manager.handlers if h is not self.capture]
+        return _child_manager(self.capture.run_id, handlers, manager.inheritable_tags, manager.inheritable_metadata)
+
+
+def _child_manager(run_id: UUID, handlers: list[Any], tags: list[str], metadata: dict[str, Any]) -> CallbackManager:
+    """A manager whose runs nest under ``run_id`` (what ``ParentRunManager.get_child`` does)."""
+    child = CallbackManager(handlers=[], parent_run_id=run_id)
+    child.set_handlers(handlers)
+    child.add_tags(tags)
+    child.add_metadata(metadata)
+    return child
 
 
 _CALL: ContextVar[_Call | None] = ContextVar("langchain_aligner_call", default=None)
@@ -347,32 +353,25 @@ class AlignedChatModel(BaseChatModel):
         if run_manager is None:
             call = self._current()
             return call.manager() if call is not None else None
-        manager = CallbackManager(handlers=[], parent_run_id=run_manager.run_id)
-        manager.set_handlers(run_manager.inheritable_handlers)
-        manager.add_tags(run_manager.inheritable_tags)
-        manager.add_metadata(run_manager.inheritable_metadata)
-        return manager
+        return _child_manager(
+            run_manager.run_id, run_manager.inheritable_handlers, run_manager.inheritable_tags,
+            run_manager.inheritable_metadata,
+        )
 
     def _configs(
         self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
-    ) -> tuple[RunnableConfig | None, RunnableConfig | None]:
+    ) -> tuple[RunnableConfig, RunnableConfig]:
         """Configs of the wrapped model's run and of the correction's, both nested under this chat model run.
 
         Both are muted (no token events): the wrapped model's tokens are uncorrected, and the
         correction's tokens go out as this run's own. ``stream_uncorrected`` unmutes the former.
         """
-
         call = self._current()
 
-        def child(quiet: bool, tag: str | None) -> RunnableConfig | None:
-            manager = self._parent(run_manager)
-            if manager is None:  # no run to nest under: never hand the caller's handlers over unmuted
-                manager = CallbackManager(handlers=[])
-            if quiet:
-                mute_manager(manager)
-            if tag:
-                manager.add_tags([tag])
-            return patch_config(call.config if call is not None else None, callbacks=manager)
+        def child(quiet: bool, tag: str | None) -> RunnableConfig:
+            # no run to nest under: an empty manager, never the caller's handlers unmuted
+            manager = self._parent(run_manager) or CallbackManager(handlers=[])
+            return child_config(call.config if call is not None else {}, manager, quiet=quiet, tag=tag)
 
         return child(not self.stream_uncorrected, UNCORRECTED_TAG), child(True, None)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import AlignerOutOfMemoryError
+from ..plaintext import encode_text
 from ..planner import plan_batches
 from ..progress import Progress
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
@@ -112,8 +113,8 @@ class TransformersEngine:
         return next(self.model.parameters()).device
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        options = {"split_special_tokens": True} if split_special_tokens else {}
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
+        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
+                           split_special_tokens=split_special_tokens)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -40,6 +40,7 @@ from ..errors import (
     TemplateError,
     missing,
 )
+from ..plaintext import encode_text
 from ..progress import Progress
 from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
@@ -170,8 +171,8 @@ class ServerEngine:
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is not None:
-            options = {"split_special_tokens": True} if split_special_tokens else {}
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
+            return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
+                               split_special_tokens=split_special_tokens)
         body = {"model": self.model_name, "prompt": text, "add_special_tokens": add_special_tokens}
         return list(self._tokenizer_call("tokenize", body)["tokens"])
 

@@ -35,6 +35,7 @@ from ..errors import (
     missing,
 )
 from ..loading import ModelSource
+from ..plaintext import encode_text
 from ..progress import Progress
 from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
@@ -155,8 +156,8 @@ class VLLMEngine:
     # -- tokens -------------------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        options = {"split_special_tokens": True} if split_special_tokens else {}
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
+        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
+                           split_special_tokens=split_special_tokens)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

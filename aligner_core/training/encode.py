@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TemplateError
-from ..plaintext import encode_plain, holds_special
+from ..plaintext import encode_plain, encode_text, holds_special
 from ..templates import Template, TextTemplate
 from .data import Record, TrainingDataError, problems_message
 
@@ -68,8 +68,8 @@ class ExampleEncoder:
         return self.template.format(question=question, answer=answer)
 
     def _encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        options = {"split_special_tokens": True} if split_special_tokens else {}
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])
+        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
+                           split_special_tokens=split_special_tokens)
 
     def prompt_ids(self, question: str, answer: str) -> list[int]:
         """Token ids of the prompt, exactly as ``Aligner.prepare`` encodes it for generation (special-token
