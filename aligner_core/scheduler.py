@@ -3,7 +3,8 @@
 Callers (threads via ``submit(...).result()``, coroutines via ``asyncio.wrap_future``, which resolves
 on the caller's loop with ``call_soon_threadsafe``) put validated requests on a bounded queue. The
 worker takes the first waiting request, keeps gathering while more arrive within ``max_wait_ms`` of
-each other (at most ten times that in all, or until the token budget is full), groups them by decoding options and runs each group as one planned batch. A failing
+each other (for at most ``MAX_GATHER_S``, or until the token budget or the row limit is full), groups them by
+decoding options and runs each group as one planned batch. A failing
 request fails only its own future; a cancelled one is skipped if it has not started.
 """
 
@@ -40,6 +41,11 @@ class Job:
 
 _STOP = object()
 
+#: Longest a burst is gathered while its requests keep arriving. 256 coroutines that each render and tokenize
+#: their prompt before queuing take ~80 ms to arrive; a shorter cap (it was 50 ms) cut such a burst in two
+#: batches run one after the other, 0.5x of one ``correct_batch`` on an H100 (docs/performance.md).
+MAX_GATHER_S = 0.25
+
 
 class MicroBatcher:
     """A background worker that serves concurrent requests in shared batches."""
@@ -51,6 +57,7 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
         max_batch_tokens: int = 16384,
+        max_batch_size: int | None = None,
         lock: threading.Lock | None = None,
     ) -> None:
         if max_wait_ms < 0:
@@ -60,6 +67,7 @@ class MicroBatcher:
         self.run_batch = run_batch  # the engine's unlocked batch runner: (requests, params, fail_fast=...)
         self.max_wait = max_wait_ms / 1000.0
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self.lock = lock or threading.Lock()
         self._closed = False
@@ -124,15 +132,16 @@ class MicroBatcher:
         """Collect the burst that arrives with the first job, up to the token budget.
 
         Waits until no job has arrived for ``max_wait`` (callers still rendering their prompts keep
-        the batch open), but never longer than ten times ``max_wait`` in all.
+        the batch open), but never longer than ``MAX_GATHER_S`` (or ten times ``max_wait``) in all.
         """
         jobs = [first]
         if first.exclusive is not None:
             return jobs, False
         budget = _cost(first)
+        rows = self.max_batch_size or float("inf")
         now = time.monotonic()
-        cap, deadline = now + 10 * self.max_wait, now + self.max_wait
-        while budget < self.max_batch_tokens:
+        cap, deadline = now + max(10 * self.max_wait, MAX_GATHER_S), now + self.max_wait
+        while budget < self.max_batch_tokens and len(jobs) < rows:
             remaining = min(deadline, cap) - time.monotonic()
             try:
                 job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()

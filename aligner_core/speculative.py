@@ -192,14 +192,16 @@ class DraftingPolicy:
     loop costs more than one of ``generate`` at large batches, which only accepted drafts pay back: once
     the acceptance measured over recent batches (an exponential average) is below ``min_acceptance``, a
     batch of ``min_rows`` or more takes the plain path, and every ``probe_every``-th such batch drafts
-    again to keep the measurement fresh.
+    again to keep the measurement fresh. A batch with more rows than half of ``max_verify_tokens`` could not
+    verify a single draft token per row (the loop's width cap), so on an accelerator it always takes ``generate``.
     """
 
     def __init__(
         self, device_type: str, *, min_acceptance: float = 0.35, min_rows: int = 8, probe_every: int = 8,
-        smoothing: float = 0.3,
+        smoothing: float = 0.3, max_verify_tokens: int | None = None,
     ) -> None:
         self.device_type = device_type
+        self.max_verify_tokens = max_verify_tokens
         self.min_acceptance = min_acceptance
         self.min_rows = min_rows
         self.probe_every = probe_every
@@ -209,6 +211,8 @@ class DraftingPolicy:
 
     def choose(self, rows: int) -> bool:
         """True to run this batch through the drafting loop."""
+        if self.device_type != "cpu" and self.max_verify_tokens is not None and self.max_verify_tokens // max(rows, 1) < 2:
+            return False  # too many rows to verify even one draft token each: the loop would only add its cost
         if self.device_type == "cpu" or self.acceptance is None or rows < self.min_rows:
             return True
         if self.acceptance >= self.min_acceptance:

@@ -81,7 +81,8 @@ class TransformersEngine:
 
         self.lock = threading.Lock()
         self.scheduler = MicroBatcher(
-            self._generate, max_wait_ms=max_wait_ms, max_queue=max_queue, max_batch_tokens=max_batch_tokens, lock=self.lock
+            self._generate, max_wait_ms=max_wait_ms, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size, lock=self.lock,
         )
         self.model = model
         self.tokenizer = tokenizer
@@ -101,7 +102,7 @@ class TransformersEngine:
         self.max_verify_tokens = max_verify_tokens
         from ..speculative import DraftingPolicy
 
-        self.drafting_policy = DraftingPolicy(self.device.type)
+        self.drafting_policy = DraftingPolicy(self.device.type, max_verify_tokens=max_verify_tokens)
         if self.device.type == "cpu":
             from ..threads import configure_cpu_threads
 

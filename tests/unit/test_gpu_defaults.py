@@ -80,3 +80,69 @@ def test_rows_whose_drafts_miss_pause_drafting_and_the_text_is_unchanged(tiny_mo
                            num_draft_tokens=0)[0]
     assert paused.tokens == unpaused.tokens == plain.tokens  # greedy text is the same whatever drafting does
     assert paused.accepted == 0 and paused.proposed < unpaused.proposed
+
+
+def test_batches_too_wide_to_verify_a_draft_take_generate_on_an_accelerator():
+    # Measured on an H100: at 256 rows the width cap leaves no draft to verify, and the loop only adds its cost.
+    gpu = DraftingPolicy("cuda", max_verify_tokens=256)
+    assert gpu.choose(64)  # 256 // 64 = 4 positions a row: drafts can still be verified
+    assert not gpu.choose(129) and not gpu.choose(256)  # fewer than 2 positions a row: plain generate
+    cpu = DraftingPolicy("cpu", max_verify_tokens=16)
+    assert cpu.choose(256)  # a CPU keeps the loop (ragged prefill, finished rows leave the batch)
+
+
+def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
+    """Callers that take ~80 ms to queue 64 requests (as 256 coroutines tokenizing on an event loop do) share one batch."""
+    import threading
+    import time
+
+    from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
+    from aligner_core.scheduler import Job, MicroBatcher
+
+    sizes: list[int] = []
+
+    def run(requests, params, fail_fast=True):
+        sizes.append(len(requests))
+        return [GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0) for _ in requests]
+
+    batcher = MicroBatcher(run, max_wait_ms=5, max_batch_tokens=10**6)
+    request = GenerationRequest(prompt="p", prompt_ids=(1, 2), max_new_tokens=4, reserve=4)
+    params = GenerationParams(max_new_tokens=4)
+    futures = []
+
+    def feed():
+        for _ in range(64):
+            futures.append(batcher.submit(Job(params, request)))
+            time.sleep(0.00125)  # 64 arrivals over ~80 ms, each within max_wait of the last
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    thread.join()
+    for f in futures:
+        f.result(timeout=10)
+    batcher.close()
+    assert sum(sizes) == 64
+    assert sizes[0] >= 60, sizes  # was cut at 50 ms before
+
+
+def test_the_gather_stops_at_the_row_limit():
+    from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
+    from aligner_core.scheduler import Job, MicroBatcher
+
+    sizes: list[int] = []
+    gate = __import__("threading").Event()
+
+    def run(requests, params, fail_fast=True):
+        gate.wait(5)
+        sizes.append(len(requests))
+        return [GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0) for _ in requests]
+
+    batcher = MicroBatcher(run, max_wait_ms=50, max_batch_tokens=10**6, max_batch_size=4)
+    request = GenerationRequest(prompt="p", prompt_ids=(1, 2), max_new_tokens=4, reserve=4)
+    params = GenerationParams(max_new_tokens=4)
+    futures = [batcher.submit(Job(params, request)) for _ in range(10)]
+    gate.set()
+    for f in futures:
+        f.result(timeout=10)
+    batcher.close()
+    assert max(sizes) <= 4 and sum(sizes) == 10
