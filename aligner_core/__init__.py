@@ -17,6 +17,7 @@ from .errors import (
     EngineClosedError,
     EngineUnavailableError,
     GenerationOptionError,
+    InspectorError,
     InvalidInputError,
     MissingDependencyError,
     ModelLoadError,
@@ -29,9 +30,20 @@ from .errors import (
     ServerUnavailableError,
     TemplateError,
 )
+from .history import fold_history, normalize_history, render_prompt
+from .inspector import Inspector
 from .loading import DEFAULT_MODEL, write_aligner_config
 from .local_chat import LocalChat
-from .templates import ChatTemplate, Template, TextTemplate, get_template, list_templates, register_template
+from .squad import AlignerSquad
+from .templates import (
+    ChatTemplate,
+    HistoryTemplate,
+    Template,
+    TextTemplate,
+    get_template,
+    list_templates,
+    register_template,
+)
 
 __version__ = "0.1.0"
 
@@ -39,6 +51,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Aligner",
     "AlignerError",
+    "AlignerSquad",
     "AlignerOutOfMemoryError",
     "Backend",
     "Engine",
@@ -54,6 +67,9 @@ __all__ = [
     "LocalChat",
     "GenerationParams",
     "GenerationRequest",
+    "HistoryTemplate",
+    "Inspector",
+    "InspectorError",
     "InvalidInputError",
     "MissingDependencyError",
     "ModelLoadError",
@@ -68,9 +84,12 @@ __all__ = [
     "TemplateError",
     "TextTemplate",
     "__version__",
+    "fold_history",
     "get_template",
     "list_templates",
+    "normalize_history",
     "register_template",
+    "render_prompt",
     "similarity",
     "write_aligner_config",
 ]

@@ -24,6 +24,7 @@ from .errors import (
     InvalidInputError,
     TemplateError,
 )
+from .history import History, history_of, history_texts, normalize_history, render_prompt
 from .plaintext import encode_plain, holds_special
 from .progress import Progress, ProgressCallback, tracking
 from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
@@ -44,6 +45,14 @@ class _Prepared:
     answer: str
     request: GenerationRequest
     metadata: dict[str, Any]
+    history: History = ()
+
+
+#: "Use the Aligner's own inspector": a call's ``inspector=`` left out (``None`` turns gating off for the call).
+_OWN: Any = type("_Own", (), {"__repr__": lambda self: "<the Aligner's inspector>"})()
+
+#: A conversation's earlier turns as callers pass them: ``[{"role": ..., "content": ...}, ...]`` or None.
+HistoryArg = Sequence[Mapping[str, str]] | None
 
 
 class Aligner:
@@ -63,7 +72,11 @@ class Aligner:
         name: str = "",
         max_new_tokens: int = 1024,
         on_overflow: OverflowPolicy = "error",
+        inspector: Any = None,
+        threshold: float = 0.5,
     ) -> None:
+        """``inspector`` (a ``(question, answer) -> score`` callable or an ``Inspector``) gates every call: answers
+        scoring at or above ``threshold`` pass unchanged and cost no generation (docs/inspector.md)."""
         if on_overflow not in ("error", "truncate"):
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
         self.engine = engine
@@ -71,6 +84,7 @@ class Aligner:
         self.name = name
         self.on_overflow: OverflowPolicy = on_overflow
         self.defaults = GenerationParams(max_new_tokens=max_new_tokens)
+        self.inspector, self.threshold = _gating(inspector, threshold)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -94,6 +108,8 @@ class Aligner:
         max_batch_tokens: int | None = None,
         on_overflow: OverflowPolicy = "error",
         max_wait_ms: float = 5.0,
+        inspector: Any = None,
+        threshold: float = 0.5,
         **engine_kwargs: Any,
     ) -> Aligner:
         """Load an Aligner from a hub id, a local directory or a GGUF file.
@@ -120,7 +136,7 @@ class Aligner:
             )
             chosen = template if template is not None else choose_template(source, tokenizer)
             return cls(vllm_engine, _bind(chosen, tokenizer), name=source.name,
-                       max_new_tokens=max_new_tokens, on_overflow=on_overflow)
+                       max_new_tokens=max_new_tokens, on_overflow=on_overflow, inspector=inspector, threshold=threshold)
         if engine != "transformers":
             raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r} (for a server use Aligner.from_server)")
         if engine_kwargs:
@@ -150,6 +166,8 @@ class Aligner:
             max_batch_tokens=max_batch_tokens,
             on_overflow=on_overflow,
             max_wait_ms=max_wait_ms,
+            inspector=inspector,
+            threshold=threshold,
         )
 
     @classmethod
@@ -166,6 +184,8 @@ class Aligner:
         on_overflow: OverflowPolicy = "error",
         max_wait_ms: float = 5.0,
         max_queue: int = 4096,
+        inspector: Any = None,
+        threshold: float = 0.5,
     ) -> Aligner:
         """Wrap a transformers model and tokenizer that are already loaded."""
         from .engines.local import TransformersEngine
@@ -180,6 +200,8 @@ class Aligner:
             name=name or str(getattr(model, "name_or_path", "")),
             max_new_tokens=max_new_tokens,
             on_overflow=on_overflow,
+            inspector=inspector,
+            threshold=threshold,
         )
 
     @classmethod
@@ -197,6 +219,8 @@ class Aligner:
         max_new_tokens: int = 1024,
         on_overflow: OverflowPolicy = "error",
         extra_body: Mapping[str, Any] | None = None,
+        inspector: Any = None,
+        threshold: float = 0.5,
     ) -> Aligner:
         """Correct through any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
 
@@ -223,7 +247,7 @@ class Aligner:
             engine.close()
             raise
         return cls(engine, chosen, name=engine.model_name or base_url, max_new_tokens=max_new_tokens,
-                   on_overflow=on_overflow)
+                   on_overflow=on_overflow, inspector=inspector, threshold=threshold)
 
     def __repr__(self) -> str:
         return f"Aligner(name={self.name!r}, template={self.template.name!r}, engine={self.engine.name!r})"
@@ -243,14 +267,27 @@ class Aligner:
 
     # -- public API --------------------------------------------------------------------------
 
-    def correct(self, question: str, answer: str, *, timeout: float | None = None, **generation: Any) -> Correction:
+    def correct(
+        self, question: str, answer: str, *, history: HistoryArg = None, timeout: float | None = None,
+        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
+    ) -> Correction:
         """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call.
+
+        ``history`` holds the conversation's earlier turns (``[{"role": "user", "content": ...}, ...]``);
+        the template decides how they reach the prompt (docs/conversations.md). ``inspector``/``threshold``
+        override the Aligner's own gate for this call (``inspector=None``: no gate).
 
         ``timeout`` (seconds) bounds the wait: past it the request is cancelled and
         ``CorrectionTimeoutError`` raised, so a caller with a deadline is never held longer.
         """
+        gate_with, level = self._gate(inspector, threshold)
+        if gate_with is not None:
+            from .inspector import correct_gated
+
+            return correct_gated(question, answer, gate_with, level, metadata=self._gate_metadata(), correct=lambda: self.correct(
+                question, answer, history=history, timeout=timeout, inspector=None, **generation))
         limit = _check_timeout(timeout)
-        prepared, params = self._prepare_one(question, answer, generation)
+        prepared, params = self._prepare_one(question, answer, generation, history)
         start = time.perf_counter()
         future = self.engine.submit(prepared.request, params)
         try:
@@ -263,15 +300,22 @@ class Aligner:
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
     async def acorrect(
-        self, question: str, answer: str, *, timeout: float | None = None, **generation: Any
+        self, question: str, answer: str, *, history: HistoryArg = None, timeout: float | None = None,
+        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
     ) -> Correction:
         """Async ``correct``: concurrent calls from many coroutines share the engine's batches.
 
         The event loop is never blocked. Cancelling the awaiting task drops the request if it has
         not started; ``timeout`` does the same after that many seconds (``CorrectionTimeoutError``).
         """
+        gate_with, level = self._gate(inspector, threshold)
+        if gate_with is not None:
+            from .inspector import acorrect_gated
+
+            return await acorrect_gated(question, answer, gate_with, level, metadata=self._gate_metadata(), acorrect=lambda: self.acorrect(
+                question, answer, history=history, timeout=timeout, inspector=None, **generation))
         limit = _check_timeout(timeout)
-        prepared, params = self._prepare_one(question, answer, generation)
+        prepared, params = self._prepare_one(question, answer, generation, history)
         start = time.perf_counter()
         try:
             out = await asyncio.wait_for(self.engine.agenerate(prepared.request, params), limit)
@@ -287,9 +331,21 @@ class Aligner:
         *,
         return_exceptions: bool = False,
         max_new_tokens: int | Sequence[int] | None = None,
+        inspector: Any = _OWN,
+        threshold: float | None = None,
         **generation: Any,
     ) -> list[Any]:
         """Async ``correct_batch``: all pairs go to the engine at once; input order is kept."""
+        gate_with, level = self._gate(inspector, threshold)
+        if gate_with is not None:
+            from .inspector import agate
+
+            verdict = await agate(gate_with, pairs, level)
+            corrected = await self.acorrect_batch(
+                [pairs[i] for i in verdict.failing], return_exceptions=return_exceptions, inspector=None,
+                max_new_tokens=_subset(max_new_tokens, verdict.failing, len(pairs)), **generation,
+            ) if verdict.failing else []
+            return self._merge_verdict(pairs, verdict, corrected)
         slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
         start = time.perf_counter()
 
@@ -301,41 +357,84 @@ class Aligner:
 
         return list(await asyncio.gather(*(one(s) for s in slots), return_exceptions=return_exceptions))
 
-    def stream(self, question: str, answer: str, **generation: Any) -> CorrectionStream:
+    def stream(
+        self, question: str, answer: str, *, history: HistoryArg = None, inspector: Any = _OWN,
+        threshold: float | None = None, **generation: Any,
+    ) -> CorrectionStream:
         """Yield the correction as text deltas while it is generated.
 
         The deltas concatenate to exactly ``Correction.text``; the stream's ``correction``
         attribute holds the full ``Correction`` once the iterator is exhausted. ``close()`` stops
         generation early, and so does dropping the stream: the worker holds it only weakly.
         """
-        prepared, params = self._prepare_one(question, answer, generation)
+        gate_with, level = self._gate(inspector, threshold)
+        prepared, params = self._prepare_one(question, answer, generation, history)
         stream = CorrectionStream()
-        self._produce(weakref.ref(stream), prepared, params)
+        if gate_with is not None:
+            from .inspector import gate
+
+            verdict = (gate(gate_with, [(question, answer)], level).scores[0], level)
+            if self._stream_passed(stream, prepared, verdict):
+                return stream
+        else:
+            verdict = None
+        self._produce(weakref.ref(stream), prepared, params, verdict)
         return stream
 
-    def _produce(self, ref: weakref.ref[CorrectionStream], prepared: _Prepared, params: GenerationParams) -> None:
+    def _stream_passed(self, stream: Any, prepared: _Prepared, verdict: tuple[float | None, float]) -> bool:
+        """When the answer passed the inspector, it is the correction: stream it as one delta and end."""
+        from .inspector import passed_correction, passes
+
+        score, level = verdict
+        if score is None or not passes(score, level):
+            return False
+        stream.put(prepared.answer)
+        stream.done(passed_correction(prepared.question, prepared.answer, score, threshold=level,
+                                      metadata=self._gate_metadata()))
+        return True
+
+    def _produce(
+        self, ref: weakref.ref[CorrectionStream], prepared: _Prepared, params: GenerationParams,
+        verdict: tuple[float, float] | None = None,
+    ) -> None:
         deltas = TextDeltas(params.stop)
         start = time.perf_counter()
 
         def finished(future: Any) -> None:
             if (stream := ref()) is not None:
-                self._finish_stream(stream, deltas, prepared, future, start)
+                self._finish_stream(stream, deltas, prepared, future, start, verdict)
 
         future = self.engine.stream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
         future.add_done_callback(finished)
 
-    def astream(self, question: str, answer: str, **generation: Any) -> AsyncCorrectionStream:
+    def astream(
+        self, question: str, answer: str, *, history: HistoryArg = None, inspector: Any = _OWN,
+        threshold: float | None = None, **generation: Any,
+    ) -> AsyncCorrectionStream:
         """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
         loop = asyncio.get_running_loop()
-        prepared, params = self._prepare_one(question, answer, generation)
+        gating = self._gate(inspector, threshold)
+        prepared, params = self._prepare_one(question, answer, generation, history)
         stream = AsyncCorrectionStream(loop)
-        stream._task = loop.create_task(self._aproduce(weakref.ref(stream), loop, prepared, params))
+        stream._task = loop.create_task(self._aproduce(weakref.ref(stream), loop, prepared, params, gating))
         return stream
 
     async def _aproduce(
         self, ref: weakref.ref[AsyncCorrectionStream], loop: asyncio.AbstractEventLoop, prepared: _Prepared,
-        params: GenerationParams,
+        params: GenerationParams, gating: tuple[Any, float] = (None, 0.5),
     ) -> None:
+        verdict = None
+        if gating[0] is not None:
+            from .inspector import agate
+
+            try:
+                verdict = ((await agate(gating[0], [(prepared.question, prepared.answer)], gating[1])).scores[0], gating[1])
+            except Exception as exc:
+                if (stream := ref()) is not None:
+                    stream.done(None, exc)
+                return
+            if (stream := ref()) is None or self._stream_passed(stream, prepared, verdict):
+                return
         deltas = TextDeltas(params.stop)
         start = time.perf_counter()
         future: asyncio.Future[GenerationOutput] = loop.create_future()
@@ -350,9 +449,12 @@ class Aligner:
         except BaseException as exc:
             future.set_exception(exc)
         if (stream := ref()) is not None:
-            self._finish_stream(stream, deltas, prepared, future, start)
+            self._finish_stream(stream, deltas, prepared, future, start, verdict)
 
-    def _finish_stream(self, stream: Any, deltas: TextDeltas, prepared: _Prepared, future: Any, start: float) -> None:
+    def _finish_stream(
+        self, stream: Any, deltas: TextDeltas, prepared: _Prepared, future: Any, start: float,
+        verdict: tuple[float | None, float] | None = None,
+    ) -> None:
         error = future.exception()
         if isinstance(error, StreamCancelled):
             stream.done(None)
@@ -361,6 +463,10 @@ class Aligner:
             stream.done(None, error)
             return
         correction = self.build(prepared, future.result(), latency=time.perf_counter() - start)
+        if verdict is not None and verdict[0] is not None:
+            from .inspector import inspected
+
+            correction = inspected(correction, verdict[0], threshold=verdict[1])
         with contextlib.suppress(StreamCancelled):
             stream.put(deltas.finish(correction.text))
         stream.done(correction)
@@ -413,6 +519,8 @@ class Aligner:
         progress: ProgressCallback | Progress | None = None,
         return_exceptions: bool = False,
         max_new_tokens: int | Sequence[int] | None = None,
+        inspector: Any = _OWN,
+        threshold: float | None = None,
         **generation: Any,
     ) -> list[Correction] | list[Correction | Exception]:
         """Correct many ``(question, answer)`` pairs (tuples or dicts) in planned batches; input order is kept.
@@ -426,7 +534,23 @@ class Aligner:
         with generated tokens and tok/s beside it, and ``progress`` receives the same counts as
         ``ProgressUpdate`` snapshots (a callback, at most every 0.1 s and at each finished pair), or
         adds them to a ``Progress`` shared by several calls (its owner closes it).
+
+        With an inspector (the Aligner's, or ``inspector=`` here), all pairs are scored in one batch first and only
+        those below ``threshold`` are generated; the others come back unchanged with their score.
         """
+        gate_with, level = self._gate(inspector, threshold)
+        if gate_with is not None:
+            from .inspector import gate
+
+            verdict = gate(gate_with, pairs, level)
+            with self._progress(len(pairs), show_progress, progress) as tracker:
+                if tracker is not None:
+                    tracker.update(rows=len(verdict.passed))  # passed pairs are done: no generation
+                corrected = self.correct_batch(
+                    [pairs[i] for i in verdict.failing], progress=tracker, return_exceptions=return_exceptions,
+                    max_new_tokens=_subset(max_new_tokens, verdict.failing, len(pairs)), inspector=None, **generation,
+                ) if verdict.failing else []
+            return self._merge_verdict(pairs, verdict, corrected)
         slots, params = self._prepare_all(pairs, return_exceptions, max_new_tokens, generation)
         live = [i for i, s in enumerate(slots) if isinstance(s, _Prepared)]
         results: list[Correction | Exception] = [s for s in slots]  # type: ignore[misc]
@@ -480,12 +604,29 @@ class Aligner:
             ),
         )
 
+    # -- the inspector gate --------------------------------------------------------------------
+
+    def _gate(self, inspector: Any, threshold: float | None) -> tuple[Any, float]:
+        """The inspector and threshold of one call: the Aligner's own unless the call names others."""
+        chosen = self.inspector if inspector is _OWN else inspector
+        return _gating(chosen, self.threshold if threshold is None else threshold)
+
+    def _gate_metadata(self) -> dict[str, Any]:
+        return {"template": self.template.name, "engine": self.engine.name}
+
+    def _merge_verdict(self, pairs: Sequence[Any], verdict: Any, corrected: Sequence[Any]) -> list[Any]:
+        from .inspector import merge_verdict
+
+        return merge_verdict(pairs, verdict, corrected, self._gate_metadata())
+
     # -- the shared path ---------------------------------------------------------------------
 
-    def _prepare_one(self, question: Any, answer: Any, generation: dict[str, Any]) -> tuple[_Prepared, GenerationParams]:
+    def _prepare_one(
+        self, question: Any, answer: Any, generation: dict[str, Any], history: HistoryArg = None
+    ) -> tuple[_Prepared, GenerationParams]:
         overflow = generation.pop("on_overflow", None)
         params = self.defaults.updated(generation)
-        return self.prepare(question, answer, params, on_overflow=overflow), params
+        return self.prepare(question, answer, params, on_overflow=overflow, history=history), params
 
     def _prepare_all(
         self,
@@ -503,8 +644,8 @@ class Aligner:
         slots: list[_Prepared | Exception] = []
         for i, (pair, limit) in enumerate(zip(pairs, limits)):
             try:
-                q, a = _unpack(pair, i)
-                slots.append(self.prepare(q, a, params, on_overflow=overflow, max_new_tokens=limit, index=i))
+                q, a, h = _unpack(pair, i)
+                slots.append(self.prepare(q, a, params, on_overflow=overflow, max_new_tokens=limit, index=i, history=h))
             except AlignerError as exc:
                 if not return_exceptions:
                     raise
@@ -520,13 +661,15 @@ class Aligner:
         on_overflow: OverflowPolicy | None = None,
         max_new_tokens: int | None = None,
         index: int | None = None,
+        history: HistoryArg = None,
     ) -> _Prepared:
-        """Validate a pair and turn it into a generation request (raises specific errors)."""
+        """Validate a pair (and its history) and turn it into a generation request (raises specific errors)."""
         where = "" if index is None else f"pair {index}: "
         for field_name, value in (("question", question), ("answer", answer)):
             if not isinstance(value, str):
                 raise InvalidInputError(f"{where}{field_name} must be a str, got {type(value).__name__}")
             _check_text(where, field_name, value)
+        turns = normalize_history(history, where)
         if not answer.strip():
             raise EmptyAnswerError(f"{where}the answer is empty or whitespace: there is nothing to correct")
         policy = on_overflow or self.on_overflow
@@ -534,15 +677,17 @@ class Aligner:
             raise ValueError(f"on_overflow must be 'error' or 'truncate', got {policy!r}")
         limit = max_new_tokens or params.max_new_tokens
         metadata: dict[str, Any] = {"template": self.template.name, "engine": self.engine.name}
-        if ambiguous := _template_markers_in(self.template, question, answer):
+        if turns:
+            metadata["history_turns"] = len(turns)
+        if ambiguous := _template_markers_in(self.template, question, answer, *history_texts(turns)):
             metadata["template_markers_in_text"] = ambiguous
         if not (self.engine.tokenizes_locally or policy == "truncate"):
             # The engine counts tokens on its side; an overlong prompt fails there with ContextOverflowError.
-            return _Prepared(question, answer, self._remote_request(question, answer, limit), metadata)
-        plain = self._holds_special(question, answer)
+            return _Prepared(question, answer, self._remote_request(question, answer, limit, turns), metadata, turns)
+        plain = self._holds_special(question, answer, *history_texts(turns))
         if plain:
             metadata["special_token_text"] = True  # encoded as plain text, never as control tokens
-        prompt, ids = self._render(question, answer, plain=plain)
+        prompt, ids = self._render(question, answer, plain=plain, history=turns)
         answer_ids = self._encode_answer(answer, plain)
         ctx = self.engine.context_length
         cut = None
@@ -559,33 +704,35 @@ class Aligner:
                     f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
                 )
             cut = self.engine.decode(answer_ids[:keep])
-            prompt, ids = self._render(question, cut, plain=plain)
+            prompt, ids = self._render(question, cut, plain=plain, history=turns)
             while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
                 keep -= 1
                 cut = self.engine.decode(answer_ids[:keep])
-                prompt, ids = self._render(question, cut, plain=plain)
+                prompt, ids = self._render(question, cut, plain=plain, history=turns)
             metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
             answer_ids = answer_ids[:keep]
         if not self.engine.tokenizes_locally:
-            return _Prepared(question, answer, self._remote_request(question, cut or answer, limit), metadata)
+            return _Prepared(question, answer, self._remote_request(question, cut or answer, limit, turns), metadata, turns)
         reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
         request = GenerationRequest(
             prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids),
             add_special_tokens=self.template.add_special_tokens, exact_ids=plain,
         )
-        return _Prepared(question=question, answer=answer, request=request, metadata=metadata)
+        return _Prepared(question=question, answer=answer, request=request, metadata=metadata, history=turns)
 
-    def _holds_special(self, question: str, answer: str) -> bool:
-        """Whether the pair holds special-token strings of a tokenizer this side can encode with."""
+    def _holds_special(self, *texts: str) -> bool:
+        """Whether the pair (or its history) holds special-token strings of a tokenizer this side can encode with."""
         tokenizer = getattr(self.engine, "tokenizer", None)
-        return tokenizer is not None and holds_special(tokenizer, (question, answer))
+        return tokenizer is not None and holds_special(tokenizer, texts)
 
     def _encode_answer(self, answer: str, plain: bool) -> list[int]:
         if plain:
             return self.engine.encode(answer, add_special_tokens=False, split_special_tokens=True)
         return self.engine.encode(answer, add_special_tokens=False)
 
-    def _render(self, question: str, answer: str, *, plain: bool = False) -> tuple[str, list[int]]:
+    def _render(
+        self, question: str, answer: str, *, plain: bool = False, history: History = ()
+    ) -> tuple[str, list[int]]:
         """The prompt and its tokens (a chat template left to a server is counted by the server).
 
         With ``plain``, the question and the answer are encoded as plain text (see ``plaintext``).
@@ -594,11 +741,12 @@ class Aligner:
             encode_messages = getattr(self.engine, "encode_messages", None)
             if encode_messages is None:
                 raise TemplateError(f"the {self.engine.name!r} engine cannot render the chat template without a tokenizer")
-            return "", encode_messages(self.template.messages(question=question, answer=answer))
-        prompt = self.template.format(question=question, answer=answer)
+            return "", encode_messages(self.template.messages(question=question, answer=answer, history=history))
+        prompt = render_prompt(self.template, question, answer, history)
         special = self.template.add_special_tokens
         if plain:
-            ids = encode_plain(self.engine.encode, prompt, (question, answer), add_special_tokens=special)
+            texts = (question, answer, *history_texts(history))
+            ids = encode_plain(self.engine.encode, prompt, texts, add_special_tokens=special)
             if ids is None:
                 raise InvalidInputError(
                     f"the {self.template.name!r} template rewrote the question or answer, so its special-token text "
@@ -607,15 +755,15 @@ class Aligner:
             return prompt, ids
         return prompt, self.engine.encode(prompt, add_special_tokens=special)
 
-    def _remote_request(self, question: str, answer: str, limit: int) -> GenerationRequest:
+    def _remote_request(self, question: str, answer: str, limit: int, history: History = ()) -> GenerationRequest:
         """A request for an engine that tokenizes on its side: the exact prompt, or chat messages
         when the model's chat template is left to the server."""
         template = self.template
         if isinstance(template, ChatTemplate) and template.tokenizer is None:
-            messages = template.messages(question=question, answer=answer)
+            messages = template.messages(question=question, answer=answer, history=history)
             return GenerationRequest(prompt="", prompt_ids=(), max_new_tokens=limit, reserve=limit,
                                      messages=tuple(messages))
-        prompt = template.format(question=question, answer=answer)
+        prompt = render_prompt(template, question, answer, history)
         return GenerationRequest(prompt=prompt, prompt_ids=(), max_new_tokens=limit, reserve=limit,
                                  add_special_tokens=template.add_special_tokens)
 
@@ -667,14 +815,32 @@ def _bind(template: str | Template, tokenizer: Any) -> Template:
     return template
 
 
-def _unpack(pair: Any, index: int) -> tuple[Any, Any]:
+def _unpack(pair: Any, index: int) -> tuple[Any, Any, Any]:
+    """``(question, answer, history)`` of a batch item: a dict (``history`` or ``chat_history`` key optional) or a
+    ``(question, answer)`` / ``(question, answer, history)`` tuple."""
     if isinstance(pair, Mapping):
         if "question" not in pair or "answer" not in pair:
             raise InvalidInputError(f"pair {index}: a dict pair needs 'question' and 'answer' keys, got {sorted(pair)}")
-        return pair["question"], pair["answer"]
-    if isinstance(pair, (tuple, list)) and len(pair) == 2:
-        return pair[0], pair[1]
+        return pair["question"], pair["answer"], history_of(pair)
+    if isinstance(pair, (tuple, list)) and len(pair) in (2, 3):
+        return pair[0], pair[1], history_of({"history": pair[2]}) if len(pair) == 3 else None
     raise InvalidInputError(f"pair {index}: expected a (question, answer) tuple or a dict, got {type(pair).__name__}")
+
+
+def _gating(inspector: Any, threshold: Any) -> tuple[Any, float]:
+    """``(Inspector or None, threshold)``, checked: a callable becomes an ``Inspector``; the threshold is in [0, 1]."""
+    from .inspector import as_inspector, check_threshold
+
+    return (None if inspector is None else as_inspector(inspector)), check_threshold(threshold)
+
+
+def _subset(limits: int | Sequence[int] | None, indices: Sequence[int], n: int) -> int | list[int] | None:
+    """Per-pair ``max_new_tokens`` of the pairs at ``indices`` of ``n`` (one int or None applies to all)."""
+    if limits is None or isinstance(limits, (int, str, bytes)) or not isinstance(limits, Sequence):
+        return limits  # type: ignore[return-value]
+    if len(limits) != n:
+        raise InvalidInputError(f"max_new_tokens has {len(limits)} entries for {n} pairs")
+    return [limits[i] for i in indices]
 
 
 def _per_item_limits(value: int | Sequence[int] | None, n: int, default: int) -> list[int]:
@@ -715,10 +881,10 @@ def _check_text(where: str, field_name: str, value: str) -> None:
 _WARNED_MARKERS: set[str] = set()
 
 
-def _template_markers_in(template: Any, question: str, answer: str) -> list[str]:
+def _template_markers_in(template: Any, *texts: str) -> list[str]:
     """The template's own separators found inside the user's text (the official formats cannot escape them)."""
     markers = getattr(template, "markers", ())
-    found = sorted({m for m in markers for text in (question, answer) if m in text})
+    found = sorted({m for m in markers for text in texts if m in text})
     if found and template.name not in _WARNED_MARKERS:
         _WARNED_MARKERS.add(template.name)
         logger.warning(

@@ -189,6 +189,9 @@ def _register_subcommands() -> None:
     register_eval(app)
     register_pairs(app)
     register_cache(app)
+    from .training.inspector_cli import register as register_train_inspector
+
+    register_train_inspector(app)
 
 
 _register_subcommands()

@@ -23,6 +23,10 @@ class TemplateError(AlignerError, ValueError):
     """An unknown template name, or a template that cannot be rendered for this model."""
 
 
+class InspectorError(AlignerError, ValueError):
+    """An inspector returned something other than one score in [0, 1] per pair, or a threshold is out of range."""
+
+
 class GenerationOptionError(AlignerError, TypeError):
     """An unknown or invalid generation option (e.g. a misspelled keyword)."""
 

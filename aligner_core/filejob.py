@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import EngineUnavailableError, InvalidInputError, OutputExistsError
+from .history import history_of
 from .jsonl import chunked, open_resumable, write_durably
 from .progress import Progress, ProgressCallback, tracking
 from .records import count_items, is_stdio, iter_items
@@ -147,7 +148,10 @@ def _run_chunk(
             missing_fields = [k for k in (qf, af) if k not in record]
             pairs.append(InvalidInputError(f"{item.where}: missing field(s) {missing_fields}"))
         else:
-            pairs.append((record[qf], record[af]))
+            try:  # the conversation's earlier turns ride along: a "history" or "chat_history" field
+                pairs.append((record[qf], record[af], history_of(record)))
+            except InvalidInputError as exc:
+                pairs.append(InvalidInputError(f"{item.where}: {exc}"))
     todo = [i for i, p in enumerate(pairs) if isinstance(p, tuple)]
     progress.update(rows=len(chunk) - len(todo))  # records refused before the model (unreadable, fields missing)
     done = aligner.correct_batch([pairs[i] for i in todo], return_exceptions=True, progress=progress, **generation)

@@ -8,6 +8,7 @@ tested literally. User text is substituted in one pass: an answer that itself co
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,22 +93,67 @@ class ChatTemplate:
             )
         return replace(self, tokenizer=tokenizer)
 
-    def format(self, *, question: str, answer: str) -> str:
+    #: Earlier turns go in as real chat messages before the correction instruction.
+    renders_history = True
+
+    def format(self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> str:
         if self.tokenizer is None:
             raise TemplateError(
                 f"template {self.name!r} renders the model's chat template: call .bind(tokenizer) first "
                 "(Aligner does this for you)."
             )
         return self.tokenizer.apply_chat_template(
-            self.messages(question=question, answer=answer), tokenize=False, add_generation_prompt=True
+            self.messages(question=question, answer=answer, history=history), tokenize=False,
+            add_generation_prompt=True,
         )
 
-    def messages(self, *, question: str, answer: str) -> list[dict[str, str]]:
-        """The chat messages the template renders (what a server's chat endpoint is sent)."""
+    def messages(
+        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, str]]:
+        """The chat messages the template renders (what a server's chat endpoint is sent): the system
+        prompt, the earlier turns as they were, then the correction instruction as the user's turn."""
         content = TextTemplate(self.name, self.instruction).format(question=question, answer=answer)
         messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages += [{"role": role, "content": text} for role, text in history]
         messages.append({"role": "user", "content": content})
         return messages
+
+
+_HISTORY_FIELD = re.compile(r"\{(question|answer|history)\}")
+
+
+@dataclass(frozen=True)
+class HistoryTemplate(TextTemplate):
+    """A text template with a ``{history}`` slot, for Aligners trained with conversation history.
+
+    The slot renders as ``history_header`` + one ``User: ...`` / ``Assistant: ...`` line per turn + a
+    newline, and as nothing when there is no history, so a single-turn prompt is byte-exact with the
+    template it extends (``aligner-chat-history`` without history is ``aligner-general``).
+    """
+
+    history_header: str = "##History:\n"
+    renders_history = True
+
+    def __post_init__(self) -> None:
+        found = set(_HISTORY_FIELD.findall(self.text))
+        if found != {"question", "answer", "history"}:
+            raise TemplateError(
+                f"template {self.name!r} must contain {{history}}, {{question}} and {{answer}}, found {sorted(found)}"
+            )
+
+    def format(self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        from .history import history_lines
+
+        block = f"{self.history_header}{history_lines(tuple(history))}\n" if history else ""
+        values = {"question": question, "answer": answer, "history": block}
+        return _HISTORY_FIELD.sub(lambda m: values[m.group(1)], self.text)
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        literals = _HISTORY_FIELD.split(self.text)[0::2]
+        between = [p for p in literals[1:-1] if p.strip()]
+        roles = [r for r in ("USER:", "ASSISTANT:") if r in self.text]
+        return tuple(dict.fromkeys([*between, self.history_header.strip(), *roles]))
 
 
 _REGISTRY: dict[str, Template] = {}
@@ -163,6 +209,12 @@ register_template(
             input="Edit the following Question-Answer pair to make it more empathic and helpful: "
             "{question} | {answer}"
         ),
+    )
+)
+register_template(
+    HistoryTemplate(
+        "aligner-chat-history",
+        CONVERSATION.format(input="{history}##Question: {question}\n##Answer: {answer}\n##Correction: "),
     )
 )
 register_template(ChatTemplate())

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     generate(2), loop(2, 0)  # warm-up
     print(f"{args.shape} on {report['device']}, {steps} steps, ms per step", flush=True)
     for n in rows_list:
-        g, l0, l8 = step_ms(lambda: generate(n), steps), step_ms(lambda: loop(n, 0), steps), step_ms(lambda: loop(n, 8), steps)
+        g = step_ms(lambda n=n: generate(n), steps)
+        l0, l8 = step_ms(lambda n=n: loop(n, 0), steps), step_ms(lambda n=n: loop(n, 8), steps)
         row = {"rows": n, "generate_ms": round(g, 2), "loop_no_drafts_ms": round(l0, 2), "loop_drafts_ms": round(l8, 2),
                "loop_over_generate": round(l0 / g, 2)}
         report["rows"].append(row)

@@ -4,6 +4,10 @@ The answer decides the output type: a ``str`` answer gives a ``str``, an ``AIMes
 with corrected content (id, tool calls, usage and response metadata kept, details under
 ``response_metadata["aligner"]``). Answers without text (a message that only calls tools, an
 empty string) pass through untouched: there is nothing to correct.
+
+A conversation's earlier messages become the core's ``history`` turns: human -> ``user``, ai ->
+``assistant``, system -> ``system`` (text parts joined); tool and function messages, and messages
+without text (an AI message that only calls tools), are skipped.
 """
 
 from __future__ import annotations
@@ -13,10 +17,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    convert_to_messages,
+)
 from langchain_core.prompt_values import PromptValue
 
 from aligner_core import AlignerError, Correction
+from aligner_core.history import HISTORY_KEYS
 
 logger = logging.getLogger("langchain_aligner")
 
@@ -39,42 +51,89 @@ class Job:
     question: str
     answer: str | AIMessage
     text: str
+    history: tuple[dict[str, str], ...] = ()
 
     @property
     def skip(self) -> bool:
         """True when there is no text to correct (tool calls only, or empty)."""
         return not self.text.strip()
 
+    @property
+    def turns(self) -> list[dict[str, str]] | None:
+        """The ``history=`` for the core: the earlier turns, or None when there are none."""
+        return [dict(t) for t in self.history] or None
 
-def last_human_text(messages: Sequence[BaseMessage]) -> str | None:
-    """The text of the last human message, or None when there is none."""
-    for message in reversed(messages):
-        if isinstance(message, HumanMessage):
-            return message.text
-    return None
+    def pair(self) -> tuple[str, str] | tuple[str, str, list[dict[str, str]]]:
+        """The batch item for ``correct_batch``: ``(question, answer)``, plus the history when there is one."""
+        return (self.question, self.text, self.turns) if self.history else (self.question, self.text)
 
 
-def question_text(value: Any) -> str:
-    """A question from a ``str``, a prompt value, a message or a message list (its last human message)."""
-    if isinstance(value, str):
-        return value
+#: LangChain message types and the core's history roles; other messages (tool, function) are skipped.
+ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def to_messages(value: Any, what: str) -> list[BaseMessage]:
+    """Messages from a prompt value, a message, or a list of messages / role-content dicts / tuples."""
     if isinstance(value, PromptValue):
-        messages = value.to_messages()
-    elif isinstance(value, BaseMessage):
-        messages = [value]
-    elif isinstance(value, Sequence):
+        return value.to_messages()
+    if isinstance(value, BaseMessage):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
-            messages = convert_to_messages(value)
+            return convert_to_messages(value)
         except (ValueError, TypeError, NotImplementedError) as exc:
-            raise UnsupportedInputError(f"cannot read a question from {type(value).__name__}: {exc}") from exc
-    else:
+            raise UnsupportedInputError(f"cannot read {what} from {type(value).__name__}: {exc}") from exc
+    raise UnsupportedInputError(f"{what} must be a prompt value or a list of messages, got {type(value).__name__}")
+
+
+def history_turns(messages: Sequence[BaseMessage]) -> tuple[dict[str, str], ...]:
+    """The core's ``history`` turns for LangChain messages (see the module docstring for what is skipped)."""
+    turns = []
+    for message in messages:
+        role = ROLES.get(getattr(message, "role", None) if message.type == "chat" else message.type)
+        text = message.text
+        if role is not None and text.strip():
+            turns.append({"role": role, "content": text})
+    return tuple(turns)
+
+
+def split_question(value: Any) -> tuple[str, tuple[dict[str, str], ...]]:
+    """The question (a ``str``, or a conversation's last human message) and the turns before it."""
+    if isinstance(value, str):
+        return value, ()
+    if not isinstance(value, (PromptValue, BaseMessage, Sequence)):
         raise UnsupportedInputError(
             f"the question must be a str, a prompt value or a list of messages, got {type(value).__name__}"
         )
-    text = last_human_text(messages)
-    if text is None:
-        raise MissingQuestionError("the messages hold no human message to take the question from")
-    return text
+    messages = to_messages(value, "a question")
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            return messages[i].text, history_turns(messages[:i])
+    raise MissingQuestionError("the messages hold no human message to take the question from")
+
+
+def history_value(value: Mapping[str, Any], key: str, *, strict: bool) -> tuple[dict[str, str], ...] | None:
+    """The history a dict input holds under ``key`` (else ``chat_history``), or None when it holds none.
+
+    A ``str`` there is a prompt variable (the legacy memories' text buffer), not turns: it raises with
+    ``strict``, else it is left alone.
+    """
+    found = next((value[k] for k in dict.fromkeys((key, *HISTORY_KEYS)) if value.get(k) is not None), None)
+    if found is None:
+        return None
+    if isinstance(found, str):
+        if strict:
+            raise UnsupportedInputError(
+                f"the history under {key!r} must be a list of messages or role/content dicts, got a str"
+            )
+        return None
+    return history_turns(to_messages(found, "a history"))
+
+
+def turn_messages(turns: Sequence[Mapping[str, str]]) -> list[BaseMessage]:
+    """History turns back as LangChain messages (for traces)."""
+    kinds = {"user": HumanMessage, "assistant": AIMessage, "system": SystemMessage}
+    return [kinds[t["role"]](t["content"]) for t in turns]
 
 
 def answer_text(answer: Any) -> str:
@@ -96,19 +155,26 @@ def resolve(
     answer_key: str,
     question: str | None,
     configurable: Mapping[str, Any] | None,
+    history_key: str = "history",
 ) -> Job:
     """Split a stage input into a ``Job``.
 
     The question comes from the input dict's ``question_key``, else ``configurable[question_key]``,
-    else the fixed ``question``.
+    else the fixed ``question``. The history comes from the input dict's ``history_key`` (or
+    ``chat_history``), else ``configurable[history_key]``; a question given as messages adds the
+    messages before its last human one.
     """
     found: Any = None
+    history: tuple[dict[str, str], ...] | None = None
     if isinstance(value, Mapping):
         if answer_key not in value:
             raise UnsupportedInputError(
                 f"the input dict has no {answer_key!r} key (keys: {sorted(map(str, value))}); set answer_key="
             )
+        history = history_value(value, history_key, strict=True)
         found, value = value.get(question_key), value[answer_key]
+    if history is None and configurable and configurable.get(history_key) is not None:
+        history = history_value({history_key: configurable[history_key]}, history_key, strict=True)
     if found is None and configurable:
         found = configurable.get(question_key)
     if found is None:
@@ -118,14 +184,24 @@ def resolve(
             f"no question for the Aligner: pass a dict with a {question_key!r} key, set "
             f"AlignerRunnable(question=...), or call with config={{'configurable': {{{question_key!r}: ...}}}}"
         )
-    return Job(question=question_text(found), answer=value, text=answer_text(value))
+    question, earlier = split_question(found)
+    return Job(question=question, answer=value, text=answer_text(value), history=(*(history or ()), *earlier))
+
+
+#: The inspector's verdict in a correction's metadata, repeated at the top of the details when present.
+VERDICT_KEYS = ("inspector_score", "inspector_threshold", "inspector_passed")
 
 
 def details(correction: Correction, aligner_name: str) -> dict[str, Any]:
-    """What ``response_metadata["aligner"]`` holds for a correction (the text itself is the content)."""
+    """What ``response_metadata["aligner"]`` holds for a correction (the text itself is the content).
+
+    An inspected answer also has ``inspector_score``, ``inspector_threshold`` and ``inspector_passed``
+    at the top: a passed one came back unchanged, with no tokens generated.
+    """
     data = correction.to_dict()
     del data["question"], data["text"]
-    return {"model": aligner_name, **data}
+    verdict = {k: correction.metadata[k] for k in VERDICT_KEYS if k in correction.metadata}
+    return {"model": aligner_name, **data, **verdict}
 
 
 def failure(job: Job, exc: BaseException, aligner_name: str) -> dict[str, Any]:

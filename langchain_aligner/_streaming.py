@@ -45,6 +45,8 @@ class StreamingStage:
 
         def _job(self, value: Any, config: RunnableConfig) -> Job: ...
         def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
+        @property
+        def _gate(self) -> dict[str, Any]: ...
         def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]: ...
         def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException) -> None: ...
         async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException) -> None: ...
@@ -116,7 +118,7 @@ class StreamingStage:
         options = self._options(kwargs)
         run = _trace.start(run_manager.get_child(), self.aligner, job, options)
         try:
-            stream = self.aligner.stream(job.question, job.text, **options)
+            stream = self.aligner.stream(job.question, job.text, history=job.turns, **self._gate, **options)
         except Exception as exc:
             result: Correction | BaseException | None = exc
         else:
@@ -158,7 +160,7 @@ class StreamingStage:
         options = self._options(kwargs)
         run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
         try:
-            stream = self.aligner.astream(job.question, job.text, **options)
+            stream = self.aligner.astream(job.question, job.text, history=job.turns, **self._gate, **options)
         except Exception as exc:
             result: Correction | BaseException | None = exc
         else:

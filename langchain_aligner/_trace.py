@@ -1,9 +1,11 @@
 """The Aligner's own generation as a chat-model run.
 
 Tracers, token/cost views and ``astream_events`` learn about LLM work from chat-model runs, so each
-correction opens one, nested in the ``AlignerRunnable`` chain run: its input is the question and
-the answer as a human and an AI message, its tokens stream as ``on_chat_model_stream`` (the
-corrected text only), and its usage is the Aligner's own tokens.
+correction opens one, nested in the ``AlignerRunnable`` chain run: its input is the conversation's
+earlier turns (if any), then the question and the answer as a human and an AI message, its tokens
+stream as ``on_chat_model_stream`` (the corrected text only), and its usage is the Aligner's own
+tokens. Its output message's ``response_metadata`` carries the core's correction metadata
+(template, history turns, the inspector's verdict, ...).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, LLMResul
 
 from aligner_core import Aligner, Correction
 
-from ._io import Job
+from ._io import Job, turn_messages
 
 #: The run's name in traces and ``astream_events``.
 RUN_NAME = "Aligner"
@@ -31,7 +33,7 @@ _SERIALIZED = {"lc": 1, "type": "not_implemented", "id": ["aligner_core", "align
 
 
 def _messages(job: Job) -> list[list[BaseMessage]]:
-    return [[HumanMessage(job.question), AIMessage(job.text)]]
+    return [[*turn_messages(job.history), HumanMessage(job.question), AIMessage(job.text)]]
 
 
 def _prepare(manager: CallbackManager | AsyncCallbackManager, aligner: Aligner, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +78,9 @@ def result(correction: Correction, aligner: Aligner) -> LLMResult:
     message = AIMessage(
         content=correction.text,
         usage_metadata=usage,
-        response_metadata={"model_name": aligner.name, "finish_reason": correction.finish_reason},
+        response_metadata={
+            "model_name": aligner.name, "finish_reason": correction.finish_reason, "aligner": dict(correction.metadata),
+        },
     )
     return LLMResult(
         generations=[[ChatGeneration(message=message, generation_info={"finish_reason": correction.finish_reason})]],

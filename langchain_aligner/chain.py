@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -15,8 +15,9 @@ from langchain_core.runnables.utils import ConfigurableFieldSpec
 from pydantic import BaseModel, ConfigDict
 
 from aligner_core import Aligner
+from aligner_core.inspector import Inspector
 
-from ._io import MissingQuestionError, merge, question_text
+from ._io import MissingQuestionError, history_value, merge, split_question
 from ._quiet import UNCORRECTED_TAG, child_config
 from ._streaming import RUN_TYPE
 from .runnable import AlignerRunnable, OnError
@@ -29,7 +30,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     callbacks and ``astream_events``), then the correction streams: as ``on_chat_model_stream`` of
     the nested ``Aligner`` run, and as this runnable's own output chunks. ``stream_uncorrected=True``
     lets the wrapped chain's tokens through as well (its runs are tagged ``aligner:uncorrected``).
-    Input and output schemas are the wrapped chain's.
+    Input and output schemas are the wrapped chain's. The conversation's earlier messages (a dict
+    input's ``history_key``, the key ``RunnableWithMessageHistory(history_messages_key=...)`` fills, or
+    the messages before the last human one) reach the correction as its history.
     """
 
     chain: Runnable[Any, Any]
@@ -38,6 +41,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     """The correction stage."""
     question_key: str = "question"
     """Where the question is in a dict input."""
+    history_key: str = "history"
+    """Where the conversation's earlier messages are in a dict input (``chat_history`` is read too); a ``str``
+    there is a prompt variable and is left alone."""
     stream_uncorrected: bool = False
     """Also stream the wrapped chain's uncorrected tokens to callbacks and ``astream_events`` (unsafe for UIs)."""
     name: str | None = "with_aligner"
@@ -64,14 +70,19 @@ class AlignedChain(RunnableSerializable[Any, Any]):
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    def _question(self, value: Any) -> str:
+    def _request(self, value: Any) -> dict[str, Any]:
+        """The stage's input without its answer: the question, and the history when there is one."""
+        history: tuple[dict[str, str], ...] = ()
         if isinstance(value, Mapping):
             if self.question_key not in value:
                 raise MissingQuestionError(
                     f"the chain input has no {self.question_key!r} key (keys: {sorted(map(str, value))})"
                 )
+            history = history_value(value, self.history_key, strict=False) or ()
             value = value[self.question_key]
-        return question_text(value)
+        question, earlier = split_question(value)
+        turns = [*history, *earlier]
+        return {"question": question, "history": turns} if turns else {"question": question}
 
     def _upstream(self, run_manager: Any, config: RunnableConfig) -> RunnableConfig:
         return child_config(config, run_manager.get_child(), quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
@@ -87,9 +98,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
-        question = self._question(value)
+        request = self._request(value)
         answer = self.chain.invoke(value, self._upstream(run_manager, config))
-        return self.stage.invoke({"question": question, "answer": answer}, self._downstream(run_manager, config), **kwargs)
+        return self.stage.invoke({**request, "answer": answer}, self._downstream(run_manager, config), **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, run_type=RUN_TYPE, **kwargs)
@@ -97,9 +108,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     async def _ainvoke(
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
     ) -> Any:
-        question = self._question(value)
+        request = self._request(value)
         answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
-        stage_input = {"question": question, "answer": answer}
+        stage_input = {**request, "answer": answer}
         return await self.stage.ainvoke(stage_input, self._downstream(run_manager, config), **kwargs)
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -115,9 +126,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         value = None
         for chunk in chunks:
             value = merge(value, chunk)
-        question = self._question(value)
+        request = self._request(value)
         answer = self.chain.invoke(value, self._upstream(run_manager, config))
-        stage_input = {"question": question, "answer": answer}
+        stage_input = {**request, "answer": answer}
         yield from self.stage.stream(stage_input, self._downstream(run_manager, config), **kwargs)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
@@ -143,9 +154,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         value = None
         async for chunk in chunks:
             value = merge(value, chunk)
-        question = self._question(value)
+        request = self._request(value)
         answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
-        stage_input = {"question": question, "answer": answer}
+        stage_input = {**request, "answer": answer}
         async for out in self.stage.astream(stage_input, self._downstream(run_manager, config), **kwargs):
             yield out
 
@@ -176,11 +187,11 @@ class AlignedChain(RunnableSerializable[Any, Any]):
             self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
         )
 
-    def _questions(self, values: list[Any]) -> list[str | Exception]:
-        out: list[str | Exception] = []
+    def _questions(self, values: list[Any]) -> list[dict[str, Any] | Exception]:
+        out: list[dict[str, Any] | Exception] = []
         for value in values:
             try:
-                out.append(self._question(value))
+                out.append(self._request(value))
             except Exception as exc:
                 out.append(exc)
         return out
@@ -189,7 +200,7 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig], **kwargs: Any
     ) -> list[Any]:
         outs: list[Any] = self._questions(values)
-        live = [i for i, q in enumerate(outs) if isinstance(q, str)]
+        live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
         answers = self.chain.batch(
             [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
         ) if live else []
@@ -198,7 +209,7 @@ class AlignedChain(RunnableSerializable[Any, Any]):
             if isinstance(a, Exception):
                 outs[i] = a
         fixed = self.stage.batch(
-            [{"question": outs[i], "answer": a} for i, a in ready],
+            [{**outs[i], "answer": a} for i, a in ready],
             [self._downstream(run_manager[i], config[i]) for i, _ in ready],
             return_exceptions=True,
             **kwargs,
@@ -215,7 +226,7 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         **kwargs: Any,
     ) -> list[Any]:
         outs: list[Any] = self._questions(values)
-        live = [i for i, q in enumerate(outs) if isinstance(q, str)]
+        live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
         answers = await self.chain.abatch(
             [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
         ) if live else []
@@ -224,7 +235,7 @@ class AlignedChain(RunnableSerializable[Any, Any]):
             if isinstance(a, Exception):
                 outs[i] = a
         fixed = await self.stage.abatch(
-            [{"question": outs[i], "answer": a} for i, a in ready],
+            [{**outs[i], "answer": a} for i, a in ready],
             [self._downstream(run_manager[i], config[i]) for i, _ in ready],
             return_exceptions=True,
             **kwargs,
@@ -239,22 +250,30 @@ def with_aligner(
     *,
     aligner: Aligner,
     question_key: str = "question",
+    history_key: str = "history",
     on_error: OnError = "raise",
     generation_kwargs: Mapping[str, Any] | None = None,
     timeout: float | None = None,
     max_retries: int = 0,
     stream_uncorrected: bool = False,
+    inspector: Inspector | Callable[[str, str], float] | None = None,
+    threshold: float | None = None,
 ) -> AlignedChain:
     """Wrap ``chain`` so that its answer is corrected against the question in the chain's own input.
 
     The input may be a dict (the question under ``question_key``, as a str or messages), a str, a
-    chat prompt value or a message list (the last human message is the question). The output has
+    chat prompt value or a message list (the last human message is the question, the messages before
+    it the history; a dict's ``history_key`` adds the turns before those). The output has
     the chain's answer type; ``invoke``/``batch``/``stream`` and their async twins all work, and
     streaming yields the correction only (``stream_uncorrected=True`` lets the chain's own tokens
     reach callbacks too). ``timeout``/``max_retries`` bound each correction (see ``AlignerRunnable``).
+    With an ``inspector``, an answer scoring at or above ``threshold`` comes back unchanged (no generation).
     """
     stage = AlignerRunnable(
         aligner=aligner, on_error=on_error, generation_kwargs=dict(generation_kwargs or {}),
-        timeout=timeout, max_retries=max_retries,
+        timeout=timeout, max_retries=max_retries, inspector=inspector, threshold=threshold,
     )
-    return AlignedChain(chain=chain, stage=stage, question_key=question_key, stream_uncorrected=stream_uncorrected)
+    return AlignedChain(
+        chain=chain, stage=stage, question_key=question_key, history_key=history_key,
+        stream_uncorrected=stream_uncorrected,
+    )

@@ -26,8 +26,9 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from aligner_core import Aligner
+from aligner_core.inspector import Inspector
 
-from ._io import last_human_text
+from ._io import MissingQuestionError, split_question
 from ._quiet import UNCORRECTED_TAG, child_config
 from .runnable import AlignerRunnable, OnError
 
@@ -112,6 +113,9 @@ def chat_model_of(runnable: Any) -> BaseChatModel | None:
 class AlignedChatModel(BaseChatModel):
     """Calls the wrapped chat model, then corrects its answer against the last human message.
 
+    The messages before it are the correction's history (human, AI and system messages; tool
+    messages and AI messages that only call tools are skipped).
+
     The result is the wrapped model's message with corrected content: its id, tool calls,
     ``usage_metadata`` (the wrapped model's tokens) and ``response_metadata`` are kept, and the
     correction's details are under ``response_metadata["aligner"]``. A message that only calls
@@ -154,6 +158,12 @@ class AlignedChatModel(BaseChatModel):
     """Whether ``invoke`` streams internally, so streaming callbacks see the correction's tokens."""
     stream_uncorrected: bool = False
     """Also let the wrapped model's uncorrected tokens reach callbacks and event streams (unsafe for UIs)."""
+    inspector: Inspector | Callable[[str, str], float] | None = None
+    """Scores each answer in [0, 1] first (1: aligned); one scoring at or above ``threshold`` is returned
+    unchanged, with no correction generated (``aligner_core.inspector.Inspector`` or a callable). None: the
+    Aligner's own inspector, if it was built with one."""
+    threshold: float | None = None
+    """The inspector's pass mark; None: the Aligner's."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
@@ -282,12 +292,21 @@ class AlignedChatModel(BaseChatModel):
             options.update(do_sample=True, temperature=self.temperature)
         if stops := self._stops(stop):
             options["stop"] = stops
-        question = last_human_text(messages) or ""
         on_server = self.base_url is not None  # the server engine applies timeout and retries itself
         return AlignerRunnable(
-            aligner=self.corrector, question=question, on_error=self.on_error, generation_kwargs=options,
+            aligner=self.corrector, on_error=self.on_error, generation_kwargs=options,
             timeout=None if on_server else self.timeout, max_retries=0 if on_server else (self.max_retries or 0),
+            inspector=self.inspector, threshold=self.threshold,
         )
+
+    @staticmethod
+    def _pair(messages: list[BaseMessage], answer: Any) -> dict[str, Any]:
+        """The stage's input: the last human message is the question, the messages before it the history."""
+        try:
+            question, history = split_question(messages)
+        except MissingQuestionError:  # no human message: corrected against an empty question, no history
+            question, history = "", ()
+        return {"question": question, "answer": answer, "history": list(history)}
 
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
@@ -396,7 +415,7 @@ class AlignedChatModel(BaseChatModel):
     ) -> ChatResult:
         up, down = self._configs(run_manager)
         answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
-        message = self._stage(messages, stop).invoke(answer, down)
+        message = self._stage(messages, stop).invoke(self._pair(messages, answer), down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     async def _agenerate(
@@ -408,7 +427,7 @@ class AlignedChatModel(BaseChatModel):
     ) -> ChatResult:
         up, down = self._configs(run_manager)
         answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
-        message = await self._stage(messages, stop).ainvoke(answer, down)
+        message = await self._stage(messages, stop).ainvoke(self._pair(messages, answer), down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     def _stream(
@@ -420,7 +439,7 @@ class AlignedChatModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         up, down = self._configs(run_manager)
         answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
-        for chunk in self._stage(messages, stop).stream(answer, down):
+        for chunk in self._stage(messages, stop).stream(self._pair(messages, answer), down):
             yield self._chunk(chunk)
 
     async def _astream(
@@ -432,7 +451,7 @@ class AlignedChatModel(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         up, down = self._configs(run_manager)
         answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
-        async for chunk in self._stage(messages, stop).astream(answer, down):
+        async for chunk in self._stage(messages, stop).astream(self._pair(messages, answer), down):
             yield self._chunk(chunk)
 
 

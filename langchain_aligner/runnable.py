@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 from langchain_core.callbacks import (
@@ -13,11 +13,11 @@ from langchain_core.callbacks import (
     CallbackManagerForChainRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.runnables.utils import ConfigurableFieldSpec
 from langchain_core.utils.pydantic import create_model_v2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from aligner_core import (
     Aligner,
@@ -26,6 +26,7 @@ from aligner_core import (
     EngineUnavailableError,
     GenerationOptionError,
 )
+from aligner_core.inspector import Inspector, as_inspector, check_threshold
 
 from . import _trace
 from ._io import (
@@ -51,10 +52,12 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     """Corrects a chain's answer with an Aligner; the output has the answer's type (``str`` or ``AIMessage``).
 
     Input: the answer itself (``str`` or ``AIMessage``), or a dict with the question under
-    ``question_key`` and the answer under ``answer_key``. Without a question in the input, the
-    question comes from ``config["configurable"][question_key]``, else from ``question``. Each
-    correction is also a chat-model run named ``Aligner`` (the Aligner's tokens, streamed text and
-    usage), nested in this stage's chain run.
+    ``question_key``, the answer under ``answer_key`` and, optionally, the conversation's earlier
+    messages under ``history_key`` (``BaseMessage`` objects or role/content dicts; ``chat_history``
+    is read too). Without a question in the input, the question comes from
+    ``config["configurable"][question_key]``, else from ``question``; the history likewise from
+    ``config["configurable"][history_key]``. Each correction is also a chat-model run named
+    ``Aligner`` (the Aligner's tokens, streamed text and usage), nested in this stage's chain run.
     """
 
     aligner: Aligner
@@ -65,6 +68,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     """Where the question is in a dict input, and its key in ``config["configurable"]``."""
     answer_key: str = "answer"
     """Where the answer is in a dict input."""
+    history_key: str = "history"
+    """Where the conversation's earlier messages are in a dict input (``chat_history`` is read too), and their
+    key in ``config["configurable"]``."""
     on_error: OnError = "raise"
     """``"passthrough"`` returns the original answer when the corrector fails (error in metadata and log)."""
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -74,8 +80,24 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     (``CorrectionTimeoutError``). Streams and the planned ``batch`` pass are bounded by their tokens only."""
     max_retries: int = Field(default=0, ge=0)
     """Retries of a correction that failed transiently (a timeout, an engine that cannot serve)."""
+    inspector: Inspector | Callable[[str, str], float] | None = None
+    """Scores ``(question, answer)`` in [0, 1] (1: aligned) before correcting: an answer scoring at or above
+    ``threshold`` comes back unchanged and costs no generation (``aligner_core.inspector.Inspector`` or a callable).
+    None: the Aligner's own inspector, if it was built with one."""
+    threshold: float | None = None
+    """The inspector's pass mark; None: the Aligner's (0.5 unless it was built with another)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    @field_validator("inspector")
+    @classmethod
+    def _check_inspector(cls, value: Any) -> Any:
+        return None if value is None else as_inspector(value)
+
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, value: Any) -> float | None:
+        return None if value is None else check_threshold(value)
 
     # -- what it accepts and returns -------------------------------------------------------------
 
@@ -94,6 +116,7 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             field_definitions={
                 self.answer_key: (Union[str, AIMessage], ...),  # noqa: UP007
                 self.question_key: (Union[str, None], None),  # noqa: UP007
+                self.history_key: (Union[list[Union[BaseMessage, dict[str, Any]]], None], None),  # noqa: UP007
             },
         )
         return create_model_v2("AlignerRunnableInput", root=Union[str, AIMessage, pair])  # type: ignore[valid-type] # noqa: UP007
@@ -104,7 +127,7 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:
-        """The question may come from ``config["configurable"][question_key]``."""
+        """The question and the history may come from ``config["configurable"]``."""
         return [
             ConfigurableFieldSpec(
                 id=self.question_key,
@@ -113,7 +136,15 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
                 description="The question the answer replies to, when the input does not hold it.",
                 default=None,
                 is_shared=True,
-            )
+            ),
+            ConfigurableFieldSpec(
+                id=self.history_key,
+                annotation=Union[list[Union[BaseMessage, dict[str, Any]]], None],  # noqa: UP007
+                name="History",
+                description="The conversation's messages before the question, when the input does not hold them.",
+                default=None,
+                is_shared=True,
+            ),
         ]
 
     # -- helpers -------------------------------------------------------------------------------
@@ -125,10 +156,17 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             answer_key=self.answer_key,
             question=self.question,
             configurable=config.get("configurable"),
+            history_key=self.history_key,
         )
 
     def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.generation_kwargs, **kwargs}
+
+    @property
+    def _gate(self) -> dict[str, Any]:
+        """The inspector keywords for the core: only those set, so an Aligner's own inspector still applies."""
+        gate = {"inspector": self.inspector, "threshold": self.threshold}
+        return {k: v for k, v in gate.items() if v is not None}
 
     def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]:
         """The output for a correction or an error (raised unless passing through), and its details."""
@@ -142,7 +180,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     def _correct(self, job: Job, options: Mapping[str, Any]) -> Correction:
         for attempt in range(self.max_retries + 1):
             try:
-                return self.aligner.correct(job.question, job.text, timeout=self.timeout, **options)
+                return self.aligner.correct(
+                    job.question, job.text, history=job.turns, timeout=self.timeout, **self._gate, **options
+                )
             except TRANSIENT:
                 if attempt == self.max_retries:
                     raise
@@ -152,7 +192,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     async def _acorrect(self, job: Job, options: Mapping[str, Any]) -> Correction:
         for attempt in range(self.max_retries + 1):
             try:
-                return await self.aligner.acorrect(job.question, job.text, timeout=self.timeout, **options)
+                return await self.aligner.acorrect(
+                    job.question, job.text, history=job.turns, timeout=self.timeout, **self._gate, **options
+                )
             except TRANSIENT:
                 if attempt == self.max_retries:
                     raise
@@ -294,9 +336,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         results: list[Any] = []
         step = self._limit(config, len(live))
         for k in range(0, len(live), step):
-            pairs = [(jobs[i].question, jobs[i].text) for i in live[k : k + step]]  # type: ignore[union-attr]
+            pairs = [jobs[i].pair() for i in live[k : k + step]]  # type: ignore[union-attr]
             try:
-                results += self.aligner.correct_batch(pairs, return_exceptions=True, **options)
+                results += self.aligner.correct_batch(pairs, return_exceptions=True, **self._gate, **options)
             except Exception as exc:  # a bad option: every correction of this pass fails with it
                 results += [exc] * len(pairs)
         for i, result in zip(live, results):

@@ -1,8 +1,9 @@
-"""Small pieces the adapters share: the error policy type, option checking, error descriptions, Aligner records."""
+"""Small pieces the adapters share: the error policy type, option checking, error descriptions, Aligner records,
+and chat messages as the core's history turns."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from aligner_core import Aligner
@@ -41,3 +42,35 @@ def load_aligner(spec: Mapping[str, Any] | None, owner: str) -> Aligner:
         return Aligner.from_pretrained(spec["model"], template=spec.get("template"), engine=engine)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not reload the Aligner {spec['model']!r} ({exc}); {hint}") from exc
+
+
+#: ``MessageRole`` values and the core's history roles (``chatbot``/``model`` are providers' names for the
+#: assistant, ``developer`` for the system); tool and function messages are skipped.
+ROLES = {
+    "user": "user", "assistant": "assistant", "system": "system",
+    "chatbot": "assistant", "model": "assistant", "developer": "system",
+}
+
+
+def history_turns(messages: Sequence[Any]) -> list[dict[str, str]]:
+    """LlamaIndex ``ChatMessage`` objects as the core's ``history`` turns (text blocks joined).
+
+    Tool and function results, and messages without text (an assistant turn that only calls tools),
+    are skipped.
+    """
+    turns = []
+    for message in messages:
+        role = ROLES.get(getattr(message.role, "value", message.role))
+        text = message.content or ""
+        if role is not None and text.strip():
+            turns.append({"role": role, "content": text})
+    return turns
+
+
+#: The inspector's verdict in a correction's metadata, repeated at the top of the details when present.
+VERDICT_KEYS = ("inspector_score", "inspector_threshold", "inspector_passed")
+
+
+def verdict(correction: Any) -> dict[str, Any]:
+    """The inspector's verdict on a correction (empty when no inspector judged it)."""
+    return {k: correction.metadata[k] for k in VERDICT_KEYS if k in correction.metadata}

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aligner_core import Aligner, Correction, GenerationOptionError
+from aligner_core.inspector import Inspector, ScoreFn, as_inspector, check_threshold
 
-from ._common import OnError, check_options, describe
+from ._common import OnError, check_options, describe, verdict
 from ._streams import Relay
 from .events import AlignerEndEvent, AlignerStartEvent
 from .llm_events import LLMCall, dispatcher, start_call
@@ -34,7 +35,10 @@ class AnswerCorrector:
 
     ``callback_manager`` is read at each call (a callable returning it), so an adapter whose manager
     is replaced later reports to the new one. ``report_llm=False`` leaves LLM events to the caller
-    (AlignedLLM reports itself as the LLM call).
+    (AlignedLLM reports itself as the LLM call). With an ``inspector`` (or an Aligner built with one),
+    the core scores each answer first and returns one scoring at or above ``threshold`` unchanged; the
+    verdict is in the details (``inspector_score``, ``inspector_threshold``, ``inspector_passed``) and
+    the events. ``threshold=None`` is the Aligner's own.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class AnswerCorrector:
         generation_kwargs: Mapping[str, Any] | None = None,
         callback_manager: Callable[[], Any] = lambda: None,
         report_llm: bool = True,
+        inspector: Inspector | ScoreFn | None = None,
+        threshold: float | None = None,
     ) -> None:
         if not isinstance(aligner, Aligner):
             raise TypeError(f"aligner must be an aligner_core.Aligner, got {type(aligner).__name__}")
@@ -54,27 +60,38 @@ class AnswerCorrector:
         self.generation_kwargs = dict(generation_kwargs or {})
         check_options(aligner, self.generation_kwargs)
         self.aligner, self.component, self.on_error = aligner, component, on_error
+        self.inspector = None if inspector is None else as_inspector(inspector)
+        self.threshold = None if threshold is None else check_threshold(threshold)
         self._callback_manager, self.report_llm = callback_manager, report_llm
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keywords for the core: the generation options, and the inspector settings that are set (so an
+        Aligner's own inspector still applies)."""
+        gate = {"inspector": self.inspector, "threshold": self.threshold}
+        return {**self.generation_kwargs, **{k: v for k, v in gate.items() if v is not None}}
 
     # -- whole answers -----------------------------------------------------------------------
 
-    def correct(self, question: str, answer: str) -> dict[str, Any]:
-        p = self.begin(question, answer)
+    def correct(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        p = self.begin(question, answer, history)
         try:
-            correction = self.aligner.correct(question, answer, **self.generation_kwargs)
+            correction = self.aligner.correct(question, answer, history=history or None, **self.options)
         except Exception as exc:
             return self.error(p, answer, exc)
         return self.done(p, correction)
 
-    async def acorrect(self, question: str, answer: str) -> dict[str, Any]:
-        p = self.begin(question, answer)
+    async def acorrect(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> dict[str, Any]:
+        p = self.begin(question, answer, history)
         try:
-            correction = await self.aligner.acorrect(question, answer, **self.generation_kwargs)
+            correction = await self.aligner.acorrect(question, answer, history=history or None, **self.options)
         except Exception as exc:
             return self.error(p, answer, exc)
         return self.done(p, correction)
 
-    def open(self, question: str, answer: str, *, asynchronous: bool = False) -> tuple[dict[str, Any], Relay | None]:
+    def open(
+        self, question: str, answer: str, history: list[dict[str, str]] | None = None, *, asynchronous: bool = False
+    ) -> tuple[dict[str, Any], Relay | None]:
         """Start streaming a correction now (so errors surface at the call), or say why there is none.
 
         The returned dict is filled in place when the stream ends (``"pending": True`` until then).
@@ -82,10 +99,10 @@ class AnswerCorrector:
         if not answer.strip():
             return self.skipped(answer, "empty answer"), None
         info = {**self.base(answer), "text": None, "pending": True}
-        p = self.begin(question, answer)
+        p = self.begin(question, answer, history)
         open_stream = self.aligner.astream if asynchronous else self.aligner.stream
         try:
-            stream = open_stream(question, answer, **self.generation_kwargs)
+            stream = open_stream(question, answer, history=history or None, **self.options)
         except Exception as exc:
             return self.error(p, answer, exc), None
         return info, Relay(
@@ -98,12 +115,12 @@ class AnswerCorrector:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def begin(self, question: str, answer: str) -> Pass:
+    def begin(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> Pass:
         dispatcher.event(AlignerStartEvent(component=self.component, query=question, num_items=1, num_selected=1))
         call = None
         if self.report_llm:
             call = start_call(self.aligner, self._callback_manager(), question, answer,
-                              component=self.component, options=self.generation_kwargs)
+                              component=self.component, options=self.generation_kwargs, history=history)
         return Pass(time.perf_counter(), call)
 
     def base(self, answer: str | None) -> dict[str, Any]:
@@ -117,7 +134,7 @@ class AnswerCorrector:
         self._end(p, correction, None)
         data = correction.to_dict()
         del data["question"]
-        info = {"model": self.aligner.name, **data, "error": None}
+        info = {"model": self.aligner.name, **data, **verdict(correction), "error": None}
         if not correction.text.strip():
             info.update(text=correction.original, changed=False, similarity=1.0, empty_correction=True)
         return info
@@ -140,6 +157,7 @@ class AnswerCorrector:
             else:
                 p.call.failed(error or RuntimeError("no correction"))
         used = correction is not None and bool(correction.text.strip())
+        seen = verdict(correction) if correction is not None else {}
         dispatcher.event(
             AlignerEndEvent(
                 component=self.component,
@@ -151,5 +169,8 @@ class AnswerCorrector:
                 completion_tokens=correction.completion_tokens if correction else 0,
                 latency_s=time.perf_counter() - p.start,
                 error=describe(error) if error is not None else None,
+                num_inspected=int(bool(seen)),
+                num_inspector_passed=int(bool(seen.get("inspector_passed"))),
+                inspector_scores=[seen["inspector_score"]] if seen else [],
             )
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 from aligner_core import Aligner
 from aligner_core.errors import missing
+from aligner_core.inspector import Inspector, ScoreFn
 
 try:
     from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
@@ -20,7 +21,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError
+from ._common import OnError, history_turns
 from ._correct import AnswerCorrector
 
 COMPONENT = "chat_engine"
@@ -36,12 +37,14 @@ class AlignedStreamingChatResponse(StreamingAgentChatResponse):
 class AlignedChatEngine(BaseChatEngine):
     """Wraps a chat engine (``index.as_chat_engine(...)``, ``SimpleChatEngine``, ...) and corrects each answer.
 
-    The user's message is the question. ``chat``/``achat`` return the inner response with the corrected
+    The user's message is the question and the conversation before it (the history this engine holds,
+    or the ``chat_history`` passed to the call) is the correction's history. ``chat``/``achat`` return the inner response with the corrected
     text and the details in ``metadata[metadata_key]`` (as ``AlignedQueryEngine``). ``stream_chat`` /
     ``astream_chat`` stream **only the correction**: the inner engine is called without streaming, so its
     uncorrected tokens never reach a stream or a stream event. The conversation keeps the corrected
     answers: this engine holds the history and hands it to the inner engine on every turn, so the next
-    turn builds on what the user was shown.
+    turn builds on what the user was shown. With an ``inspector``, an answer scoring at or above
+    ``threshold`` is served unchanged with no correction generated (the verdict is in the metadata).
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class AlignedChatEngine(BaseChatEngine):
         generation_kwargs: Mapping[str, Any] | None = None,
         metadata_key: str = "aligner",
         callback_manager: CallbackManager | None = None,
+        inspector: Inspector | ScoreFn | None = None,
+        threshold: float | None = None,
     ) -> None:
         if not isinstance(chat_engine, BaseChatEngine):
             raise TypeError(f"chat_engine must be a LlamaIndex BaseChatEngine, got {type(chat_engine).__name__}")
@@ -63,7 +68,7 @@ class AlignedChatEngine(BaseChatEngine):
         self.callback_manager = callback_manager
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            callback_manager=lambda: self.callback_manager,
+            callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
         )
         self.chat_engine = chat_engine
         self.aligner = aligner
@@ -85,7 +90,10 @@ class AlignedChatEngine(BaseChatEngine):
         history = self._turn_history(chat_history)
         response = self.chat_engine.chat(message, chat_history=history)
         answer = str(response.response or "")
-        info = self._corrector.correct(message, answer) if answer.strip() else self._corrector.skipped(answer, "empty answer")
+        if answer.strip():
+            info = self._corrector.correct(message, answer, history_turns(history))
+        else:
+            info = self._corrector.skipped(answer, "empty answer")
         return self._finish(response, history, message, info)
 
     async def achat(self, message: str, chat_history: list[ChatMessage] | None = None) -> AgentChatResponse:
@@ -93,7 +101,7 @@ class AlignedChatEngine(BaseChatEngine):
         response = await self.chat_engine.achat(message, chat_history=history)
         answer = str(response.response or "")
         if answer.strip():
-            info = await self._corrector.acorrect(message, answer)
+            info = await self._corrector.acorrect(message, answer, history_turns(history))
         else:
             info = self._corrector.skipped(answer, "empty answer")
         return self._finish(response, history, message, info)
@@ -104,7 +112,7 @@ class AlignedChatEngine(BaseChatEngine):
         history = self._turn_history(chat_history)
         response = self.chat_engine.chat(message, chat_history=history)  # not stream_chat: nothing raw is streamed
         answer = str(response.response or "")
-        info, relay = self._corrector.open(message, answer)
+        info, relay = self._corrector.open(message, answer, history_turns(history))
 
         def gen() -> Any:
             text = ""
@@ -121,7 +129,7 @@ class AlignedChatEngine(BaseChatEngine):
         history = self._turn_history(chat_history)
         response = await self.chat_engine.achat(message, chat_history=history)
         answer = str(response.response or "")
-        info, relay = self._corrector.open(message, answer, asynchronous=True)
+        info, relay = self._corrector.open(message, answer, history_turns(history), asynchronous=True)
 
         async def agen() -> Any:
             text = ""

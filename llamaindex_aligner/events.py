@@ -36,6 +36,11 @@ class AlignerEndEvent(BaseEvent):
     completion_tokens: int = Field(description="Generated tokens over all corrections.")
     latency_s: float = Field(description="Seconds spent in the Aligner for this pass.")
     error: str | None = Field(default=None, description="The first error, as 'Type: message', if any.")
+    num_inspected: int = Field(default=0, description="Items an inspector scored before correcting.")
+    num_inspector_passed: int = Field(
+        default=0, description="Of those, items scoring at or above the threshold: returned unchanged, no generation."
+    )
+    inspector_scores: list[float] = Field(default_factory=list, description="The inspector's scores, in item order.")
 
     @classmethod
     def class_name(cls) -> str:

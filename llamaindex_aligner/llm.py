@@ -33,7 +33,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError
+from ._common import OnError, history_turns
 from ._correct import AnswerCorrector
 from ._streams import Relay
 from .llm_events import usage
@@ -44,6 +44,9 @@ COMPONENT = "llm"
 class AlignedLLM(FunctionCallingLLM):
     """Wraps a LlamaIndex LLM: each final answer it writes is corrected against the last user message.
 
+    The messages before that one are the correction's history (user, assistant and system messages;
+    tool results and assistant turns that only call tools are skipped); ``complete`` has none.
+
     ``chat``/``complete`` and their ``stream_``/``a`` variants call the wrapped LLM (never its stream),
     then correct its answer; the ``stream_`` variants stream **only** the correction. A response that
     carries tool calls is not a final answer and passes through unchanged, so a function-calling
@@ -51,7 +54,8 @@ class AlignedLLM(FunctionCallingLLM):
     corrected. The correction's details go to ``response.additional_kwargs[metadata_key]`` and
     ``response.raw[metadata_key]`` (the keys ``AlignedQueryEngine`` puts in ``metadata``), and
     ``response.raw["usage"]`` holds the correction's token counts. Prompt formatting is the wrapped
-    LLM's: ``complete`` hands it the prompt unformatted. The metadata is the wrapped LLM's.
+    LLM's: ``complete`` hands it the prompt unformatted. The metadata is the wrapped LLM's. With an
+    ``inspector``, an answer scoring at or above ``threshold`` is returned unchanged (no generation).
     """
 
     llm: SerializeAsAny[LLM] = Field(description="The LLM whose final answers are corrected.")
@@ -62,6 +66,15 @@ class AlignedLLM(FunctionCallingLLM):
         default_factory=dict, description="Generation options for the Aligner (max_new_tokens, stop, ...)."
     )
     metadata_key: str = Field(default="aligner", min_length=1, description="Key under which the correction is recorded.")
+    inspector: Any = Field(
+        default=None, exclude=True,
+        description="Scores (question, answer) in [0, 1] (1: aligned) first: an Inspector or a callable.",
+    )
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="An answer scoring at or above it is returned unchanged, with no correction generated; "
+        "None: the Aligner's.",
+    )
 
     _corrector: AnswerCorrector = PrivateAttr()
 
@@ -73,7 +86,7 @@ class AlignedLLM(FunctionCallingLLM):
         # The aligned call itself is reported as the LLM call (its raw usage is the correction's).
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=self.on_error, generation_kwargs=self.generation_kwargs,
-            report_llm=False,
+            report_llm=False, inspector=self.inspector, threshold=self.threshold,
         )
 
     @classmethod
@@ -97,7 +110,7 @@ class AlignedLLM(FunctionCallingLLM):
         answer = self._final_answer(response)
         if answer is None:
             return response
-        return self._chat_response(response, self._correct(last_user_text(messages), answer))
+        return self._chat_response(response, self._correct(*split_messages(messages), answer))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -105,7 +118,7 @@ class AlignedLLM(FunctionCallingLLM):
         answer = self._final_answer(response)
         if answer is None:
             return response
-        return self._chat_response(response, await self._acorrect(last_user_text(messages), answer))
+        return self._chat_response(response, await self._acorrect(*split_messages(messages), answer))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -113,7 +126,8 @@ class AlignedLLM(FunctionCallingLLM):
         answer = self._final_answer(response)
         if answer is None:
             return iter([response])
-        info, relay = self._corrector.open(last_user_text(messages), answer)
+        question, history = split_messages(messages)
+        info, relay = self._corrector.open(question, answer, history)
 
         def gen() -> ChatResponseGen:
             text = ""
@@ -130,7 +144,8 @@ class AlignedLLM(FunctionCallingLLM):
         answer = self._final_answer(response)
         relay: Relay | None = None
         if answer is not None:
-            info, relay = self._corrector.open(last_user_text(messages), answer, asynchronous=True)
+            question, history = split_messages(messages)
+            info, relay = self._corrector.open(question, answer, history, asynchronous=True)
 
         async def gen() -> ChatResponseAsyncGen:
             if answer is None:
@@ -153,12 +168,12 @@ class AlignedLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         response = self.llm.complete(prompt, **kwargs)
-        return self._completion_response(response, self._correct(prompt, response.text))
+        return self._completion_response(response, self._correct(prompt, None, response.text))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         response = await self.llm.acomplete(prompt, **kwargs)
-        return self._completion_response(response, await self._acorrect(prompt, response.text))
+        return self._completion_response(response, await self._acorrect(prompt, None, response.text))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -228,15 +243,15 @@ class AlignedLLM(FunctionCallingLLM):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _correct(self, question: str, answer: str) -> dict[str, Any]:
+    def _correct(self, question: str, history: list[dict[str, str]] | None, answer: str) -> dict[str, Any]:
         if not answer.strip():
             return self._corrector.skipped(answer, "empty answer")
-        return self._corrector.correct(question, answer)
+        return self._corrector.correct(question, answer, history)
 
-    async def _acorrect(self, question: str, answer: str) -> dict[str, Any]:
+    async def _acorrect(self, question: str, history: list[dict[str, str]] | None, answer: str) -> dict[str, Any]:
         if not answer.strip():
             return self._corrector.skipped(answer, "empty answer")
-        return await self._corrector.acorrect(question, answer)
+        return await self._corrector.acorrect(question, answer, history)
 
     def _final_answer(self, response: ChatResponse) -> str | None:
         """The text to correct, or None for a response that calls tools (not a final answer)."""
@@ -271,9 +286,10 @@ class AlignedLLM(FunctionCallingLLM):
         return {"usage": usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0)), self.metadata_key: info}
 
 
-def last_user_text(messages: Sequence[ChatMessage]) -> str:
-    """The question the Aligner sees: the last user message (the whole conversation if there is none)."""
-    for message in reversed(messages):
-        if message.role == MessageRole.USER and (message.content or "").strip():
-            return message.content or ""
-    return "\n".join(f"{m.role.value}: {m.content or ''}" for m in messages)
+def split_messages(messages: Sequence[ChatMessage]) -> tuple[str, list[dict[str, str]]]:
+    """The question the Aligner sees, the last user message, and the turns before it as its history
+    (without a user message: the whole conversation as the question, and no history)."""
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == MessageRole.USER and (messages[i].content or "").strip():
+            return messages[i].content or "", history_turns(messages[:i])
+    return "\n".join(f"{m.role.value}: {m.content or ''}" for m in messages), []

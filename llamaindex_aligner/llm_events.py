@@ -4,7 +4,9 @@ Two channels, as LlamaIndex's own LLMs report: instrumentation ``LLMCompletionSt
 ``LLMCompletionEndEvent`` (root dispatcher handlers: Phoenix, Langfuse, OpenTelemetry) and legacy
 ``CallbackManager`` ``CBEventType.LLM`` events carrying ``EventPayload.PROMPT`` / ``COMPLETION``
 (``TokenCountingHandler``, ``LlamaDebugHandler``). The completion's ``raw["usage"]`` holds the
-Correction's exact token counts, which ``TokenCountingHandler`` reads before estimating.
+Correction's exact token counts, which ``TokenCountingHandler`` reads before estimating. An answer an
+inspector passed was not generated: its call ends with zero completion tokens and the verdict
+(``inspector_score``, ``inspector_passed``, ...) in the completion's ``additional_kwargs``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from typing import Any
 
 from aligner_core import Aligner, Correction
 from aligner_core.errors import missing
+from aligner_core.history import normalize_history
+from aligner_core.history import render_prompt as core_render
+
+from ._common import verdict
 
 try:
     from llama_index.core.base.llms.types import CompletionResponse
@@ -46,13 +52,17 @@ def aligner_payload(aligner: Aligner, component: str) -> dict[str, Any]:
     }
 
 
-def render_prompt(aligner: Aligner, question: str, answer: str) -> str:
-    """The Aligner's prompt for a pair; a chat template left to a server is shown as its messages."""
+def render_prompt(aligner: Aligner, question: str, answer: str, history: list[dict[str, str]] | None = None) -> str:
+    """The Aligner's prompt for a pair (and its history); a chat template left to a server is shown as its messages."""
     try:
-        return aligner.template.format(question=question, answer=answer)
+        turns = normalize_history(history)
+    except Exception:  # the Aligner reports a bad history itself; the event shows the pair
+        turns = ()
+    try:
+        return core_render(aligner.template, question, answer, turns)
     except Exception:  # e.g. a chat template without a local tokenizer: the server renders it
         messages = getattr(aligner.template, "messages", None)
-        return str(messages(question=question, answer=answer)) if messages else f"{question}\n\n{answer}"
+        return str(messages(question=question, answer=answer, history=turns)) if messages else f"{question}\n\n{answer}"
 
 
 @dataclass
@@ -67,7 +77,7 @@ class LLMCall:
         response = CompletionResponse(
             text=correction.text,
             raw={"usage": usage(correction.prompt_tokens, correction.completion_tokens)},
-            additional_kwargs={"finish_reason": correction.finish_reason},
+            additional_kwargs={"finish_reason": correction.finish_reason, **verdict(correction)},
         )
         self.callback_manager.on_event_end(
             CBEventType.LLM,
@@ -88,10 +98,11 @@ def start_call(
     *,
     component: str,
     options: dict[str, Any] | None = None,
+    history: list[dict[str, str]] | None = None,
 ) -> LLMCall:
     """Report that the Aligner starts generating a correction of ``answer``."""
     manager = callback_manager if isinstance(callback_manager, CallbackManager) else CallbackManager([])
-    prompt = render_prompt(aligner, question, answer)
+    prompt = render_prompt(aligner, question, answer, history)
     model = aligner_payload(aligner, component)
     dispatcher.event(LLMCompletionStartEvent(prompt=prompt, additional_kwargs=dict(options or {}), model_dict=model))
     event_id = manager.on_event_start(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from aligner_core import Aligner, Correction, GenerationOptionError
 from aligner_core.errors import missing
+from aligner_core.inspector import Inspector, as_inspector
 
 try:
     from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
@@ -18,7 +20,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, aligner_spec, check_options, describe, load_aligner
+from ._common import OnError, aligner_spec, check_options, describe, load_aligner, verdict
 from .events import AlignerEndEvent, AlignerStartEvent
 from .llm_events import LLMCall, start_call
 
@@ -28,8 +30,8 @@ logger = logging.getLogger("llamaindex_aligner")
 #: ``node.metadata`` key under which a corrected node keeps its text from before the correction.
 ORIGINAL_TEXT_KEY = "aligner_original_text"
 
-#: ``inspector(question, text) -> True`` when the text needs correcting.
-Inspector = Callable[[str, str], bool]
+#: ``node.metadata`` keys of the inspector's verdict on a node it scored (hidden from the LLM and embeddings).
+SCORE_KEY, PASSED_KEY = "aligner_inspector_score", "aligner_inspector_passed"
 
 COMPONENT = "node_postprocessor"
 
@@ -43,6 +45,12 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     ``metadata_key`` (default ``"aligner_original_text"``), excluded from the LLM and embedding
     metadata so it does not leak into prompts. Nodes without text (images) pass through, and so
     does a node whose correction comes back empty.
+
+    With an ``inspector`` (an ``aligner_core.inspector.Inspector`` or a ``(question, text) -> score``
+    callable, 1 meaning aligned), the core scores the selected nodes first and only those scoring below
+    ``threshold`` are rewritten; every scored node records its verdict in hidden metadata
+    (``aligner_inspector_score``, ``aligner_inspector_passed``). The first release's gate, a callable
+    returning ``True`` for "needs correcting", still works (deprecated).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -52,10 +60,14 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         ge=1,
         description="Correct only the top_n highest-scoring text nodes (the others pass through); None corrects all.",
     )
-    inspector: Inspector | None = Field(
+    inspector: Any = Field(
         default=None,
         exclude=True,
-        description="Optional gate: inspector(question, text) -> True when the node needs correcting.",
+        description="Optional gate: an Inspector or inspector(question, text) -> score in [0, 1] (1: aligned); "
+        "nodes scoring at or above threshold pass unchanged.",
+    )
+    threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="The inspector's pass mark; None: the Aligner's."
     )
     on_error: OnError = Field(
         default="raise",
@@ -69,6 +81,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     )
 
     _aligner: Aligner = PrivateAttr()
+    _inspector: Inspector | None = PrivateAttr(default=None)
 
     def __init__(self, aligner: Aligner, *, top_k: int | None = None, **kwargs: Any) -> None:
         if not isinstance(aligner, Aligner):
@@ -80,6 +93,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         super().__init__(**kwargs)
         check_options(aligner, self.generation_kwargs)
         self._aligner = aligner
+        self._inspector = None if self.inspector is None else scorer(self.inspector)
 
     @classmethod
     def class_name(cls) -> str:
@@ -124,7 +138,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
             return self._finish(nodes, selected, [], start)
         pairs = [(query, _text(nodes[i])) for i in selected]
         try:
-            results = self._aligner.correct_batch(pairs, return_exceptions=self._passthrough, **self.generation_kwargs)
+            results = self._aligner.correct_batch(pairs, return_exceptions=self._passthrough, **self._options)
         except Exception as exc:
             return self._failed(nodes, selected, exc, start)
         return self._finish(nodes, selected, results, start)
@@ -140,9 +154,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
             return self._finish(nodes, selected, [], start)
         pairs = [(query, _text(nodes[i])) for i in selected]
         try:
-            results = await self._aligner.acorrect_batch(
-                pairs, return_exceptions=self._passthrough, **self.generation_kwargs
-            )
+            results = await self._aligner.acorrect_batch(pairs, return_exceptions=self._passthrough, **self._options)
         except Exception as exc:
             return self._failed(nodes, selected, exc, start)
         return self._finish(nodes, selected, results, start)
@@ -153,6 +165,11 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     def _passthrough(self) -> bool:
         return self.on_error == "passthrough"
 
+    @property
+    def _options(self) -> dict[str, Any]:
+        gate = {"inspector": self._inspector, "threshold": self.threshold}  # only those set: the Aligner's own stay
+        return {**self.generation_kwargs, **{k: v for k, v in gate.items() if v is not None}}
+
     def _begin(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> tuple[str, list[int], _Pass]:
         """Pick the nodes to correct and report the start of the pass (and of each node's generation)."""
         if query_bundle is None:
@@ -162,8 +179,6 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         if self.top_n is not None and len(selected) > self.top_n:
             best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[: self.top_n]
             selected = sorted(best)
-        if self.inspector is not None:
-            selected = [i for i in selected if self.inspector(query, _text(nodes[i]))]
         dispatcher.event(
             AlignerStartEvent(component=COMPONENT, query=query, num_items=len(nodes), num_selected=len(selected))
         )
@@ -192,7 +207,9 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
                 continue
             call.done(result)
             corrections.append(result)
-            if result.text.strip():
+            if verdict(result).get("inspector_passed"):
+                out[i] = self._inspected(nodes[i], result)
+            elif result.text.strip():
                 out[i] = self._corrected(nodes[i], result)
         self._end(len(nodes), corrections, errors, start)
         return out
@@ -210,28 +227,46 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         return list(nodes)
 
     def _end(self, num_items: int, corrections: Sequence[Correction], errors: Sequence[BaseException], start: _Pass) -> None:
+        scores = [verdict(c)["inspector_score"] for c in corrections if verdict(c)]
         dispatcher.event(
             AlignerEndEvent(
                 component=COMPONENT,
                 num_items=num_items,
-                num_corrected=sum(1 for c in corrections if c.text.strip()),
+                num_corrected=sum(1 for c in corrections if c.text.strip() and not _passed(c)),
                 num_changed=sum(1 for c in corrections if c.changed and c.text.strip()),
                 num_errors=len(errors),
                 prompt_tokens=sum(c.prompt_tokens for c in corrections),
                 completion_tokens=sum(c.completion_tokens for c in corrections),
                 latency_s=time.perf_counter() - start.time,
                 error=describe(errors[0]) if errors else None,
+                num_inspected=len(scores),
+                num_inspector_passed=sum(1 for c in corrections if _passed(c)),
+                inspector_scores=scores,
             )
         )
 
     def _corrected(self, item: NodeWithScore, correction: Correction) -> NodeWithScore:
-        """A copy of the node carrying the corrected text and, in hidden metadata, the original."""
+        """A copy of the node carrying the corrected text and, in hidden metadata, the original (and verdict)."""
         key = self.metadata_key
-        node = item.node.model_copy()
-        node.metadata = {**item.node.metadata, key: item.node.metadata.get(key, correction.original)}
-        node.excluded_llm_metadata_keys = _with(item.node.excluded_llm_metadata_keys, key)
-        node.excluded_embed_metadata_keys = _with(item.node.excluded_embed_metadata_keys, key)
+        copied = self._inspected(item, correction)
+        node = copied.node
+        node.metadata = {**node.metadata, key: item.node.metadata.get(key, correction.original)}
+        node.excluded_llm_metadata_keys = _with(node.excluded_llm_metadata_keys, key)
+        node.excluded_embed_metadata_keys = _with(node.excluded_embed_metadata_keys, key)
         node.set_content(correction.text)
+        return copied
+
+    @staticmethod
+    def _inspected(item: NodeWithScore, correction: Correction) -> NodeWithScore:
+        """A copy of the node with the inspector's verdict in hidden metadata (the node itself without one)."""
+        seen = verdict(correction)
+        if not seen:
+            return NodeWithScore(node=item.node.model_copy(), score=item.score)
+        node = item.node.model_copy()
+        node.metadata = {**item.node.metadata, SCORE_KEY: seen["inspector_score"], PASSED_KEY: seen["inspector_passed"]}
+        for key in (SCORE_KEY, PASSED_KEY):
+            node.excluded_llm_metadata_keys = _with(node.excluded_llm_metadata_keys, key)
+            node.excluded_embed_metadata_keys = _with(node.excluded_embed_metadata_keys, key)
         return NodeWithScore(node=node, score=item.score)
 
 
@@ -240,6 +275,30 @@ class _Pass:
 
     def __init__(self, time: float, calls: list[LLMCall]) -> None:
         self.time, self.calls = time, calls
+
+
+def _passed(correction: Correction) -> bool:
+    return bool(verdict(correction).get("inspector_passed"))
+
+
+def scorer(inspector: Any) -> Inspector:
+    """The inspector as the core takes it. A plain callable may still be the first release's gate, which
+    returned ``True`` for "needs correcting": a boolean answer is read that way (score 0 or 1), with a warning."""
+    if isinstance(inspector, Inspector) or not callable(inspector):
+        return as_inspector(inspector)  # an Inspector as it is; anything else raises a TypeError saying what to pass
+
+    def score(question: str, text: str) -> Any:
+        value = inspector(question, text)
+        if isinstance(value, bool):
+            warnings.warn(
+                "an inspector returning True for 'needs correcting' is deprecated: return a score in [0, 1] "
+                "where 1 means aligned (nodes scoring below threshold are corrected)",
+                DeprecationWarning, stacklevel=2,
+            )
+            return 0.0 if value else 1.0
+        return value
+
+    return Inspector(score, name=getattr(inspector, "__name__", None) or type(inspector).__name__)
 
 
 def _text(item: NodeWithScore) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 
 from aligner_core import Aligner
 from aligner_core.errors import missing
+from aligner_core.inspector import Inspector, ScoreFn
 
 try:
     from llama_index.core.base.base_query_engine import BaseQueryEngine
@@ -40,8 +41,9 @@ class AlignedQueryEngine(BaseQueryEngine):
     them, plus the final ``text``) in ``metadata[metadata_key]``. A streaming answer is read to the
     end, corrected, and returned as a streaming response of the correction (its metadata is filled
     in once the stream is consumed). ``on_error="passthrough"`` returns the original answer and
-    records the error, so the engine keeps serving when the corrector fails. For chat engines use
-    :class:`~llamaindex_aligner.AlignedChatEngine`.
+    records the error, so the engine keeps serving when the corrector fails. With an ``inspector``, an
+    answer scoring at or above ``threshold`` is served unchanged with no correction generated. For chat
+    engines use :class:`~llamaindex_aligner.AlignedChatEngine`.
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class AlignedQueryEngine(BaseQueryEngine):
         generation_kwargs: Mapping[str, Any] | None = None,
         metadata_key: str = "aligner",
         callback_manager: CallbackManager | None = None,
+        inspector: Inspector | ScoreFn | None = None,
+        threshold: float | None = None,
     ) -> None:
         if isinstance(query_engine, BaseChatEngine):
             raise TypeError(
@@ -62,7 +66,7 @@ class AlignedQueryEngine(BaseQueryEngine):
             raise TypeError(f"query_engine must be a LlamaIndex BaseQueryEngine, got {type(query_engine).__name__}")
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            callback_manager=lambda: self.callback_manager,
+            callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
         )
         self.query_engine = query_engine
         self.aligner = aligner

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AlignerError, EngineUnavailableError, InvalidInputError, missing
 from ..filejob import JobStats, error_info, output_line
+from ..history import HISTORY_KEYS
 from ..jsonl import open_resumable, write_durably
 from ..records import count_items, numbered
 from .base import GenerationParams
@@ -106,7 +107,7 @@ def correct_file_ray(
     ray = _import_ray()
     f, done = open_resumable(out_path, resume=resume, overwrite=overwrite)
     stats = JobStats(skipped=done)
-    rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field]}
+    rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field], "history": _history_json(r)}
             for n, r in numbered(in_path, skip=done) if _sendable(r, question_field, answer_field)]
     source = numbered(in_path, skip=done)  # read again in step with the results: records stay on disk
     with f, tqdm(total=count_items(in_path), initial=done, desc="Correcting", unit="rec",
@@ -164,7 +165,12 @@ class _AlignerReplica:
         if absent:
             raise InvalidInputError(f"the dataset has no column(s) {absent}; its columns are {batch.column_names}: "
                                     "pass question_field= and answer_field=")
-        pairs = list(zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist()))
+        pairs: list[Any] = list(zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist()))
+        for key in HISTORY_KEYS:  # a conversation's earlier turns (a list column, or JSON text from a file job)
+            if key in batch.column_names:
+                histories = batch.column(key).to_pylist()
+                pairs = [(q, a, h) for (q, a), h in zip(pairs, histories)]  # JSON text is read per pair
+                break
         results = self.aligner.correct_batch(pairs, return_exceptions=True, **self.generation)
         failed = [r if isinstance(r, Exception) else None for r in results]
         columns: dict[str, list[Any]] = {
@@ -325,6 +331,12 @@ def _write_batch(
     bar.update(len(lines))
     if outage is not None:
         raise EngineUnavailableError(f"{outage['type']}: {outage['message']}")
+
+
+def _history_json(record: dict[str, Any]) -> str | None:
+    """A record's history as JSON text, so rows with and without turns share one Arrow column type."""
+    value = next((record[k] for k in HISTORY_KEYS if record.get(k) not in (None, "")), None)
+    return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
 def _until_matched(source: Records, count: int, qf: str, af: str) -> Records:

@@ -28,10 +28,11 @@ def _flags(name: str, kind: Any, default: Any, declared: tuple[str, ...]) -> tup
     return (flag,)
 
 
-def _parameters() -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(TrainConfig)
+def config_parameters(config_class: type = TrainConfig) -> list[inspect.Parameter]:
+    """Typer parameters from a settings dataclass's fields (help, flags and argument-ness in their metadata)."""
+    hints = typing.get_type_hints(config_class)
     params = []
-    for f in fields(TrainConfig):
+    for f in fields(config_class):
         meta = f.metadata
         kind = meta.get("cli_type", hints[f.name])
         default = f.default if f.default is not MISSING else ...
@@ -60,7 +61,7 @@ def train(**settings: Any) -> None:
     typer.echo(f"trained Aligner written to {out}; load it with {how}", err=True)
 
 
-params = _parameters()
+params = config_parameters()
 train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
 train.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
 

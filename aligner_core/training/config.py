@@ -25,6 +25,16 @@ class TrainConfigError(AlignerError, ValueError):
     """A training setting is out of range, or two settings contradict each other."""
 
 
+def check_locations(config: Any) -> None:
+    """``data``, ``base_model`` and ``output_dir`` of a training config name something (shared by both trainers)."""
+    if isinstance(config.data, (str, os.PathLike)) and not os.fspath(config.data).strip():
+        raise TrainConfigError("data must name a file, directory or dataset, got an empty string")
+    for name in ("base_model", "output_dir"):
+        value = getattr(config, name)
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+            raise TrainConfigError(f"{name} must be a non-empty path or id, got {value!r}")
+
+
 def _opt(default: Any, help: str, *flags: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, "flags": flags, **extra})
 
@@ -132,11 +142,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``TrainConfigError`` naming the setting and the value received."""
-        if isinstance(self.data, (str, os.PathLike)) and not os.fspath(self.data).strip():
-            raise TrainConfigError("data must name a file, directory or dataset, got an empty string")
-        for name in ("base_model", "output_dir"):
-            if not isinstance(getattr(self, name), (str, os.PathLike)) or not os.fspath(getattr(self, name)).strip():
-                raise TrainConfigError(f"{name} must be a non-empty path or id, got {getattr(self, name)!r}")
+        check_locations(self)
         _fraction("identity_fraction", self.identity_fraction, upper_inclusive=True)
         _fraction("eval_fraction", self.eval_fraction, upper_inclusive=False)
         _fraction("warmup_ratio", self.warmup_ratio, upper_inclusive=False)

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import AlignerError
+from ..errors import AlignerError, InvalidInputError
+from ..history import history_of, normalize_history
 from ..records import RecordSourceError, iter_items
 
 #: How many problems an error message lists before it says "and N more".
@@ -32,6 +33,8 @@ class Record:
     answer: str
     correction: str
     where: str
+    #: The conversation's earlier turns, ``((role, content), ...)``, from a ``chat_history``/``history`` field.
+    history: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,11 @@ def check_record(item: Any, where: str, fields: Fields) -> Record | str:
     empty = [repr(k) for k in (fields.answer, fields.correction) if not values[k].strip()]
     if empty:
         return f"{where}: empty {' and '.join(empty)}: nothing to learn from"
-    return Record(values[fields.question], values[fields.answer], values[fields.correction], where)
+    try:
+        history = normalize_history(history_of(item), f"{where}: ")
+    except InvalidInputError as exc:
+        return str(exc)
+    return Record(values[fields.question], values[fields.answer], values[fields.correction], where, history)
 
 
 def iter_raw(

@@ -67,7 +67,7 @@ def corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int = 600):
+def build_tokenizer(vocab_size: int = 600, extra_texts: list[str] | None = None):
     """A byte-level BPE tokenizer trained on the task's words: most words are one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
@@ -80,7 +80,7 @@ def build_tokenizer(vocab_size: int = 600):
         vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus() + list(extra_texts or ()), trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 

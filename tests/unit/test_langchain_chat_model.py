@@ -41,7 +41,10 @@ def test_invoke_corrects_against_the_last_human_message(aligner):
     chat = AlignedChatModel(llm=upstream(answer), aligner=aligner)
     history = [SystemMessage("Be brief."), HumanMessage("hi"), AIMessage("Hello!"), HumanMessage(QUESTION)]
     out = chat.invoke(history)
-    assert out.content == aligner.correct(QUESTION, ANSWER).text
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "Hello!"}]  # the messages before the question
+    assert out.content == aligner.correct(QUESTION, ANSWER, history=turns).text
+    assert out.response_metadata["aligner"]["metadata"]["history_turns"] == 3
     assert out.id == "up-9" and out.usage_metadata == answer.usage_metadata
     assert out.response_metadata["model_name"] == "generic-fake-chat-model"
     assert out.response_metadata["aligner"]["original"] == ANSWER

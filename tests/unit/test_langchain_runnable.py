@@ -65,23 +65,30 @@ def test_form1_with_custom_keys(aligner):
         stage.invoke({"q": QUESTION, "answer": ANSWER})
 
 
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
 @pytest.mark.parametrize(
-    "value",
+    ("value", "history"),
     [
-        QUESTION,
-        {"question": QUESTION, "style": "short"},
-        {"question": [("system", "Be brief."), ("human", "hi"), ("ai", "Hello!"), ("human", QUESTION)]},
-        ChatPromptValue(messages=[SystemMessage("Be brief."), HumanMessage(QUESTION)]),
-        [SystemMessage("Be brief."), HumanMessage(QUESTION)],
+        (QUESTION, None),
+        ({"question": QUESTION, "style": "short"}, None),
+        (
+            {"question": [("system", "Be brief."), ("human", "hi"), ("ai", "Hello!"), ("human", QUESTION)]},
+            [SYSTEM, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+        ),
+        (ChatPromptValue(messages=[SystemMessage("Be brief."), HumanMessage(QUESTION)]), [SYSTEM]),
+        ([SystemMessage("Be brief."), HumanMessage(QUESTION)], [SYSTEM]),
     ],
     ids=["str", "dict", "dict-of-messages", "prompt-value", "message-list"],
 )
-def test_form2_with_aligner_finds_the_question_in_the_input(aligner, value):
+def test_form2_with_aligner_finds_the_question_in_the_input(aligner, value, history):
     upstream = GenericFakeChatModel(messages=iter([AIMessage(ANSWER, id="up-1")]))
     chain = with_aligner(RunnableLambda(lambda _: "any prompt") | upstream, aligner=aligner)
     out = chain.invoke(value)
     assert isinstance(out, AIMessage)
-    assert out.content == reference(aligner, [(QUESTION, ANSWER)])[0]
+    assert out.content == aligner.correct(QUESTION, ANSWER, history=history).text  # earlier messages: the history
+    assert out.response_metadata["aligner"]["metadata"].get("history_turns") == (len(history) if history else None)
     assert out.response_metadata["aligner"]["original"] == ANSWER and out.id == "up-1"
 
 

@@ -95,7 +95,9 @@ def test_aligned_chat_model_in_a_chain_streams_only_its_correction(aligner):
     tokens = [e for e in events if e["event"] == "on_chat_model_stream"]
     assert {e["name"] for e in tokens} == {"AlignedChatModel"}  # no duplicate tokens from the nested Aligner run
     final = next(e for e in events if e["event"] == "on_chat_model_end" and e["name"] == "AlignedChatModel")
-    assert "".join(chunk_text(e) for e in tokens) == final["data"]["output"].text == aligner.correct(QUESTION, RAW).text
+    system = [{"role": "system", "content": "Be brief."}]  # the prompt's system message is the correction's history
+    expected = aligner.correct(QUESTION, RAW, history=system).text
+    assert "".join(chunk_text(e) for e in tokens) == final["data"]["output"].text == expected
 
 
 @pytest.mark.parametrize("how", ["stream", "invoke-streaming"])

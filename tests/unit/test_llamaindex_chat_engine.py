@@ -66,7 +66,11 @@ def test_async_chat_over_a_context_chat_engine(tiny_aligner):
         return first, streaming, "".join([d async for d in streaming.async_response_gen()])
 
     first, streaming, text = asyncio.run(main())
-    assert first.response == text == corrected(tiny_aligner)
+    assert first.response == corrected(tiny_aligner)
+    earlier = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.response}]
+    second = tiny_aligner.correct(QUESTION, ANSWER, history=earlier)  # the second turn sees the first as history
+    assert text == (second.text if second.text.strip() else ANSWER)
+    assert streaming.metadata["aligner"]["metadata"]["history_turns"] == 2
     assert [n.node.node_id for n in streaming.source_nodes] == ["n1", "n2", "n3"]
     assert up.streamed == 0 and len(engine.chat_history) == 4
 

@@ -23,8 +23,12 @@ def user(text: str = QUESTION) -> list[ChatMessage]:
     return [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=text)]
 
 
-def corrected(aligner, answer: str = ANSWER) -> str:
-    fix = aligner.correct(QUESTION, answer)
+#: What ``user()`` holds before the question: the correction's history in ``chat`` (``complete`` has none).
+SYSTEM = [{"role": "system", "content": "Be brief."}]
+
+
+def corrected(aligner, answer: str = ANSWER, history: list[dict[str, str]] | None = None) -> str:
+    fix = aligner.correct(QUESTION, answer, history=history)
     return fix.text if fix.text.strip() else answer
 
 
@@ -32,29 +36,30 @@ def test_chat_and_complete_return_the_correction(tiny_aligner):
     up = ScriptedLLM(chat_model=True)
     llm = AlignedLLM(llm=up, aligner=tiny_aligner)
     assert llm.metadata == up.metadata  # forwarded: predict() picks chat for a chat model
-    expected = corrected(tiny_aligner)
+    expected, in_chat = corrected(tiny_aligner), corrected(tiny_aligner, history=SYSTEM)
     response = llm.chat(user())
     info = response.additional_kwargs["aligner"]
-    assert response.message.content == expected == info["text"] and info["original"] == ANSWER
+    assert response.message.content == in_chat == info["text"] and info["original"] == ANSWER
+    assert info["metadata"]["history_turns"] == 1
     assert response.raw["usage"]["completion_tokens"] == info["completion_tokens"] > 0
     assert llm.complete(QUESTION).text == expected
-    assert asyncio.run(llm.achat(user())).message.content == expected
+    assert asyncio.run(llm.achat(user())).message.content == in_chat
     assert asyncio.run(llm.acomplete(QUESTION)).text == expected
 
 
 def test_streams_yield_only_the_correction(tiny_aligner):
     up = ScriptedLLM()
     llm = AlignedLLM(llm=up, aligner=tiny_aligner)
-    expected = corrected(tiny_aligner)
+    expected, in_chat = corrected(tiny_aligner), corrected(tiny_aligner, history=SYSTEM)
     with recording() as (events, _):
         chunks = list(llm.stream_chat(user()))
         completions = list(llm.stream_complete(QUESTION))
-    assert "".join(c.delta for c in chunks) == expected == chunks[-1].message.content
+    assert "".join(c.delta for c in chunks) == in_chat == chunks[-1].message.content
     assert "".join(c.delta for c in completions) == expected == completions[-1].text
     assert chunks[-1].additional_kwargs["aligner"]["original"] == ANSWER
     assert up.streamed == 0  # the upstream never streamed: none of its tokens could reach the caller
     in_progress = events.of("LLMChatInProgressEvent") + events.of("LLMCompletionInProgressEvent")
-    assert in_progress and all(e.response.delta in expected for e in in_progress)
+    assert in_progress and all(e.response.delta in expected + in_chat for e in in_progress)
     assert any(e.response.text == ANSWER for e in events.of("LLMCompletionEndEvent"))  # the upstream is traced
 
     async def astreams():
@@ -62,7 +67,7 @@ def test_streams_yield_only_the_correction(tiny_aligner):
         complete = [c.delta async for c in await llm.astream_complete(QUESTION)]
         return "".join(chat), "".join(complete)
 
-    assert asyncio.run(astreams()) == (expected, expected)
+    assert asyncio.run(astreams()) == (in_chat, expected)
     assert up.streamed == 0
 
 
