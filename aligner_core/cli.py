@@ -179,19 +179,22 @@ def templates() -> None:
 
 
 def _register_subcommands() -> None:
-    """Commands that live with their feature: ``train``, ``eval``, ``pairs``, ``cache`` (imports stay cheap)."""
+    """Commands that live with their feature: ``train``, ``train-inspector``, ``eval``, ``pairs``, ``cache``,
+    ``serve`` (imports stay cheap: each loads its dependencies when it runs)."""
+    from aligner_serve.cli import register as register_serve  # a sibling package of the same distribution
+
     from .cache_cli import register as register_cache
     from .evaluation import register as register_eval
     from .pairs import register as register_pairs
     from .training import register as register_train
+    from .training.inspector_cli import register as register_train_inspector
 
     register_train(app)
+    register_train_inspector(app)
     register_eval(app)
     register_pairs(app)
     register_cache(app)
-    from .training.inspector_cli import register as register_train_inspector
-
-    register_train_inspector(app)
+    register_serve(app)
 
 
 _register_subcommands()

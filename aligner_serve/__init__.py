@@ -1,0 +1,34 @@
+"""``aligner serve``: an OpenAI-compatible proxy that corrects an upstream model's answers with an Aligner.
+
+Install with ``pip install "llm-aligner[serve]"``. ``build_app(aligner, Upstream(url))`` gives the ASGI
+app; the names below are imported lazily, so ``import aligner_serve`` (and the ``aligner`` CLI) stays
+cheap and works without the extra.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import ServeLimits, build_app
+    from .security import ApiKeys
+    from .upstream import Upstream
+
+_LAZY = {"build_app": "app", "ServeLimits": "app", "ApiKeys": "security", "Upstream": "upstream"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aligner_serve' has no attribute {name!r}")
+    from importlib import import_module
+
+    try:
+        return getattr(import_module(f".{module}", __name__), name)
+    except ImportError as exc:
+        from aligner_core.errors import missing
+
+        raise missing(exc.name or "starlette", "serve", "aligner_serve") from exc
+
+
+__all__ = ["ApiKeys", "ServeLimits", "Upstream", "build_app"]

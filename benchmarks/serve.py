@@ -1,0 +1,203 @@
+"""``aligner serve`` against calling the upstream directly, side by side in one run.
+
+    python -m benchmarks.serve [--upstream URL --upstream-model NAME] [--concurrency 1,32]
+                               [--requests-per-client 4] [--max-tokens 16] [--aligner-server URL] [--json PATH]
+
+The upstream is the vLLM CPU server serving the packaged SmolLM2 (``$ALIGNER_TEST_VLLM_URL``, ``--upstream``, or
+one started here with tests/servers/vllm_server.py and stopped at the end). The proxy is a real ``aligner serve``
+process on 127.0.0.1 (Aligner: the packaged SmolLM2 on the local transformers engine, or ``--aligner-server``).
+For each concurrency level, ``c`` clients each send ``--requests-per-client`` chat completions one after the
+other (greedy, ``max_tokens``; questions from benchmarks/data/pairs32.jsonl), first straight to the upstream, then
+through the proxy, then straight to the upstream again (the direct figure is the better of the two runs).
+Reported: requests/s, median and p95 latency, the latency the proxy adds (median through the proxy minus
+median direct), and how much of that is the correction itself (the ``aligner.latency_s`` each response
+reports) versus the proxy's own HTTP/JSON work. Every process started here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+
+def questions(n: int) -> list[str]:
+    rows = [json.loads(line) for line in (DATA / "pairs32.jsonl").read_text().splitlines() if line.strip()]
+    return [rows[i % len(rows)]["question"] for i in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def drive(url: str, model: str, clients: int, per_client: int, max_tokens: int,
+                headers: dict[str, str]) -> dict[str, Any]:
+    """``clients`` concurrent clients, each sending its requests one after the other."""
+    import httpx
+
+    latencies: list[float] = []
+    corrections: list[float] = []
+    errors: list[str] = []
+    qs = questions(clients * per_client)
+
+    async def client(c: httpx.AsyncClient, k: int) -> None:
+        for j in range(per_client):
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                    "messages": [{"role": "user", "content": qs[k * per_client + j]}]}
+            start = time.perf_counter()
+            resp = await c.post(f"{url}/chat/completions", json=body, headers=headers)
+            latencies.append(time.perf_counter() - start)
+            if resp.status_code != 200:
+                errors.append(f"{resp.status_code}: {resp.text[:200]}")
+                continue
+            details = resp.json().get("aligner")
+            if details and details.get("latency_s") is not None:
+                corrections.append(details["latency_s"])
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c, k) for k in range(clients)))
+        wall = time.perf_counter() - start
+    n = len(latencies)
+    return {"requests": n, "errors": len(errors), "first_error": errors[0] if errors else None,
+            "seconds": round(wall, 2), "req_s": round(n / wall, 3),
+            "median_ms": round(1000 * statistics.median(latencies), 1), "p95_ms": round(1000 * pct(latencies, 0.95), 1),
+            "correction_median_ms": round(1000 * statistics.median(corrections), 1) if corrections else None}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process exited ({proc.returncode}):\n{log.read_text()[-2000:] if log else ''}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not healthy after {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", help="upstream URL (default: $ALIGNER_TEST_VLLM_URL, else a vLLM server "
+                        "started here)")
+    parser.add_argument("--upstream-model", default="smollm2", help="upstream model name (default: smollm2)")
+    parser.add_argument("--aligner-server", help="run the Aligner on this server instead of in the proxy process")
+    parser.add_argument("--aligner-model", help="the Aligner's name on --aligner-server")
+    parser.add_argument("--concurrency", default="1,32", help="client counts, comma-separated (default: 1,32)")
+    parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default: 4)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request (default: 16)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    started: list[subprocess.Popen] = []
+    workdir = Path(tempfile.mkdtemp(prefix="aligner-bench-serve-"))
+    vllm = None
+    try:
+        upstream = args.upstream or os.environ.get("ALIGNER_TEST_VLLM_URL")
+        if upstream is None:
+            sys.path.insert(0, str(ROOT))
+            from tests.servers import vllm_server as vs
+
+            print("starting a vLLM CPU server for the upstream ...", file=sys.stderr)
+            vllm = vs.start().wait_healthy()
+            upstream = vllm.url
+        wait_health(upstream.removesuffix("/v1") + "/health", None, None, 600)
+        port = free_port()
+        log = workdir / "proxy.log"
+        aligner = (["--aligner-server", args.aligner_server] + (["--aligner-model", args.aligner_model]
+                   if args.aligner_model else [])) if args.aligner_server else []
+        cmd = [sys.executable, "-m", "aligner_core", "serve", "--upstream", upstream, "--upstream-model",
+               args.upstream_model, "--port", str(port), "--max-new-tokens", str(args.max_tokens),
+               "--max-queue", "1024", "--log-level", "warning", *aligner]
+        with open(log, "wb") as out:
+            proxy = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        started.append(proxy)
+        wait_health(f"http://127.0.0.1:{port}/health", proxy, log, 300)
+        proxy_url = f"http://127.0.0.1:{port}/v1"
+        # One warm-up request each way (model caches, connection pools).
+        asyncio.run(drive(upstream, args.upstream_model, 1, 1, args.max_tokens, {}))
+        asyncio.run(drive(proxy_url, args.upstream_model, 1, 1, args.max_tokens, {}))
+
+        rows = []
+        for c in levels:
+            print(f"{c} client(s) x {args.requests_per_client} requests ...", file=sys.stderr)
+            run = {name: asyncio.run(drive(url, args.upstream_model, c, args.requests_per_client, args.max_tokens, {}))
+                   for name, url in (("direct_a", upstream), ("proxy", proxy_url), ("direct_b", upstream))}
+            direct = min(run["direct_a"], run["direct_b"], key=lambda r: r["median_ms"])
+            prox = run["proxy"]
+            added = prox["median_ms"] - direct["median_ms"]
+            correction = prox["correction_median_ms"] or 0.0
+            rows.append({"clients": c, "direct": direct, "direct_runs": [run["direct_a"], run["direct_b"]],
+                         "proxy": prox, "added_latency_ms": round(added, 1),
+                         "added_minus_correction_ms": round(added - correction, 1),
+                         "req_s_ratio_proxy_over_direct": round(prox["req_s"] / direct["req_s"], 3)})
+        result = {
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                        "loadavg": list(os.getloadavg())},
+            "settings": {"upstream": "vLLM CPU server, SmolLM2-135M-Instruct float32 (tests/servers/vllm_server.py)",
+                         "aligner": f"server {args.aligner_server}" if args.aligner_server else
+                         "packaged SmolLM2-135M-Instruct, local transformers engine in the proxy process",
+                         "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
+                         "greedy": True},
+            "rows": rows,
+        }
+        print(f"{'clients':>7} | {'direct req/s':>12} | {'proxy req/s':>11} | {'direct p50 ms':>13} | "
+              f"{'proxy p50 ms':>12} | {'added ms':>8} | {'of which correction ms':>22}")
+        for r in rows:
+            print(f"{r['clients']:>7} | {r['direct']['req_s']:>12} | {r['proxy']['req_s']:>11} | "
+                  f"{r['direct']['median_ms']:>13} | {r['proxy']['median_ms']:>12} | {r['added_latency_ms']:>8} | "
+                  f"{r['proxy']['correction_median_ms']:>22}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    finally:
+        for proc in started:
+            stop(proc)
+        if vllm is not None:
+            vllm.stop()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
