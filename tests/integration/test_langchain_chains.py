@@ -101,5 +101,6 @@ def test_aligned_chat_model_in_a_chain(smollm2, llm, answers):
     chat = AlignedChatModel(llm=llm, aligner=smollm2, max_tokens=TOKENS)
     chain = PROMPT | chat | StrOutputParser()
     out = chain.batch([{"question": q} for q in QUESTIONS[:2]])
-    expected = smollm2.correct_batch(list(zip(QUESTIONS[:2], answers[:2])), max_new_tokens=TOKENS)
+    system = [{"role": "system", "content": "Answer in one short sentence."}]  # before the question: the history
+    expected = smollm2.correct_batch([(q, a, system) for q, a in zip(QUESTIONS[:2], answers[:2])], max_new_tokens=TOKENS)
     assert out == [c.text for c in expected]
