@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 from .aligner import Aligner
+from .context import ContextItem, normalize_context
 from .correction import Correction, similarity
+from .decision import Reply, Skip, Structure, decide, step
 from .engines.base import Backend, Engine, GenerationOutput, GenerationParams, GenerationRequest
 from .errors import (
     AlignerError,
@@ -29,6 +31,8 @@ from .errors import (
     ServerTimeoutError,
     ServerUnavailableError,
     TemplateError,
+    UnreadableContentError,
+    UnsafeStreamError,
 )
 from .history import fold_history, normalize_history, render_prompt
 from .inspector import Inspector
@@ -56,6 +60,7 @@ __all__ = [
     "Backend",
     "Engine",
     "ChatTemplate",
+    "ContextItem",
     "ContextOverflowError",
     "Correction",
     "EmptyAnswerError",
@@ -80,16 +85,24 @@ __all__ = [
     "ServerRequestError",
     "ServerTimeoutError",
     "ServerUnavailableError",
+    "Reply",
+    "Skip",
+    "Structure",
     "Template",
     "TemplateError",
     "TextTemplate",
+    "UnreadableContentError",
+    "UnsafeStreamError",
     "__version__",
+    "decide",
     "fold_history",
     "get_template",
     "list_templates",
+    "normalize_context",
     "normalize_history",
     "register_template",
     "render_prompt",
     "similarity",
+    "step",
     "write_aligner_config",
 ]

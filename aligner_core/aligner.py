@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+from .context import Context, context_of, context_texts, normalize_context
 from .correction import Correction
 from .engines.base import Engine, GenerationOutput, GenerationParams, GenerationRequest
 from .errors import (
@@ -46,6 +47,7 @@ class _Prepared:
     request: GenerationRequest
     metadata: dict[str, Any]
     history: History = ()
+    context: Context = ()
 
 
 #: "Use the Aligner's own inspector": a call's ``inspector=`` left out (``None`` turns gating off for the call).
@@ -53,6 +55,8 @@ _OWN: Any = type("_Own", (), {"__repr__": lambda self: "<the Aligner's inspector
 
 #: A conversation's earlier turns as callers pass them: ``[{"role": ..., "content": ...}, ...]`` or None.
 HistoryArg = Sequence[Mapping[str, str]] | None
+#: What an answer was grounded on: ``[{"type": "tool_result", "name": ..., "content": ...}, "a document", ...]``.
+ContextArg = Sequence[Mapping[str, Any] | str] | str | None
 
 
 class Aligner:
@@ -268,13 +272,15 @@ class Aligner:
     # -- public API --------------------------------------------------------------------------
 
     def correct(
-        self, question: str, answer: str, *, history: HistoryArg = None, timeout: float | None = None,
-        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
+        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
+        timeout: float | None = None, inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
     ) -> Correction:
         """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call.
 
         ``history`` holds the conversation's earlier turns (``[{"role": "user", "content": ...}, ...]``);
-        the template decides how they reach the prompt (docs/conversations.md). ``inspector``/``threshold``
+        the template decides how they reach the prompt (docs/conversations.md). ``context`` holds what the answer
+        was grounded on (tool calls and results, retrieved documents; ``aligner_core.context``): the Aligner and the
+        inspector see it, so grounded facts are not "corrected" away. ``inspector``/``threshold``
         override the Aligner's own gate for this call (``inspector=None``: no gate).
 
         ``timeout`` (seconds) bounds the wait: past it the request is cancelled and
@@ -284,10 +290,11 @@ class Aligner:
         if gate_with is not None:
             from .inspector import correct_gated
 
-            return correct_gated(question, answer, gate_with, level, metadata=self._gate_metadata(), correct=lambda: self.correct(
-                question, answer, history=history, timeout=timeout, inspector=None, **generation))
+            return correct_gated(question, answer, gate_with, level, metadata=self._gate_metadata(), context=context,
+                                 correct=lambda: self.correct(question, answer, history=history, context=context,
+                                                              timeout=timeout, inspector=None, **generation))
         limit = _check_timeout(timeout)
-        prepared, params = self._prepare_one(question, answer, generation, history)
+        prepared, params = self._prepare_one(question, answer, generation, history, context)
         start = time.perf_counter()
         future = self.engine.submit(prepared.request, params)
         try:
@@ -300,8 +307,8 @@ class Aligner:
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
     async def acorrect(
-        self, question: str, answer: str, *, history: HistoryArg = None, timeout: float | None = None,
-        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
+        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
+        timeout: float | None = None, inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
     ) -> Correction:
         """Async ``correct``: concurrent calls from many coroutines share the engine's batches.
 
@@ -312,10 +319,12 @@ class Aligner:
         if gate_with is not None:
             from .inspector import acorrect_gated
 
-            return await acorrect_gated(question, answer, gate_with, level, metadata=self._gate_metadata(), acorrect=lambda: self.acorrect(
-                question, answer, history=history, timeout=timeout, inspector=None, **generation))
+            return await acorrect_gated(
+                question, answer, gate_with, level, metadata=self._gate_metadata(), context=context,
+                acorrect=lambda: self.acorrect(question, answer, history=history, context=context, timeout=timeout,
+                                               inspector=None, **generation))
         limit = _check_timeout(timeout)
-        prepared, params = self._prepare_one(question, answer, generation, history)
+        prepared, params = self._prepare_one(question, answer, generation, history, context)
         start = time.perf_counter()
         try:
             out = await asyncio.wait_for(self.engine.agenerate(prepared.request, params), limit)
@@ -358,8 +367,8 @@ class Aligner:
         return list(await asyncio.gather(*(one(s) for s in slots), return_exceptions=return_exceptions))
 
     def stream(
-        self, question: str, answer: str, *, history: HistoryArg = None, inspector: Any = _OWN,
-        threshold: float | None = None, **generation: Any,
+        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
+        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
     ) -> CorrectionStream:
         """Yield the correction as text deltas while it is generated.
 
@@ -368,12 +377,12 @@ class Aligner:
         generation early, and so does dropping the stream: the worker holds it only weakly.
         """
         gate_with, level = self._gate(inspector, threshold)
-        prepared, params = self._prepare_one(question, answer, generation, history)
+        prepared, params = self._prepare_one(question, answer, generation, history, context)
         stream = CorrectionStream()
         if gate_with is not None:
             from .inspector import gate
 
-            verdict = (gate(gate_with, [(question, answer)], level).scores[0], level)
+            verdict = (gate(gate_with, [_scored(prepared)], level).scores[0], level)
             if self._stream_passed(stream, prepared, verdict):
                 return stream
         else:
@@ -408,13 +417,13 @@ class Aligner:
         future.add_done_callback(finished)
 
     def astream(
-        self, question: str, answer: str, *, history: HistoryArg = None, inspector: Any = _OWN,
-        threshold: float | None = None, **generation: Any,
+        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
+        inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
     ) -> AsyncCorrectionStream:
         """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
         loop = asyncio.get_running_loop()
         gating = self._gate(inspector, threshold)
-        prepared, params = self._prepare_one(question, answer, generation, history)
+        prepared, params = self._prepare_one(question, answer, generation, history, context)
         stream = AsyncCorrectionStream(loop)
         stream._task = loop.create_task(self._aproduce(weakref.ref(stream), loop, prepared, params, gating))
         return stream
@@ -428,7 +437,7 @@ class Aligner:
             from .inspector import agate
 
             try:
-                verdict = ((await agate(gating[0], [(prepared.question, prepared.answer)], gating[1])).scores[0], gating[1])
+                verdict = ((await agate(gating[0], [_scored(prepared)], gating[1])).scores[0], gating[1])
             except Exception as exc:
                 if (stream := ref()) is not None:
                     stream.done(None, exc)
@@ -622,11 +631,12 @@ class Aligner:
     # -- the shared path ---------------------------------------------------------------------
 
     def _prepare_one(
-        self, question: Any, answer: Any, generation: dict[str, Any], history: HistoryArg = None
+        self, question: Any, answer: Any, generation: dict[str, Any], history: HistoryArg = None,
+        context: ContextArg = None,
     ) -> tuple[_Prepared, GenerationParams]:
         overflow = generation.pop("on_overflow", None)
         params = self.defaults.updated(generation)
-        return self.prepare(question, answer, params, on_overflow=overflow, history=history), params
+        return self.prepare(question, answer, params, on_overflow=overflow, history=history, context=context), params
 
     def _prepare_all(
         self,
@@ -644,8 +654,9 @@ class Aligner:
         slots: list[_Prepared | Exception] = []
         for i, (pair, limit) in enumerate(zip(pairs, limits)):
             try:
-                q, a, h = _unpack(pair, i)
-                slots.append(self.prepare(q, a, params, on_overflow=overflow, max_new_tokens=limit, index=i, history=h))
+                q, a, h, c = _unpack(pair, i)
+                slots.append(self.prepare(q, a, params, on_overflow=overflow, max_new_tokens=limit, index=i,
+                                          history=h, context=c))
             except AlignerError as exc:
                 if not return_exceptions:
                     raise
@@ -662,14 +673,20 @@ class Aligner:
         max_new_tokens: int | None = None,
         index: int | None = None,
         history: HistoryArg = None,
+        context: ContextArg = None,
     ) -> _Prepared:
-        """Validate a pair (and its history) and turn it into a generation request (raises specific errors)."""
+        """Validate a pair (its history and context) and turn it into a generation request (raises specific errors).
+
+        When the prompt does not fit the model's context, grounding context is dropped first (the item farthest
+        from the question first), then ``on_overflow`` applies to the answer.
+        """
         where = "" if index is None else f"pair {index}: "
         for field_name, value in (("question", question), ("answer", answer)):
             if not isinstance(value, str):
                 raise InvalidInputError(f"{where}{field_name} must be a str, got {type(value).__name__}")
             _check_text(where, field_name, value)
         turns = normalize_history(history, where)
+        grounding = normalize_context(context, where)
         if not answer.strip():
             raise EmptyAnswerError(f"{where}the answer is empty or whitespace: there is nothing to correct")
         policy = on_overflow or self.on_overflow
@@ -679,17 +696,30 @@ class Aligner:
         metadata: dict[str, Any] = {"template": self.template.name, "engine": self.engine.name}
         if turns:
             metadata["history_turns"] = len(turns)
-        if ambiguous := _template_markers_in(self.template, question, answer, *history_texts(turns)):
+        user_texts = (*history_texts(turns), *context_texts(grounding))
+        if ambiguous := _template_markers_in(self.template, question, answer, *user_texts):
             metadata["template_markers_in_text"] = ambiguous
         if not (self.engine.tokenizes_locally or policy == "truncate"):
             # The engine counts tokens on its side; an overlong prompt fails there with ContextOverflowError.
-            return _Prepared(question, answer, self._remote_request(question, answer, limit, turns), metadata, turns)
-        plain = self._holds_special(question, answer, *history_texts(turns))
+            if grounding:
+                metadata["context_items"] = len(grounding)
+            request = self._remote_request(question, answer, limit, turns, grounding)
+            return _Prepared(question, answer, request, metadata, turns, grounding)
+        plain = self._holds_special(question, answer, *user_texts)
         if plain:
             metadata["special_token_text"] = True  # encoded as plain text, never as control tokens
-        prompt, ids = self._render(question, answer, plain=plain, history=turns)
-        answer_ids = self._encode_answer(answer, plain)
+        prompt, ids = self._render(question, answer, plain=plain, history=turns, context=grounding)
         ctx = self.engine.context_length
+        if grounding:
+            kept = grounding
+            if ctx is not None and len(ids) + limit > ctx:  # the context is the first to give way
+                kept, prompt, ids = self._fit_context(question, answer, plain, turns, grounding, ctx - limit)
+            bare = len(self._render(question, answer, plain=plain, history=turns)[1])
+            metadata.update(context_items=len(kept), context_tokens=len(ids) - bare)
+            if len(kept) < len(grounding):
+                metadata["context_trimmed"] = len(grounding) - len(kept)
+            grounding = kept
+        answer_ids = self._encode_answer(answer, plain)
         cut = None
         if ctx is not None and len(ids) + limit > ctx:
             if policy == "error":
@@ -704,21 +734,43 @@ class Aligner:
                     f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
                 )
             cut = self.engine.decode(answer_ids[:keep])
-            prompt, ids = self._render(question, cut, plain=plain, history=turns)
+            prompt, ids = self._render(question, cut, plain=plain, history=turns, context=grounding)
             while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
                 keep -= 1
                 cut = self.engine.decode(answer_ids[:keep])
-                prompt, ids = self._render(question, cut, plain=plain, history=turns)
+                prompt, ids = self._render(question, cut, plain=plain, history=turns, context=grounding)
             metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
             answer_ids = answer_ids[:keep]
         if not self.engine.tokenizes_locally:
-            return _Prepared(question, answer, self._remote_request(question, cut or answer, limit, turns), metadata, turns)
+            request = self._remote_request(question, cut or answer, limit, turns, grounding)
+            return _Prepared(question, answer, request, metadata, turns, grounding)
         reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
         request = GenerationRequest(
             prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids),
             add_special_tokens=self.template.add_special_tokens, exact_ids=plain,
         )
-        return _Prepared(question=question, answer=answer, request=request, metadata=metadata, history=turns)
+        return _Prepared(question=question, answer=answer, request=request, metadata=metadata, history=turns,
+                         context=grounding)
+
+    def _fit_context(
+        self, question: str, answer: str, plain: bool, turns: History, grounding: Context, budget: int
+    ) -> tuple[Context, str, list[int]]:
+        """The longest tail of ``grounding`` whose prompt fits ``budget`` tokens (the items farthest from the
+        question go first), found by bisection; the empty context when none fits."""
+        low, high = 1, len(grounding)  # drop at least one item, at most all of them
+        best: tuple[Context, str, list[int]] | None = None
+        while low <= high:
+            drop = (low + high) // 2
+            kept = grounding[drop:]
+            prompt, ids = self._render(question, answer, plain=plain, history=turns, context=kept)
+            if len(ids) <= budget:
+                best, high = (kept, prompt, ids), drop - 1
+            else:
+                low = drop + 1
+        if best is None:
+            prompt, ids = self._render(question, answer, plain=plain, history=turns)
+            return (), prompt, ids
+        return best
 
     def _holds_special(self, *texts: str) -> bool:
         """Whether the pair (or its history) holds special-token strings of a tokenizer this side can encode with."""
@@ -731,21 +783,23 @@ class Aligner:
         return self.engine.encode(answer, add_special_tokens=False)
 
     def _render(
-        self, question: str, answer: str, *, plain: bool = False, history: History = ()
+        self, question: str, answer: str, *, plain: bool = False, history: History = (), context: Context = ()
     ) -> tuple[str, list[int]]:
         """The prompt and its tokens (a chat template left to a server is counted by the server).
 
-        With ``plain``, the question and the answer are encoded as plain text (see ``plaintext``).
+        With ``plain``, the user's texts (question, answer, history, context) are encoded as plain text
+        (see ``plaintext``).
         """
         if isinstance(self.template, ChatTemplate) and self.template.tokenizer is None:
             encode_messages = getattr(self.engine, "encode_messages", None)
             if encode_messages is None:
                 raise TemplateError(f"the {self.engine.name!r} engine cannot render the chat template without a tokenizer")
-            return "", encode_messages(self.template.messages(question=question, answer=answer, history=history))
-        prompt = render_prompt(self.template, question, answer, history)
+            messages = self.template.messages(question=question, answer=answer, history=history, context=context)
+            return "", encode_messages(messages)
+        prompt = render_prompt(self.template, question, answer, history, context)
         special = self.template.add_special_tokens
         if plain:
-            texts = (question, answer, *history_texts(history))
+            texts = (question, answer, *history_texts(history), *context_texts(context))
             ids = encode_plain(self.engine.encode, prompt, texts, add_special_tokens=special)
             if ids is None:
                 raise InvalidInputError(
@@ -755,15 +809,17 @@ class Aligner:
             return prompt, ids
         return prompt, self.engine.encode(prompt, add_special_tokens=special)
 
-    def _remote_request(self, question: str, answer: str, limit: int, history: History = ()) -> GenerationRequest:
+    def _remote_request(
+        self, question: str, answer: str, limit: int, history: History = (), context: Context = ()
+    ) -> GenerationRequest:
         """A request for an engine that tokenizes on its side: the exact prompt, or chat messages
         when the model's chat template is left to the server."""
         template = self.template
         if isinstance(template, ChatTemplate) and template.tokenizer is None:
-            messages = template.messages(question=question, answer=answer, history=history)
+            messages = template.messages(question=question, answer=answer, history=history, context=context)
             return GenerationRequest(prompt="", prompt_ids=(), max_new_tokens=limit, reserve=limit,
                                      messages=tuple(messages))
-        prompt = render_prompt(template, question, answer, history)
+        prompt = render_prompt(template, question, answer, history, context)
         return GenerationRequest(prompt=prompt, prompt_ids=(), max_new_tokens=limit, reserve=limit,
                                  add_special_tokens=template.add_special_tokens)
 
@@ -815,16 +871,23 @@ def _bind(template: str | Template, tokenizer: Any) -> Template:
     return template
 
 
-def _unpack(pair: Any, index: int) -> tuple[Any, Any, Any]:
-    """``(question, answer, history)`` of a batch item: a dict (``history`` or ``chat_history`` key optional) or a
-    ``(question, answer)`` / ``(question, answer, history)`` tuple."""
+def _unpack(pair: Any, index: int) -> tuple[Any, Any, Any, Any]:
+    """``(question, answer, history, context)`` of a batch item: a dict (``history``/``chat_history`` and ``context``
+    keys optional) or a ``(question, answer)`` / ``(question, answer, history)`` tuple."""
     if isinstance(pair, Mapping):
         if "question" not in pair or "answer" not in pair:
             raise InvalidInputError(f"pair {index}: a dict pair needs 'question' and 'answer' keys, got {sorted(pair)}")
-        return pair["question"], pair["answer"], history_of(pair)
+        return pair["question"], pair["answer"], history_of(pair), context_of(pair)
     if isinstance(pair, (tuple, list)) and len(pair) in (2, 3):
-        return pair[0], pair[1], history_of({"history": pair[2]}) if len(pair) == 3 else None
+        return pair[0], pair[1], history_of({"history": pair[2]}) if len(pair) == 3 else None, None
     raise InvalidInputError(f"pair {index}: expected a (question, answer) tuple or a dict, got {type(pair).__name__}")
+
+
+def _scored(prepared: _Prepared) -> Any:
+    """What the inspector scores for a prepared pair: the pair, with its grounding context when it has one."""
+    if not prepared.context:
+        return (prepared.question, prepared.answer)
+    return {"question": prepared.question, "answer": prepared.answer, "context": [c.to_dict() for c in prepared.context]}
 
 
 def _gating(inspector: Any, threshold: Any) -> tuple[Any, float]:

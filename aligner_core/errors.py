@@ -27,6 +27,17 @@ class InspectorError(AlignerError, ValueError):
     """An inspector returned something other than one score in [0, 1] per pair, or a threshold is out of range."""
 
 
+class UnreadableContentError(AlignerError, ValueError):
+    """An answer's content is neither text nor parts the Aligner knows (a number, an unknown part type, ...).
+
+    Fail closed: such an answer is an error, never passed on uncorrected as if it had been handled.
+    """
+
+
+class UnsafeStreamError(AlignerError, RuntimeError):
+    """Running as asked would let uncorrected text reach a stream a user sees; the message says what to write."""
+
+
 class GenerationOptionError(AlignerError, TypeError):
     """An unknown or invalid generation option (e.g. a misspelled keyword)."""
 

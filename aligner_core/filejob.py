@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .context import context_of
 from .errors import EngineUnavailableError, InvalidInputError, OutputExistsError
 from .history import history_of
 from .jsonl import chunked, open_resumable, write_durably
@@ -148,14 +149,15 @@ def _run_chunk(
             missing_fields = [k for k in (qf, af) if k not in record]
             pairs.append(InvalidInputError(f"{item.where}: missing field(s) {missing_fields}"))
         else:
-            try:  # the conversation's earlier turns ride along: a "history" or "chat_history" field
-                pairs.append((record[qf], record[af], history_of(record)))
+            try:  # the earlier turns ("history"/"chat_history") and the grounding ("context") ride along
+                pairs.append({"question": record[qf], "answer": record[af], "history": history_of(record),
+                              "context": context_of(record)})
             except InvalidInputError as exc:
                 pairs.append(InvalidInputError(f"{item.where}: {exc}"))
-    todo = [i for i, p in enumerate(pairs) if isinstance(p, tuple)]
+    todo = [i for i, p in enumerate(pairs) if isinstance(p, dict)]
     progress.update(rows=len(chunk) - len(todo))  # records refused before the model (unreadable, fields missing)
     done = aligner.correct_batch([pairs[i] for i in todo], return_exceptions=True, progress=progress, **generation)
-    results: list[Any] = [p if not isinstance(p, tuple) else None for p in pairs]
+    results: list[Any] = [p if not isinstance(p, dict) else None for p in pairs]
     for i, r in zip(todo, done):
         results[i] = r
     outage = next((i for i, r in enumerate(results) if isinstance(r, EngineUnavailableError)), None)

@@ -84,25 +84,41 @@ FOLD_HEADER = "Earlier in this conversation:\n"
 FOLD_QUESTION = "\n\nQuestion: "
 
 
-def fold_history(question: str, history: History) -> str:
-    """The question part of a single-turn prompt with the earlier turns before it.
+def fold_history(question: str, history: History, context: Any = ()) -> str:
+    """The question part of a single-turn prompt with the earlier turns (and the grounding context) before it.
 
-    ``Earlier in this conversation:\\nUser: ...\\nAssistant: ...\\n\\nQuestion: {question}``. Without
-    turns the question is returned unchanged, so single-turn prompts stay byte-exact.
+    ``Earlier in this conversation:\nUser: ...\nAssistant: ...\n\nQuestion: {question}``; a context adds
+    ``The answer may rely on:\nTool result (name): ...`` between the turns and the question
+    (``aligner_core.context``). Without turns and context the question is returned unchanged, so single-turn
+    prompts stay byte-exact.
     """
-    if not history:
+    blocks = []
+    if history:
+        blocks.append(f"{FOLD_HEADER}{history_lines(history)}")
+    if context:
+        from .context import CONTEXT_HEADER, context_lines
+
+        blocks.append(f"{CONTEXT_HEADER}{context_lines(tuple(context))}")
+    if not blocks:
         return question
-    return f"{FOLD_HEADER}{history_lines(history)}{FOLD_QUESTION}{question}"
+    return "\n\n".join(blocks) + f"{FOLD_QUESTION}{question}"
 
 
-def render_prompt(template: Any, question: str, answer: str, history: History = ()) -> str:
-    """The prompt string of ``template`` for a pair and its history (the one rendering path for inference and
-    training). Templates with ``renders_history`` get the turns; others get them folded into the question."""
-    if not history:
+def render_prompt(template: Any, question: str, answer: str, history: History = (), context: Any = ()) -> str:
+    """The prompt string of ``template`` for a pair, its history and its grounding context (the one rendering
+    path for inference and training). Templates with ``renders_history`` get the turns; others get them folded
+    into the question. Templates with ``renders_context`` (the chat template) get the context as turns; others
+    get it folded into the question after the history."""
+    if not history and not context:
         return template.format(question=question, answer=answer)
-    if getattr(template, "renders_history", False):
-        return template.format(question=question, answer=answer, history=history)
-    return template.format(question=fold_history(question, history), answer=answer)
+    renders_history = getattr(template, "renders_history", False)
+    if getattr(template, "renders_context", False):
+        return template.format(question=question, answer=answer, history=history, context=tuple(context))
+    if renders_history:
+        folded = fold_history(question, (), context)
+        return template.format(question=folded, answer=answer, history=history) if history else template.format(
+            question=folded, answer=answer)
+    return template.format(question=fold_history(question, history, context), answer=answer)
 
 
 def history_texts(history: History) -> tuple[str, ...]:

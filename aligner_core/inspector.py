@@ -316,12 +316,24 @@ def _sequence(pairs: Any) -> Sequence[Any]:
 
 
 def _scoreable(pair: Any) -> tuple[str, str] | None:
-    """The pair's texts when the inspector can judge it, else None (the corrector reports its own error)."""
+    """The pair's texts as the inspector judges them, else None (the corrector reports its own error). The
+    inspector sees what the answer was grounded on: a pair's ``context`` is folded into the question as the
+    official templates fold it (``history.fold_history``)."""
     try:
         q, a = question_answer(pair)
     except InvalidInputError:
         return None
-    return (q, a) if a.strip() else None
+    if not a.strip():
+        return None
+    if isinstance(pair, Mapping) and pair.get("context"):
+        from .context import normalize_context
+        from .history import fold_history
+
+        try:
+            q = fold_history(q, (), normalize_context(pair["context"]))
+        except InvalidInputError:
+            return None
+    return q, a
 
 
 # -- the gate the facade and the adapters call -----------------------------------------------------
@@ -331,12 +343,12 @@ def passed_correction(
     question: str, answer: str, score: float, *, threshold: float = DEFAULT_THRESHOLD,
     metadata: Mapping[str, Any] | None = None,
 ) -> Correction:
-    """The result for an answer that passed the inspector: the answer itself, unchanged, no tokens generated."""
-    return Correction(
-        question=question, original=answer, text=answer, changed=False, similarity=1.0,
-        prompt_tokens=0, completion_tokens=0, finish_reason="stop", latency_s=0.0,
-        metadata={**(metadata or {}), **_verdict(score, threshold, passed=True)},
-    )
+    """The result for an answer that passed the inspector: the answer itself, unchanged, no tokens generated
+    (``skipped: "inspector_passed"``, as every answer passed through says why)."""
+    from .decision import DETAILS, Skip, passed
+
+    reason = {"skipped": Skip.INSPECTOR_PASSED.value, "skipped_detail": DETAILS[Skip.INSPECTOR_PASSED]}
+    return passed(question, answer, {**(metadata or {}), **_verdict(score, threshold, passed=True), **reason})
 
 
 def inspected(correction: Correction, score: float, *, threshold: float = DEFAULT_THRESHOLD) -> Correction:
@@ -436,6 +448,10 @@ async def acorrect_batch_gated(
     return merge_verdict(pairs, verdict, corrected, metadata)
 
 
+def _pair(question: Any, answer: Any, context: Any) -> Any:
+    return {"question": question, "answer": answer, "context": context} if context else (question, answer)
+
+
 def correct_gated(
     question: str,
     answer: str,
@@ -444,10 +460,12 @@ def correct_gated(
     correct: Callable[[], Correction],
     *,
     metadata: Mapping[str, Any] | None = None,
+    context: Any = None,
 ) -> Correction:
     """One pair: the unchanged answer if it passes, else ``correct()`` with the verdict added.
-    A pair the inspector cannot judge goes straight to ``correct()``, which raises its usual error."""
-    verdict = gate(inspector, [(question, answer)], threshold)
+    A pair the inspector cannot judge goes straight to ``correct()``, which raises its usual error. The
+    inspector sees the pair's grounding ``context`` too."""
+    verdict = gate(inspector, [_pair(question, answer, context)], threshold)
     score = verdict.scores[0]
     if score is None:
         return correct()
@@ -464,9 +482,10 @@ async def acorrect_gated(
     acorrect: Callable[[], Awaitable[Correction]],
     *,
     metadata: Mapping[str, Any] | None = None,
+    context: Any = None,
 ) -> Correction:
     """Async :func:`correct_gated`."""
-    verdict = await agate(inspector, [(question, answer)], threshold)
+    verdict = await agate(inspector, [_pair(question, answer, context)], threshold)
     score = verdict.scores[0]
     if score is None:
         return await acorrect()

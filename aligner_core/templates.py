@@ -95,26 +95,40 @@ class ChatTemplate:
 
     #: Earlier turns go in as real chat messages before the correction instruction.
     renders_history = True
+    #: Grounding context (tool calls, tool results, documents) goes in as real turns too.
+    renders_context = True
 
-    def format(self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = ()) -> str:
+    def format(
+        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = (), context: Sequence[Any] = ()
+    ) -> str:
         if self.tokenizer is None:
             raise TemplateError(
                 f"template {self.name!r} renders the model's chat template: call .bind(tokenizer) first "
                 "(Aligner does this for you)."
             )
-        return self.tokenizer.apply_chat_template(
-            self.messages(question=question, answer=answer, history=history), tokenize=False,
-            add_generation_prompt=True,
-        )
+        messages = self.messages(question=question, answer=answer, history=history, context=context)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template that refuses a role (e.g. "tool") or strict alternation
+            if not context:
+                raise
+            raise TemplateError(
+                f"the model's chat template cannot render the grounding context as turns ({type(exc).__name__}: "
+                f"{exc}); register a ChatTemplate with your own roles, or use a text template"
+            ) from exc
 
     def messages(
-        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = ()
+        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = (), context: Sequence[Any] = ()
     ) -> list[dict[str, str]]:
         """The chat messages the template renders (what a server's chat endpoint is sent): the system
-        prompt, the earlier turns as they were, then the correction instruction as the user's turn."""
+        prompt, the earlier turns as they were, the grounding context as turns (``context.context_messages``),
+        then the correction instruction as the user's turn."""
+        from .context import context_messages
+
         content = TextTemplate(self.name, self.instruction).format(question=question, answer=answer)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages += [{"role": role, "content": text} for role, text in history]
+        messages += context_messages(tuple(context))
         messages.append({"role": "user", "content": content})
         return messages
 

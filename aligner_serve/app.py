@@ -1,7 +1,9 @@
 """The ASGI app: OpenAI-compatible chat completions whose answers are corrected by an Aligner.
 
 Every request goes through ``Aligner.acorrect``/``astream`` on the server's event loop, so concurrent
-HTTP requests share the local engine's batches (or the server engine's own batching).
+HTTP requests share the local engine's batches (or the server engine's own batching). What gets corrected is
+the core's decision, one per upstream choice (``choices``); the tool turns of the request ground the correction
+(``grounding``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aligner_core import Aligner, Correction
-from aligner_core.errors import AlignerError, CorrectionTimeoutError
+from aligner_core.context import Context, normalize_context
+from aligner_core.decision import Decision
+from aligner_core.errors import AlignerError, InvalidInputError
 
+from . import choices as ch
 from . import openai_schema as oa
+from . import sse
 from .errors import aligner_error_response, aligner_status, json_error, upstream_error_response
 from .metrics import Metrics
 from .security import Admission, ApiKeys, BodyTooLargeError, MalformedJSONError, read_json
@@ -69,12 +75,14 @@ class CorrectionProxy:
     """The proxy's state (Aligner, upstream client, limits, metrics) and its request handlers."""
 
     def __init__(self, aligner: Aligner, upstream: Upstream, *, limits: ServeLimits, metrics: Metrics,
-                 served_model: str | None = None) -> None:
+                 served_model: str | None = None, correct_structured: bool = False) -> None:
         self.aligner = aligner
         self.upstream = upstream
         self.limits = limits
         self.metrics = metrics
         self.served_model = served_model or upstream.model
+        self.correct_structured = correct_structured
+        """Correct structured answers (JSON mode, a JSON schema) by default; a request's ``aligner`` field wins."""
         self.admission = Admission(limits.max_queue)
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -111,12 +119,31 @@ class CorrectionProxy:
         return {"max_new_tokens": min(max_tokens, self.aligner.defaults.max_new_tokens)}
 
     async def correct(self, question: str, answer: str, history: list[dict[str, str]], max_tokens: int | None,
+                      context: Context = (), *, settle: Callable[[Correction], Correction] | None = None,
                       ) -> Correction:
-        extra: dict[str, Any] = {"history": history} if history else {}  # only when there are earlier turns
+        """One correction (``settle`` checks it against what was asked, e.g. a schema), counted in the metrics."""
         correction = await self.aligner.acorrect(question, answer, timeout=self.limits.correction_timeout,
-                                                 **extra, **self.generation(max_tokens))
+                                                 **_grounding(history, context), **self.generation(max_tokens))
+        if settle is not None:
+            correction = settle(correction)
         self.metrics.record_correction(correction)
         return correction
+
+    def decide(self, chat: oa.ChatRequest, choice: dict[str, Any], index: int) -> Decision:
+        """The core's decision for one upstream choice (``UnreadableContentError``, a 502, for unreadable content)."""
+        wanted = chat.options.correct_structured
+        return ch.decide_choice(ch.message_of(choice), index, chat.structure,
+                                correct_structured=self.correct_structured if wanted is None else wanted)
+
+    async def correct_decided(self, chat: oa.ChatRequest, decision: Decision) -> Correction:
+        """The correction of an answer the decision corrects, settled (a structured one is kept only if valid)."""
+        return await self.correct(chat.question, decision.text, chat.history, chat.max_tokens, chat.context,
+                                  settle=decision.settle)
+
+    def passthrough(self, chat: oa.ChatRequest, decision: Decision) -> dict[str, Any]:
+        """Count a choice passed through and give its ``aligner`` field."""
+        self.metrics.skipped.labels(reason=str(decision.skip)).inc()
+        return ch.passthrough_details(decision, chat.structure)
 
     async def call_upstream(self, chat: oa.ChatRequest) -> dict[str, Any]:
         start = time.perf_counter()
@@ -136,7 +163,9 @@ class CorrectionProxy:
         with self.slot():
             data = await self.call_upstream(chat)
             choices = [c for c in data["choices"] if isinstance(c, dict)]
-            results = await asyncio.gather(*(self._correct_choice(chat, c) for c in choices), return_exceptions=True)
+            decisions = [self.decide(chat, c, i) for i, c in enumerate(choices)]  # unreadable: 502 before any work
+            results = await asyncio.gather(*(self._apply(chat, c, d) for c, d in zip(choices, decisions)),
+                                           return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
@@ -145,36 +174,27 @@ class CorrectionProxy:
             data["aligner"] = details[0]
         return JSONResponse(data)
 
-    async def _correct_choice(self, chat: oa.ChatRequest, choice: dict[str, Any]) -> dict[str, Any]:
-        """Correct one upstream choice in place; returns its ``aligner`` details."""
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        skip = oa.skip_reason(message)
-        if skip is not None:
-            self.metrics.skipped.labels(reason=skip[0]).inc()
-            details = oa.skipped_details(*skip)
+    async def _apply(self, chat: oa.ChatRequest, choice: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        """Carry out the decision on one choice in place; returns its ``aligner`` details."""
+        if not decision.corrects:
+            details = self.passthrough(chat, decision)
         else:
-            correction = await self.correct(chat.question, message["content"], chat.history, chat.max_tokens)
-            message["content"] = correction.text
-            choice["finish_reason"] = correction.finish_reason
+            correction = await self.correct_decided(chat, decision)
+            if not correction.metadata.get("skipped"):  # a kept correction; else the message stays as it came
+                message = ch.message_of(choice)
+                message["content"] = ch.with_text(message.get("content"), correction.text)
+                choice["finish_reason"] = correction.finish_reason
             details = oa.correction_details(correction, include_original=self.limits.include_original)
         choice["aligner"] = details
         return details
 
     async def _stream(self, chat: oa.ChatRequest) -> Response:
-        """Correct, then stream only the corrected text; errors before the first delta keep their status."""
+        """Decide, correct, then stream only the corrected text (or the message that passes through, as the
+        upstream sent it); errors before the first delta keep their status (unreadable content: 502)."""
         slot = self.slot()
         slot.__enter__()
         try:
-            data = await self.call_upstream(chat)
-            choice = data["choices"][0] if data["choices"] and isinstance(data["choices"][0], dict) else {}
-            message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-            meta = (data.get("id") or oa.new_id(), data.get("model") or self.served_model or "", oa.now())
-            skip = oa.skip_reason(message)
-            if skip is not None:
-                self.metrics.skipped.labels(reason=skip[0]).inc()
-                events = self._passthrough_events(meta, choice, message, oa.skipped_details(*skip), data, chat)
-            else:
-                events = await self._correction_events(meta, chat, message["content"], data)
+            events = await self._events(chat)
         except BaseException:
             slot.__exit__(None, None, None)
             raise
@@ -189,79 +209,36 @@ class CorrectionProxy:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _correction_events(self, meta: tuple[str, str, int], chat: oa.ChatRequest, answer: str,
-                                 data: dict[str, Any]) -> AsyncIterator[bytes]:
-        """The SSE events of a streamed correction; the first delta is awaited before the response starts."""
-        extra: dict[str, Any] = {"history": chat.history} if chat.history else {}
-        stream = self.aligner.astream(chat.question, answer, **extra, **self.generation(chat.max_tokens))
-        deadline = None if self.limits.correction_timeout is None else time.monotonic() + self.limits.correction_timeout
+    async def _events(self, chat: oa.ChatRequest) -> AsyncIterator[bytes]:
+        """The events of a streamed request: everything that can fail with a status is done before the first."""
+        data = await self.call_upstream(chat)
+        choice = data["choices"][0] if data["choices"] and isinstance(data["choices"][0], dict) else {}
+        head = sse.StreamHead(data.get("id") or oa.new_id(), data.get("model") or self.served_model or "", oa.now(),
+                              data.get("usage"), chat.include_usage)
+        decision = self.decide(chat, choice, 0)
+        upstream_finish = choice.get("finish_reason") or "stop"
+        if not decision.corrects:  # passes through as the upstream sent it: not a correction
+            return sse.whole_message(head, ch.passthrough_delta(ch.message_of(choice), decision), upstream_finish,
+                                     self.passthrough(chat, decision))
+        if decision.structure is not None:  # opted in: checked whole before anything is sent
+            settled = await self.correct_decided(chat, decision)
+            finish = upstream_finish if settled.metadata.get("skipped") else settled.finish_reason
+            return sse.whole_message(head, {"role": "assistant", "content": settled.text}, finish,
+                                     oa.correction_details(settled, include_original=False))
+        stream = self.aligner.astream(chat.question, decision.text, **_grounding(chat.history, chat.context),
+                                      **self.generation(chat.max_tokens))
+        deltas = sse.CorrectionDeltas(stream, self.limits.correction_timeout)
+        first = await deltas.first()
 
-        async def next_delta() -> str | None:
-            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-            try:
-                return await asyncio.wait_for(stream.__anext__(), remaining)
-            except StopAsyncIteration:
-                return None
-            except asyncio.TimeoutError:
-                stream.close()
-                raise CorrectionTimeoutError(
-                    f"the correction took longer than timeout={self.limits.correction_timeout:g}s") from None
-
-        try:
-            first = await next_delta()
-        except BaseException:
-            stream.close()
-            raise
-        cid, model, created = meta
-
-        async def events() -> AsyncIterator[bytes]:
-            delta: str | None = first
-            try:
-                yield oa.sse(oa.chunk(cid, model, created, {"role": "assistant", "content": ""}))
-                while delta is not None:
-                    yield oa.sse(oa.chunk(cid, model, created, {"content": delta}))
-                    delta = await next_delta()
-            except AlignerError as exc:  # the response has started: the error goes in the stream
-                status, kind, code = aligner_status(exc)
-                logger.warning("a streamed correction failed after it started (%s)", type(exc).__name__)
-                yield oa.sse(oa.error_body(f"the correction failed: {exc}", type=kind, code=code))
-                return
-            except Exception:
-                logger.exception("a streamed correction failed after it started")
-                yield oa.sse(oa.error_body("internal error in the correction proxy", type="server_error"))
-                return
-            finally:
-                stream.close()
-            correction = stream.correction
-            if correction is None:  # pragma: no cover - the stream always sets it when it ends cleanly
-                return
+        def finished(correction: Correction) -> dict[str, Any]:
             self.metrics.record_correction(correction)
-            details = oa.correction_details(correction, include_original=False)  # never the uncorrected text
-            yield oa.sse(oa.chunk(cid, model, created, {}, correction.finish_reason, aligner=details))
-            if chat.include_usage:
-                yield oa.sse(oa.usage_chunk(cid, model, created, data.get("usage")))
-            yield oa.SSE_DONE
+            return oa.correction_details(correction, include_original=False)  # never the uncorrected text
 
-        return events()
-
-    async def _passthrough_events(self, meta: tuple[str, str, int], choice: dict[str, Any], message: dict[str, Any],
-                                  details: dict[str, Any], data: dict[str, Any], chat: oa.ChatRequest,
-                                  ) -> AsyncIterator[bytes]:
-        """An uncorrected answer (tool calls, no text) as one delta, as the upstream sent it."""
-        cid, model, created = meta
-        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        if message.get("function_call"):
-            delta["function_call"] = message["function_call"]
-        yield oa.sse(oa.chunk(cid, model, created, delta))
-        yield oa.sse(oa.chunk(cid, model, created, {}, choice.get("finish_reason") or "stop", aligner=details))
-        if chat.include_usage:
-            yield oa.sse(oa.usage_chunk(cid, model, created, data.get("usage")))
-        yield oa.SSE_DONE
+        return sse.correction_events(head, deltas, first, finished)
 
     async def corrections(self, body: Any) -> Response:
-        """``{question, answer[, history]}`` -> one Correction; ``{"items": [...]}`` -> one per item, in order."""
+        """``{question, answer[, history][, context]}`` -> one Correction; ``{"items": [...]}`` -> one per item, in
+        order."""
         if not isinstance(body, dict):
             return json_error(400, "the body must be a JSON object", type="invalid_request_error")
         limit = body.get("max_new_tokens")
@@ -273,8 +250,8 @@ class CorrectionProxy:
             if isinstance(pair, Response):
                 return pair
             with self.slot():
-                question, answer, history = pair
-                correction = await self.correct(question, answer, history, limit)
+                question, answer, history, context = pair
+                correction = await self.correct(question, answer, history, limit, context)
             return JSONResponse(_correction_json(correction))
         items = body["items"]
         if not isinstance(items, list) or not items:
@@ -283,14 +260,13 @@ class CorrectionProxy:
         if len(items) > self.limits.max_batch_items:
             return json_error(413, f"{len(items)} items is over the limit of {self.limits.max_batch_items} per "
                               "request: split the batch", type="invalid_request_error", code="too_many_items")
-        pairs: list[tuple[str, str, list[dict[str, str]]] | Response] = [_pair(it, f"items[{i}].")
-                                                                         for i, it in enumerate(items)]
+        pairs: list[_Pair | Response] = [_pair(it, f"items[{i}].") for i, it in enumerate(items)]
         for p in pairs:
             if isinstance(p, Response):
                 return p
         with self.slot(len(items)):
             outputs = await asyncio.wait_for(self.aligner.acorrect_batch(
-                [{"question": q, "answer": a, **({"history": h} if h else {})} for q, a, h in pairs],  # type: ignore[misc]
+                [{"question": q, "answer": a, **_grounding(h, c)} for q, a, h, c in pairs],  # type: ignore[misc]
                 return_exceptions=True, **self.generation(limit),
             ), self.limits.correction_timeout)
         results: list[dict[str, Any]] = []
@@ -320,8 +296,11 @@ class CorrectionProxy:
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
 
-def _pair(item: Any, where: str) -> tuple[str, str, list[dict[str, str]]] | Response:
-    """``(question, answer, history)`` of a corrections item, or the 400 that says what is wrong."""
+_Pair = tuple[str, str, list[dict[str, str]], Context]
+
+
+def _pair(item: Any, where: str) -> _Pair | Response:
+    """``(question, answer, history, context)`` of a corrections item, or the 400 that says what is wrong."""
     if not isinstance(item, dict):
         return json_error(400, f"{where or 'the body'} must be an object with 'question' and 'answer'",
                           type="invalid_request_error")
@@ -333,7 +312,17 @@ def _pair(item: Any, where: str) -> tuple[str, str, list[dict[str, str]]] | Resp
     if not isinstance(history, list):
         return json_error(400, f"'{where}history' must be a list of {{role, content}} turns",
                           type="invalid_request_error", param=f"{where}history")
-    return item["question"], item["answer"], history
+    try:
+        context = normalize_context(item.get("context"), where)
+    except InvalidInputError as exc:
+        return json_error(400, str(exc), type="invalid_request_error", param=f"{where}context")
+    return item["question"], item["answer"], history, context
+
+
+def _grounding(history: list[dict[str, str]], context: Context) -> dict[str, Any]:
+    """The ``history``/``context`` keywords of a correction, only where there are any (no earlier turns and no
+    tool turns leave the prompt exactly as a plain pair's)."""
+    return {**({"history": history} if history else {}), **({"context": context} if context else {})}
 
 
 def _correction_json(correction: Correction) -> dict[str, Any]:
@@ -423,14 +412,17 @@ def build_app(
     limits: ServeLimits | None = None,
     served_model: str | None = None,
     close_aligner: bool = True,
+    correct_structured: bool = False,
 ) -> Starlette:
     """The correction proxy as an ASGI app (run it with uvicorn, or ``aligner serve``).
 
-    On shutdown the upstream client is closed, and the Aligner too unless ``close_aligner=False``.
+    ``correct_structured`` corrects structured answers (JSON mode, a JSON schema) too, keeping a correction only
+    if it still parses and validates; by default they pass through, and a request's ``aligner`` field decides
+    for itself. On shutdown the upstream client is closed, and the Aligner too unless ``close_aligner=False``.
     """
     metrics = Metrics()
     proxy = CorrectionProxy(aligner, upstream, limits=limits or ServeLimits(), metrics=metrics,
-                            served_model=served_model)
+                            served_model=served_model, correct_structured=correct_structured)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

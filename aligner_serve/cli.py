@@ -57,6 +57,10 @@ def serve_command(
         "scores at or above --threshold pass unchanged, without generation.", rich_help_panel=_AL)] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Inspector score at or above "
                                              "which an answer passes unchanged.", rich_help_panel=_AL)] = 0.5,
+    correct_structured: Annotated[bool, typer.Option(
+        "--correct-structured", help="Correct structured answers too (JSON mode, a JSON schema), keeping a correction "
+        "only if it still parses and validates; by default they pass through unchanged. A request's "
+        '"aligner": {"correct_structured": ...} field overrides it.', rich_help_panel=_AL)] = False,
     correction_timeout: Annotated[float, typer.Option("--correction-timeout", min=0.001,
                                                       help="Seconds one correction may take (504 beyond).",
                                                       rich_help_panel=_AL)] = 120.0,
@@ -124,7 +128,8 @@ def serve_command(
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    app = build_app(corrector, up, api_keys=keys, limits=limits, served_model=served_model_name)
+    app = build_app(corrector, up, api_keys=keys, limits=limits, served_model=served_model_name,
+                    correct_structured=correct_structured)
     typer.echo(f"correcting {up.base_url} with {corrector.name} ({corrector.template.name} template) on "
                f"http://{host}:{port}/v1; API keys: {len(keys) or 'none'}", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",

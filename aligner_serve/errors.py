@@ -19,6 +19,7 @@ from aligner_core.errors import (
     InvalidInputError,
     ServerRequestError,
     TemplateError,
+    UnreadableContentError,
 )
 
 from .openai_schema import error_body
@@ -32,6 +33,8 @@ def json_error(status: int, message: str, *, type: str, code: str | None = None,
 
 def aligner_status(exc: AlignerError) -> tuple[int, str, str]:
     """``(status, type, code)`` for an Aligner failure."""
+    if isinstance(exc, UnreadableContentError):  # the upstream sent content the Aligner cannot read: fail closed
+        return 502, "upstream_error", "unreadable_content"
     if isinstance(exc, ContextOverflowError):  # before ServerRequestError: the server variant is both
         return 400, "invalid_request_error", "context_length_exceeded"
     if isinstance(exc, (InvalidInputError, EmptyAnswerError, GenerationOptionError)):
@@ -48,7 +51,14 @@ def aligner_status(exc: AlignerError) -> tuple[int, str, str]:
 def aligner_error_response(exc: AlignerError, retry_after: int) -> JSONResponse:
     status, kind, code = aligner_status(exc)
     headers = {"Retry-After": str(retry_after)} if status == 503 else None
-    return json_error(status, f"the correction failed: {exc}", type=kind, code=code, headers=headers)
+    return json_error(status, failure_message(exc), type=kind, code=code, headers=headers)
+
+
+def failure_message(exc: AlignerError) -> str:
+    """What the client reads: an unreadable upstream answer is not passed on, any other failure is the correction's."""
+    if isinstance(exc, UnreadableContentError):
+        return f"{exc}; the answer is not passed on uncorrected"
+    return f"the correction failed: {exc}"
 
 
 def upstream_error_response(exc: UpstreamError) -> JSONResponse:

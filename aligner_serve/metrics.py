@@ -48,7 +48,11 @@ class Metrics:
         self._changed = 0
 
     def record_correction(self, correction: Correction) -> None:
+        """A finished correction; one that came back unchanged for a reason (the inspector passed the answer, a
+        structured correction did not validate) counts under ``skipped`` too, by that reason."""
         self.corrections.labels(changed=str(correction.changed).lower()).inc()
+        if reason := correction.metadata.get("skipped"):
+            self.skipped.labels(reason=str(reason)).inc()
         self.tokens.labels(source="aligner", kind="prompt").inc(correction.prompt_tokens)
         self.tokens.labels(source="aligner", kind="completion").inc(correction.completion_tokens)
         self.correction_latency.observe(correction.latency_s)

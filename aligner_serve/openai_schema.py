@@ -1,7 +1,8 @@
 """The OpenAI chat-completions wire format: reading a client's request, shaping responses and SSE chunks.
 
 Plain dicts in and out (no pydantic models): clients send many fields this proxy never reads, and
-every one of them must reach the upstream unchanged.
+every one of them must reach the upstream unchanged (all but the proxy's own ``aligner`` field). What of the
+messages the Aligner sees is ``grounding``'s job, the structure asked for ``structured``'s.
 """
 
 from __future__ import annotations
@@ -9,27 +10,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aligner_core import Correction
+from aligner_core.context import Context
 
-#: Roles the Aligner's history takes; OpenAI's ``developer`` role is a system prompt by another name.
-_HISTORY_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class RequestShapeError(ValueError):
-    """The request body is JSON but not a request this endpoint can serve (HTTP 400)."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+from .bad_request import RequestShapeError
+from .grounding import read_turns
+from .options import FIELD as OPTIONS_FIELD
+from .options import AlignerOptions, read_options
+from .structured import RequestedStructure, requested_structure
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What the proxy needs from a chat-completions body; ``body`` is forwarded upstream as it came."""
+    """What the proxy needs from a chat-completions body; ``body`` is forwarded upstream as it came (less the
+    proxy's own ``aligner`` field)."""
 
     body: dict[str, Any]
     question: str
@@ -37,21 +35,17 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None
-
-
-def text_of(content: Any) -> str | None:
-    """The text of a message's ``content``: a string, or the text parts of a list of parts (None if none)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        parts = [p.get("text") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
-        texts = [t for t in parts if isinstance(t, str)]
-        return "\n".join(texts) if texts else None
-    return None
+    context: Context = ()
+    """The tool calls and tool results after the question: what the answer is grounded on."""
+    structure: RequestedStructure | None = None
+    """The structure the request asks for (``response_format`` and servers' structured outputs), or None."""
+    options: AlignerOptions = field(default_factory=AlignerOptions)
+    """The request's own ``aligner`` options."""
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate the few fields the proxy reads; the last user message is the question, earlier turns history."""
+    """Validate the fields the proxy reads: the last user message is the question, earlier text turns history,
+    the tool turns after it the grounding context (``grounding``); the structure asked for; ``aligner`` options."""
     if not isinstance(body, dict):
         raise RequestShapeError(f"the request body must be a JSON object, got {type(body).__name__}")
     messages = body.get("messages")
@@ -60,13 +54,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestShapeError(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise RequestShapeError("'messages' holds no user message: the Aligner needs the question", param="messages")
-    question = text_of(messages[last_user].get("content"))
-    if question is None:
-        raise RequestShapeError(f"messages[{last_user}] (the question) has no text content",
-                                param=f"messages[{last_user}].content")
+    turns = read_turns(messages)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestShapeError(f"'stream' must be true or false, got {stream!r}", param="stream")
@@ -78,70 +66,52 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestShapeError(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
-    options = body.get("stream_options")
-    include_usage = bool(stream and isinstance(options, dict) and options.get("include_usage"))
-    return ChatRequest(body=body, question=question, history=history_of(messages[:last_user]), stream=stream,
-                       include_usage=include_usage, max_tokens=max_tokens)
-
-
-def history_of(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Earlier turns as the Aligner's history: text turns only (tool calls and tool results are left out)."""
-    turns = []
-    for m in messages:
-        role = _HISTORY_ROLES.get(m["role"])
-        text = text_of(m.get("content"))
-        if role is not None and text:
-            turns.append({"role": role, "content": text})
-    return turns
+    stream_options = body.get("stream_options")
+    include_usage = bool(stream and isinstance(stream_options, dict) and stream_options.get("include_usage"))
+    return ChatRequest(body=body, question=turns.question, history=turns.history, stream=stream,
+                       include_usage=include_usage, max_tokens=max_tokens, context=turns.context,
+                       structure=requested_structure(body), options=read_options(body))
 
 
 def upstream_body(request: ChatRequest, model: str | None) -> dict[str, Any]:
     """The body sent upstream: the client's, asking for the whole answer at once (it is corrected before
-    anything is sent back), with the configured upstream model."""
-    body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
+    anything is sent back), with the configured upstream model and without the proxy's ``aligner`` field."""
+    body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options", OPTIONS_FIELD)}
     if model:
         body["model"] = model
     return body
 
 
+#: Correction metadata the ``aligner`` field carries when present (the decision's and the grounding's).
+_REPORTED = ("invalid_reason", "structured", "non_text_parts", "history_turns",
+             "context_items", "context_tokens", "context_trimmed")
+
+
 def correction_details(correction: Correction, *, include_original: bool) -> dict[str, Any]:
-    """The ``aligner`` field: what was corrected and how, beside the OpenAI fields clients already read."""
-    details: dict[str, Any] = {"corrected": True}
+    """The ``aligner`` field: what was corrected and how, beside the OpenAI fields clients already read.
+
+    ``corrected`` is false when the answer came back unchanged for a reason (``skipped``: the inspector passed
+    it, or a structured correction did not validate), as the core records it.
+    """
+    meta = correction.metadata
+    details: dict[str, Any] = {"corrected": not meta.get("skipped")}
+    if meta.get("skipped"):
+        details.update(skipped=meta["skipped"], skipped_detail=meta.get("skipped_detail"))
     if include_original:
         details["original"] = correction.original
     details.update(
         changed=correction.changed,
         similarity=round(correction.similarity, 6),
-        template=correction.metadata.get("template"),
+        template=meta.get("template"),
         finish_reason=correction.finish_reason,
         usage={"prompt_tokens": correction.prompt_tokens, "completion_tokens": correction.completion_tokens},
         latency_s=round(correction.latency_s, 6),
     )
-    if turns := correction.metadata.get("history_turns"):
-        details["history_turns"] = turns
-    if correction.metadata.get("inspected"):  # the inspector's verdict: a passed answer cost no generation
-        details["inspector"] = {"score": correction.metadata["inspector_score"],
-                                "threshold": correction.metadata["inspector_threshold"],
-                                "passed": correction.metadata["inspector_passed"]}
+    details.update({key: meta[key] for key in _REPORTED if meta.get(key) is not None})
+    if meta.get("inspected"):  # the inspector's verdict: a passed answer cost no generation
+        details["inspector"] = {"score": meta["inspector_score"], "threshold": meta["inspector_threshold"],
+                                "passed": meta["inspector_passed"]}
     return details
-
-
-def skipped_details(reason: str, message: str) -> dict[str, Any]:
-    """The ``aligner`` field of a choice passed through uncorrected, and why."""
-    return {"corrected": False, "skipped": reason, "message": message}
-
-
-TOOL_CALLS_SKIPPED = ("tool_calls", "tool-call responses pass through uncorrected")
-
-
-def skip_reason(message: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Why an upstream message is not corrected (None: it is)."""
-    if message.get("tool_calls") or message.get("function_call"):
-        return TOOL_CALLS_SKIPPED
-    content = message.get("content")
-    if not isinstance(content, str) or not content.strip():
-        return ("empty_answer", "the upstream answer has no text to correct")
-    return None
 
 
 def new_id() -> str:

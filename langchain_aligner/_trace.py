@@ -33,7 +33,7 @@ _SERIALIZED = {"lc": 1, "type": "not_implemented", "id": ["aligner_core", "align
 
 
 def _messages(job: Job) -> list[list[BaseMessage]]:
-    return [[*turn_messages(job.history), HumanMessage(job.question), AIMessage(job.text)]]
+    return [[*turn_messages(job.history, job.context), HumanMessage(job.question), AIMessage(job.text)]]
 
 
 def _prepare(manager: CallbackManager | AsyncCallbackManager, aligner: Aligner, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,12 +63,19 @@ async def astart(
     return run
 
 
-def chunk(delta: str) -> ChatGenerationChunk:
+def message_id(job: Job, run: Any) -> str:
+    """The id the correction's chunks and final message share (the answer's own id when it is a message), so
+    LangGraph's ``stream_mode="messages"`` streams the corrected text once and dedupes the whole message."""
+    own = getattr(job.answer, "id", None)
+    return own if isinstance(own, str) and own else f"aligner-{run.run_id}"
+
+
+def chunk(delta: str, id: str | None = None) -> ChatGenerationChunk:
     """One streamed piece of the correction, as chat-model callbacks carry it."""
-    return ChatGenerationChunk(message=AIMessageChunk(content=delta))
+    return ChatGenerationChunk(message=AIMessageChunk(content=delta, id=id))
 
 
-def result(correction: Correction, aligner: Aligner) -> LLMResult:
+def result(correction: Correction, aligner: Aligner, id: str | None = None) -> LLMResult:
     """The run's output: the corrected text with the Aligner's own token usage."""
     usage = UsageMetadata(
         input_tokens=correction.prompt_tokens,
@@ -76,6 +83,7 @@ def result(correction: Correction, aligner: Aligner) -> LLMResult:
         total_tokens=correction.prompt_tokens + correction.completion_tokens,
     )
     message = AIMessage(
+        id=id,
         content=correction.text,
         usage_metadata=usage,
         response_metadata={

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from aligner_core import Aligner
 from aligner_core.inspector import Inspector
 
-from ._io import MissingQuestionError, history_value, merge, split_question
-from ._quiet import UNCORRECTED_TAG, child_config
+from ._grounding import GroundingCollector
+from ._io import MissingQuestionError, context_value, history_value, merge, split_question
+from ._quiet import UNCORRECTED_TAG, ainvoke_in, child_config, invoke_in
 from ._streaming import RUN_TYPE
 from .runnable import AlignerRunnable, OnError
 
@@ -26,13 +27,15 @@ from .runnable import AlignerRunnable, OnError
 class AlignedChain(RunnableSerializable[Any, Any]):
     """A chain whose answer is corrected: what :func:`with_aligner` returns.
 
-    The wrapped chain runs to completion first (its run traced, its tokens kept from the caller's
-    callbacks and ``astream_events``), then the correction streams: as ``on_chat_model_stream`` of
-    the nested ``Aligner`` run, and as this runnable's own output chunks. ``stream_uncorrected=True``
-    lets the wrapped chain's tokens through as well (its runs are tagged ``aligner:uncorrected``).
-    Input and output schemas are the wrapped chain's. The conversation's earlier messages (a dict
-    input's ``history_key``, the key ``RunnableWithMessageHistory(history_messages_key=...)`` fills, or
-    the messages before the last human one) reach the correction as its history.
+    The wrapped chain runs to completion first, off every stream a user sees (its runs are traced, tagged
+    ``aligner:uncorrected`` and ``nostream``, but ``astream_events``, ``astream_log`` and LangGraph's stream modes
+    get none of their events, and token callbacks none of their tokens), then the correction streams: as
+    ``on_chat_model_stream`` of the nested ``Aligner`` run, and as this runnable's own output chunks.
+    ``stream_uncorrected=True`` lets the wrapped chain's events through as well. Input and output schemas are
+    the wrapped chain's. The conversation's earlier messages (a dict input's ``history_key``, the key
+    ``RunnableWithMessageHistory(history_messages_key=...)`` fills, or the messages before the last human one)
+    reach the correction as its history; what the chain's retrievers returned and its tools answered, the input's
+    ``context_key`` and the tool turns after the question reach it as its grounding context.
     """
 
     chain: Runnable[Any, Any]
@@ -44,6 +47,8 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     history_key: str = "history"
     """Where the conversation's earlier messages are in a dict input (``chat_history`` is read too); a ``str``
     there is a prompt variable and is left alone."""
+    context_key: str = "context"
+    """Where a dict input holds what the answer is grounded on (documents, strings or context items)."""
     stream_uncorrected: bool = False
     """Also stream the wrapped chain's uncorrected tokens to callbacks and ``astream_events`` (unsafe for UIs)."""
     name: str | None = "with_aligner"
@@ -71,21 +76,34 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     # -- pieces ----------------------------------------------------------------------------------
 
     def _request(self, value: Any) -> dict[str, Any]:
-        """The stage's input without its answer: the question, and the history when there is one."""
+        """The stage's input without its answer: the question, the history and the given context."""
         history: tuple[dict[str, str], ...] = ()
+        given: tuple[dict[str, str], ...] = ()
         if isinstance(value, Mapping):
             if self.question_key not in value:
                 raise MissingQuestionError(
                     f"the chain input has no {self.question_key!r} key (keys: {sorted(map(str, value))})"
                 )
             history = history_value(value, self.history_key, strict=False) or ()
+            given = context_value(value.get(self.context_key))
             value = value[self.question_key]
-        question, earlier = split_question(value)
-        turns = [*history, *earlier]
-        return {"question": question, "history": turns} if turns else {"question": question}
+        question, earlier, tools = split_question(value)
+        return {"question": question, "history": [*history, *earlier], "context": [*tools, *given]}
 
-    def _upstream(self, run_manager: Any, config: RunnableConfig) -> RunnableConfig:
-        return child_config(config, run_manager.get_child(), quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
+    def _upstream(self, run_manager: Any, config: RunnableConfig) -> tuple[RunnableConfig, GroundingCollector]:
+        """The wrapped chain's config (hidden from user streams unless ``stream_uncorrected``) and the collector of
+        what its retrievers and tools return."""
+        manager = run_manager.get_child()
+        collector = GroundingCollector()
+        upstream = child_config(config, manager, quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
+        manager.add_handler(collector, inherit=True)
+        return upstream, collector
+
+    def _stage_input(self, request: dict[str, Any], answer: Any, collector: GroundingCollector) -> dict[str, Any]:
+        """The stage's input: the request, the answer, and the grounding given and collected."""
+        stage = self.stage
+        return {stage.question_key: request["question"], stage.history_key: request["history"],
+                stage.answer_key: answer, stage.context_key: [*request["context"], *collector.items]}
 
     @staticmethod
     def _downstream(run_manager: Any, config: RunnableConfig) -> RunnableConfig:
@@ -99,8 +117,10 @@ class AlignedChain(RunnableSerializable[Any, Any]):
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
         request = self._request(value)
-        answer = self.chain.invoke(value, self._upstream(run_manager, config))
-        return self.stage.invoke({**request, "answer": answer}, self._downstream(run_manager, config), **kwargs)
+        upstream, collector = self._upstream(run_manager, config)
+        answer = invoke_in(self.chain, value, upstream)
+        return self.stage.invoke(self._stage_input(request, answer, collector), self._downstream(run_manager, config),
+                                 **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, run_type=RUN_TYPE, **kwargs)
@@ -109,8 +129,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
     ) -> Any:
         request = self._request(value)
-        answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
-        stage_input = {**request, "answer": answer}
+        upstream, collector = self._upstream(run_manager, config)
+        answer = await ainvoke_in(self.chain, value, upstream)
+        stage_input = self._stage_input(request, answer, collector)
         return await self.stage.ainvoke(stage_input, self._downstream(run_manager, config), **kwargs)
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -127,8 +148,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         for chunk in chunks:
             value = merge(value, chunk)
         request = self._request(value)
-        answer = self.chain.invoke(value, self._upstream(run_manager, config))
-        stage_input = {**request, "answer": answer}
+        upstream, collector = self._upstream(run_manager, config)
+        answer = invoke_in(self.chain, value, upstream)
+        stage_input = self._stage_input(request, answer, collector)
         yield from self.stage.stream(stage_input, self._downstream(run_manager, config), **kwargs)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
@@ -155,8 +177,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         async for chunk in chunks:
             value = merge(value, chunk)
         request = self._request(value)
-        answer = await self.chain.ainvoke(value, self._upstream(run_manager, config))
-        stage_input = {**request, "answer": answer}
+        upstream, collector = self._upstream(run_manager, config)
+        answer = await ainvoke_in(self.chain, value, upstream)
+        stage_input = self._stage_input(request, answer, collector)
         async for out in self.stage.astream(stage_input, self._downstream(run_manager, config), **kwargs):
             yield out
 
@@ -201,15 +224,16 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     ) -> list[Any]:
         outs: list[Any] = self._questions(values)
         live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
+        upstreams = {i: self._upstream(run_manager[i], config[i]) for i in live}
         answers = self.chain.batch(
-            [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
+            [values[i] for i in live], [upstreams[i][0] for i in live], return_exceptions=True
         ) if live else []
         ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
         for i, a in zip(live, answers):
             if isinstance(a, Exception):
                 outs[i] = a
         fixed = self.stage.batch(
-            [{**outs[i], "answer": a} for i, a in ready],
+            [self._stage_input(outs[i], a, upstreams[i][1]) for i, a in ready],
             [self._downstream(run_manager[i], config[i]) for i, _ in ready],
             return_exceptions=True,
             **kwargs,
@@ -227,15 +251,16 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     ) -> list[Any]:
         outs: list[Any] = self._questions(values)
         live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
+        upstreams = {i: self._upstream(run_manager[i], config[i]) for i in live}
         answers = await self.chain.abatch(
-            [values[i] for i in live], [self._upstream(run_manager[i], config[i]) for i in live], return_exceptions=True
+            [values[i] for i in live], [upstreams[i][0] for i in live], return_exceptions=True
         ) if live else []
         ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
         for i, a in zip(live, answers):
             if isinstance(a, Exception):
                 outs[i] = a
         fixed = await self.stage.abatch(
-            [{**outs[i], "answer": a} for i, a in ready],
+            [self._stage_input(outs[i], a, upstreams[i][1]) for i, a in ready],
             [self._downstream(run_manager[i], config[i]) for i, _ in ready],
             return_exceptions=True,
             **kwargs,
@@ -251,6 +276,7 @@ def with_aligner(
     aligner: Aligner,
     question_key: str = "question",
     history_key: str = "history",
+    context_key: str = "context",
     on_error: OnError = "raise",
     generation_kwargs: Mapping[str, Any] | None = None,
     timeout: float | None = None,
@@ -258,6 +284,8 @@ def with_aligner(
     stream_uncorrected: bool = False,
     inspector: Inspector | Callable[[str, str], float] | None = None,
     threshold: float | None = None,
+    correct_structured: bool = False,
+    include_original: bool = False,
 ) -> AlignedChain:
     """Wrap ``chain`` so that its answer is corrected against the question in the chain's own input.
 
@@ -268,12 +296,18 @@ def with_aligner(
     streaming yields the correction only (``stream_uncorrected=True`` lets the chain's own tokens
     reach callbacks too). ``timeout``/``max_retries`` bound each correction (see ``AlignerRunnable``).
     With an ``inspector``, an answer scoring at or above ``threshold`` comes back unchanged (no generation).
+    What the chain's retrievers and tools returned, and the input's ``context_key``, ground the correction.
+    A structured answer (a pydantic object) passes through unless ``correct_structured``. ``include_original``
+    records the uncorrected answer in the details (off: the corrected message may flow on to users).
     """
     stage = AlignerRunnable(
         aligner=aligner, on_error=on_error, generation_kwargs=dict(generation_kwargs or {}),
         timeout=timeout, max_retries=max_retries, inspector=inspector, threshold=threshold,
+        correct_structured=correct_structured, include_original=include_original,
     )
+    stage._guarded = True  # the wrapped chain runs off user streams (AlignedChain._upstream)
     return AlignedChain(
-        chain=chain, stage=stage, question_key=question_key, history_key=history_key,
+        chain=chain, stage=stage, question_key=question_key, history_key=history_key, context_key=context_key,
         stream_uncorrected=stream_uncorrected,
     )
+

@@ -26,10 +26,12 @@ from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from aligner_core import Aligner
+from aligner_core.decision import Structure
 from aligner_core.inspector import Inspector
 
 from ._io import MissingQuestionError, split_question
-from ._quiet import UNCORRECTED_TAG, child_config
+from ._quiet import UNCORRECTED_TAG, ainvoke_in, child_config, invoke_in
+from ._structured import structured_output
 from .runnable import AlignerRunnable, OnError
 
 
@@ -114,17 +116,21 @@ class AlignedChatModel(BaseChatModel):
     """Calls the wrapped chat model, then corrects its answer against the last human message.
 
     The messages before it are the correction's history (human, AI and system messages; tool
-    messages and AI messages that only call tools are skipped).
+    messages and AI messages that only call tools are skipped); the tool calls and tool results after
+    it (an agent's current turn) are its grounding context.
 
     The result is the wrapped model's message with corrected content: its id, tool calls,
     ``usage_metadata`` (the wrapped model's tokens) and ``response_metadata`` are kept, and the
-    correction's details are under ``response_metadata["aligner"]``. A message that only calls
-    tools passes through untouched, and ``bind_tools`` delegates to the wrapped model.
+    correction's details are under ``response_metadata["aligner"]``. What is corrected is the core's
+    decision: a message that calls tools (an agent step), a refusal or an intermediate step passes
+    through unchanged with ``skipped`` in the details, and ``bind_tools`` delegates to the wrapped model.
 
-    Streaming streams the correction only: the wrapped model runs to completion with its token
-    events kept from callbacks, ``astream_events`` and ``stream_events`` (its run is still traced,
-    tagged ``aligner:uncorrected``), because an answer can only be corrected once it is complete.
-    ``stream_uncorrected=True`` is the explicit opt-in to let its raw tokens through as well.
+    Streaming streams the correction only: the wrapped model runs to completion off every stream a
+    user sees (``astream_events``, ``stream_events``, LangGraph's stream modes: its run is still traced,
+    tagged ``aligner:uncorrected`` and ``nostream``), because an answer can only be corrected once it is
+    complete; in LangGraph's ``stream_mode="messages"`` the corrected chunks and the final message share
+    one id, so the corrected text streams once. ``stream_uncorrected=True`` is the explicit opt-in to let
+    the wrapped model's raw events through as well.
 
     Standard parameters: ``max_tokens``, ``temperature``, ``stop``, ``timeout`` and ``max_retries``
     apply to the correction; ``model``, ``base_url`` and ``api_key`` name the Aligner when none is
@@ -164,6 +170,12 @@ class AlignedChatModel(BaseChatModel):
     Aligner's own inspector, if it was built with one."""
     threshold: float | None = None
     """The inspector's pass mark; None: the Aligner's."""
+    correct_structured: bool = False
+    """Correct structured output (``with_structured_output``) too, keeping a correction only when it still
+    parses and validates against the schema; by default structured output passes through unchanged."""
+    include_original: bool = False
+    """Record the uncorrected answer as ``original`` in ``response_metadata["aligner"]``. Off by default: the
+    message flows on to users (LangGraph state and stream modes carry it whole)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
@@ -264,27 +276,21 @@ class AlignedChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, Any]:
         """Structured output from the wrapped model, honouring ``method``.
 
-        A structured answer is data, not prose: it is never rewritten by the Aligner (a tool-call
-        answer passes through ``AlignedChatModel``; ``json_schema``/``json_mode`` are the wrapped
-        model's own ``with_structured_output``). Correct free-text answers instead, or parse after.
+        A structured answer is data, not prose: the wrapped model's own ``with_structured_output`` produces it
+        (off every user stream) and it passes through unchanged, ``skipped: "structured_output"`` in the raw
+        message's ``response_metadata["aligner"]`` (``include_raw=True`` shows it). With ``correct_structured``
+        it is corrected and the correction kept only if it still parses and validates against ``schema``.
         """
-        if method == "function_calling":
-            return super().with_structured_output(schema, include_raw=include_raw, method=method, **kwargs)
-        if method not in ("json_schema", "json_mode"):
-            raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
-        structured = getattr(self.llm, "with_structured_output", None)
-        if structured is None:
-            raise NotImplementedError(
-                f"the wrapped {type(self.llm).__name__} has no with_structured_output for method={method!r}"
-            )
-        return structured(schema, include_raw=include_raw, method=method, **kwargs)
+        return structured_output(self, schema, method=method, include_raw=include_raw, **kwargs)
 
     # -- the hooks -------------------------------------------------------------------------------
 
     def _stops(self, stop: list[str] | None) -> list[str]:
         return [*(self.stop or []), *(stop or [])]
 
-    def _stage(self, messages: list[BaseMessage], stop: list[str] | None) -> AlignerRunnable:
+    def _stage(
+        self, messages: list[BaseMessage], stop: list[str] | None, structure: Structure | None = None
+    ) -> AlignerRunnable:
         options: dict[str, Any] = {}
         if self.max_tokens is not None:
             options["max_new_tokens"] = self.max_tokens
@@ -293,20 +299,24 @@ class AlignedChatModel(BaseChatModel):
         if stops := self._stops(stop):
             options["stop"] = stops
         on_server = self.base_url is not None  # the server engine applies timeout and retries itself
-        return AlignerRunnable(
+        stage = AlignerRunnable(
             aligner=self.corrector, on_error=self.on_error, generation_kwargs=options,
             timeout=None if on_server else self.timeout, max_retries=0 if on_server else (self.max_retries or 0),
-            inspector=self.inspector, threshold=self.threshold,
+            inspector=self.inspector, threshold=self.threshold, structure=structure,
+            correct_structured=self.correct_structured, include_original=self.include_original,
         )
+        stage._guarded = True  # the wrapped model runs off user streams (see _configs)
+        return stage
 
     @staticmethod
     def _pair(messages: list[BaseMessage], answer: Any) -> dict[str, Any]:
-        """The stage's input: the last human message is the question, the messages before it the history."""
+        """The stage's input: the last human message is the question, the messages before it the history, the
+        tool calls and results after it the grounding context."""
         try:
-            question, history = split_question(messages)
+            question, history, context = split_question(messages)
         except MissingQuestionError:  # no human message: corrected against an empty question, no history
-            question, history = "", ()
-        return {"question": question, "answer": answer, "history": list(history)}
+            question, history, context = "", (), ()
+        return {"question": question, "answer": answer, "history": list(history), "context": list(context)}
 
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
@@ -414,7 +424,7 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         up, down = self._configs(run_manager)
-        answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
+        answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
         message = self._stage(messages, stop).invoke(self._pair(messages, answer), down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
@@ -426,7 +436,7 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         up, down = self._configs(run_manager)
-        answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
+        answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
         message = await self._stage(messages, stop).ainvoke(self._pair(messages, answer), down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
@@ -438,7 +448,7 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         up, down = self._configs(run_manager)
-        answer = self.llm.invoke(messages, up, **self._call_options(stop, kwargs))
+        answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
         for chunk in self._stage(messages, stop).stream(self._pair(messages, answer), down):
             yield self._chunk(chunk)
 
@@ -450,7 +460,7 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         up, down = self._configs(run_manager)
-        answer = await self.llm.ainvoke(messages, up, **self._call_options(stop, kwargs))
+        answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
         async for chunk in self._stage(messages, stop).astream(self._pair(messages, answer), down):
             yield self._chunk(chunk)
 

@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from langchain_core.runnables.utils import ConfigurableFieldSpec
 from langchain_core.utils.pydantic import create_model_v2
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from aligner_core import (
     Aligner,
@@ -25,7 +25,9 @@ from aligner_core import (
     CorrectionTimeoutError,
     EngineUnavailableError,
     GenerationOptionError,
+    UnsafeStreamError,
 )
+from aligner_core.decision import Structure
 from aligner_core.inspector import Inspector, as_inspector, check_threshold
 
 from . import _trace
@@ -35,7 +37,9 @@ from ._io import (
     output,
     passthrough,
     resolve,
+    skipped,
 )
+from ._quiet import streams_to_users
 from ._streaming import EVENT, RUN_TYPE, StreamingStage
 
 OnError = Literal["raise", "passthrough"]
@@ -49,15 +53,22 @@ def backoff(attempt: int) -> float:
 
 
 class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
-    """Corrects a chain's answer with an Aligner; the output has the answer's type (``str`` or ``AIMessage``).
+    """Corrects a chain's answer with an Aligner; the output has the answer's type (``str``, ``AIMessage`` or a
+    structured result).
 
-    Input: the answer itself (``str`` or ``AIMessage``), or a dict with the question under
-    ``question_key``, the answer under ``answer_key`` and, optionally, the conversation's earlier
-    messages under ``history_key`` (``BaseMessage`` objects or role/content dicts; ``chat_history``
-    is read too). Without a question in the input, the question comes from
-    ``config["configurable"][question_key]``, else from ``question``; the history likewise from
-    ``config["configurable"][history_key]``. Each correction is also a chat-model run named
-    ``Aligner`` (the Aligner's tokens, streamed text and usage), nested in this stage's chain run.
+    Input: the answer itself, or a dict with the question under ``question_key``, the answer under
+    ``answer_key`` and, optionally, the conversation's earlier messages under ``history_key``
+    (``BaseMessage`` objects or role/content dicts; ``chat_history`` is read too) and what the answer was
+    grounded on under ``context_key`` (retrieved ``Document``s, strings or context items). Without a question
+    in the input, the question comes from ``config["configurable"][question_key]``, else from ``question``;
+    the history likewise from ``config["configurable"][history_key]``. Each correction is also a chat-model run
+    named ``Aligner`` (the Aligner's tokens, streamed text and usage), nested in this stage's chain run.
+
+    What is corrected is the core's decision (docs/what-gets-corrected.md): an answer that calls tools, a
+    refusal, structured output, an empty answer or an intermediate step passes through with ``skipped`` in its
+    details. A bare stage after a model (``prompt | llm | AlignerRunnable()``) cannot keep that model's tokens
+    off ``astream_events`` or LangGraph's stream modes, so it refuses to run under them
+    (``UnsafeStreamError``, saying what to write instead) unless ``stream_uncorrected=True``.
     """
 
     aligner: Aligner
@@ -86,8 +97,24 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     None: the Aligner's own inspector, if it was built with one."""
     threshold: float | None = None
     """The inspector's pass mark; None: the Aligner's (0.5 unless it was built with another)."""
+    context_key: str = "context"
+    """Where a dict input holds what the answer was grounded on (documents, strings or context items)."""
+    structure: Structure | None = None
+    """The structure the answer must keep (``aligner_core.Structure``), for answers that are JSON by request;
+    structured results (pydantic objects) carry their own."""
+    correct_structured: bool = False
+    """Correct structured output too, keeping a correction only when it still parses and validates."""
+    stream_uncorrected: bool = False
+    """Run even under a stream a user sees (``astream_events``, LangGraph stream modes) although what runs before
+    this stage in a chain may stream uncorrected tokens there."""
+    include_original: bool = False
+    """Record the uncorrected answer as ``original`` in the details (``response_metadata["aligner"]`` and the
+    ``aligner_correction`` event). Off by default: a corrected message flows on to users (LangGraph state and
+    stream modes carry it whole), and the answer it replaced must not travel with it."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    #: Set by ``with_aligner`` and ``AlignedChatModel``, which keep their upstream off user streams themselves.
+    _guarded: bool = PrivateAttr(default=False)
 
     @field_validator("inspector")
     @classmethod
@@ -157,7 +184,32 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             question=self.question,
             configurable=config.get("configurable"),
             history_key=self.history_key,
+            context_key=self.context_key,
+            structure=self.structure,
+            correct_structured=self.correct_structured,
         )
+
+    def _refuse_unsafe_streams(self, run_manager: Any) -> None:
+        """A stage inside a chain, under a stream a user sees, cannot hide what ran before it: refuse.
+
+        ``run_manager`` is this stage's run manager, or the callback manager of the config a sequence hands to
+        ``transform`` (checked there, before the sequence pulls the first chunk of the step before this one).
+        """
+        if self.stream_uncorrected or self._guarded or getattr(run_manager, "parent_run_id", None) is None:
+            return
+        if streams_to_users(run_manager.handlers):
+            raise UnsafeStreamError(
+                "AlignerRunnable runs inside a chain streamed to users (astream_events, astream_log or a LangGraph "
+                "stream mode): a model before it in the chain streams its uncorrected tokens there before the "
+                "answer reaches this stage. Write with_aligner(prompt | llm, aligner=aligner) or "
+                "prompt | AlignedChatModel(llm=llm, aligner=aligner) instead (both keep the upstream off every user "
+                "stream), or pass AlignerRunnable(..., stream_uncorrected=True) if nothing before this stage "
+                "streams uncorrected text."
+            )
+
+    def _passed(self, job: Job) -> Correction:
+        """The Correction of an answer the core passes through."""
+        return skipped(job, {"template": self.aligner.template.name, "engine": self.aligner.engine.name})
 
     def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.generation_kwargs, **kwargs}
@@ -175,13 +227,14 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             if self.on_error == "raise" or isinstance(result, GenerationOptionError):
                 raise result
             return passthrough(job, result, name), failure(job, result, name)
-        return output(job, result, name)
+        return output(job, result, name, include_original=self.include_original)
 
     def _correct(self, job: Job, options: Mapping[str, Any]) -> Correction:
         for attempt in range(self.max_retries + 1):
             try:
                 return self.aligner.correct(
-                    job.question, job.text, history=job.turns, timeout=self.timeout, **self._gate, **options
+                    job.question, job.text, history=job.turns, context=job.grounding, timeout=self.timeout,
+                    **self._gate, **options,
                 )
             except TRANSIENT:
                 if attempt == self.max_retries:
@@ -193,7 +246,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         for attempt in range(self.max_retries + 1):
             try:
                 return await self.aligner.acorrect(
-                    job.question, job.text, history=job.turns, timeout=self.timeout, **self._gate, **options
+                    job.question, job.text, history=job.turns, context=job.grounding, timeout=self.timeout,
+                    **self._gate, **options,
                 )
             except TRANSIENT:
                 if attempt == self.max_retries:
@@ -201,17 +255,17 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             await asyncio.sleep(backoff(attempt + 1))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException) -> None:
+    def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None:
         if isinstance(result, BaseException):
             run.on_llm_error(result)
         else:
-            run.on_llm_end(_trace.result(result, self.aligner))
+            run.on_llm_end(_trace.result(result, self.aligner, _trace.message_id(job, run)))
 
-    async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException) -> None:
+    async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None:
         if isinstance(result, BaseException):
             await run.on_llm_error(result)
         else:
-            await run.on_llm_end(_trace.result(result, self.aligner))
+            await run.on_llm_end(_trace.result(result, self.aligner, _trace.message_id(job, run)))
 
     # -- invoke and batch ----------------------------------------------------------------------
 
@@ -220,19 +274,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
-        job = self._job(value, config)
-        if job.skip:
-            return job.answer
-        options = self._options(kwargs)
-        run = _trace.start(run_manager.get_child(), self.aligner, job, options)
-        try:
-            result: Correction | BaseException = self._correct(job, options)
-        except Exception as exc:
-            result = exc
-        self._end(run, result)
-        out, meta = self._settle(job, result)
-        run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        return out
+        self._refuse_unsafe_streams(run_manager)
+        return self._whole_output(self._job(value, config), run_manager, kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Async ``invoke``: concurrent calls share the Aligner's batches."""
@@ -241,19 +284,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     async def _ainvoke(
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
     ) -> Any:
-        job = self._job(value, config)
-        if job.skip:
-            return job.answer
-        options = self._options(kwargs)
-        run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
-        try:
-            result: Correction | BaseException = await self._acorrect(job, options)
-        except Exception as exc:
-            result = exc
-        await self._aend(run, result)
-        out, meta = self._settle(job, result)
-        await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        return out
+        self._refuse_unsafe_streams(run_manager)
+        return await self._awhole_output(self._job(value, config), run_manager, kwargs)
 
     def batch(
         self,
@@ -301,10 +333,12 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     def _finish(
         self, jobs: list[Job | Exception], live: list[int], results: list[Any]
     ) -> tuple[list[Any], list[tuple[int, dict[str, Any]]]]:
-        """Outputs in input order (exceptions in place) and the details to report per input index."""
+        """Outputs in input order (exceptions in place) and the details to report per input index; answers the
+        core passes through are settled here too."""
         outs: list[Any] = [j if isinstance(j, Exception) else j.answer for j in jobs]
         metas: list[tuple[int, dict[str, Any]]] = []
-        for i, result in zip(live, results):
+        passed = [(i, self._passed(j)) for i, j in enumerate(jobs) if isinstance(j, Job) and j.skip]
+        for i, result in [*zip(live, results), *passed]:
             job = jobs[i]
             assert isinstance(job, Job)
             try:
@@ -329,6 +363,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         fail_fast: bool,
         **kwargs: Any,
     ) -> list[Any]:
+        for manager in run_manager:
+            self._refuse_unsafe_streams(manager)
         jobs = self._jobs(values, config, fail_fast)
         live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
         options = self._options(kwargs)
@@ -342,7 +378,7 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
             except Exception as exc:  # a bad option: every correction of this pass fails with it
                 results += [exc] * len(pairs)
         for i, result in zip(live, results):
-            self._end(runs[i], result)
+            self._end(runs[i], result, jobs[i])  # type: ignore[arg-type]
         outs, metas = self._finish(jobs, live, results)
         for i, meta in metas:
             run_manager[i].get_child().on_custom_event(EVENT, meta, run_id=run_manager[i].run_id)
@@ -357,6 +393,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         fail_fast: bool,
         **kwargs: Any,
     ) -> list[Any]:
+        for manager in run_manager:
+            self._refuse_unsafe_streams(manager)
         jobs = self._jobs(values, config, fail_fast)
         live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
         options = self._options(kwargs)
@@ -371,7 +409,7 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
                     result: Correction | BaseException = await self._acorrect(job, options)
                 except Exception as exc:
                     result = exc
-                await self._aend(run, result)
+                await self._aend(run, result, job)
                 return result
 
         results = list(await asyncio.gather(*(one(i) for i in live)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -58,3 +59,60 @@ def tree(run: Run) -> tuple[str, str, list[Any]]:
 def names(node: tuple[str, str, list[Any]]) -> list[str]:
     """Every run name in a tree, depth first."""
     return [node[0], *[n for child in node[2] for n in names(child)]]
+
+
+class AlignerRuns(BaseCallbackHandler):
+    """Counts the corrections generated: each opens a chat-model run named ``Aligner`` (skipped answers do not)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        if kwargs.get("name") == "Aligner":
+            self.count += 1
+
+
+class _RecordingEngine:
+    """The Aligner's real engine, recording the prompt (or chat messages) of every request it is given."""
+
+    def __init__(self, engine: Any, prompts: list[str]) -> None:
+        self._engine, self.prompts = engine, prompts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def _seen(self, request: Any) -> None:
+        self.prompts.append(request.prompt or repr(list(request.messages or ())))
+
+    def generate(self, requests: Any, params: Any, **kwargs: Any) -> Any:
+        for r in requests:
+            self._seen(r)
+        return self._engine.generate(requests, params, **kwargs)
+
+    def submit(self, request: Any, params: Any) -> Any:
+        self._seen(request)
+        return self._engine.submit(request, params)
+
+    async def agenerate(self, request: Any, params: Any) -> Any:
+        self._seen(request)
+        return await self._engine.agenerate(request, params)
+
+    def stream(self, request: Any, params: Any, on_text: Any) -> Any:
+        self._seen(request)
+        return self._engine.stream(request, params, on_text)
+
+    async def astream(self, request: Any, params: Any, on_text: Any) -> Any:
+        self._seen(request)
+        return await self._engine.astream(request, params, on_text)
+
+
+@contextlib.contextmanager
+def record_prompts(aligner: Any) -> Iterator[list[str]]:
+    """Record the exact prompt of every correction ``aligner`` generates inside the block (a spy on its real engine)."""
+    prompts: list[str] = []
+    real = aligner.engine
+    aligner.engine = _RecordingEngine(real, prompts)
+    try:
+        yield prompts
+    finally:
+        aligner.engine = real

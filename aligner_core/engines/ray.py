@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ..context import CONTEXT_KEYS
 from ..errors import AlignerError, EngineUnavailableError, InvalidInputError, missing
 from ..filejob import JobStats, error_info, output_line
 from ..history import HISTORY_KEYS
@@ -107,7 +108,8 @@ def correct_file_ray(
     ray = _import_ray()
     f, done = open_resumable(out_path, resume=resume, overwrite=overwrite)
     stats = JobStats(skipped=done)
-    rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field], "history": _history_json(r)}
+    rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field],
+             "history": _as_json(r, HISTORY_KEYS), "context": _as_json(r, CONTEXT_KEYS)}
             for n, r in numbered(in_path, skip=done) if _sendable(r, question_field, answer_field)]
     source = numbered(in_path, skip=done)  # read again in step with the results: records stay on disk
     with f, tqdm(total=count_items(in_path), initial=done, desc="Correcting", unit="rec",
@@ -165,12 +167,13 @@ class _AlignerReplica:
         if absent:
             raise InvalidInputError(f"the dataset has no column(s) {absent}; its columns are {batch.column_names}: "
                                     "pass question_field= and answer_field=")
-        pairs: list[Any] = list(zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist()))
-        for key in HISTORY_KEYS:  # a conversation's earlier turns (a list column, or JSON text from a file job)
+        pairs: list[Any] = [{"question": q, "answer": a} for q, a in
+                            zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist())]
+        # a conversation's earlier turns and the answer's grounding (list columns, or JSON text from a file job)
+        for key in (*HISTORY_KEYS, *CONTEXT_KEYS):
             if key in batch.column_names:
-                histories = batch.column(key).to_pylist()
-                pairs = [(q, a, h) for (q, a), h in zip(pairs, histories)]  # JSON text is read per pair
-                break
+                for pair, value in zip(pairs, batch.column(key).to_pylist()):
+                    pair[key] = value  # JSON text is read per pair
         results = self.aligner.correct_batch(pairs, return_exceptions=True, **self.generation)
         failed = [r if isinstance(r, Exception) else None for r in results]
         columns: dict[str, list[Any]] = {
@@ -333,9 +336,9 @@ def _write_batch(
         raise EngineUnavailableError(f"{outage['type']}: {outage['message']}")
 
 
-def _history_json(record: dict[str, Any]) -> str | None:
-    """A record's history as JSON text, so rows with and without turns share one Arrow column type."""
-    value = next((record[k] for k in HISTORY_KEYS if record.get(k) not in (None, "")), None)
+def _as_json(record: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    """A record's history (or context) as JSON text, so rows with and without it share one Arrow column type."""
+    value = next((record[k] for k in keys if record.get(k) not in (None, "")), None)
     return value if value is None or isinstance(value, str) else json.dumps(value)
 
 

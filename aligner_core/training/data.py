@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..context import Context, context_of, normalize_context
 from ..errors import AlignerError, InvalidInputError
 from ..history import history_of, normalize_history
 from ..records import RecordSourceError, iter_items
@@ -35,6 +36,8 @@ class Record:
     where: str
     #: The conversation's earlier turns, ``((role, content), ...)``, from a ``chat_history``/``history`` field.
     history: tuple[tuple[str, str], ...] = ()
+    #: What the answer was grounded on (tool calls and results, documents), from a ``context`` field.
+    context: Context = ()
 
 
 @dataclass(frozen=True)
@@ -96,9 +99,10 @@ def check_record(item: Any, where: str, fields: Fields) -> Record | str:
         return f"{where}: empty {' and '.join(empty)}: nothing to learn from"
     try:
         history = normalize_history(history_of(item), f"{where}: ")
+        context = normalize_context(context_of(item), f"{where}: ")
     except InvalidInputError as exc:
         return str(exc)
-    return Record(values[fields.question], values[fields.answer], values[fields.correction], where, history)
+    return Record(values[fields.question], values[fields.answer], values[fields.correction], where, history, context)
 
 
 def iter_raw(

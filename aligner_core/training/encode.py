@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..context import Context, context_texts
 from ..errors import TemplateError
 from ..history import History, history_texts, render_prompt
 from ..plaintext import encode_plain, encode_text, holds_special
@@ -65,20 +66,20 @@ class ExampleEncoder:
         self.eos_token_id = int(tokenizer.eos_token_id)
         self.unk_token_id = getattr(tokenizer, "unk_token_id", None)
 
-    def prompt(self, question: str, answer: str, history: History = ()) -> str:
+    def prompt(self, question: str, answer: str, history: History = (), context: Context = ()) -> str:
         """The prompt string, rendered by the same code as inference (``history.render_prompt``)."""
-        return render_prompt(self.template, question, answer, history)
+        return render_prompt(self.template, question, answer, history, context)
 
     def _encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
         return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
                            split_special_tokens=split_special_tokens)
 
-    def prompt_ids(self, question: str, answer: str, history: History = ()) -> list[int]:
+    def prompt_ids(self, question: str, answer: str, history: History = (), context: Context = ()) -> list[int]:
         """Token ids of the prompt, exactly as ``Aligner.prepare`` encodes it for generation (special-token
-        strings in the question, answer or history as plain text, see ``aligner_core.plaintext``)."""
-        text = self.prompt(question, answer, history)
+        strings in the question, answer, history or context as plain text, see ``aligner_core.plaintext``)."""
+        text = self.prompt(question, answer, history, context)
         special = self.template.add_special_tokens
-        texts = (question, answer, *history_texts(history))
+        texts = (question, answer, *history_texts(history), *context_texts(context))
         if holds_special(self.tokenizer, texts):
             ids = encode_plain(self._encode, text, texts, add_special_tokens=special)
             if ids is not None:
@@ -91,9 +92,10 @@ class ExampleEncoder:
         return [*self._encode(correction, add_special_tokens=False, split_special_tokens=plain), self.eos_token_id]
 
     def encode(
-        self, question: str, answer: str, correction: str, where: str = "", history: History = ()
+        self, question: str, answer: str, correction: str, where: str = "", history: History = (),
+        context: Context = (),
     ) -> Example:
-        prompt = self.prompt_ids(question, answer, history)
+        prompt = self.prompt_ids(question, answer, history, context)
         target = self.correction_ids(correction)
         return Example([*prompt, *target], [IGNORE_INDEX] * len(prompt) + target, len(prompt), where)
 
@@ -101,15 +103,16 @@ class ExampleEncoder:
         """``encode`` for many records, with one batched tokenizer call per side."""
         if not records:
             return []
-        prompts = [self.prompt(r.question, r.answer, r.history) for r in records]
+        prompts = [self.prompt(r.question, r.answer, r.history, r.context) for r in records]
         special = self.template.add_special_tokens
         prompt_ids = self.tokenizer(prompts, add_special_tokens=special)["input_ids"]
         target_ids = self.tokenizer([r.correction for r in records], add_special_tokens=False)["input_ids"]
         out = []
         for r, p, t in zip(records, prompt_ids, target_ids):
-            if holds_special(self.tokenizer, (r.question, r.answer, r.correction, *history_texts(r.history))):
-                # rare: the exact, slower path
-                p, t = self.prompt_ids(r.question, r.answer, r.history), self.correction_ids(r.correction)[:-1]
+            texts = (r.question, r.answer, r.correction, *history_texts(r.history), *context_texts(r.context))
+            if holds_special(self.tokenizer, texts):  # rare: the exact, slower path
+                p = self.prompt_ids(r.question, r.answer, r.history, r.context)
+                t = self.correction_ids(r.correction)[:-1]
             t = [*t, self.eos_token_id]
             out.append(Example([*p, *t], [IGNORE_INDEX] * len(p) + t, len(p), r.where))
         return out

@@ -53,7 +53,8 @@ def test_form1_batch_keeps_order_and_matches_the_core(smollm2, llm, stage, answe
 
 def test_form2_message_metadata_survives_and_runs_nest(smollm2, llm, answers):
     collector, recorder = RunCollectorCallbackHandler(), EventRecorder()
-    chain = with_aligner(PROMPT | llm, aligner=smollm2, generation_kwargs={"max_new_tokens": TOKENS})
+    chain = with_aligner(PROMPT | llm, aligner=smollm2, generation_kwargs={"max_new_tokens": TOKENS},
+                         include_original=True)
     out = chain.invoke({"question": QUESTIONS[0]}, config={"callbacks": [collector, recorder]})
     assert isinstance(out, AIMessage) and out.content
     assert out.usage_metadata["output_tokens"] > 0 and out.usage_metadata["input_tokens"] > 20
@@ -65,8 +66,8 @@ def test_form2_message_metadata_survives_and_runs_nest(smollm2, llm, answers):
     shape = tree(root)
     assert shape[0] == "with_aligner" and shape[2][-1] == ("AlignerRunnable", "chain", [("Aligner", "llm", [])])
     assert {"ChatPromptTemplate", "ChatTransformers"} <= set(names(shape))
-    upstream = root.child_runs[0]  # the wrapped chain: traced, and tagged as uncorrected
-    assert upstream.name == "RunnableSequence" and UNCORRECTED_TAG in upstream.tags
+    upstream = root.child_runs[0]  # the wrapped chain: traced, and tagged as uncorrected and kept off user streams
+    assert upstream.name == "RunnableSequence" and UNCORRECTED_TAG in upstream.tags and "nostream" in upstream.tags
     chat_run = upstream.child_runs[-1]
     assert chat_run.run_type == "llm" and chat_run.name == "ChatTransformers"
     assert [e[0] for e in recorder.events] == [EVENT]
@@ -81,7 +82,8 @@ def test_form3_configurable_question_streams_inside_the_sequence(smollm2, llm, a
 
 
 def test_async_batch_and_stream(smollm2, llm, answers):
-    chain = with_aligner(PROMPT | llm, aligner=smollm2, generation_kwargs={"max_new_tokens": TOKENS})
+    chain = with_aligner(PROMPT | llm, aligner=smollm2, generation_kwargs={"max_new_tokens": TOKENS},
+                         include_original=True)
 
     async def main():
         batch = await chain.abatch([{"question": q} for q in QUESTIONS[:2]])

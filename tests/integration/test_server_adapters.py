@@ -51,7 +51,7 @@ def test_langchain_runnable_and_chat_model_on_the_server(served, expected, smoll
     assert isinstance(message, AIMessage) and message.content
     assert message.response_metadata["aligner"]["metadata"]["engine"] == "server"
 
-    chat = AlignedChatModel(llm=llm, aligner=served)
+    chat = AlignedChatModel(llm=llm, aligner=served, include_original=True)
     reply = chat.invoke(QUESTIONS[0])
     original = reply.response_metadata["aligner"]["original"]
     assert reply.content == served.correct(QUESTIONS[0], original).text

@@ -3,15 +3,21 @@
 Each incoming request takes the next fault from a script (``"503"``, ``"429"``, ``"drop"``, ``"slow"``),
 then everything passes through to the upstream unchanged (streaming included). Used to prove that
 retries, backoff and ``Retry-After`` work against real sockets, without touching the vLLM server.
+
+A ``"reply"`` fault answers the request itself with a chat completion whose message is the next one in
+``replies`` (shapes a real server may send but the test server does not: content as a list of parts, a
+number). Every request's path and body are kept in ``bodies``, so a test can read what a client sent.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
 
@@ -22,6 +28,8 @@ class FaultProxy:
         self.faults: deque[str] = deque(faults)
         self.retry_after = retry_after
         self.hits: list[tuple[float, str, str]] = []  # (time, path, what happened)
+        self.bodies: list[tuple[str, bytes]] = []  # (path, body) of every request, in order
+        self.replies: deque[dict[str, Any]] = deque()  # the messages "reply" faults answer with
         self.lock = threading.Lock()
         proxy = self
 
@@ -61,6 +69,8 @@ class FaultProxy:
         with self.lock:
             fault = self.faults.popleft() if self.faults and h.path.endswith("completions") else "pass"
             self.hits.append((time.monotonic(), h.path, fault))
+            self.bodies.append((h.path, body))
+            message = self.replies.popleft() if fault == "reply" else None
         if fault == "drop":  # close the socket without an answer, as a crashing server does
             h.close_connection = True
             h.connection.close()
@@ -74,6 +84,12 @@ class FaultProxy:
             h.send_header("content-length", str(len(payload)))
             h.end_headers()
             h.wfile.write(payload)
+            return
+        if message is not None:
+            self._send_json(h, 200, {"id": "chatcmpl-fault", "object": "chat.completion", "created": 1,
+                                     "model": "fault", "choices": [{"index": 0, "message": message,
+                                                                    "finish_reason": "stop"}],
+                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
             return
         if fault == "slow":
             time.sleep(5)
@@ -89,3 +105,12 @@ class FaultProxy:
                 h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
                 h.wfile.flush()
             h.wfile.write(b"0\r\n\r\n")
+
+    @staticmethod
+    def _send_json(h: BaseHTTPRequestHandler, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        h.send_response(status)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)

@@ -73,6 +73,8 @@ def server_command(model: Path, port: int, *, speculative: bool = False, python:
         str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
         "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
         "--dtype", os.environ.get("ALIGNER_VLLM_DTYPE", "float32"), "--max-model-len", "2048", "--enforce-eager",
+        # real tool calls for the agent tests: SmolLM2 writes hermes-style <tool_call> blocks
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
     ]
     if speculative:
         cmd += ["--speculative-config", json.dumps(NGRAM)]

@@ -241,7 +241,8 @@ def test_gate_scores_once_and_only_failing_pairs_are_generated(tiny_aligner):
             assert (c.text, c.changed, c.similarity) == (pair[1], False, 1.0)
             assert (c.prompt_tokens, c.completion_tokens, c.latency_s) == (0, 0, 0.0)
             assert c.metadata == {**meta, "inspected": True, "inspector_score": 0.9, "inspector_threshold": 0.5,
-                                  "inspector_passed": True}
+                                  "inspector_passed": True, "skipped": "inspector_passed",
+                                  "skipped_detail": "the inspector scored the answer at or above its threshold"}
 
 
 def test_the_threshold_decides_and_scores_at_the_threshold_pass():

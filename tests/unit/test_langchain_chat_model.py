@@ -47,12 +47,14 @@ def test_invoke_corrects_against_the_last_human_message(aligner):
     assert out.response_metadata["aligner"]["metadata"]["history_turns"] == 3
     assert out.id == "up-9" and out.usage_metadata == answer.usage_metadata
     assert out.response_metadata["model_name"] == "generic-fake-chat-model"
-    assert out.response_metadata["aligner"]["original"] == ANSWER
+    assert "original" not in out.response_metadata["aligner"]  # the replaced answer does not travel to users
+    kept = AlignedChatModel(llm=upstream(answer), aligner=aligner, include_original=True).invoke(history)
+    assert kept.response_metadata["aligner"]["original"] == ANSWER and kept.content == out.content
 
 
 def test_stream_and_async_match_invoke(aligner):
     expected = aligner.correct(QUESTION, ANSWER).text
-    chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner)
+    chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, include_original=True)
     chunks = list(chat.stream(QUESTION))
     assert len(chunks) > 2 and chunks[-1].chunk_position == "last"
     full = chunks[0]
@@ -78,7 +80,8 @@ def test_streaming_flag_makes_invoke_stream_internally(aligner):
         def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
             tokens.append(token)
 
-    chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, streaming=True)
+    chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, streaming=True,
+                            include_original=True)
     out = chat.invoke(QUESTION, config={"callbacks": [Tokens()]})
     assert out.content == aligner.correct(QUESTION, ANSWER).text == "".join(tokens)
     assert len(tokens) > 2 and out.response_metadata["aligner"]["original"] == ANSWER
@@ -89,19 +92,26 @@ def test_tool_calls_pass_through(aligner):
     with_text = AIMessage(ANSWER, tool_calls=[TOOL_CALL], id="t2")
     chat = AlignedChatModel(llm=upstream(only_tools, with_text, only_tools), aligner=aligner)
     first = chat.invoke(QUESTION)
-    assert first.content == "" and first.tool_calls == [TOOL_CALL] and "aligner" not in first.response_metadata
-    second = chat.invoke(QUESTION)
-    assert second.tool_calls == [TOOL_CALL] and second.content == aligner.correct(QUESTION, ANSWER).text
+    assert first.content == "" and first.tool_calls == [TOOL_CALL]
+    assert first.response_metadata["aligner"]["skipped"] == "tool_calls"
+    assert first.response_metadata["aligner"]["completion_tokens"] == 0
+    second = chat.invoke(QUESTION)  # text beside tool calls is an agent's step, not its final answer
+    assert second.tool_calls == [TOOL_CALL] and second.content == ANSWER
+    assert second.response_metadata["aligner"]["skipped"] == "tool_calls"
     streamed = None
     for chunk in chat.stream(QUESTION):
         streamed = chunk if streamed is None else streamed + chunk
     assert streamed.tool_calls == [TOOL_CALL] and streamed.content == ""
 
 
-def test_agent_turn_after_a_tool_result_is_corrected_against_the_user_question(aligner):
+def test_agent_turn_after_a_tool_result_is_corrected_with_the_tool_turn_as_context(aligner):
     chat = AlignedChatModel(llm=upstream(AIMessage(ANSWER)), aligner=aligner)
     history = [HumanMessage(QUESTION), AIMessage("", tool_calls=[TOOL_CALL]), ToolMessage("8", tool_call_id="call-1")]
-    assert chat.invoke(history).content == aligner.correct(QUESTION, ANSWER).text
+    context = [{"type": "tool_call", "name": "lookup", "content": '{"animal": "spider"}'},
+               {"type": "tool_result", "name": "lookup", "content": "8"}]
+    out = chat.invoke(history)
+    assert out.content == aligner.correct(QUESTION, ANSWER, context=context).text
+    assert out.response_metadata["aligner"]["metadata"]["context_items"] == 2
 
 
 def test_bind_tools_delegates_to_the_wrapped_model(aligner):

@@ -156,7 +156,7 @@ def test_runnable_with_message_history_second_turn_sees_the_first(aligner):
     )
     store: dict[str, InMemoryChatMessageHistory] = {}
     chat = RunnableWithMessageHistory(
-        with_aligner(prompt | llm, aligner=aligner),
+        with_aligner(prompt | llm, aligner=aligner, include_original=True),
         lambda session_id: store.setdefault(session_id, InMemoryChatMessageHistory()),
         input_messages_key="question",
         history_messages_key="history",

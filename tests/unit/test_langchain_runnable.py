@@ -13,7 +13,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 
-from aligner_core import Aligner, ContextOverflowError, GenerationOptionError
+from aligner_core import Aligner, ContextOverflowError, GenerationOptionError, UnsafeStreamError
 from langchain_aligner import (
     EVENT,
     AlignerRunnable,
@@ -84,7 +84,7 @@ SYSTEM = {"role": "system", "content": "Be brief."}
 )
 def test_form2_with_aligner_finds_the_question_in_the_input(aligner, value, history):
     upstream = GenericFakeChatModel(messages=iter([AIMessage(ANSWER, id="up-1")]))
-    chain = with_aligner(RunnableLambda(lambda _: "any prompt") | upstream, aligner=aligner)
+    chain = with_aligner(RunnableLambda(lambda _: "any prompt") | upstream, aligner=aligner, include_original=True)
     out = chain.invoke(value)
     assert isinstance(out, AIMessage)
     assert out.content == aligner.correct(QUESTION, ANSWER, history=history).text  # earlier messages: the history
@@ -113,7 +113,7 @@ def test_form3_without_any_question_explains_the_options(aligner):
 
 
 def test_unsupported_answer_type(aligner):
-    with pytest.raises(UnsupportedInputError, match="str or an AIMessage"):
+    with pytest.raises(UnsupportedInputError, match="str, an AIMessage or a structured result"):
         AlignerRunnable(aligner=aligner, question="Q?").invoke(42)
 
 
@@ -125,23 +125,21 @@ def test_misspelled_field_fails_loudly(aligner):
 # -- output types and metadata --------------------------------------------------------------------
 
 
-def test_aimessage_keeps_id_tool_calls_usage_and_metadata(aligner):
+def test_aimessage_keeps_id_usage_and_metadata(aligner):
     answer = AIMessage(
         ANSWER,
         id="run-42",
-        tool_calls=[{"name": "lookup", "args": {"q": "spiders"}, "id": "call-1"}],
         usage_metadata={"input_tokens": 5, "output_tokens": 7, "total_tokens": 12},
         response_metadata={"model_name": "upstream-x", "finish_reason": "stop"},
     )
-    out = AlignerRunnable(aligner=aligner, question=QUESTION).invoke(answer)
+    out = AlignerRunnable(aligner=aligner, question=QUESTION, include_original=True).invoke(answer)
     assert isinstance(out, AIMessage) and out is not answer
     assert out.content == reference(aligner, [(QUESTION, ANSWER)])[0]
     assert out.id == "run-42"
-    assert out.tool_calls == answer.tool_calls
     assert out.usage_metadata == answer.usage_metadata
     assert out.response_metadata["model_name"] == "upstream-x"
     meta = out.response_metadata["aligner"]
-    assert meta["original"] == ANSWER and meta["model"] == "tiny"
+    assert meta["original"] == ANSWER and meta["model"] == "tiny" and "skipped" not in meta
     assert meta["changed"] == (out.content != ANSWER)
     assert 0.0 <= meta["similarity"] <= 1.0 and meta["latency_s"] > 0
     assert answer.content == ANSWER and "aligner" not in answer.response_metadata  # input untouched
@@ -159,19 +157,49 @@ def test_list_content_keeps_non_text_blocks(aligner):
     assert full.text == out.text and {"type": "reasoning", "reasoning": "think"} in full.content
 
 
+TOOL_CALLS = [{"name": "lookup", "args": {}, "id": "c1", "type": "tool_call"}]
+
+
 @pytest.mark.parametrize(
-    "answer",
-    [AIMessage("", tool_calls=[{"name": "lookup", "args": {}, "id": "c1"}]), "", "   "],
-    ids=["tool-calls-only", "empty", "blank"],
+    ("answer", "reason"),
+    [(AIMessage("", tool_calls=TOOL_CALLS), "tool_calls"), (AIMessage(ANSWER, tool_calls=TOOL_CALLS), "tool_calls"),
+     (AIMessage("", additional_kwargs={"refusal": "I can't."}), "refusal"), ("", "empty_answer"),
+     ("   ", "empty_answer"), (AIMessage([{"type": "image_url", "image_url": {"url": "data:,"}}]), "non_text_content")],
+    ids=["tool-calls-only", "text-and-tool-calls", "refusal", "empty", "blank", "image-only"],
 )
-def test_answers_without_text_pass_through_untouched(aligner, answer):
+def test_answers_the_core_passes_through_come_back_unchanged_with_the_reason(aligner, answer, reason):
+    events = EventRecorder()
     stage = AlignerRunnable(aligner=aligner, question=QUESTION)
-    assert stage.invoke(answer) is answer
-    assert stage.batch([answer, ANSWER])[0] is answer
+    out = stage.invoke(answer, config={"callbacks": [events]})
+    batched = stage.batch([answer, ANSWER])[0]
     streamed = list(stage.stream(answer))
     assert len(streamed) == 1
-    if isinstance(answer, AIMessage):
-        assert streamed[0].tool_calls == answer.tool_calls
+    assert [e[1]["skipped"] for e in events.events] == [reason]
+    if isinstance(answer, str):
+        assert out is answer and batched is answer and streamed == [answer]
+        return
+    for got in (out, batched, streamed[0]):
+        assert got.content == answer.content and got.tool_calls == answer.tool_calls
+        meta = got.response_metadata["aligner"]
+        assert meta["skipped"] == reason and meta["completion_tokens"] == 0 and not meta["changed"]
+
+
+def test_content_the_aligner_cannot_read_is_an_error_not_a_passthrough(aligner):
+    from aligner_core import UnreadableContentError
+
+    stage = AlignerRunnable(aligner=aligner, question=QUESTION, on_error="passthrough")
+    for answer in (AIMessage([{"type": "mystery", "payload": 1}]), AIMessage([{"type": "text", "text": 3}])):
+        with pytest.raises(UnreadableContentError, match="cannot read"):
+            stage.invoke(answer)
+        with pytest.raises(UnreadableContentError):
+            list(stage.stream(answer))
+
+
+def test_text_parts_are_corrected_as_their_text(aligner):
+    answer = AIMessage([{"type": "text", "text": "Spiders have "}, {"type": "text", "text": "six legs."}])
+    out = AlignerRunnable(aligner=aligner, question=QUESTION, include_original=True).invoke(answer)
+    assert out.text == reference(aligner, [(QUESTION, "Spiders have six legs.")])[0]
+    assert out.response_metadata["aligner"]["original"] == "Spiders have six legs."
 
 
 def test_generation_kwargs_and_call_kwargs(aligner):
@@ -321,25 +349,46 @@ def test_stream_inside_a_sequence_gathers_then_streams_deltas(aligner):
 
 
 def test_form1_streams_and_astream_events_carry_the_details(aligner):
-    def chain():
+    def chain(**options):
         upstream = GenericFakeChatModel(messages=iter([ANSWER]))
-        return RunnablePassthrough.assign(answer=PROMPT | upstream | StrOutputParser()) | AlignerRunnable(aligner=aligner)
+        stage = AlignerRunnable(aligner=aligner, **options)
+        return RunnablePassthrough.assign(answer=PROMPT | upstream | StrOutputParser()) | stage
 
-    deltas = list(chain().stream({"question": QUESTION}))
+    deltas = list(chain().stream({"question": QUESTION}))  # the chain's own output stream: corrected text only
     assert len(deltas) > 1 and "".join(deltas) == reference(aligner, [(QUESTION, ANSWER)])[0]
 
-    async def events():
-        return [e async for e in chain().astream_events({"question": QUESTION}, version="v2")]
+    async def events(**options):
+        return [e async for e in chain(**options).astream_events({"question": QUESTION}, version="v2")]
 
-    seen = asyncio.run(events())
+    seen = asyncio.run(events(stream_uncorrected=True))  # opted in: the upstream's tokens do stream here
     custom = [e for e in seen if e["event"] == "on_custom_event"]
-    assert [e["name"] for e in custom] == [EVENT] and custom[0]["data"]["original"] == ANSWER
+    assert [e["name"] for e in custom] == [EVENT] and "original" not in custom[0]["data"]
+    assert custom[0]["data"]["changed"] is True
     assert any(e["event"] == "on_chain_stream" and e["name"] == "AlignerRunnable" for e in seen)
+    assert any(e["event"] == "on_chat_model_stream" and e["name"] == "GenericFakeChatModel" for e in seen)
+
+
+def test_a_bare_stage_after_a_model_refuses_to_stream_under_astream_events(aligner):
+    """``prompt | llm | AlignerRunnable()`` cannot hide the model's tokens: it refuses before the model runs."""
+    upstream = GenericFakeChatModel(messages=iter([ANSWER, ANSWER]))
+    chain = PROMPT | upstream | AlignerRunnable(aligner=aligner, question=QUESTION)
+    seen: list[dict] = []
+
+    async def events() -> None:
+        async for event in chain.astream_events({"question": QUESTION}, version="v2"):
+            seen.append(event)
+
+    with pytest.raises(UnsafeStreamError, match=r"with_aligner\(prompt \| llm, aligner=aligner\)"):
+        asyncio.run(events())
+    assert not [e for e in seen if "chat_model" in e["event"]]  # the model never started: nothing leaked
+    assert len(list(upstream.messages)) == 2  # no answer was drawn
+    upstream.messages = iter([ANSWER])
+    assert chain.invoke({"question": QUESTION}).content  # no stream surface: runs as before
 
 
 def test_message_stream_adds_up_to_invoke(aligner):
     answer = AIMessage(ANSWER, id="m7", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
-    stage = AlignerRunnable(aligner=aligner, question=QUESTION)
+    stage = AlignerRunnable(aligner=aligner, question=QUESTION, include_original=True)
     chunks = list(stage.stream(answer))
     assert len(chunks) > 2 and chunks[-1].chunk_position == "last"
     assert sum(1 for c in chunks if c.usage_metadata) == 1
@@ -354,7 +403,7 @@ def test_message_stream_adds_up_to_invoke(aligner):
 
 def test_astream_inside_a_sequence(aligner):
     upstream = GenericFakeChatModel(messages=iter([AIMessage(ANSWER)]))
-    chain = with_aligner(PROMPT | upstream, aligner=aligner)
+    chain = with_aligner(PROMPT | upstream, aligner=aligner, include_original=True)
 
     async def main():
         return [c async for c in chain.astream({"question": QUESTION})]
@@ -373,7 +422,7 @@ def test_astream_inside_a_sequence(aligner):
 
 def test_each_call_is_a_chain_run_nested_under_the_chain(aligner):
     collector, recorder = RunCollectorCallbackHandler(), EventRecorder()
-    chain = with_aligner(PROMPT | fake_llm([ANSWER]), aligner=aligner)
+    chain = with_aligner(PROMPT | fake_llm([ANSWER]), aligner=aligner, include_original=True)
     chain.invoke({"question": QUESTION}, config={"callbacks": [collector, recorder], "tags": ["t1"]})
     (root,) = collector.traced_runs
     shape = tree(root)

@@ -84,8 +84,15 @@ def test_with_aligner_astream_events_stream_only_the_correction(aligner):
     corrected = aligner.correct(QUESTION, RAW).text
     assert "".join(chunk_text(e) for e in tokens) == corrected
     assert events[-1]["event"] == "on_chain_end" and events[-1]["data"]["output"].text == corrected
-    upstream_start = next(e for e in events if e["event"] == "on_chat_model_start" and e["name"] == "GenericFakeChatModel")
-    assert UNCORRECTED_TAG in upstream_start["tags"]  # still traced, and marked
+    assert not [e for e in events if e["name"] == "GenericFakeChatModel"]  # the upstream is off the event stream
+
+
+def test_with_aligner_upstream_is_still_traced_and_tagged(aligner):
+    collector = RunCollectorCallbackHandler()
+    with_aligner(PROMPT | fake(), aligner=aligner).invoke({"question": QUESTION}, config={"callbacks": [collector]})
+    upstream = collector.traced_runs[0].child_runs[0]
+    assert upstream.name == "RunnableSequence" and UNCORRECTED_TAG in upstream.tags and "nostream" in upstream.tags
+    assert upstream.child_runs[-1].outputs["generations"][0][0]["text"] == RAW  # tracers keep the original
 
 
 def test_aligned_chat_model_in_a_chain_streams_only_its_correction(aligner):
@@ -176,7 +183,7 @@ def test_max_retries_retries_transient_failures_only(aligner, monkeypatch):
 
 
 def test_model_names_the_aligner_when_none_is_passed(tiny_model_dir):
-    chat = AlignedChatModel(llm=fake(), model=str(tiny_model_dir), max_tokens=4)
+    chat = AlignedChatModel(llm=fake(), model=str(tiny_model_dir), max_tokens=4, include_original=True)
     try:
         assert isinstance(chat.aligner, Aligner) and chat.invoke(QUESTION).response_metadata["aligner"]["original"] == RAW
     finally:
@@ -199,7 +206,7 @@ def test_model_names_the_aligner_when_none_is_passed(tiny_model_dir):
     ids=["with_retry", "with_fallbacks", "bind", "with_config"],
 )
 def test_llm_may_be_any_chat_runnable(aligner, wrap):
-    chat = AlignedChatModel(llm=wrap(fake()), aligner=aligner)
+    chat = AlignedChatModel(llm=wrap(fake()), aligner=aligner, include_original=True)
     assert chat.upstream_name == "generic-fake-chat-model"
     out = chat.invoke(QUESTION)
     assert out.response_metadata["aligner"]["original"] == RAW and out.text == aligner.correct(QUESTION, RAW).text
@@ -211,7 +218,7 @@ def test_llm_may_be_a_configurable_init_chat_model(aligner, tiny_model_dir):
     from langchain.chat_models import init_chat_model
 
     configurable = init_chat_model(max_tokens=3)
-    chat = AlignedChatModel(llm=configurable, aligner=aligner)
+    chat = AlignedChatModel(llm=configurable, aligner=aligner, include_original=True)
     config = {"configurable": {"model": str(tiny_model_dir), "model_provider": "huggingface", "task": "text-generation"}}
     out = chat.invoke(QUESTION, config=config)
     assert isinstance(out, AIMessage) and "original" in out.response_metadata["aligner"]
@@ -275,20 +282,24 @@ class _Answer(BaseModel):
 
 
 class _Structured(GenericFakeChatModel):
-    """An upstream whose ``with_structured_output`` records the method it was asked for."""
+    """An upstream whose ``with_structured_output`` records the method it was asked for (and honours include_raw)."""
 
     methods: list[str] = []
 
     def with_structured_output(self, schema: Any, *, include_raw: bool = False, **kwargs: Any) -> Any:
         self.methods.append(kwargs.get("method"))
-        return RunnableLambda(lambda _: schema(text="structured"))
+        raw = AIMessage('{"text": "structured"}')
+        out = {"raw": raw, "parsed": schema(text="structured"), "parsing_error": None}
+        return RunnableLambda(lambda _: out if include_raw else out["parsed"])
 
 
-def test_with_structured_output_honours_json_schema(aligner):
+def test_with_structured_output_honours_the_method_and_passes_through(aligner):
     upstream = _Structured(messages=iter([]))
     chat = AlignedChatModel(llm=upstream, aligner=aligner)
     assert chat.with_structured_output(_Answer, method="json_schema").invoke(QUESTION) == _Answer(text="structured")
-    assert chat.with_structured_output(_Answer, method="json_mode").invoke(QUESTION) == _Answer(text="structured")
+    raw = chat.with_structured_output(_Answer, method="json_mode", include_raw=True).invoke(QUESTION)
+    assert raw["parsed"] == _Answer(text="structured") and raw["raw"].content == '{"text": "structured"}'
+    assert raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
     assert upstream.methods == ["json_schema", "json_mode"]
     with pytest.raises(ValueError, match="method"):
         chat.with_structured_output(_Answer, method="xml")

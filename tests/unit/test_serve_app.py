@@ -22,6 +22,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
+from aligner_core.decision import DETAILS, Skip  # noqa: E402
 from aligner_core.inspector import Inspector  # noqa: E402
 from aligner_serve import ApiKeys, ServeLimits, Upstream, build_app  # noqa: E402
 
@@ -152,7 +153,7 @@ def test_tool_calls_pass_through_uncorrected_and_say_so(proxy):
     assert data["choices"][0]["message"]["tool_calls"] == [TOOL_CALL]
     assert data["choices"][0]["finish_reason"] == "tool_calls"
     assert data["aligner"] == {"corrected": False, "skipped": "tool_calls",
-                               "message": "tool-call responses pass through uncorrected"}
+                               "skipped_detail": DETAILS[Skip.TOOL_CALLS]}
     resp = chat(proxy, tools=tools, stream=True)
     chunks = [ChatCompletionChunk.model_validate(json.loads(e.removeprefix("data: ")))
               for e in resp.text.split("\n\n") if e and e != "data: [DONE]"]
@@ -259,6 +260,26 @@ def test_an_inspector_lets_passing_answers_through_without_generation(proxy, tin
     passed = chat(proxy).json()
     assert passed["choices"][0]["message"]["content"] == "UNCORRECTED answer to What is 2 + 2?"
     assert passed["aligner"]["inspector"] == {"score": 0.9, "threshold": 0.5, "passed": True}
+    assert passed["aligner"]["corrected"] is False and passed["aligner"]["skipped"] == "inspector_passed"
     assert passed["aligner"]["usage"]["completion_tokens"] == 0 and passed["aligner"]["changed"] is False
     failed = chat(proxy, content="What is 3 + 3?").json()
     assert failed["aligner"]["inspector"]["passed"] is False and failed["aligner"]["usage"]["completion_tokens"] > 0
+    assert failed["aligner"]["corrected"] is True and "skipped" not in failed["aligner"]
+    assert 'aligner_serve_skipped_total{reason="inspector_passed"} 1.0' in call(proxy, "GET", "/metrics").text
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--correct-structured"], True)])
+def test_the_cli_flag_sets_whether_structured_output_is_corrected(tiny_aligner, monkeypatch, flag, expected):
+    """``aligner serve --correct-structured`` reaches the app (the model load and uvicorn are stood in for)."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from aligner_core.cli import app as cli
+    from aligner_core.engine_options import EngineChoice
+
+    served = {}
+    monkeypatch.setattr(EngineChoice, "load", lambda self, **kwargs: tiny_aligner)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    run = CliRunner().invoke(cli, ["serve", "--upstream", "http://127.0.0.1:9/v1", *flag])
+    assert run.exit_code == 0, run.output
+    assert served["app"].state.proxy.correct_structured is expected

@@ -11,8 +11,13 @@ openai = pytest.importorskip("openai")
 from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 
 from aligner_core import Correction  # noqa: E402
+from aligner_core.errors import UnreadableContentError  # noqa: E402
 from aligner_serve import openai_schema as oa  # noqa: E402
+from aligner_serve.choices import decide_choice, passthrough_delta, with_text  # noqa: E402
+from aligner_serve.grounding import turn_context  # noqa: E402
+from aligner_serve.options import read_options  # noqa: E402
 from aligner_serve.security import Admission, ApiKeys  # noqa: E402
+from aligner_serve.structured import requested_structure  # noqa: E402
 from aligner_serve.upstream import Upstream  # noqa: E402
 
 
@@ -32,6 +37,7 @@ def test_the_last_user_message_is_the_question_and_earlier_text_turns_are_histor
     assert chat.history == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hello!"}]
     assert chat.max_tokens == 7 and not chat.stream and not chat.include_usage
+    assert chat.context == () and chat.structure is None  # the tool turns before the question are not context
 
 
 def test_a_single_turn_request_has_no_history():
@@ -55,6 +61,108 @@ def test_requests_the_proxy_cannot_serve_say_why(body, says):
     with pytest.raises(oa.RequestShapeError, match=None) as info:
         oa.parse_chat_request(body)
     assert says in str(info.value)
+
+
+def test_the_tool_turns_after_the_question_become_context_items_in_order():
+    messages = [
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "noon"},
+        {"role": "tool", "tool_call_id": "a", "content": [{"type": "text", "text": "sunny, "},
+                                                          {"type": "text", "text": "21C"}]},
+        {"role": "tool", "tool_call_id": "unknown", "name": "lookup", "content": "42"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+        {"role": "function", "name": "get_weather", "content": "snow"},
+    ]
+    items = [item.to_dict() for item in turn_context(messages[1:], 1)]
+    assert items == [
+        {"type": "tool_call", "name": "get_weather", "content": '{"city": "Paris"}'},
+        {"type": "tool_call", "name": "get_time", "content": "{}"},
+        {"type": "tool_result", "name": "get_time", "content": "noon"},
+        {"type": "tool_result", "name": "get_weather", "content": "sunny, 21C"},
+        {"type": "tool_result", "name": "lookup", "content": "42"},
+        {"type": "tool_call", "name": "get_weather", "content": '{"city": "Oslo"}'},
+        {"type": "tool_result", "name": "get_weather", "content": "snow"},
+    ]
+    assert oa.parse_chat_request({"messages": messages}).context == turn_context(messages[1:], 1)
+
+
+@pytest.mark.parametrize("turn, says", [
+    ({"role": "tool", "tool_call_id": "a", "content": 42}, "messages[1].content"),
+    ({"role": "tool", "tool_call_id": "a", "content": [{"type": "hologram"}]}, "messages[1].content"),
+    ({"role": "assistant", "tool_calls": {"id": "a"}}, "messages[1].tool_calls must be a list"),
+    ({"role": "assistant", "tool_calls": [{"id": "a"}]}, "messages[1].tool_calls[0]"),
+])
+def test_tool_turns_the_proxy_cannot_read_are_400(turn, says):
+    with pytest.raises(oa.RequestShapeError) as info:
+        oa.parse_chat_request({"messages": [{"role": "user", "content": "q"}, turn]})
+    assert says in str(info.value) and info.value.param.startswith("messages[1]")
+
+
+@pytest.mark.parametrize("body, kind, checkable, schema", [
+    ({}, None, None, None),
+    ({"response_format": {"type": "text"}}, None, None, None),
+    ({"response_format": {"type": "json_object"}}, "json", True, None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}},
+     "json_schema", True, {"type": "object"}),
+    ({"response_format": {"type": "grammar", "grammar": "root ::= x"}}, "grammar", False, None),
+    ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema", True, {"type": "array"}),
+    ({"structured_outputs": {"json": '{"type": "array"}'}}, "json_schema", True, {"type": "array"}),
+    ({"structured_outputs": {"json_object": True}}, "json", True, None),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, "choice", False, None),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, "regex", False, None),
+    ({"guided_json": {"type": "object"}}, "json_schema", True, {"type": "object"}),
+    ({"guided_json": "not json"}, "json_schema", False, None),
+    ({"guided_regex": "[a-z]+"}, "regex", False, None),
+    ({"ebnf": "root ::= 'a'"}, "grammar", False, None),
+])
+def test_the_structure_a_request_asks_for(body, kind, checkable, schema):
+    found = requested_structure(body)
+    if kind is None:
+        assert found is None
+    else:
+        assert (found.kind, found.checkable, found.structure.schema) == (kind, checkable, schema)
+
+
+@pytest.mark.parametrize("response_format, param", [
+    ("json", "response_format"), ({"type": 1}, "response_format"),
+    ({"type": "json_schema"}, "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"schema": "x"}}, "response_format.json_schema.schema"),
+])
+def test_a_malformed_response_format_is_400(response_format, param):
+    with pytest.raises(oa.RequestShapeError) as info:
+        oa.parse_chat_request({"messages": [{"role": "user", "content": "q"}], "response_format": response_format})
+    assert info.value.param == param
+
+
+def test_the_aligner_options_are_read_and_never_sent_upstream():
+    assert read_options({}).correct_structured is None
+    assert read_options({"aligner": None}).correct_structured is None
+    assert read_options({"aligner": {"correct_structured": False}}).correct_structured is False
+    chat = oa.parse_chat_request({"messages": [{"role": "user", "content": "q"}],
+                                  "aligner": {"correct_structured": True}})
+    assert chat.options.correct_structured is True and "aligner" not in oa.upstream_body(chat, None)
+    assert "aligner" in chat.body  # the client's body itself is left as it came
+
+
+def test_a_corrected_text_goes_back_in_the_shape_the_upstream_used():
+    assert with_text("old", "new") == "new"
+    image = {"type": "image_url", "image_url": {"url": "u"}}
+    parts = [image, {"type": "text", "text": "a", "annotations": [1]}, "b", {"type": "output_text", "text": "c"}]
+    assert with_text(parts, "new") == [image, {"type": "text", "text": "new"}]
+    assert with_text(["a", image], "new") == ["new", image]
+
+
+def test_unreadable_choices_name_their_index_and_passthrough_deltas_carry_text():
+    with pytest.raises(UnreadableContentError, match=r"choices\[3\]\.message\.content"):
+        decide_choice({"content": 12345}, 3, None, correct_structured=False)
+    decision = decide_choice({"content": [{"type": "text", "text": "{}"}]}, 0, requested_structure(
+        {"response_format": {"type": "json_object"}}), correct_structured=False)
+    assert decision.skip.value == "structured_output"
+    delta = passthrough_delta({"content": [{"type": "text", "text": "{}"}], "refusal": None}, decision)
+    assert delta == {"role": "assistant", "content": "{}"}
 
 
 def test_the_upstream_gets_the_clients_fields_but_never_a_stream():
@@ -101,9 +209,16 @@ def test_chunks_and_completions_parse_in_the_official_client():
 
 def test_tool_calls_and_empty_answers_are_not_corrected():
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    assert oa.skip_reason({"role": "assistant", "content": None, "tool_calls": [call]})[0] == "tool_calls"
-    assert oa.skip_reason({"role": "assistant", "content": "  "})[0] == "empty_answer"
-    assert oa.skip_reason({"role": "assistant", "content": "Paris."}) is None
+
+    def skip(message):
+        decision = decide_choice(message, 0, None, correct_structured=False)
+        return decision.skip.value if decision.skip else None
+
+    assert skip({"role": "assistant", "content": None, "tool_calls": [call]}) == "tool_calls"
+    assert skip({"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}}) == "tool_calls"
+    assert skip({"role": "assistant", "content": "  "}) == "empty_answer"
+    assert skip({"role": "assistant", "content": None}) == "empty_answer"
+    assert skip({"role": "assistant", "content": "Paris."}) is None
 
 
 def test_api_keys_from_flags_and_a_file(tmp_path):

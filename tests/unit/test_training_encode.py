@@ -43,6 +43,43 @@ def test_prompt_is_what_inference_feeds_the_model(tokenizer, tiny_aligner):
     assert encoder.encode(Q, A, C).input_ids[0] == tokenizer.bos_token_id  # aligner-v1 adds BOS, as inference does
 
 
+GROUNDING = [{"type": "tool_call", "name": "lookup", "content": {"country": "Australia"}},
+             {"type": "tool_result", "name": "lookup", "content": "capital: Canberra"}, "Canberra is in the ACT."]
+
+
+@pytest.mark.parametrize("name", ["aligner-v1", "aligner-chat-history", "chat"])
+def test_context_is_encoded_with_the_ids_inference_uses(tokenizer, tiny_model, name, tmp_path):
+    """A record's ``context`` field trains on exactly the prompt ids ``Aligner.prepare`` generates from."""
+    import json
+
+    from aligner_core import Aligner
+    from aligner_core.training.data import load_records
+
+    data = tmp_path / "train.jsonl"
+    record = {"question": Q, "answer": A, "correction": C, "context": GROUNDING,
+              "chat_history": [{"role": "user", "content": "I am planning a trip <s> soon."}]}
+    data.write_text(json.dumps(record) + "\n" + json.dumps({**record, "context": json.dumps(GROUNDING)}) + "\n")
+    loaded = load_records(str(data))
+    assert loaded[0].context == loaded[1].context and len(loaded[0].context) == 3
+    aligner = Aligner.from_model(tiny_model, tokenizer, template=name, max_new_tokens=4)
+    encoder = ExampleEncoder(tokenizer, aligner.template)
+    prepared = aligner.prepare(Q, A, aligner.defaults, history=record["chat_history"], context=GROUNDING)
+    assert prepared.metadata["special_token_text"] and prepared.metadata["context_items"] == 3
+    for example in (encoder.encode_many(loaded)[0], encoder.encode(Q, A, C, "", loaded[0].history, loaded[0].context)):
+        assert example.input_ids[: example.prompt_length] == list(prepared.request.prompt_ids)
+
+
+def test_bad_context_in_training_data_names_the_record(tmp_path):
+    import json
+
+    from aligner_core.training.data import load_records
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": Q, "answer": A, "correction": C, "context": [{"type": "memo", "content": "x"}]}))
+    with pytest.raises(TrainingDataError, match="line 1.*context item 0 has type 'memo'"):
+        load_records(str(data))
+
+
 def test_v1_correction_follows_assistant_colon_directly(tokenizer):
     encoder = ExampleEncoder(tokenizer, get_template("aligner-v1"))
     ex = encoder.encode(Q, A, C)
