@@ -133,18 +133,21 @@ class Structure:
 
     ``kind`` is ``"json"`` (JSON mode), ``"json_schema"`` or ``"tool_call"`` (structure asked through a forced
     tool call). ``schema`` (a JSON schema) and ``validator`` (e.g. a pydantic model's ``model_validate``) check
-    a corrected answer before it is kept.
+    a corrected answer before it is kept. ``parser`` reads the text as the caller will (default: strict
+    ``json.loads``, what an API client does; a framework that finds JSON inside prose or a fenced block passes
+    its own reader, so a correction it would accept is not refused).
     """
 
     kind: Literal["json", "json_schema", "tool_call"] = "json"
     schema: Mapping[str, Any] | None = None
     validator: Callable[[Any], Any] | None = None
     name: str | None = None
+    parser: Callable[[str], Any] | None = None
 
     def check(self, text: str) -> Any:
         """The parsed value of ``text``, or ``StructuredOutputInvalid`` saying why it is not acceptable."""
         try:
-            value = json.loads(text)
+            value = (self.parser or json.loads)(text)
         except (TypeError, ValueError) as exc:
             raise StructuredOutputInvalid(f"not JSON: {exc}") from None
         if self.schema is not None:

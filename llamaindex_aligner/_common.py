@@ -1,12 +1,14 @@
 """Small pieces the adapters share: the error policy type, option checking, error descriptions, Aligner records,
-and chat messages as the core's history turns."""
+chat messages as the core's history turns, the core's context items, and the postprocessor's inspector."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from aligner_core import Aligner
+from aligner_core.inspector import Inspector, as_inspector
 
 #: ``"raise"`` propagates the Aligner's errors; ``"passthrough"`` serves the uncorrected text (same as LangChain's).
 OnError = Literal["raise", "passthrough"]
@@ -74,3 +76,28 @@ VERDICT_KEYS = ("inspector_score", "inspector_threshold", "inspector_passed")
 def verdict(correction: Any) -> dict[str, Any]:
     """The inspector's verdict on a correction (empty when no inspector judged it)."""
     return {k: correction.metadata[k] for k in VERDICT_KEYS if k in correction.metadata}
+
+
+def context_item(kind: str, content: str, name: str | None = None) -> dict[str, str]:
+    """One item of the core's ``context=`` (``tool_call``, ``tool_result`` or ``document``)."""
+    return {"type": kind, "content": content, **({"name": name} if name else {})}
+
+
+def scorer(inspector: Any) -> Inspector:
+    """The inspector as the core takes it. A plain callable may still be the first release's gate, which
+    returned ``True`` for "needs correcting": a boolean answer is read that way (score 0 or 1), with a warning."""
+    if isinstance(inspector, Inspector) or not callable(inspector):
+        return as_inspector(inspector)  # an Inspector as it is; anything else raises a TypeError saying what to pass
+
+    def score(question: str, text: str) -> Any:
+        value = inspector(question, text)
+        if isinstance(value, bool):
+            warnings.warn(
+                "an inspector returning True for 'needs correcting' is deprecated: return a score in [0, 1] "
+                "where 1 means aligned (nodes scoring below threshold are corrected)",
+                DeprecationWarning, stacklevel=2,
+            )
+            return 0.0 if value else 1.0
+        return value
+
+    return Inspector(score, name=getattr(inspector, "__name__", None) or type(inspector).__name__)

@@ -1,8 +1,9 @@
 """One final answer corrected for an adapter: events, the error policy, and the details dict it returns.
 
-AlignedQueryEngine, AlignedChatEngine and AlignedLLM all correct one answer per call the same way;
-this keeps the bookkeeping (``AlignerStartEvent``/``AlignerEndEvent``, LLM events, ``on_error``, the
-``metadata["aligner"]`` dict) in one place.
+AlignedQueryEngine, AlignedChatEngine and AlignedLLM all correct one answer per call the same way, as the
+core's :func:`~aligner_core.decision.decide` says (correct, or pass through with ``skipped``); this keeps the
+bookkeeping (``AlignerStartEvent``/``AlignerEndEvent``, LLM events, ``on_error``, the ``metadata["aligner"]``
+dict) in one place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aligner_core import Aligner, Correction, GenerationOptionError
+from aligner_core.decision import Decision
 from aligner_core.inspector import Inspector, ScoreFn, as_inspector, check_threshold
 
 from ._common import OnError, check_options, describe, verdict
@@ -21,6 +23,17 @@ from .events import AlignerEndEvent, AlignerStartEvent
 from .llm_events import LLMCall, dispatcher, start_call
 
 logger = logging.getLogger("llamaindex_aligner")
+
+Turns = list[dict[str, str]] | None
+Items = list[dict[str, str]] | None
+#: The core's reason an answer passed through, repeated at the top of the details.
+SKIP_KEYS = ("skipped", "skipped_detail")
+
+
+def streams(decision: Decision) -> bool:
+    """Whether a correction can be streamed as it is generated: prose to correct. Structured output (opt-in) is
+    validated before anything is sent, so it is corrected whole; a passed-through answer is sent as it is."""
+    return decision.corrects and decision.structure is None
 
 
 class Pass:
@@ -73,71 +86,94 @@ class AnswerCorrector:
 
     # -- whole answers -----------------------------------------------------------------------
 
-    def correct(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        p = self.begin(question, answer, history)
+    def correct(
+        self, question: str, decision: Decision, history: Turns = None, context: Items = None
+    ) -> dict[str, Any]:
+        """Correct the answer ``decision`` says to correct (kept only if it validates, for structured output),
+        or describe why it passes through."""
+        if not decision.corrects:
+            return self.passed(question, decision)
+        p = self.begin(question, decision.text, history, context)
         try:
-            correction = self.aligner.correct(question, answer, history=history or None, **self.options)
+            correction = self.aligner.correct(
+                question, decision.text, history=history or None, context=context or None, **self.options
+            )
         except Exception as exc:
-            return self.error(p, answer, exc)
-        return self.done(p, correction)
+            return self.error(p, decision.text, exc)
+        return self.done(p, decision.settle(correction))
 
-    async def acorrect(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> dict[str, Any]:
-        p = self.begin(question, answer, history)
+    async def acorrect(
+        self, question: str, decision: Decision, history: Turns = None, context: Items = None
+    ) -> dict[str, Any]:
+        if not decision.corrects:
+            return self.passed(question, decision)
+        p = self.begin(question, decision.text, history, context)
         try:
-            correction = await self.aligner.acorrect(question, answer, history=history or None, **self.options)
+            correction = await self.aligner.acorrect(
+                question, decision.text, history=history or None, context=context or None, **self.options
+            )
         except Exception as exc:
-            return self.error(p, answer, exc)
-        return self.done(p, correction)
+            return self.error(p, decision.text, exc)
+        return self.done(p, decision.settle(correction))
 
     def open(
-        self, question: str, answer: str, history: list[dict[str, str]] | None = None, *, asynchronous: bool = False
+        self, question: str, decision: Decision, history: Turns = None, context: Items = None, *,
+        asynchronous: bool = False,
     ) -> tuple[dict[str, Any], Relay | None]:
         """Start streaming a correction now (so errors surface at the call), or say why there is none.
 
-        The returned dict is filled in place when the stream ends (``"pending": True`` until then).
+        The returned dict is filled in place when the stream ends (``"pending": True`` until then). Call it only
+        for a decision that :func:`streams`; the others are corrected whole (:meth:`correct`).
         """
-        if not answer.strip():
-            return self.skipped(answer, "empty answer"), None
+        if not decision.corrects:
+            return self.passed(question, decision), None
+        answer = decision.text
         info = {**self.base(answer), "text": None, "pending": True}
-        p = self.begin(question, answer, history)
+        p = self.begin(question, answer, history, context)
         open_stream = self.aligner.astream if asynchronous else self.aligner.stream
         try:
-            stream = open_stream(question, answer, history=history or None, **self.options)
+            stream = open_stream(question, answer, history=history or None, context=context or None, **self.options)
         except Exception as exc:
             return self.error(p, answer, exc), None
         return info, Relay(
             stream,
             answer,
             info,
-            done=lambda correction: self.done(p, correction),
+            done=lambda correction: self.done(p, decision.settle(correction)),
             fail=lambda exc, partial: self.error(p, answer, exc, partial=partial),
         )
 
+    def passed(self, question: str, decision: Decision) -> dict[str, Any]:
+        """The details of an answer passed through unchanged, with the core's reason (``skipped``)."""
+        return self._details(decision.passthrough(question))
+
     # -- steps -------------------------------------------------------------------------------
 
-    def begin(self, question: str, answer: str, history: list[dict[str, str]] | None = None) -> Pass:
+    def begin(self, question: str, answer: str, history: Turns = None, context: Items = None) -> Pass:
         dispatcher.event(AlignerStartEvent(component=self.component, query=question, num_items=1, num_selected=1))
         call = None
         if self.report_llm:
-            call = start_call(self.aligner, self._callback_manager(), question, answer,
-                              component=self.component, options=self.generation_kwargs, history=history)
+            call = start_call(self.aligner, self._callback_manager(), question, answer, component=self.component,
+                              options=self.generation_kwargs, history=history, context=context)
         return Pass(time.perf_counter(), call)
 
     def base(self, answer: str | None) -> dict[str, Any]:
         return {"model": self.aligner.name, "original": answer, "text": answer, "changed": False, "error": None}
 
-    def skipped(self, answer: str | None, reason: str) -> dict[str, Any]:
-        return {**self.base(answer), "skipped": reason}
-
     def done(self, p: Pass, correction: Correction) -> dict[str, Any]:
         """The details of a finished correction; an empty correction is never better, so the original stays."""
         self._end(p, correction, None)
-        data = correction.to_dict()
-        del data["question"]
-        info = {"model": self.aligner.name, **data, **verdict(correction), "error": None}
+        info = self._details(correction)
         if not correction.text.strip():
             info.update(text=correction.original, changed=False, similarity=1.0, empty_correction=True)
         return info
+
+    def _details(self, correction: Correction) -> dict[str, Any]:
+        """A Correction as the details dict; a reason it passed through (``skipped``) is repeated at the top."""
+        data = correction.to_dict()
+        del data["question"]
+        reason = {k: correction.metadata[k] for k in SKIP_KEYS if k in correction.metadata}
+        return {"model": self.aligner.name, **data, **verdict(correction), **reason, "error": None}
 
     def error(self, p: Pass, answer: str, exc: Exception, *, partial: bool = False) -> dict[str, Any]:
         """Raise ``exc`` (on_error='raise', or a misspelled option) or describe the passthrough."""

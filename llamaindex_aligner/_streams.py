@@ -1,11 +1,15 @@
-"""Relay a streamed correction into a LlamaIndex streaming response, settling its metadata when it ends."""
+"""Relay a streamed correction into a LlamaIndex streaming response, settling its metadata when it ends; and what
+an AlignedLLM stream sends (the kept prefix of a ReAct step, then only corrected text)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from aligner_core import Correction
+
+if TYPE_CHECKING:
+    from ._plan import Plan
 
 
 class Relay:
@@ -77,3 +81,30 @@ def settle(info: dict[str, Any], final: dict[str, Any]) -> None:
 
 async def one(text: str) -> AsyncIterator[str]:
     yield text
+
+
+def sent(plan: Plan, deltas: Iterable[str]) -> Iterable[str]:
+    """What a stream sends: a passed-through answer as it is; a corrected one as the kept prefix, then the
+    correction (never the upstream's answer)."""
+    if not plan.decision.corrects:
+        yield from (d for d in [plan.decision.text] if d)
+        return
+    if plan.prefix:
+        yield plan.prefix
+    yield from (d for d in deltas if d)
+
+
+async def asent(plan: Plan, relay: Any, whole: str) -> AsyncIterator[str]:
+    if not plan.decision.corrects:
+        if plan.decision.text:
+            yield plan.decision.text
+        return
+    if plan.prefix:
+        yield plan.prefix
+    if relay is None:
+        if whole:
+            yield whole
+        return
+    async for delta in relay.adeltas():
+        if delta:
+            yield delta

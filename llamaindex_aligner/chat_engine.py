@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aligner_core import Aligner
+from aligner_core.decision import Reply, decide
 from aligner_core.errors import missing
 from aligner_core.inspector import Inspector, ScoreFn
 
@@ -23,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ._common import OnError, history_turns
 from ._correct import AnswerCorrector
+from ._grounding import node_documents
 
 COMPONENT = "chat_engine"
 
@@ -38,7 +40,8 @@ class AlignedChatEngine(BaseChatEngine):
     """Wraps a chat engine (``index.as_chat_engine(...)``, ``SimpleChatEngine``, ...) and corrects each answer.
 
     The user's message is the question and the conversation before it (the history this engine holds,
-    or the ``chat_history`` passed to the call) is the correction's history. ``chat``/``achat`` return the inner response with the corrected
+    or the ``chat_history`` passed to the call) is the correction's history, and the nodes the answer was
+    grounded on (``source_nodes``) its context. ``chat``/``achat`` return the inner response with the corrected
     text and the details in ``metadata[metadata_key]`` (as ``AlignedQueryEngine``). ``stream_chat`` /
     ``astream_chat`` stream **only the correction**: the inner engine is called without streaming, so its
     uncorrected tokens never reach a stream or a stream event. The conversation keeps the corrected
@@ -89,21 +92,13 @@ class AlignedChatEngine(BaseChatEngine):
     def chat(self, message: str, chat_history: list[ChatMessage] | None = None) -> AgentChatResponse:
         history = self._turn_history(chat_history)
         response = self.chat_engine.chat(message, chat_history=history)
-        answer = str(response.response or "")
-        if answer.strip():
-            info = self._corrector.correct(message, answer, history_turns(history))
-        else:
-            info = self._corrector.skipped(answer, "empty answer")
+        info = self._corrector.correct(message, *self._read(response, history))
         return self._finish(response, history, message, info)
 
     async def achat(self, message: str, chat_history: list[ChatMessage] | None = None) -> AgentChatResponse:
         history = self._turn_history(chat_history)
         response = await self.chat_engine.achat(message, chat_history=history)
-        answer = str(response.response or "")
-        if answer.strip():
-            info = await self._corrector.acorrect(message, answer, history_turns(history))
-        else:
-            info = self._corrector.skipped(answer, "empty answer")
+        info = await self._corrector.acorrect(message, *self._read(response, history))
         return self._finish(response, history, message, info)
 
     # -- streams -----------------------------------------------------------------------------
@@ -111,12 +106,11 @@ class AlignedChatEngine(BaseChatEngine):
     def stream_chat(self, message: str, chat_history: list[ChatMessage] | None = None) -> StreamingAgentChatResponse:
         history = self._turn_history(chat_history)
         response = self.chat_engine.chat(message, chat_history=history)  # not stream_chat: nothing raw is streamed
-        answer = str(response.response or "")
-        info, relay = self._corrector.open(message, answer, history_turns(history))
+        info, relay = self._corrector.open(message, *self._read(response, history))
 
         def gen() -> Any:
             text = ""
-            for delta in relay.deltas() if relay else [answer]:
+            for delta in relay.deltas() if relay else [info["text"]]:
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             self._remember(history, message, info["text"] or text)
@@ -128,13 +122,12 @@ class AlignedChatEngine(BaseChatEngine):
     ) -> StreamingAgentChatResponse:
         history = self._turn_history(chat_history)
         response = await self.chat_engine.achat(message, chat_history=history)
-        answer = str(response.response or "")
-        info, relay = self._corrector.open(message, answer, history_turns(history), asynchronous=True)
+        info, relay = self._corrector.open(message, *self._read(response, history), asynchronous=True)
 
         async def agen() -> Any:
             text = ""
             if relay is None:
-                text = answer
+                text = info["text"]
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text)
             else:
                 async for delta in relay.adeltas():
@@ -145,6 +138,12 @@ class AlignedChatEngine(BaseChatEngine):
         return self._streaming(response, info, achat_stream=agen())
 
     # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read(response: AgentChatResponse, history: list[ChatMessage]) -> tuple[Any, ...]:
+        """The core's decision on the answer, the history and the context (the retrieved nodes) it is corrected with."""
+        decision = decide(Reply(content=str(response.response or "")))
+        return decision, history_turns(history), node_documents(response.source_nodes)
 
     def _turn_history(self, chat_history: list[ChatMessage] | None) -> list[ChatMessage]:
         return list(self._history if chat_history is None else chat_history)

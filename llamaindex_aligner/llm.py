@@ -1,8 +1,9 @@
 """AlignedLLM: any LlamaIndex LLM whose final answers are corrected by an Aligner (for chat engines and agents).
 
-The counterpart of LangChain's ``AlignedChatModel``. Streaming is safe by construction: the wrapped
-LLM is always called *without* streaming (its call is traced, but it has no token stream to leak), and
-only the Aligner's correction is streamed to the caller.
+The counterpart of LangChain's ``AlignedChatModel``. It tells the answer the user reads from LlamaIndex's own
+intermediate calls by the call site (``_calls``), grounds the correction on what the call was given
+(``_grounding``) and lets the core decide (``aligner_core.decision``). Streaming is safe by construction: the
+wrapped LLM is always called *without* streaming, and only the Aligner's correction is streamed.
 """
 
 from __future__ import annotations
@@ -24,38 +25,41 @@ try:
         CompletionResponseGen,
         LLMMetadata,
         MessageRole,
-        ToolCallBlock,
     )
     from llama_index.core.bridge.pydantic import Field, PrivateAttr, SerializeAsAny
     from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-    from llama_index.core.llms.function_calling import FunctionCallingLLM
-    from llama_index.core.llms.llm import LLM, ToolSelection
+    from llama_index.core.llms.llm import LLM
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, history_turns
-from ._correct import AnswerCorrector
-from ._streams import Relay
+from ._calls import given, read_call
+from ._common import OnError, aligner_spec, load_aligner
+from ._correct import AnswerCorrector, streams
+from ._plan import Plan, plan_chat, plan_completion, with_text
+from ._serialize import rebuild_llm
+from ._streams import asent, sent
+from ._tools import ToolCalling
 from .llm_events import usage
 
 COMPONENT = "llm"
 
 
-class AlignedLLM(FunctionCallingLLM):
-    """Wraps a LlamaIndex LLM: each final answer it writes is corrected against the last user message.
+class AlignedLLM(ToolCalling):
+    """Wraps a LlamaIndex LLM: the answers it writes for the user are corrected, its intermediate steps are not.
 
-    The messages before that one are the correction's history (user, assistant and system messages;
-    tool results and assistant turns that only call tools are skipped); ``complete`` has none.
+    Which call is which is read from the call site (see docs/llamaindex.md): response synthesizers, the simple
+    chat engine, function-calling agents and your own code write answers (corrected); LlamaIndex's condensing,
+    query rewriting, routing and ReAct actions are intermediate (passed through, ``skipped: "intermediate_step"``);
+    a ReAct agent's final step has only its ``Answer:`` corrected; structured-output programs pass through
+    (``correct_structured=True`` corrects and keeps the result only if it validates); tool calls pass through.
+    ``with aligner_core.step("final" | "intermediate")`` overrides all of it.
 
-    ``chat``/``complete`` and their ``stream_``/``a`` variants call the wrapped LLM (never its stream),
-    then correct its answer; the ``stream_`` variants stream **only** the correction. A response that
-    carries tool calls is not a final answer and passes through unchanged, so a function-calling
-    agent (``FunctionAgent``) over an ``AlignedLLM`` keeps calling tools and has only its final answer
-    corrected. The correction's details go to ``response.additional_kwargs[metadata_key]`` and
-    ``response.raw[metadata_key]`` (the keys ``AlignedQueryEngine`` puts in ``metadata``), and
-    ``response.raw["usage"]`` holds the correction's token counts. Prompt formatting is the wrapped
-    LLM's: ``complete`` hands it the prompt unformatted. The metadata is the wrapped LLM's. With an
-    ``inspector``, an answer scoring at or above ``threshold`` is returned unchanged (no generation).
+    The question is the prompt's ``query_str`` or the last user message, the history the messages before it,
+    and the context what the answer is grounded on (the prompt's ``context_str``, tool calls and results). The
+    details go to ``response.additional_kwargs[metadata_key]`` and ``response.raw[metadata_key]``;
+    ``response.raw["usage"]`` holds the correction's token counts. ``stream_*`` variants stream **only** the
+    correction. The metadata and prompt formatting are the wrapped LLM's: ``complete`` hands it the prompt
+    unformatted.
     """
 
     llm: SerializeAsAny[LLM] = Field(description="The LLM whose final answers are corrected.")
@@ -66,6 +70,10 @@ class AlignedLLM(FunctionCallingLLM):
         default_factory=dict, description="Generation options for the Aligner (max_new_tokens, stop, ...)."
     )
     metadata_key: str = Field(default="aligner", min_length=1, description="Key under which the correction is recorded.")
+    correct_structured: bool = Field(
+        default=False,
+        description="Correct structured output too, keeping a correction only if it validates against the schema.",
+    )
     inspector: Any = Field(
         default=None, exclude=True,
         description="Scores (question, answer) in [0, 1] (1: aligned) first: an Inspector or a callable.",
@@ -102,64 +110,88 @@ class AlignedLLM(FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         return self.llm.metadata
 
+    # -- serialization: the Aligner by name, the wrapped LLM by its class_name ---------------------
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The settings, the wrapped LLM's ``to_dict()`` under ``"llm"``, and ``"aligner"``: the Aligner's model,
+        template and engine (not its weights)."""
+        return {**super().to_dict(**kwargs), "aligner": aligner_spec(self.aligner)}
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], aligner: Aligner | None = None, llm: LLM | None = None, **kwargs: Any
+    ) -> AlignedLLM:
+        """Rebuild from :meth:`to_dict`. ``aligner=`` / ``llm=`` reuse loaded ones; without them the Aligner is
+        loaded by name and the wrapped LLM rebuilt by its ``class_name`` (a ``ValueError`` says when it cannot)."""
+        data = {**data, **kwargs}
+        data.pop("class_name", None)
+        spec, recorded = data.pop("aligner", None), data.pop("llm", None)
+        wrapped = llm if llm is not None else rebuild_llm(recorded, cls.class_name())
+        return cls(llm=wrapped, aligner=aligner if aligner is not None else load_aligner(spec, cls.class_name()), **data)
+
+    # -- prompts: what LlamaIndex says about the call ----------------------------------------------
+
+    def predict(self, prompt: Any, **prompt_args: Any) -> str:
+        with given(prompt, prompt_args, self):
+            return super().predict(prompt, **prompt_args)
+
+    def stream(self, prompt: Any, **prompt_args: Any) -> Any:
+        with given(prompt, prompt_args, self):
+            return super().stream(prompt, **prompt_args)
+
+    async def apredict(self, prompt: Any, **prompt_args: Any) -> str:
+        with given(prompt, prompt_args, self):
+            return await super().apredict(prompt, **prompt_args)
+
+    async def astream(self, prompt: Any, **prompt_args: Any) -> Any:
+        with given(prompt, prompt_args, self):
+            return await super().astream(prompt, **prompt_args)
+
     # -- chat --------------------------------------------------------------------------------
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = read_call()
         response = self.llm.chat(messages, **kwargs)
-        answer = self._final_answer(response)
-        if answer is None:
-            return response
-        return self._chat_response(response, self._correct(*split_messages(messages), answer))
+        plan = self._plan_chat(call, messages, response)
+        return self._chat_response(response, plan, self._corrector.correct(*self._args(plan)))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = read_call()
         response = await self.llm.achat(messages, **kwargs)
-        answer = self._final_answer(response)
-        if answer is None:
-            return response
-        return self._chat_response(response, await self._acorrect(*split_messages(messages), answer))
+        plan = self._plan_chat(call, messages, response)
+        return self._chat_response(response, plan, await self._corrector.acorrect(*self._args(plan)))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        call = read_call()
         response = self.llm.chat(messages, **kwargs)  # not stream_chat: its tokens must not reach the caller
-        answer = self._final_answer(response)
-        if answer is None:
-            return iter([response])
-        question, history = split_messages(messages)
-        info, relay = self._corrector.open(question, answer, history)
+        plan = self._plan_chat(call, messages, response)
+        info, deltas = self._open(plan)
 
         def gen() -> ChatResponseGen:
             text = ""
-            for delta in relay.deltas() if relay else [answer]:
+            for delta in deltas():
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield self._chat_response(response, info, delta="")
+            yield self._chat_response(response, plan, info, delta="")
 
         return gen()
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        call = read_call()
         response = await self.llm.achat(messages, **kwargs)
-        answer = self._final_answer(response)
-        relay: Relay | None = None
-        if answer is not None:
-            question, history = split_messages(messages)
-            info, relay = self._corrector.open(question, answer, history, asynchronous=True)
+        plan = self._plan_chat(call, messages, response)
+        info, deltas = await self._aopen(plan)
 
         async def gen() -> ChatResponseAsyncGen:
-            if answer is None:
-                yield response
-                return
             text = ""
-            if relay is None:
-                text = answer
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text)
-            else:
-                async for delta in relay.adeltas():
-                    text += delta
-                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield self._chat_response(response, info, delta="")
+            async for delta in deltas():
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            yield self._chat_response(response, plan, info, delta="")
 
         return gen()
 
@@ -167,129 +199,97 @@ class AlignedLLM(FunctionCallingLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = read_call()
         response = self.llm.complete(prompt, **kwargs)
-        return self._completion_response(response, self._correct(prompt, None, response.text))
+        plan = plan_completion(call, prompt, response.text, self.correct_structured)
+        return self._completion_response(response, plan, self._corrector.correct(*self._args(plan)))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = read_call()
         response = await self.llm.acomplete(prompt, **kwargs)
-        return self._completion_response(response, await self._acorrect(prompt, None, response.text))
+        plan = plan_completion(call, prompt, response.text, self.correct_structured)
+        return self._completion_response(response, plan, await self._corrector.acorrect(*self._args(plan)))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        call = read_call()
         response = self.llm.complete(prompt, **kwargs)  # not stream_complete: see stream_chat
-        info, relay = self._corrector.open(prompt, response.text)
+        plan = plan_completion(call, prompt, response.text, self.correct_structured)
+        info, deltas = self._open(plan)
 
         def gen() -> CompletionResponseGen:
             text = ""
-            for delta in relay.deltas() if relay else [response.text]:
+            for delta in deltas():
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield self._completion_response(response, info, delta="")
+            yield self._completion_response(response, plan, info, delta="")
 
         return gen()
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        call = read_call()
         response = await self.llm.acomplete(prompt, **kwargs)
-        info, relay = self._corrector.open(prompt, response.text, asynchronous=True)
+        plan = plan_completion(call, prompt, response.text, self.correct_structured)
+        info, deltas = await self._aopen(plan)
 
         async def gen() -> CompletionResponseAsyncGen:
             text = ""
-            if relay is None:
-                text = response.text
-                yield CompletionResponse(text=text, delta=text)
-            else:
-                async for delta in relay.adeltas():
-                    text += delta
-                    yield CompletionResponse(text=text, delta=delta)
-            yield self._completion_response(response, info, delta="")
+            async for delta in deltas():
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+            yield self._completion_response(response, plan, info, delta="")
 
         return gen()
 
-    # -- tool calling: the wrapped LLM's ------------------------------------------------------
-
-    def _prepare_chat_with_tools(
-        self,
-        tools: Sequence[Any],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
-        return self._tool_llm()._prepare_chat_with_tools_compat(
-            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs,
-        )
-
-    def _validate_chat_with_tools_response(
-        self, response: ChatResponse, tools: Sequence[Any], allow_parallel_tool_calls: bool = False, **kwargs: Any
-    ) -> ChatResponse:
-        return self._tool_llm()._validate_chat_with_tools_response(
-            response, tools, allow_parallel_tool_calls=allow_parallel_tool_calls, **kwargs
-        )
-
-    def get_tool_calls_from_response(
-        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
-    ) -> list[ToolSelection]:
-        return self._tool_llm().get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call, **kwargs)
-
-    def _tool_llm(self) -> FunctionCallingLLM:
-        if not isinstance(self.llm, FunctionCallingLLM):
-            raise TypeError(f"{type(self.llm).__name__} is not a function-calling LLM: it cannot call tools")
-        return self.llm
-
     # -- helpers -----------------------------------------------------------------------------
 
-    def _correct(self, question: str, history: list[dict[str, str]] | None, answer: str) -> dict[str, Any]:
-        if not answer.strip():
-            return self._corrector.skipped(answer, "empty answer")
-        return self._corrector.correct(question, answer, history)
+    def _plan_chat(self, call: Any, messages: Sequence[ChatMessage], response: ChatResponse) -> Plan:
+        return plan_chat(call, messages, response, self._tool_calls_in, self.correct_structured)
 
-    async def _acorrect(self, question: str, history: list[dict[str, str]] | None, answer: str) -> dict[str, Any]:
-        if not answer.strip():
-            return self._corrector.skipped(answer, "empty answer")
-        return await self._corrector.acorrect(question, answer, history)
+    @staticmethod
+    def _args(plan: Plan) -> tuple[Any, ...]:
+        return plan.turn.question, plan.decision, plan.turn.history, plan.turn.context
 
-    def _final_answer(self, response: ChatResponse) -> str | None:
-        """The text to correct, or None for a response that calls tools (not a final answer)."""
-        message = response.message
-        if message.additional_kwargs.get("tool_calls") or any(isinstance(b, ToolCallBlock) for b in message.blocks):
-            return None
-        if isinstance(self.llm, FunctionCallingLLM):
-            try:
-                if self.llm.get_tool_calls_from_response(response, error_on_no_tool_call=False):
-                    return None
-            except Exception:  # noqa: S110 - an LLM that cannot parse tool calls made none
-                pass
-        return message.content or ""
+    def _open(self, plan: Plan) -> tuple[dict[str, Any], Any]:
+        """The details (filled when the stream ends) and the deltas to send: the kept prefix, then the
+        correction as it is generated (or, for an answer corrected whole or passed through, its text once)."""
+        if not streams(plan.decision):
+            info = self._corrector.correct(*self._args(plan))
+            return info, lambda: sent(plan, [info["text"]])
+        info, relay = self._corrector.open(*self._args(plan))
+        return info, lambda: sent(plan, relay.deltas() if relay else [info["text"]])
 
-    def _chat_response(self, upstream: ChatResponse, info: dict[str, Any], *, delta: str | None = None) -> ChatResponse:
-        message = upstream.message.model_copy()
-        message.content = info["text"]
+    async def _aopen(self, plan: Plan) -> tuple[dict[str, Any], Any]:
+        if not streams(plan.decision):
+            info = await self._corrector.acorrect(*self._args(plan))
+            return info, lambda: asent(plan, None, info["text"])
+        info, relay = self._corrector.open(*self._args(plan), asynchronous=True)
+        return info, lambda: asent(plan, relay, info["text"])
+
+    def _details(self, plan: Plan, info: dict[str, Any]) -> dict[str, Any]:
+        return {**info, "call_site": plan.site} if plan.site else info
+
+    def _chat_response(
+        self, upstream: ChatResponse, plan: Plan, info: dict[str, Any], *, delta: str | None = None
+    ) -> ChatResponse:
+        message = upstream.message if not plan.decision.corrects else with_text(upstream.message, plan.text(info["text"]))
+        details = self._details(plan, info)
         return ChatResponse(
-            message=message, delta=delta, raw=self._raw(info), logprobs=None,
-            additional_kwargs={**upstream.additional_kwargs, self.metadata_key: info},
+            message=message, delta=delta, raw=self._raw(details), logprobs=None,
+            additional_kwargs={**upstream.additional_kwargs, self.metadata_key: details},
         )
 
     def _completion_response(
-        self, upstream: CompletionResponse, info: dict[str, Any], *, delta: str | None = None
+        self, upstream: CompletionResponse, plan: Plan, info: dict[str, Any], *, delta: str | None = None
     ) -> CompletionResponse:
+        details = self._details(plan, info)
+        text = plan.text(info["text"]) if plan.decision.corrects else upstream.text
         return CompletionResponse(
-            text=info["text"], delta=delta, raw=self._raw(info),
-            additional_kwargs={**upstream.additional_kwargs, self.metadata_key: info},
+            text=text, delta=delta, raw=self._raw(details),
+            additional_kwargs={**upstream.additional_kwargs, self.metadata_key: details},
         )
 
     def _raw(self, info: dict[str, Any]) -> dict[str, Any]:
         return {"usage": usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0)), self.metadata_key: info}
-
-
-def split_messages(messages: Sequence[ChatMessage]) -> tuple[str, list[dict[str, str]]]:
-    """The question the Aligner sees, the last user message, and the turns before it as its history
-    (without a user message: the whole conversation as the question, and no history)."""
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].role == MessageRole.USER and (messages[i].content or "").strip():
-            return messages[i].content or "", history_turns(messages[:i])
-    return "\n".join(f"{m.role.value}: {m.content or ''}" for m in messages), []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aligner_core import Aligner, Correction
+from aligner_core.context import normalize_context
 from aligner_core.errors import missing
 from aligner_core.history import normalize_history
 from aligner_core.history import render_prompt as core_render
@@ -52,17 +53,26 @@ def aligner_payload(aligner: Aligner, component: str) -> dict[str, Any]:
     }
 
 
-def render_prompt(aligner: Aligner, question: str, answer: str, history: list[dict[str, str]] | None = None) -> str:
-    """The Aligner's prompt for a pair (and its history); a chat template left to a server is shown as its messages."""
+def render_prompt(
+    aligner: Aligner,
+    question: str,
+    answer: str,
+    history: list[dict[str, str]] | None = None,
+    context: list[dict[str, str]] | None = None,
+) -> str:
+    """The Aligner's prompt for a pair (with its history and context, before any trimming for length); a chat
+    template left to a server is shown as its messages."""
     try:
-        turns = normalize_history(history)
-    except Exception:  # the Aligner reports a bad history itself; the event shows the pair
-        turns = ()
+        turns, grounding = normalize_history(history), normalize_context(context)
+    except Exception:  # the Aligner reports a bad history or context itself; the event shows the pair
+        turns, grounding = (), ()
     try:
-        return core_render(aligner.template, question, answer, turns)
+        return core_render(aligner.template, question, answer, turns, grounding)
     except Exception:  # e.g. a chat template without a local tokenizer: the server renders it
         messages = getattr(aligner.template, "messages", None)
-        return str(messages(question=question, answer=answer, history=turns)) if messages else f"{question}\n\n{answer}"
+        if messages is None:
+            return f"{question}\n\n{answer}"
+        return str(messages(question=question, answer=answer, history=turns, context=grounding))
 
 
 @dataclass
@@ -99,10 +109,11 @@ def start_call(
     component: str,
     options: dict[str, Any] | None = None,
     history: list[dict[str, str]] | None = None,
+    context: list[dict[str, str]] | None = None,
 ) -> LLMCall:
     """Report that the Aligner starts generating a correction of ``answer``."""
     manager = callback_manager if isinstance(callback_manager, CallbackManager) else CallbackManager([])
-    prompt = render_prompt(aligner, question, answer, history)
+    prompt = render_prompt(aligner, question, answer, history, context)
     model = aligner_payload(aligner, component)
     dispatcher.event(LLMCompletionStartEvent(prompt=prompt, additional_kwargs=dict(options or {}), model_dict=model))
     event_id = manager.on_event_start(

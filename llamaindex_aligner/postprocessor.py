@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from aligner_core import Aligner, Correction, GenerationOptionError
+from aligner_core.decision import Reply, decide
 from aligner_core.errors import missing
-from aligner_core.inspector import Inspector, as_inspector
+from aligner_core.inspector import Inspector
 
 try:
     from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
@@ -20,7 +20,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, aligner_spec, check_options, describe, load_aligner, verdict
+from ._common import OnError, aligner_spec, check_options, describe, load_aligner, scorer, verdict
+from ._grounding import node_documents
 from .events import AlignerEndEvent, AlignerStartEvent
 from .llm_events import LLMCall, start_call
 
@@ -39,7 +40,8 @@ COMPONENT = "node_postprocessor"
 class AlignerNodePostprocessor(BaseNodePostprocessor):
     """Rewrites each retrieved node's text with an Aligner, the query being the question.
 
-    All selected nodes of one query go to the Aligner in one batched call. Node ids, scores,
+    All selected nodes of one query go to the Aligner in one batched call, each with the other selected nodes
+    as its context (what it is read beside; the Aligner keeps them consistent). Node ids, scores,
     relationships and metadata are kept; nodes are copied, never edited in place (the index's own
     nodes stay as they are). The text before the correction is kept in ``node.metadata`` under
     ``metadata_key`` (default ``"aligner_original_text"``), excluded from the LLM and embedding
@@ -136,9 +138,8 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         query, selected, start = self._begin(nodes, query_bundle)
         if not selected:
             return self._finish(nodes, selected, [], start)
-        pairs = [(query, _text(nodes[i])) for i in selected]
         try:
-            results = self._aligner.correct_batch(pairs, return_exceptions=self._passthrough, **self._options)
+            results = self._aligner.correct_batch(_pairs(query, nodes, selected), return_exceptions=self._passthrough, **self._options)
         except Exception as exc:
             return self._failed(nodes, selected, exc, start)
         return self._finish(nodes, selected, results, start)
@@ -152,9 +153,8 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         query, selected, start = self._begin(nodes, query_bundle)
         if not selected:
             return self._finish(nodes, selected, [], start)
-        pairs = [(query, _text(nodes[i])) for i in selected]
         try:
-            results = await self._aligner.acorrect_batch(pairs, return_exceptions=self._passthrough, **self._options)
+            results = await self._aligner.acorrect_batch(_pairs(query, nodes, selected), return_exceptions=self._passthrough, **self._options)
         except Exception as exc:
             return self._failed(nodes, selected, exc, start)
         return self._finish(nodes, selected, results, start)
@@ -175,7 +175,7 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         if query_bundle is None:
             raise ValueError("AlignerNodePostprocessor needs the query as the question: pass query_bundle or query_str")
         query = query_bundle.query_str
-        selected = [i for i, n in enumerate(nodes) if _text(n).strip()]
+        selected = [i for i, n in enumerate(nodes) if decide(Reply(content=_text(n))).corrects]
         if self.top_n is not None and len(selected) > self.top_n:
             best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[: self.top_n]
             selected = sorted(best)
@@ -183,9 +183,9 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
             AlignerStartEvent(component=COMPONENT, query=query, num_items=len(nodes), num_selected=len(selected))
         )
         calls = [
-            start_call(self._aligner, self.callback_manager, query, _text(nodes[i]), component=COMPONENT,
-                       options=self.generation_kwargs)
-            for i in selected
+            start_call(self._aligner, self.callback_manager, query, pair["answer"], component=COMPONENT,
+                       options=self.generation_kwargs, context=pair["context"])
+            for pair in _pairs(query, nodes, selected)
         ]
         return query, selected, _Pass(time.perf_counter(), calls)
 
@@ -281,24 +281,11 @@ def _passed(correction: Correction) -> bool:
     return bool(verdict(correction).get("inspector_passed"))
 
 
-def scorer(inspector: Any) -> Inspector:
-    """The inspector as the core takes it. A plain callable may still be the first release's gate, which
-    returned ``True`` for "needs correcting": a boolean answer is read that way (score 0 or 1), with a warning."""
-    if isinstance(inspector, Inspector) or not callable(inspector):
-        return as_inspector(inspector)  # an Inspector as it is; anything else raises a TypeError saying what to pass
-
-    def score(question: str, text: str) -> Any:
-        value = inspector(question, text)
-        if isinstance(value, bool):
-            warnings.warn(
-                "an inspector returning True for 'needs correcting' is deprecated: return a score in [0, 1] "
-                "where 1 means aligned (nodes scoring below threshold are corrected)",
-                DeprecationWarning, stacklevel=2,
-            )
-            return 0.0 if value else 1.0
-        return value
-
-    return Inspector(score, name=getattr(inspector, "__name__", None) or type(inspector).__name__)
+def _pairs(query: str, nodes: Sequence[NodeWithScore], selected: Sequence[int]) -> list[dict[str, Any]]:
+    """The selected nodes as the core's dict pairs, each grounded on its neighbours (the other selected nodes)."""
+    documents = {i: node_documents([nodes[i]]) for i in selected}
+    return [{"question": query, "answer": _text(nodes[i]),
+             "context": [d for j in selected if j != i for d in documents[j]]} for i in selected]
 
 
 def _text(item: NodeWithScore) -> str:

@@ -6,7 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from aligner_core import Aligner
+from aligner_core import Aligner, UnsafeStreamError
+from aligner_core.decision import Decision, Reply, decide
 from aligner_core.errors import missing
 from aligner_core.inspector import Inspector, ScoreFn
 
@@ -26,8 +27,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
+from ._calls import structure_of
 from ._common import OnError
 from ._correct import AnswerCorrector
+from ._grounding import node_documents
 from ._streams import one
 
 COMPONENT = "query_engine"
@@ -38,12 +41,17 @@ class AlignedQueryEngine(BaseQueryEngine):
 
     ``query``/``aquery`` return the inner engine's response type with the corrected text,
     ``source_nodes`` unchanged, and the correction's details (as the LangChain adapter records
-    them, plus the final ``text``) in ``metadata[metadata_key]``. A streaming answer is read to the
-    end, corrected, and returned as a streaming response of the correction (its metadata is filled
-    in once the stream is consumed). ``on_error="passthrough"`` returns the original answer and
+    them, plus the final ``text``) in ``metadata[metadata_key]``. The retrieved ``source_nodes`` are the
+    correction's context (the Aligner sees what the answer was grounded on). ``streaming=True`` returns a
+    streaming response of the correction (its metadata filled in once the stream is consumed); wrap an inner
+    engine built *without* streaming. An inner engine that streams is refused (``UnsafeStreamError``): its
+    LLM's uncorrected tokens would reach instrumentation as the stream is read; ``stream_uncorrected=True``
+    accepts that, reads it to the end and streams the correction. ``on_error="passthrough"`` returns the original answer and
     records the error, so the engine keeps serving when the corrector fails. With an ``inspector``, an
-    answer scoring at or above ``threshold`` is served unchanged with no correction generated. For chat
-    engines use :class:`~llamaindex_aligner.AlignedChatEngine`.
+    answer scoring at or above ``threshold`` is served unchanged with no correction generated. A structured
+    answer (``PydanticResponse``) passes through; ``correct_structured=True`` corrects its JSON and keeps
+    the result only if it validates as the same model. For chat engines use
+    :class:`~llamaindex_aligner.AlignedChatEngine`.
     """
 
     def __init__(
@@ -57,6 +65,9 @@ class AlignedQueryEngine(BaseQueryEngine):
         callback_manager: CallbackManager | None = None,
         inspector: Inspector | ScoreFn | None = None,
         threshold: float | None = None,
+        correct_structured: bool = False,
+        streaming: bool = False,
+        stream_uncorrected: bool = False,
     ) -> None:
         if isinstance(query_engine, BaseChatEngine):
             raise TypeError(
@@ -73,6 +84,8 @@ class AlignedQueryEngine(BaseQueryEngine):
         self.on_error: OnError = on_error
         self.generation_kwargs = self._corrector.generation_kwargs
         self.metadata_key = metadata_key
+        self.correct_structured = correct_structured
+        self.streaming, self.stream_uncorrected = streaming, stream_uncorrected
         super().__init__(callback_manager=callback_manager or query_engine.callback_manager)
 
     @classmethod
@@ -89,57 +102,65 @@ class AlignedQueryEngine(BaseQueryEngine):
 
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         response = self.query_engine.query(query_bundle)
-        question = query_bundle.query_str
-        if isinstance(response, StreamingResponse):
-            return self._sync_stream(question, response)
         if isinstance(response, AsyncStreamingResponse):
             raise TypeError("the inner engine returned an async stream from query(): call aquery() instead")
-        answer = self._answer(response)
-        if answer is None:
-            return self._skipped(response)
-        return self._replace(response, self._corrector.correct(question, answer))
+        streamed = isinstance(response, StreamingResponse)
+        if streamed:
+            response = self._read_stream(response).get_response()
+        decision, context = self._decide(response), node_documents(response.source_nodes)
+        if (self.streaming or streamed) and isinstance(response, Response):
+            info, relay = self._corrector.open(query_bundle.query_str, decision, None, context)
+            gen = relay.deltas() if relay else iter([info["text"]])
+            return StreamingResponse(gen, response.source_nodes, self._metadata(response, info))
+        return self._replace(response, decision, self._corrector.correct(query_bundle.query_str, decision, None, context))
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         response = await self.query_engine.aquery(query_bundle)
-        question = query_bundle.query_str
+        streamed = isinstance(response, (StreamingResponse, AsyncStreamingResponse))
         if isinstance(response, AsyncStreamingResponse):
-            answer = (await response.get_response()).response or ""
-            info, relay = self._corrector.open(question, answer, asynchronous=True)
-            agen = relay.adeltas() if relay else one(answer)
+            response = await self._read_stream(response).get_response()
+        elif isinstance(response, StreamingResponse):
+            response = self._read_stream(response).get_response()
+        decision, context = self._decide(response), node_documents(response.source_nodes)
+        question = query_bundle.query_str
+        if (self.streaming or streamed) and isinstance(response, Response):
+            info, relay = self._corrector.open(question, decision, None, context, asynchronous=True)
+            agen = relay.adeltas() if relay else one(info["text"])
             return AsyncStreamingResponse(agen, response.source_nodes, self._metadata(response, info))
-        if isinstance(response, StreamingResponse):
-            return self._sync_stream(question, response)
-        answer = self._answer(response)
-        if answer is None:
-            return self._skipped(response)
-        return self._replace(response, await self._corrector.acorrect(question, answer))
+        return self._replace(response, decision, await self._corrector.acorrect(question, decision, None, context))
 
     # -- shared steps ------------------------------------------------------------------------
 
-    def _sync_stream(self, question: str, response: StreamingResponse) -> StreamingResponse:
-        """Buffer the inner stream, start correcting the whole answer, and stream the correction."""
-        answer = response.get_response().response or ""
-        info, relay = self._corrector.open(question, answer)
-        gen = relay.deltas() if relay else iter([answer])
-        return StreamingResponse(gen, response.source_nodes, self._metadata(response, info))
+    def _read_stream(self, response: Any) -> Any:
+        """An inner stream is read to its end (the Aligner needs the whole answer) only when allowed: as it is
+        read, its LLM's uncorrected tokens reach instrumentation (``LLM*InProgressEvent``)."""
+        if not self.stream_uncorrected:
+            raise UnsafeStreamError(
+                "the inner query engine streams: reading its stream sends its LLM's uncorrected tokens to "
+                "instrumentation (LLMCompletionInProgressEvent, LLMChatInProgressEvent). Build it without streaming "
+                "(index.as_query_engine(llm=llm)) and pass streaming=True to AlignedQueryEngine, which streams the "
+                "correction; or pass stream_uncorrected=True to accept the uncorrected tokens in those events"
+            )
+        return response
 
-    @staticmethod
-    def _answer(response: RESPONSE_TYPE) -> str | None:
-        """The text to correct, or None when there is none (empty or structured answer)."""
-        if isinstance(response, Response) and (response.response or "").strip():
-            return response.response
-        if isinstance(response, (Response, PydanticResponse)):
-            return None
+    def _decide(self, response: RESPONSE_TYPE) -> Decision:
+        """The core's decision on a response: its text, or a structured answer's JSON (checked as its model)."""
+        if isinstance(response, PydanticResponse):
+            model = response.response
+            content = model.model_dump_json() if model is not None else ""
+            return decide(Reply(content=content, structure=structure_of(type(model))), correct_structured=self.correct_structured)
+        if isinstance(response, Response):
+            return decide(Reply(content=response.response or ""))
         raise TypeError(f"cannot correct a {type(response).__name__}: expected a LlamaIndex Response")
 
-    def _skipped(self, response: RESPONSE_TYPE) -> RESPONSE_TYPE:
-        reason = "structured response" if isinstance(response, PydanticResponse) else "empty answer"
-        text = response.response if isinstance(response, Response) else None
-        info = self._corrector.skipped(text, reason)
-        return dataclasses.replace(response, metadata=self._metadata(response, info))
-
-    def _replace(self, response: Response, info: dict[str, Any]) -> Response:
-        return dataclasses.replace(response, response=info["text"], metadata=self._metadata(response, info))
+    def _replace(self, response: RESPONSE_TYPE, decision: Decision, info: dict[str, Any]) -> RESPONSE_TYPE:
+        metadata = self._metadata(response, info)
+        if not decision.corrects or info["text"] == info["original"]:
+            return dataclasses.replace(response, metadata=metadata)
+        if isinstance(response, PydanticResponse):  # settled: the corrected JSON validates as the same model
+            model = type(response.response).model_validate_json(info["text"])
+            return dataclasses.replace(response, response=model, metadata=metadata)
+        return dataclasses.replace(response, response=info["text"], metadata=metadata)
 
     def _metadata(self, response: RESPONSE_TYPE, info: dict[str, Any]) -> dict[str, Any]:
         return {**(response.metadata or {}), self.metadata_key: info}

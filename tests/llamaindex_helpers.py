@@ -1,4 +1,5 @@
-"""Shared by the LlamaIndex tests: sample nodes, a fixed-answer query engine and LLM, an instrumentation recorder."""
+"""Shared by the LlamaIndex tests: sample nodes, a fixed-answer query engine and LLM, an instrumentation
+recorder, and a spy on the prompts a real Aligner generates from."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from llama_index.core.schema import NodeRelationship, NodeWithScore, RelatedNode
 
 QUESTION = "What is the capital of Australia?"
 ANSWER = "The capital of Australia is Sydney."
+#: In an upstream answer: the tiny Aligner never writes it, so wherever it shows up, uncorrected text leaked.
+MARKER = "QXZUNCORRECTED"
 #: Far more tokens than the tiny test model's 512-token context: the Aligner rejects it (ContextOverflowError).
 OVERLONG = "0 1 2 3 4 5 6 7 8 9 " * 200
 
@@ -112,6 +115,11 @@ class ScriptedLLM(CustomLLM):
     chat_model: bool = False
     streamed: int = 0
     prompts: list[str] = Field(default_factory=list)
+    #: ``{substring of the prompt: reply}``: the first rule whose key is in the prompt answers instead of ``answer``.
+    rules: dict[str, str] = Field(default_factory=dict)
+
+    def reply(self, prompt: str) -> str:
+        return next((reply for key, reply in self.rules.items() if key in prompt), self.answer)
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -120,7 +128,7 @@ class ScriptedLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         self.prompts.append(prompt)
-        return CompletionResponse(text=self.answer, raw={"usage": {"prompt_tokens": 7, "completion_tokens": 8}})
+        return CompletionResponse(text=self.reply(prompt), raw={"usage": {"prompt_tokens": 7, "completion_tokens": 8}})
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
@@ -128,7 +136,7 @@ class ScriptedLLM(CustomLLM):
 
         def gen() -> Iterator[CompletionResponse]:
             text = ""
-            for word in self.answer.split(" "):
+            for word in self.reply(prompt).split(" "):
                 delta = word if not text else " " + word
                 text += delta
                 self.streamed += 1
@@ -145,3 +153,51 @@ def tiny_llm(aligner: Any, max_new_tokens: int = 4) -> Any:
     llm = huggingface_llm(aligner, max_new_tokens=max_new_tokens)
     llm.context_window = 4096
     return llm
+
+
+class PromptSpy:
+    """Records the rendered prompt of every generation a real Aligner's engine is asked for (the calls go through):
+    ``len(prompts)`` counts corrections generated, and each prompt shows what the Aligner saw."""
+
+    def __init__(self, aligner: Any, monkeypatch: Any) -> None:
+        self.prompts: list[str] = []
+        engine = aligner.engine
+        for name in ("submit", "agenerate", "stream", "astream"):
+            monkeypatch.setattr(engine, name, self._one(getattr(engine, name)))
+        monkeypatch.setattr(engine, "generate", self._many(engine.generate))
+
+    def _one(self, method: Any) -> Any:
+        def spied(request: Any, *args: Any, **kwargs: Any) -> Any:
+            self.prompts.append(request.prompt)
+            return method(request, *args, **kwargs)  # a coroutine for the async methods, awaited by the caller
+
+        return spied
+
+    def _many(self, method: Any) -> Any:
+        def spied(requests: Any, *args: Any, **kwargs: Any) -> Any:
+            self.prompts.extend(r.prompt for r in requests)
+            return method(requests, *args, **kwargs)
+
+        return spied
+
+
+def delta_texts(events: EventRecorder) -> list[str]:
+    """Every text an instrumentation event carries as (part of) a stream: LLM in-progress deltas and their running
+    text, chat-engine stream deltas."""
+    texts = []
+    for event in events.of("LLMChatInProgressEvent"):
+        texts += [event.response.delta or "", event.response.message.content or ""]
+    for event in events.of("LLMCompletionInProgressEvent"):
+        texts += [event.response.delta or "", event.response.text or ""]
+    texts += [event.delta for event in events.of("StreamChatDeltaReceivedEvent")]
+    return texts
+
+
+def roomy(tiny_tokenizer: Any) -> Any:
+    """The tiny Aligner with room for a chat engine's prompts: its 400-token vocabulary spells text out in many
+    tokens, and with the default 512 positions a chat engine's history and grounding would not fit."""
+    from aligner_core import Aligner
+    from tests.conftest import build_model
+
+    model = build_model(tiny_tokenizer, context=4096)
+    return Aligner.from_model(model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=8192)

@@ -134,7 +134,7 @@ def test_aligned_engine_async_over_the_postprocessor(rag):
 
 
 def test_aligned_engine_streams_the_correction(rag, plain_answer):
-    engine = AlignedQueryEngine(rag.engine(streaming=True), rag.aligner, generation_kwargs=GEN)
+    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, streaming=True)
     response = engine.query(QUESTION)
     assert isinstance(response, StreamingResponse)
     text = "".join(response.response_gen)
@@ -145,7 +145,7 @@ def test_aligned_engine_streams_the_correction(rag, plain_answer):
 
 
 def test_aligned_engine_streams_async(rag):
-    engine = AlignedQueryEngine(rag.engine(streaming=True), rag.aligner, generation_kwargs=GEN, on_error="passthrough")
+    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, on_error="passthrough", streaming=True)
 
     async def main():
         response = await engine.aquery(QUESTION)

@@ -235,7 +235,10 @@ def test_file_with_bad_lines_matches_the_local_file_job(ray_cluster, tiny_model_
     """A malformed line, a non-object, a missing field, a non-string and an empty answer each get an
     ``aligner_error`` row in place; every line equals what ``correct_jsonl`` writes (latency aside)."""
     inp = tmp_path / "in.jsonl"
-    good = [json.dumps({"id": i, "question": q, "answer": a}) for i, (q, a) in enumerate(make_pairs(6))]
+    extra = {1: {"context": [{"type": "tool_result", "name": "count", "content": "8 legs"}, "A spider is an arachnid."]},
+             4: {"chat_history": [{"role": "user", "content": "I study spiders."}], "context": "Spiders have 8 legs."}}
+    good = [json.dumps({"id": i, "question": q, "answer": a, **extra.get(i, {})})
+            for i, (q, a) in enumerate(make_pairs(6))]
     bad = ['{"id": 100, "question": "cut', "[1, 2]", json.dumps({"id": 101, "question": "q"}),
            json.dumps({"id": 102, "question": "q", "answer": 7}), json.dumps({"id": 103, "question": "q", "answer": " "})]
     inp.write_text("\n".join(good[:2] + bad[:2] + good[2:4] + ["", *bad[2:]] + good[4:] + [bad[0]]) + "\n")
@@ -253,6 +256,8 @@ def test_file_with_bad_lines_matches_the_local_file_job(ray_cluster, tiny_model_
     with Aligner.from_pretrained(tiny_model_dir, **LOAD) as aligner:
         correct_jsonl(aligner, inp, tmp_path / "local.jsonl", chunk_size=64, show_progress=False)
     want = read(tmp_path / "local.jsonl")
+    grounded = {r["id"]: r["aligner"]["metadata"] for r in got if r.get("id") in (1, 4)}  # history and context ride along
+    assert grounded[1]["context_items"] == 2 and (grounded[4]["context_items"], grounded[4]["history_turns"]) == (1, 1)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("aligner", "aligner_error")}  # noqa: E731
     assert [strip(r) for r in got] == [strip(r) for r in want]
     for g, w in zip(got, want):

@@ -155,3 +155,19 @@ def test_passed_is_an_unchanged_correction():
     kept = passed("q", "a", {"skipped": "tool_calls"})
     assert (kept.text, kept.original, kept.changed, kept.similarity, kept.prompt_tokens) == ("a", "a", False, 1.0, 0)
     assert str(Skip.TOOL_CALLS) == "tool_calls"
+
+
+def test_a_structure_may_read_json_the_way_its_framework_does():
+    import re
+
+    def fenced(text: str) -> object:
+        match = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
+        return json.loads(match.group(1) if match else text)
+
+    original = '{"city": "paris", "temperature_c": 21}'
+    decision = decide(Reply(content=original, structure=Structure("json_schema", SCHEMA, parser=fenced)),
+                      correct_structured=True)
+    kept = decision.settle(correction('Here it is:\n```json\n{"city": "Paris", "temperature_c": 21}\n```', original))
+    assert "skipped" not in kept.metadata and kept.changed
+    strict = decide(Reply(content=original, structure=Structure("json_schema", SCHEMA)), correct_structured=True)
+    assert strict.settle(correction('```json\n{"city": "Paris", "temperature_c": 21}\n```', original)).text == original

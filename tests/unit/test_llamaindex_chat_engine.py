@@ -66,11 +66,14 @@ def test_async_chat_over_a_context_chat_engine(tiny_aligner):
         return first, streaming, "".join([d async for d in streaming.async_response_gen()])
 
     first, streaming, text = asyncio.run(main())
-    assert first.response == corrected(tiny_aligner)
+    retrieved = [n.node.get_content() for n in text_nodes()]  # the answer's grounding: the engine's source nodes
+    alone = tiny_aligner.correct(QUESTION, ANSWER, context=retrieved)
+    assert first.response == (alone.text if alone.text.strip() else ANSWER)
     earlier = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.response}]
-    second = tiny_aligner.correct(QUESTION, ANSWER, history=earlier)  # the second turn sees the first as history
+    second = tiny_aligner.correct(QUESTION, ANSWER, history=earlier, context=retrieved)  # the first turn is history
     assert text == (second.text if second.text.strip() else ANSWER)
     assert streaming.metadata["aligner"]["metadata"]["history_turns"] == 2
+    assert streaming.metadata["aligner"]["metadata"]["context_items"] == 3
     assert [n.node.node_id for n in streaming.source_nodes] == ["n1", "n2", "n3"]
     assert up.streamed == 0 and len(engine.chat_history) == 4
 

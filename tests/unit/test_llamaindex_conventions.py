@@ -57,7 +57,7 @@ def test_query_engine_correction_is_an_llm_event(tiny_aligner):
     engine = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, callback_manager=CallbackManager([counter]))
     with recording() as (events, _):
         response = engine.query(QUESTION)
-        streamed = AlignedQueryEngine(FixedAnswerEngine(stream="async"), tiny_aligner,
+        streamed = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, streaming=True,
                                       callback_manager=CallbackManager([counter]))
 
         async def consume():
@@ -86,3 +86,26 @@ def test_failed_generation_closes_its_llm_event(tiny_aligner):
                                 callback_manager=CallbackManager([Ends(tokenizer=str.split)]))
     assert engine.query(QUESTION).metadata["aligner"]["error_type"] == "ContextOverflowError"
     assert [(t, {str(k.value) for k in keys}) for t, keys in seen if t == CBEventType.LLM] == [(CBEventType.LLM, {"exception"})]
+
+
+def test_aligned_llm_round_trips_through_a_dict(tiny_aligner):
+    from llama_index.core.llms.mock import MockFunctionCallingLLM, MockLLM
+
+    from llamaindex_aligner import AlignedLLM
+    from tests.llamaindex_helpers import ScriptedLLM
+
+    llm = AlignedLLM(llm=MockLLM(max_tokens=5), aligner=tiny_aligner, generation_kwargs={"max_new_tokens": 3},
+                     correct_structured=True, on_error="passthrough")
+    data = llm.to_dict()
+    assert data["llm"]["class_name"] == "MockLLM" and data["aligner"]["template"] == "aligner-v1"
+    again = AlignedLLM.from_dict(data, aligner=tiny_aligner)  # the wrapped LLM rebuilt by LlamaIndex's load_llm
+    assert again.to_dict() == data and isinstance(again.llm, MockLLM) and again.aligner is tiny_aligner
+    assert AlignedLLM.from_json(llm.to_json(), aligner=tiny_aligner).to_dict() == data
+    tools = AlignedLLM(llm=MockFunctionCallingLLM(), aligner=tiny_aligner)  # found by its class_name
+    assert isinstance(AlignedLLM.from_dict(tools.to_dict(), aligner=tiny_aligner).llm, MockFunctionCallingLLM)
+    scripted = AlignedLLM(llm=ScriptedLLM(), aligner=tiny_aligner).to_dict()
+    with pytest.raises(ValueError, match="llm=llm"):  # 'custom_llm' names more than one class: pass it back
+        AlignedLLM.from_dict(scripted, aligner=tiny_aligner)
+    assert AlignedLLM.from_dict(scripted, aligner=tiny_aligner, llm=ScriptedLLM()).to_dict() == scripted
+    with pytest.raises(ValueError, match="aligner=aligner"):  # an Aligner built from objects has no id to reload
+        AlignedLLM.from_dict(data)

@@ -104,7 +104,8 @@ def test_tool_calls_pass_through_and_the_final_answer_is_corrected(tiny_aligner)
 
     tool = FunctionTool.from_defaults(fn=lookup)
     call = llm.chat_with_tools([tool], user_msg=QUESTION)
-    assert any(isinstance(b, ToolCallBlock) for b in call.message.blocks) and "aligner" not in call.additional_kwargs
+    assert any(isinstance(b, ToolCallBlock) for b in call.message.blocks)
+    assert call.additional_kwargs["aligner"]["skipped"] == "tool_calls"  # an action: passed through, as the core says
     assert llm.get_tool_calls_from_response(call)[0].tool_name == "lookup"
 
     agent = FunctionAgent(tools=[tool], llm=llm, streaming=True)
@@ -116,7 +117,9 @@ def test_tool_calls_pass_through_and_the_final_answer_is_corrected(tiny_aligner)
 
     deltas, result = asyncio.run(run())
     final = str(result.response.content)
-    fix = tiny_aligner.correct(QUESTION, "Tool calls complete.")  # the scripted LLM's final answer
+    grounding = [{"type": "tool_call", "name": "lookup", "content": '{"city": "Canberra"}'},
+                 {"type": "tool_result", "name": "lookup", "content": "Canberra is the capital of Australia."}]
+    fix = tiny_aligner.correct(QUESTION, "Tool calls complete.", context=grounding)  # the scripted final answer
     assert final == (fix.text if fix.text.strip() else "Tool calls complete.")
     assert "".join(deltas) == final  # the agent's stream carries the correction, not the upstream's text
     assert result.tool_calls and result.tool_calls[0].tool_name == "lookup"
@@ -140,7 +143,7 @@ def test_error_policy(tiny_aligner):
     assert response.additional_kwargs["aligner"]["error_type"] == "ContextOverflowError"
     assert "".join(c.delta for c in kept.stream_chat(user())) == OVERLONG
     empty = AlignedLLM(llm=ScriptedLLM(answer=""), aligner=tiny_aligner).complete(QUESTION)
-    assert empty.text == "" and empty.additional_kwargs["aligner"]["skipped"] == "empty answer"
+    assert empty.text == "" and empty.additional_kwargs["aligner"]["skipped"] == "empty_answer"
     with pytest.raises(TypeError, match="LlamaIndex LLM"):
         AlignedLLM(llm="gpt", aligner=tiny_aligner)
     with pytest.raises(TypeError, match="Aligner"):

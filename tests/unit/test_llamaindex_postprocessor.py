@@ -20,8 +20,11 @@ from tests.llamaindex_helpers import OVERLONG, QUESTION, recording, span_names, 
 
 
 def expected_texts(aligner, texts, **gen):
-    """What the Aligner itself writes for these texts (an empty correction keeps the original)."""
-    fixes = aligner.correct_batch([(QUESTION, t) for t in texts], **gen)
+    """What the Aligner itself writes for these texts, each read beside the others (its neighbours) as context;
+    an empty correction keeps the original."""
+    pairs = [{"question": QUESTION, "answer": t, "context": [o for j, o in enumerate(texts) if j != i]}
+             for i, t in enumerate(texts)]
+    fixes = aligner.correct_batch(pairs, **gen)
     return [f.text if f.text.strip() else t for f, t in zip(fixes, texts)]
 
 
@@ -79,8 +82,9 @@ def test_inspector_gates_which_nodes_are_corrected(tiny_aligner):
     nodes = text_nodes()
     out = AlignerNodePostprocessor(aligner=tiny_aligner, inspector=inspector).postprocess_nodes(nodes, query_str=QUESTION)
     assert [ORIGINAL_TEXT_KEY in n.node.metadata for n in out] == [True, False, False]
-    assert seen == [(QUESTION, n.node.get_content()) for n in nodes]
-    assert out[0].node.get_content() == expected_texts(tiny_aligner, [nodes[0].node.get_content()])[0]
+    assert [text for _, text in seen] == [n.node.get_content() for n in nodes]
+    assert all(QUESTION in question and "Spiders" in question for question, _ in seen[:1])  # it sees the neighbours
+    assert out[0].node.get_content() == expected_texts(tiny_aligner, [n.node.get_content() for n in nodes])[0]
 
 
 def test_generation_options_apply(tiny_aligner):

@@ -20,7 +20,7 @@ from llama_index.core.prompts import PromptTemplate  # noqa: E402
 from llama_index.core.query_engine import CustomQueryEngine  # noqa: E402
 from llama_index.core.schema import QueryBundle  # noqa: E402
 
-from aligner_core import AlignerError, ContextOverflowError, GenerationOptionError  # noqa: E402
+from aligner_core import AlignerError, ContextOverflowError, GenerationOptionError, UnsafeStreamError  # noqa: E402
 from llamaindex_aligner import AlignedQueryEngine  # noqa: E402
 from tests.llamaindex_helpers import (  # noqa: E402
     ANSWER,
@@ -34,8 +34,10 @@ from tests.llamaindex_helpers import (  # noqa: E402
 )
 
 
-def expected(aligner, answer=ANSWER, **gen):
-    fix = aligner.correct(QUESTION, answer, **gen)
+def expected(aligner, answer=ANSWER, nodes=(), **gen):
+    """What the Aligner writes for the answer, grounded on the response's source nodes."""
+    context = [n.node.get_content() for n in nodes] or None
+    fix = aligner.correct(QUESTION, answer, context=context, **gen)
     return fix.text if fix.text.strip() else answer
 
 
@@ -53,7 +55,8 @@ def test_query_returns_the_inner_response_corrected(tiny_aligner):
     with recording() as (events, spans):
         response = engine.query(QUESTION)
     assert isinstance(response, Response)
-    assert response.response == expected(tiny_aligner)
+    assert response.response == expected(tiny_aligner, nodes=nodes)
+    assert response.metadata["aligner"]["metadata"]["context_items"] == 3  # the retrieved nodes ground the correction
     assert [n.node.node_id for n in response.source_nodes] == ["n1", "n2", "n3"]
     assert all(a is b for a, b in zip(response.source_nodes, nodes))  # source nodes untouched
     assert response.metadata["inner"] == "kept"
@@ -74,7 +77,7 @@ def test_aquery_awaits_the_core(tiny_aligner):
 
     with recording() as (events, spans):
         first, second = asyncio.run(main())
-    assert first.response == second.response == expected(tiny_aligner)
+    assert first.response == second.response == expected(tiny_aligner, nodes=text_nodes())
     check_info(first.metadata["aligner"], tiny_aligner)
     assert len(first.source_nodes) == 3
     assert span_names(spans).count("AlignedQueryEngine._aquery") == 2
@@ -88,8 +91,8 @@ def test_generation_options_apply(tiny_aligner):
     assert response.response == expected(tiny_aligner, max_new_tokens=3)
 
 
-def test_streaming_response_is_buffered_corrected_and_streamed(tiny_aligner):
-    engine = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes(), stream="sync"), tiny_aligner)
+def test_streaming_returns_a_stream_of_the_correction(tiny_aligner):
+    engine = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes()), tiny_aligner, streaming=True)
     with recording() as (events, _):
         response = engine.query(QUESTION)
         assert isinstance(response, StreamingResponse)
@@ -103,7 +106,7 @@ def test_streaming_response_is_buffered_corrected_and_streamed(tiny_aligner):
 
 
 def test_async_streaming_response(tiny_aligner):
-    engine = AlignedQueryEngine(FixedAnswerEngine(stream="async"), tiny_aligner)
+    engine = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, streaming=True)
 
     async def main():
         response = await engine.aquery(QUESTION)
@@ -115,9 +118,30 @@ def test_async_streaming_response(tiny_aligner):
     assert "".join(deltas) == response.metadata["aligner"]["text"] == response.response_txt
 
 
+def test_an_inner_stream_is_refused_unless_accepted(tiny_aligner):
+    for stream in ("sync", "async"):
+        inner = FixedAnswerEngine(nodes=text_nodes(), stream=stream)
+        with pytest.raises(UnsafeStreamError, match="streaming=True"):  # its tokens would reach instrumentation
+            asyncio.run(AlignedQueryEngine(inner, tiny_aligner).aquery(QUESTION))
+    with pytest.raises(UnsafeStreamError, match="stream_uncorrected=True"):
+        AlignedQueryEngine(FixedAnswerEngine(stream="sync"), tiny_aligner).query(QUESTION)
+    accepted = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes(), stream="sync"), tiny_aligner, stream_uncorrected=True)
+    response = accepted.query(QUESTION)
+    assert isinstance(response, StreamingResponse)  # read to the end, corrected, streamed
+    assert "".join(response.response_gen) == response.metadata["aligner"]["text"] == expected(tiny_aligner, nodes=text_nodes())
+    assert response.metadata["inner"] == "kept"
+
+    async def main():
+        r = await AlignedQueryEngine(FixedAnswerEngine(stream="async"), tiny_aligner, stream_uncorrected=True).aquery(QUESTION)
+        return r, "".join([d async for d in r.async_response_gen()])
+
+    response, text = asyncio.run(main())
+    assert isinstance(response, AsyncStreamingResponse) and text == response.metadata["aligner"]["text"]
+
+
 def test_empty_and_structured_answers_pass_through(tiny_aligner):
     empty = AlignedQueryEngine(FixedAnswerEngine(answer="  "), tiny_aligner).query(QUESTION)
-    assert empty.response == "  " and empty.metadata["aligner"]["skipped"] == "empty answer"
+    assert empty.response == "  " and empty.metadata["aligner"]["skipped"] == "empty_answer"
 
     class Capital(BaseModel):
         city: str
@@ -128,7 +152,7 @@ def test_empty_and_structured_answers_pass_through(tiny_aligner):
 
     structured = AlignedQueryEngine(StructuredEngine(), tiny_aligner).query(QUESTION)
     assert isinstance(structured, PydanticResponse) and structured.response.city == "Canberra"
-    assert structured.metadata["aligner"]["skipped"] == "structured response"
+    assert structured.metadata["aligner"]["skipped"] == "structured_output"
 
 
 def test_on_error_raise_and_passthrough(tiny_aligner):
@@ -158,18 +182,16 @@ def test_on_overflow_truncate_corrects_a_long_answer(tiny_aligner):
 
 
 def test_on_error_with_streams(tiny_aligner):
-    inner = FixedAnswerEngine(answer=OVERLONG, stream="sync")
-    streamed = AlignedQueryEngine(inner, tiny_aligner, on_error="passthrough").query(QUESTION)
+    inner = FixedAnswerEngine(answer=OVERLONG)
+    streamed = AlignedQueryEngine(inner, tiny_aligner, on_error="passthrough", streaming=True).query(QUESTION)
     assert "".join(streamed.response_gen) == OVERLONG
     assert streamed.metadata["aligner"]["error"].startswith("ContextOverflowError")
 
     with pytest.raises(ContextOverflowError):  # raised by query(), as for a plain answer
-        AlignedQueryEngine(inner, tiny_aligner).query(QUESTION)
-
-    ainner = FixedAnswerEngine(answer=OVERLONG, stream="async")
+        AlignedQueryEngine(inner, tiny_aligner, streaming=True).query(QUESTION)
 
     async def main():
-        response = await AlignedQueryEngine(ainner, tiny_aligner, on_error="passthrough").aquery(QUESTION)
+        response = await AlignedQueryEngine(inner, tiny_aligner, on_error="passthrough", streaming=True).aquery(QUESTION)
         return response, await response.get_response()
 
     response, final = asyncio.run(main())
@@ -181,14 +203,14 @@ def test_a_closed_aligner_passes_answers_through(tiny_aligner):
     engine = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes()), tiny_aligner, on_error="passthrough")
     response = asyncio.run(engine.aquery(QUESTION))
     assert response.response == ANSWER and response.metadata["aligner"]["error_type"] == "SchedulerClosedError"
-    streaming = AlignedQueryEngine(FixedAnswerEngine(stream="sync"), tiny_aligner, on_error="passthrough")
+    streaming = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, on_error="passthrough", streaming=True)
     assert "".join(streaming.query(QUESTION).response_gen) == ANSWER
     with pytest.raises(AlignerError, match="closed"):
         asyncio.run(AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner).aquery(QUESTION))
 
 
 def test_a_stream_closed_early_stops_cleanly(tiny_aligner):
-    response = AlignedQueryEngine(FixedAnswerEngine(stream="sync"), tiny_aligner).query(QUESTION)
+    response = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, streaming=True).query(QUESTION)
     gen = response.response_gen
     next(gen, None)
     gen.close()  # stops the correction mid-way
