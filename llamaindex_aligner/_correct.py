@@ -65,6 +65,7 @@ class AnswerCorrector:
         report_llm: bool = True,
         inspector: Inspector | ScoreFn | None = None,
         threshold: float | None = None,
+        include_original: bool = False,
     ) -> None:
         if not isinstance(aligner, Aligner):
             raise TypeError(f"aligner must be an aligner_core.Aligner, got {type(aligner).__name__}")
@@ -73,6 +74,7 @@ class AnswerCorrector:
         self.generation_kwargs = dict(generation_kwargs or {})
         check_options(aligner, self.generation_kwargs)
         self.aligner, self.component, self.on_error = aligner, component, on_error
+        self.include_original = include_original
         self.inspector = None if inspector is None else as_inspector(inspector)
         self.threshold = None if threshold is None else check_threshold(threshold)
         self._callback_manager, self.report_llm = callback_manager, report_llm
@@ -169,9 +171,13 @@ class AnswerCorrector:
         return info
 
     def _details(self, correction: Correction) -> dict[str, Any]:
-        """A Correction as the details dict; a reason it passed through (``skipped``) is repeated at the top."""
+        """A Correction as the details dict; a reason it passed through (``skipped``) is repeated at the top. The
+        answer the correction replaced (``original``) is left out unless ``include_original``: the details travel
+        with the response (agent event streams carry them), and the uncorrected text must not."""
         data = correction.to_dict()
         del data["question"]
+        if correction.changed and not self.include_original:
+            del data["original"]
         reason = {k: correction.metadata[k] for k in SKIP_KEYS if k in correction.metadata}
         return {"model": self.aligner.name, **data, **verdict(correction), **reason, "error": None}
 

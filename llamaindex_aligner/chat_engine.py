@@ -61,6 +61,7 @@ class AlignedChatEngine(BaseChatEngine):
         callback_manager: CallbackManager | None = None,
         inspector: Inspector | ScoreFn | None = None,
         threshold: float | None = None,
+        include_original: bool = False,
     ) -> None:
         if not isinstance(chat_engine, BaseChatEngine):
             raise TypeError(f"chat_engine must be a LlamaIndex BaseChatEngine, got {type(chat_engine).__name__}")
@@ -72,6 +73,7 @@ class AlignedChatEngine(BaseChatEngine):
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
             callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
+            include_original=include_original,
         )
         self.chat_engine = chat_engine
         self.aligner = aligner

@@ -83,6 +83,11 @@ class AlignedLLM(ToolCalling):
         description="An answer scoring at or above it is returned unchanged, with no correction generated; "
         "None: the Aligner's.",
     )
+    include_original: bool = Field(
+        default=False,
+        description="Record the uncorrected answer as 'original' in the details (off: they travel with the "
+        "response, agent event streams included).",
+    )
 
     _corrector: AnswerCorrector = PrivateAttr()
 
@@ -95,6 +100,7 @@ class AlignedLLM(ToolCalling):
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=self.on_error, generation_kwargs=self.generation_kwargs,
             report_llm=False, inspector=self.inspector, threshold=self.threshold,
+            include_original=self.include_original,
         )
 
     @classmethod

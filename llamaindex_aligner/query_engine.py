@@ -68,6 +68,7 @@ class AlignedQueryEngine(BaseQueryEngine):
         correct_structured: bool = False,
         streaming: bool = False,
         stream_uncorrected: bool = False,
+        include_original: bool = False,
     ) -> None:
         if isinstance(query_engine, BaseChatEngine):
             raise TypeError(
@@ -78,6 +79,7 @@ class AlignedQueryEngine(BaseQueryEngine):
         self._corrector = AnswerCorrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
             callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
+            include_original=include_original,
         )
         self.query_engine = query_engine
         self.aligner = aligner
@@ -155,7 +157,7 @@ class AlignedQueryEngine(BaseQueryEngine):
 
     def _replace(self, response: RESPONSE_TYPE, decision: Decision, info: dict[str, Any]) -> RESPONSE_TYPE:
         metadata = self._metadata(response, info)
-        if not decision.corrects or info["text"] == info["original"]:
+        if not decision.corrects or not info.get("changed"):
             return dataclasses.replace(response, metadata=metadata)
         if isinstance(response, PydanticResponse):  # settled: the corrected JSON validates as the same model
             model = type(response.response).model_validate_json(info["text"])

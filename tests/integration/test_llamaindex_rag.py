@@ -113,7 +113,7 @@ def test_postprocessor_async_with_top_k(rag):
 def test_aligned_engine_corrects_the_final_answer(rag, plain_answer):
     engine = rag.engine()
     with recording() as (events, _):
-        response = AlignedQueryEngine(engine, rag.aligner, generation_kwargs=GEN).query(QUESTION)
+        response = AlignedQueryEngine(engine, rag.aligner, generation_kwargs=GEN, include_original=True).query(QUESTION)
     info = response.metadata["aligner"]
     assert info["original"] == plain_answer  # greedy: the inner engine answers as it does alone
     assert response.response == info["text"] and response.response.strip()
@@ -124,7 +124,7 @@ def test_aligned_engine_corrects_the_final_answer(rag, plain_answer):
 
 def test_aligned_engine_async_over_the_postprocessor(rag):
     inner = rag.engine(node_postprocessors=[rag.postprocessor()])
-    engine = AlignedQueryEngine(inner, rag.aligner, generation_kwargs=GEN)
+    engine = AlignedQueryEngine(inner, rag.aligner, generation_kwargs=GEN, include_original=True)
     with recording() as (events, _):
         response = asyncio.run(engine.aquery(QUESTION))
     info = response.metadata["aligner"]
@@ -134,7 +134,7 @@ def test_aligned_engine_async_over_the_postprocessor(rag):
 
 
 def test_aligned_engine_streams_the_correction(rag, plain_answer):
-    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, streaming=True)
+    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, streaming=True, include_original=True)
     response = engine.query(QUESTION)
     assert isinstance(response, StreamingResponse)
     text = "".join(response.response_gen)
@@ -145,7 +145,7 @@ def test_aligned_engine_streams_the_correction(rag, plain_answer):
 
 
 def test_aligned_engine_streams_async(rag):
-    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, on_error="passthrough", streaming=True)
+    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, on_error="passthrough", streaming=True, include_original=True)
 
     async def main():
         response = await engine.aquery(QUESTION)
@@ -159,7 +159,7 @@ def test_aligned_engine_streams_async(rag):
 
 def test_chat_engine_streams_the_corrected_answer(rag):
     inner = rag.index.as_chat_engine(chat_mode="context", llm=rag.llm, similarity_top_k=1)
-    engine = AlignedChatEngine(inner, rag.aligner, generation_kwargs=GEN)
+    engine = AlignedChatEngine(inner, rag.aligner, generation_kwargs=GEN, include_original=True)
     response = engine.stream_chat(QUESTION)
     text = "".join(response.response_gen)
     info = response.metadata["aligner"]

@@ -39,7 +39,7 @@ def test_chat_and_complete_return_the_correction(tiny_aligner):
     expected, in_chat = corrected(tiny_aligner), corrected(tiny_aligner, history=SYSTEM)
     response = llm.chat(user())
     info = response.additional_kwargs["aligner"]
-    assert response.message.content == in_chat == info["text"] and info["original"] == ANSWER
+    assert response.message.content == in_chat == info["text"] and "original" not in info  # not sent on
     assert info["metadata"]["history_turns"] == 1
     assert response.raw["usage"]["completion_tokens"] == info["completion_tokens"] > 0
     assert llm.complete(QUESTION).text == expected
@@ -56,7 +56,7 @@ def test_streams_yield_only_the_correction(tiny_aligner):
         completions = list(llm.stream_complete(QUESTION))
     assert "".join(c.delta for c in chunks) == in_chat == chunks[-1].message.content
     assert "".join(c.delta for c in completions) == expected == completions[-1].text
-    assert chunks[-1].additional_kwargs["aligner"]["original"] == ANSWER
+    assert "original" not in chunks[-1].additional_kwargs["aligner"]  # the stream never carries the original
     assert up.streamed == 0  # the upstream never streamed: none of its tokens could reach the caller
     in_progress = events.of("LLMChatInProgressEvent") + events.of("LLMCompletionInProgressEvent")
     assert in_progress and all(e.response.delta in expected + in_chat for e in in_progress)

@@ -107,7 +107,7 @@ def test_text_blocks_are_corrected_as_their_text_and_unreadable_blocks_fail(tiny
                                                                     additional_kwargs={}))
 
     parts = [TextBlock(text="The capital of Australia"), TextBlock(text="is Sydney.")]
-    llm = AlignedLLM(llm=Blocks(blocks=parts, chat_model=True), aligner=tiny_aligner)
+    llm = AlignedLLM(llm=Blocks(blocks=parts, chat_model=True), aligner=tiny_aligner, include_original=True)
     response = llm.chat([ChatMessage(role="user", content=QUESTION)])
     info = response.additional_kwargs["aligner"]
     assert info["original"] == "The capital of Australia\nis Sydney."  # joined as ChatMessage.content joins them
