@@ -91,7 +91,9 @@ def test_llamaindex_postprocessor_and_query_engine_on_the_server(served, expecte
 
     nodes = [NodeWithScore(node=TextNode(text=a), score=1.0) for a in ANSWERS]
     out = AlignerNodePostprocessor(aligner=served).postprocess_nodes(nodes, query_str=QUESTIONS[0])
-    want = [c.text for c in served.correct_batch([(QUESTIONS[0], a) for a in ANSWERS])]
+    neighbours = [[b for b in ANSWERS if b != a] for a in ANSWERS]  # each node is read beside the other nodes
+    want = [c.text for c in served.correct_batch(
+        [{"question": QUESTIONS[0], "answer": a, "context": n} for a, n in zip(ANSWERS, neighbours)])]
     assert [n.node.get_content() for n in out] == want
 
     engine = AlignedQueryEngine(FixedAnswerEngine(answer=ANSWERS[0]), served)
