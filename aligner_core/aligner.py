@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+from . import telemetry
 from .context import Context, context_of, context_texts, normalize_context
 from .correction import Correction
 from .engines.base import Engine, GenerationOutput, GenerationParams, GenerationRequest
@@ -29,6 +30,7 @@ from .history import History, history_of, history_texts, normalize_history, rend
 from .plaintext import encode_plain, holds_special
 from .progress import Progress, ProgressCallback, tracking
 from .streaming import AsyncCorrectionStream, CorrectionStream, StreamCancelled, TextDeltas
+from .telemetry import span_of
 from .templates import ChatTemplate, Template, get_template
 
 logger = logging.getLogger("aligner_core")
@@ -271,6 +273,7 @@ class Aligner:
 
     # -- public API --------------------------------------------------------------------------
 
+    @span_of(batch=False)
     def correct(
         self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
         timeout: float | None = None, inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
@@ -306,6 +309,7 @@ class Aligner:
             raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
+    @span_of(batch=False)
     async def acorrect(
         self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
         timeout: float | None = None, inspector: Any = _OWN, threshold: float | None = None, **generation: Any,
@@ -334,6 +338,7 @@ class Aligner:
             raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
         return self.build(prepared, out, latency=time.perf_counter() - start)
 
+    @span_of(batch=True)
     async def acorrect_batch(
         self,
         pairs: Sequence[Any],
@@ -379,6 +384,7 @@ class Aligner:
         gate_with, level = self._gate(inspector, threshold)
         prepared, params = self._prepare_one(question, answer, generation, history, context)
         stream = CorrectionStream()
+        stream.span = telemetry.start(self, params, pairs=1, stream=True)
         if gate_with is not None:
             from .inspector import gate
 
@@ -425,6 +431,7 @@ class Aligner:
         gating = self._gate(inspector, threshold)
         prepared, params = self._prepare_one(question, answer, generation, history, context)
         stream = AsyncCorrectionStream(loop)
+        stream.span = telemetry.start(self, params, pairs=1, stream=True)
         stream._task = loop.create_task(self._aproduce(weakref.ref(stream), loop, prepared, params, gating))
         return stream
 
@@ -520,6 +527,7 @@ class Aligner:
         **generation: Any,
     ) -> list[Correction | Exception]: ...
 
+    @span_of(batch=True)
     def correct_batch(
         self,
         pairs: Sequence[Any],

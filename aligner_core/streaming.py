@@ -78,6 +78,7 @@ class CorrectionStream:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._cancelled = threading.Event()
         self.correction: Correction | None = None
+        self.span: Any = None  # the call's telemetry span, ended with the stream
 
     # producer side (worker thread)
     def put(self, delta: str) -> None:
@@ -88,6 +89,7 @@ class CorrectionStream:
 
     def done(self, correction: Correction | None, error: BaseException | None = None) -> None:
         self.correction = correction
+        _end_span(self, correction, error)
         self._queue.put(error if error is not None else _END)
 
     # consumer side
@@ -122,6 +124,7 @@ class AsyncCorrectionStream:
         self._cancelled = threading.Event()
         self.correction: Correction | None = None
         self._task: asyncio.Task[None] | None = None  # the producer, held so it is not garbage-collected
+        self.span: Any = None  # the call's telemetry span, ended with the stream
 
     def put(self, delta: str) -> None:
         if self._cancelled.is_set():
@@ -131,6 +134,7 @@ class AsyncCorrectionStream:
 
     def done(self, correction: Correction | None, error: BaseException | None = None) -> None:
         self.correction = correction
+        _end_span(self, correction, error)
         item = error if error is not None else _END
         with contextlib.suppress(RuntimeError):  # the consumer's loop may be gone
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -161,3 +165,10 @@ class AsyncCorrectionStream:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+
+def _end_span(stream: Any, correction: Correction | None, error: BaseException | None) -> None:
+    """End the stream's telemetry span (once) with how it ended: a correction, an error, or cancelled."""
+    span, stream.span = stream.span, None
+    if span is not None:
+        span.finish([correction] if correction is not None else [], error)

@@ -11,7 +11,13 @@ other (greedy, ``max_tokens``; questions from benchmarks/data/pairs32.jsonl), fi
 through the proxy, then straight to the upstream again (the direct figure is the better of the two runs).
 Reported: requests/s, median and p95 latency, the latency the proxy adds (median through the proxy minus
 median direct), and how much of that is the correction itself (the ``aligner.latency_s`` each response
-reports) versus the proxy's own HTTP/JSON work. Every process started here is stopped by its PID.
+reports) versus the proxy's own HTTP/JSON work.
+
+Then the same questions are streamed one at a time (``stream: true``, ``--stream-requests``), straight to the
+upstream and through the proxy, for the time to the first token (TTFT): the proxy can only start once the
+upstream's whole answer is in (it corrects the whole answer), so its TTFT is split into the upstream's answer time
+(the median direct non-streamed latency at one client) and the rest (the correction's own first token plus the
+proxy's work). Every process started here is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -83,6 +89,32 @@ async def drive(url: str, model: str, clients: int, per_client: int, max_tokens:
             "correction_median_ms": round(1000 * statistics.median(corrections), 1) if corrections else None}
 
 
+async def first_tokens(url: str, model: str, n: int, max_tokens: int) -> dict[str, Any]:
+    """``n`` streamed requests one after the other: time to the first content delta, and to the end."""
+    import httpx
+
+    ttft: list[float] = []
+    total: list[float] = []
+    qs = questions(n)
+    async with httpx.AsyncClient(timeout=600) as c:
+        for q in qs:
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "messages": [{"role": "user", "content": q}]}
+            start = time.perf_counter()
+            first = None
+            async with c.stream("POST", f"{url}/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if first is None and line.startswith("data: {"):
+                        choices = json.loads(line[6:]).get("choices") or [{}]
+                        if (choices[0].get("delta") or {}).get("content"):
+                            first = time.perf_counter() - start
+            total.append(time.perf_counter() - start)
+            ttft.append(first if first is not None else total[-1])
+    return {"requests": n, "ttft_median_ms": round(1000 * statistics.median(ttft), 1),
+            "ttft_p95_ms": round(1000 * pct(ttft, 0.95), 1), "total_median_ms": round(1000 * statistics.median(total), 1)}
+
+
 def free_port() -> int:
     import socket
 
@@ -124,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,32", help="client counts, comma-separated (default: 1,32)")
     parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default: 4)")
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request (default: 16)")
+    parser.add_argument("--stream-requests", type=int, default=8,
+                        help="streamed requests each way for the time to first token (default: 8; 0 skips it)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -170,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
                          "proxy": prox, "added_latency_ms": round(added, 1),
                          "added_minus_correction_ms": round(added - correction, 1),
                          "req_s_ratio_proxy_over_direct": round(prox["req_s"] / direct["req_s"], 3)})
+        ttft = None
+        if args.stream_requests > 0:
+            print(f"time to first token, {args.stream_requests} streamed requests each way ...", file=sys.stderr)
+            direct_stream = asyncio.run(first_tokens(upstream, args.upstream_model, args.stream_requests, args.max_tokens))
+            proxy_stream = asyncio.run(first_tokens(proxy_url, args.upstream_model, args.stream_requests, args.max_tokens))
+            one = next((r for r in rows if r["clients"] == 1), rows[0])
+            wait = one["direct"]["median_ms"]  # the proxy waits for the upstream's whole answer first
+            added = proxy_stream["ttft_median_ms"] - direct_stream["ttft_median_ms"]
+            ttft = {"direct": direct_stream, "proxy": proxy_stream, "added_ttft_ms": round(added, 1),
+                    "of_which_upstream_answer_ms": round(wait - direct_stream["ttft_median_ms"], 1),
+                    "of_which_correction_first_token_and_proxy_ms": round(proxy_stream["ttft_median_ms"] - wait, 1)}
         result = {
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                         "loadavg": list(os.getloadavg())},
@@ -179,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                          "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client,
                          "greedy": True},
             "rows": rows,
+            "time_to_first_token": ttft,
         }
         print(f"{'clients':>7} | {'direct req/s':>12} | {'proxy req/s':>11} | {'direct p50 ms':>13} | "
               f"{'proxy p50 ms':>12} | {'added ms':>8} | {'of which correction ms':>22}")
@@ -186,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['clients']:>7} | {r['direct']['req_s']:>12} | {r['proxy']['req_s']:>11} | "
                   f"{r['direct']['median_ms']:>13} | {r['proxy']['median_ms']:>12} | {r['added_latency_ms']:>8} | "
                   f"{r['proxy']['correction_median_ms']:>22}")
+        if ttft is not None:
+            print(f"time to first token (median ms): direct {ttft['direct']['ttft_median_ms']}, through the proxy "
+                  f"{ttft['proxy']['ttft_median_ms']} (+{ttft['added_ttft_ms']}: waiting for the upstream's whole "
+                  f"answer {ttft['of_which_upstream_answer_ms']}, the correction's first token and the proxy "
+                  f"{ttft['of_which_correction_first_token_and_proxy_ms']})")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0

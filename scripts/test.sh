@@ -12,7 +12,7 @@ if [ "$skip_vllm" != 1 ]; then
   bash scripts/setup_vllm.sh > .vllm-setup.log 2>&1 &
   vllm_setup_pid=$!
 fi
-bash scripts/setup.sh "dev,langchain,llamaindex,eval,train,server,serve,ray"
+bash scripts/setup.sh "dev,langchain,llamaindex,eval,train,server,serve,ray,otel"
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 echo "==> main venv ready after $(( $(date +%s) - start ))s" >&2
