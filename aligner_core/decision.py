@@ -45,6 +45,8 @@ class Skip(str, Enum):
     NON_TEXT_CONTENT = "non_text_content"
     INTERMEDIATE_STEP = "intermediate_step"
     INSPECTOR_PASSED = "inspector_passed"
+    INSPECT_ONLY = "inspect_only"
+    DISABLED = "disabled"
 
     def __str__(self) -> str:
         return self.value
@@ -61,6 +63,8 @@ DETAILS: dict[Skip, str] = {
     Skip.NON_TEXT_CONTENT: "the answer holds no text, only other content (images, audio, reasoning)",
     Skip.INTERMEDIATE_STEP: "an intermediate step the user does not read (a condensed question, a rewrite, a thought)",
     Skip.INSPECTOR_PASSED: "the inspector scored the answer at or above its threshold",
+    Skip.INSPECT_ONLY: "this caller's policy only scores answers with the inspector; they are never rewritten",
+    Skip.DISABLED: "correction is off for this caller or request",
 }
 
 # -- reading content ---------------------------------------------------------------------------------
