@@ -10,11 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import ServeLimits, build_app
+    from .app import build_app
+    from .limits import ServeLimits
+    from .models import ModelMap
     from .security import ApiKeys
     from .upstream import Upstream
 
-_LAZY = {"build_app": "app", "ServeLimits": "app", "ApiKeys": "security", "Upstream": "upstream"}
+_LAZY = {"build_app": "app", "ServeLimits": "limits", "ModelMap": "models", "ApiKeys": "security",
+         "Upstream": "upstream"}
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +34,4 @@ def __getattr__(name: str) -> Any:
         raise missing(exc.name or "starlette", "serve", "aligner_serve") from exc
 
 
-__all__ = ["ApiKeys", "ServeLimits", "Upstream", "build_app"]
+__all__ = ["ApiKeys", "ModelMap", "ServeLimits", "Upstream", "build_app"]

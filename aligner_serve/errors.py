@@ -66,4 +66,4 @@ def upstream_error_response(exc: UpstreamError) -> JSONResponse:
     headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
     if isinstance(exc, UpstreamStatusError) and isinstance(exc.body, dict):
         return JSONResponse(exc.body, status_code=exc.status, headers=headers)
-    return json_error(exc.status, str(exc), type=exc.type, code=exc.type, headers=headers)
+    return json_error(exc.status, str(exc), type=exc.type, code=exc.code, headers=headers)

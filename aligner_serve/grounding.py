@@ -1,8 +1,10 @@
 """What of a chat request the Aligner sees: the question, the conversation before it, and what the answer
 is grounded on.
 
-The last user message is the question. The turns before it are history, text turns only, as the Aligner's
-templates take them. The turns after it belong to the answer being made: the assistant's tool calls and the
+The last user message is the question. A request without one is answered too (as vLLM answers it): its question
+is then the last system or developer message (the instruction the answer follows), and with neither the question
+is empty and every text turn is history. The turns before the question are history, text turns only, as the
+Aligner's templates take them. The turns after it belong to the answer being made: the assistant's tool calls and the
 tools' results, which become the correction's ``context`` (``aligner_core.context``), so the Aligner sees the
 evidence the final answer relies on and does not "fix" grounded facts. Tool turns of earlier user turns grounded
 earlier answers (which are in the history as text), so they are left out, as are the text parts of the
@@ -24,27 +26,34 @@ from .bad_request import RequestShapeError
 
 #: Roles the Aligner's history takes; OpenAI's ``developer`` role is a system prompt by another name.
 HISTORY_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+#: Where the question is looked for, in order: the last message of the first of these roles found.
+QUESTION_ROLES = (("user",), ("system", "developer"))
 
 
 @dataclass(frozen=True)
 class Turns:
-    """The question (the last user message), the text turns before it, and the tool turns after it as context."""
+    """The question, the text turns before it, and the tool turns after it as context. ``question_role`` is the role
+    of the message the question came from (``user``; ``system`` without a user message; None without either)."""
 
     question: str
     history: list[dict[str, str]]
     context: Context
+    question_role: str | None = "user"
 
 
 def read_turns(messages: Sequence[Mapping[str, Any]]) -> Turns:
     """Split validated messages (each a dict with a ``role``) into question, history and grounding context."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise RequestShapeError("'messages' holds no user message: the Aligner needs the question", param="messages")
-    question = text_of(messages[last_user].get("content"))
+    for roles in QUESTION_ROLES:
+        at = max((i for i, m in enumerate(messages) if m["role"] in roles), default=None)
+        if at is not None:
+            break
+    if at is None:  # only assistant (or tool) turns: no question; the conversation so far is history
+        return Turns("", history_of(messages), (), None)
+    question = text_of(messages[at].get("content"))
     if question is None:
-        raise RequestShapeError(f"messages[{last_user}] (the question) has no text content",
-                                param=f"messages[{last_user}].content")
-    return Turns(question, history_of(messages[:last_user]), turn_context(messages[last_user + 1:], last_user + 1))
+        raise RequestShapeError(f"messages[{at}] (the question) has no text content", param=f"messages[{at}].content")
+    role = "system" if messages[at]["role"] == "developer" else messages[at]["role"]
+    return Turns(question, history_of(messages[:at]), turn_context(messages[at + 1:], at + 1), role)
 
 
 def text_of(content: Any) -> str | None:
@@ -130,4 +139,4 @@ def _tool_text(content: Any, index: int) -> str:
                                 param=f"messages[{index}].content") from None
 
 
-__all__ = ["HISTORY_ROLES", "Turns", "history_of", "read_turns", "text_of", "turn_context"]
+__all__ = ["HISTORY_ROLES", "QUESTION_ROLES", "Turns", "history_of", "read_turns", "text_of", "turn_context"]

@@ -41,11 +41,20 @@ class ChatRequest:
     """The structure the request asks for (``response_format`` and servers' structured outputs), or None."""
     options: AlignerOptions = field(default_factory=AlignerOptions)
     """The request's own ``aligner`` options."""
+    n: int = 1
+    """Choices asked for: each is decided and corrected on its own, and takes a place in the queue."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences: the upstream's, and the correction's too (the text returned ends before any of them)."""
+    logprobs: bool = False
+    """Whether the client asked for log probabilities (kept only where the upstream's text is returned)."""
+    question_role: str | None = "user"
+    """The role of the message the question came from (``grounding.read_turns``)."""
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate the fields the proxy reads: the last user message is the question, earlier text turns history,
-    the tool turns after it the grounding context (``grounding``); the structure asked for; ``aligner`` options."""
+    """Validate the fields the proxy reads: the question (the last user message, else the last system prompt),
+    earlier text turns history, the tool turns after it the grounding context (``grounding``); ``n``, ``stop``,
+    ``logprobs``; the structure asked for; ``aligner`` options."""
     if not isinstance(body, dict):
         raise RequestShapeError(f"the request body must be a JSON object, got {type(body).__name__}")
     messages = body.get("messages")
@@ -58,11 +67,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestShapeError(f"'stream' must be true or false, got {stream!r}", param="stream")
-    n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    n = body.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestShapeError(f"'n' must be a positive integer, got {n!r}", param="n")
-    if stream and n not in (None, 1):
-        raise RequestShapeError("'stream' with n > 1 is not supported by the correction proxy", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestShapeError(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
@@ -70,14 +78,27 @@ def parse_chat_request(body: Any) -> ChatRequest:
     include_usage = bool(stream and isinstance(stream_options, dict) and stream_options.get("include_usage"))
     return ChatRequest(body=body, question=turns.question, history=turns.history, stream=stream,
                        include_usage=include_usage, max_tokens=max_tokens, context=turns.context,
-                       structure=requested_structure(body), options=read_options(body))
+                       structure=requested_structure(body), options=read_options(body), n=n,
+                       stop=_stop(body.get("stop")), logprobs=bool(body.get("logprobs") or body.get("top_logprobs")),
+                       question_role=turns.question_role)
 
 
-def upstream_body(request: ChatRequest, model: str | None) -> dict[str, Any]:
+def _stop(value: Any) -> tuple[str, ...]:
+    """``stop`` as OpenAI takes it: null, a string or a list of strings (empty strings stop nothing)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(s for s in value if s)
+    raise RequestShapeError(f"'stop' must be a string or a list of strings, got {value!r}", param="stop")
+
+
+def upstream_body(request: ChatRequest, model: Any) -> dict[str, Any]:
     """The body sent upstream: the client's, asking for the whole answer at once (it is corrected before
-    anything is sent back), with the configured upstream model and without the proxy's ``aligner`` field."""
+    anything is sent back), with ``model`` as the operator mapped it and without the proxy's ``aligner`` field."""
     body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options", OPTIONS_FIELD)}
-    if model:
+    if model is not None:
         body["model"] = model
     return body
 
@@ -119,18 +140,20 @@ def new_id() -> str:
 
 
 def chunk(
-    completion_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-    **extra: Any,
+    completion_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None, *,
+    index: int = 0, logprobs: Any = None, **extra: Any,
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` with a single choice (index 0)."""
+    """One ``chat.completion.chunk`` with a single choice (``index``)."""
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            **extra}
 
 
-def usage_chunk(completion_id: str, model: str, created: int, usage: Mapping[str, Any] | None) -> dict[str, Any]:
+def usage_chunk(completion_id: str, model: str, created: int, usage: Mapping[str, Any] | None,
+                **extra: Any) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": dict(usage) if usage else None}
+            "choices": [], "usage": dict(usage) if usage else None, **extra}
 
 
 def sse(payload: Mapping[str, Any] | str) -> bytes:

@@ -1,29 +1,24 @@
-"""What guards the proxy: API keys, request-size limits and admission (429 past the queue limit).
+"""What guards the proxy: API keys and admission (429 past the queue limit).
 
-Keys are compared in constant time and never logged; bodies are read with a byte cap, so a huge or
-endless upload costs at most ``max_body_bytes``; admission is a counter, so a full proxy answers at
-once instead of queueing without bound.
+Keys are compared in constant time and never logged, and a key file that yields no key refuses to start (an empty
+key set would serve everyone); admission is a counter, so a full proxy answers at once instead of queueing without
+bound. Bodies are read by ``body`` (capped in size and time).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from starlette.requests import Request
 
 
-class BodyTooLargeError(Exception):
-    """The request body is over the size limit (HTTP 413)."""
-
-
-class MalformedJSONError(ValueError):
-    """The request body is not valid JSON (HTTP 400)."""
+class KeyFileError(ValueError):
+    """An API key file that cannot be used: unreadable as UTF-8 text, or holding no key at all. The proxy refuses to
+    start rather than serve everyone, as an empty key set would."""
 
 
 class ApiKeys:
@@ -34,13 +29,12 @@ class ApiKeys:
 
     @classmethod
     def load(cls, keys: Iterable[str] = (), key_file: str | os.PathLike[str] | None = None) -> ApiKeys:
-        """Keys given directly plus those in ``key_file`` (one per line; blank lines and ``#`` comments skipped)."""
+        """Keys given directly plus those in ``key_file`` (one per line; blank lines and ``#`` comments skipped; a
+        UTF-8 byte-order mark ignored). A key file that is not UTF-8 text, or holds no key, raises ``KeyFileError``:
+        an operator who names a key file means to require keys."""
         found = [k.strip() for k in keys if k and k.strip()]
         if key_file is not None:
-            for line in Path(key_file).read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    found.append(line)
+            found.extend(read_key_file(key_file))
         return cls(found)
 
     @property
@@ -65,6 +59,23 @@ class ApiKeys:
         return sum(hmac.compare_digest(candidate, key) for key in self._keys) > 0
 
 
+def read_key_file(path: str | os.PathLike[str]) -> list[str]:
+    """The keys in ``path``: one per line, blank lines and ``#`` comments skipped, a leading BOM stripped."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise KeyFileError(f"the API key file {str(path)!r} is not UTF-8 text (byte {exc.start}): save it as UTF-8, "
+                           "one key per line") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the API key file {str(path)!r}: {exc.strerror or exc}") from None
+    keys = [line.strip() for line in text.splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise KeyFileError(f"the API key file {str(path)!r} holds no key (only blank lines or # comments): the proxy "
+                           "would serve everyone; add one key per line")
+    return keys
+
+
 def _presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth:
@@ -72,25 +83,6 @@ def _presented_key(request: Request) -> str | None:
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
     return request.headers.get("x-api-key")
-
-
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, reading at most ``max_bytes`` (``BodyTooLargeError`` beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BodyTooLargeError(f"the request body is {declared} bytes, over the limit of {max_bytes}")
-    chunks: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > max_bytes:
-            raise BodyTooLargeError(f"the request body is over the limit of {max_bytes} bytes")
-        chunks.append(part)
-    raw = b"".join(chunks)
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedJSONError(f"the request body is not valid JSON: {exc}") from None
 
 
 class Admission:

@@ -1,9 +1,9 @@
 """The server-sent events of a streamed chat completion, as OpenAI sends them.
 
-Two shapes, and neither ever carries uncorrected text as if corrected: a message sent whole (an answer that passes
-through as the upstream sent it, or a structured correction checked before a byte is sent) and a correction
-streamed as it is generated. The final chunk of either carries the ``aligner`` field; a streamed correction's
-leaves the original out.
+Two shapes per choice, and neither ever carries uncorrected text as if corrected: a message sent whole (an answer
+that passes through as the upstream sent it, or a structured correction checked before a byte is sent) and a
+correction streamed as it is generated. The final chunk of either carries the ``aligner`` field; a streamed
+correction's leaves the original out. With ``n`` > 1 the choices stream one after another, each under its index.
 """
 
 from __future__ import annotations
@@ -33,25 +33,25 @@ class StreamHead:
     id: str
     model: str
     created: int
-    usage: Mapping[str, Any] | None = None
     include_usage: bool = False
 
-    def event(self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
-        return oa.sse(oa.chunk(self.id, self.model, self.created, delta, finish_reason, **extra))
+    def event(self, delta: dict[str, Any], finish_reason: str | None = None, *, index: int = 0, logprobs: Any = None,
+              **extra: Any) -> bytes:
+        return oa.sse(oa.chunk(self.id, self.model, self.created, delta, finish_reason, index=index,
+                               logprobs=logprobs, **extra))
 
-    def end(self) -> Iterator[bytes]:
+    def end(self, usage: Mapping[str, Any] | None, **extra: Any) -> Iterator[bytes]:
         if self.include_usage:
-            yield oa.sse(oa.usage_chunk(self.id, self.model, self.created, self.usage))
+            yield oa.sse(oa.usage_chunk(self.id, self.model, self.created, usage, **extra))
         yield oa.SSE_DONE
 
 
-async def whole_message(head: StreamHead, delta: dict[str, Any], finish_reason: str,
-                        details: dict[str, Any]) -> AsyncIterator[bytes]:
-    """A message as one delta, then the final chunk with its ``aligner`` field."""
-    yield head.event(delta)
-    yield head.event({}, finish_reason, aligner=details)
-    for event in head.end():
-        yield event
+async def whole_message(head: StreamHead, index: int, delta: dict[str, Any], finish_reason: str,
+                        details: dict[str, Any], logprobs: Any = None) -> AsyncIterator[bytes]:
+    """A message as one delta (with the upstream's log probabilities where its text is what is sent), then its
+    final chunk with the ``aligner`` field."""
+    yield head.event(delta, index=index, logprobs=logprobs)
+    yield head.event({}, finish_reason, index=index, aligner=details)
 
 
 class CorrectionDeltas:
@@ -82,38 +82,45 @@ class CorrectionDeltas:
             raise
 
 
-def correction_events(head: StreamHead, deltas: CorrectionDeltas, first: str | None,
-                      finished: Callable[[Correction], dict[str, Any]]) -> AsyncIterator[bytes]:
-    """The events of a correction streamed as it is generated, starting with ``first``. ``finished`` records the
-    finished correction and gives its ``aligner`` field. A failure after the response started ends the stream
-    with an ``error`` event instead of ``[DONE]``."""
-
-    async def events() -> AsyncIterator[bytes]:
-        delta: str | None = first
-        try:
-            yield head.event({"role": "assistant", "content": ""})
-            while delta is not None:
-                yield head.event({"content": delta})
-                delta = await deltas.next()
-        except AlignerError as exc:
-            _, kind, code = aligner_status(exc)
-            logger.warning("a streamed correction failed after it started (%s)", type(exc).__name__)
-            yield oa.sse(oa.error_body(failure_message(exc), type=kind, code=code))
-            return
-        except Exception:
-            logger.exception("a streamed correction failed after it started")
-            yield oa.sse(oa.error_body("internal error in the correction proxy", type="server_error"))
-            return
-        finally:
-            deltas.stream.close()
-        correction = deltas.stream.correction
-        if correction is None:  # pragma: no cover - the stream always sets it when it ends cleanly
-            return
-        yield head.event({}, correction.finish_reason, aligner=finished(correction))
-        for event in head.end():
-            yield event
-
-    return events()
+async def correction_events(head: StreamHead, index: int, deltas: CorrectionDeltas, first: str | None,
+                            finished: Callable[[Correction], tuple[str, dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """The events of a correction streamed as it is generated, starting with ``first``; ``finished`` records the
+    finished correction and gives the final chunk's finish reason and ``aligner`` field. Failures propagate to
+    ``compose``."""
+    delta: str | None = first
+    try:
+        yield head.event({"role": "assistant", "content": ""}, index=index)
+        while delta is not None:
+            yield head.event({"content": delta}, index=index)
+            delta = await deltas.next()
+    finally:
+        deltas.stream.close()
+    correction = deltas.stream.correction
+    if correction is None:  # pragma: no cover - the stream always sets it when it ends cleanly
+        raise RuntimeError("the correction stream ended without its correction")
+    finish_reason, details = finished(correction)
+    yield head.event({}, finish_reason, index=index, aligner=details)
 
 
-__all__ = ["CorrectionDeltas", "StreamHead", "correction_events", "whole_message"]
+async def compose(parts: AsyncIterator[AsyncIterator[bytes]], end: Callable[[], Iterator[bytes]]
+                  ) -> AsyncIterator[bytes]:
+    """The choices' events one after another, then ``end()`` (usage chunk, ``[DONE]``). A failure after the response
+    started ends the stream with an ``error`` event instead of ``[DONE]``."""
+    try:
+        async for part in parts:
+            async for event in part:
+                yield event
+    except AlignerError as exc:
+        _, kind, code = aligner_status(exc)
+        logger.warning("a streamed correction failed after it started (%s)", type(exc).__name__)
+        yield oa.sse(oa.error_body(failure_message(exc), type=kind, code=code))
+        return
+    except Exception:
+        logger.exception("a streamed correction failed after it started")
+        yield oa.sse(oa.error_body("internal error in the correction proxy", type="server_error"))
+        return
+    for event in end():
+        yield event
+
+
+__all__ = ["CorrectionDeltas", "StreamHead", "compose", "correction_events", "whole_message"]

@@ -85,7 +85,7 @@ class ProxyProcess:
 @pytest.fixture(scope="module")
 def proxy(vllm_server, tmp_path_factory):
     """Upstream: the vLLM server. Aligner: the packaged SmolLM2 on the local transformers engine. API key on."""
-    p = ProxyProcess(["--upstream", vllm_server.url, "--upstream-model", vllm_server.model, "--max-new-tokens", "16",
+    p = ProxyProcess(["--upstream", vllm_server.url, "--upstream-model", vllm_server.model, "--max-new-tokens", "8",
                       "--api-key", KEY, "--max-body-bytes", "65536", "--max-queue", "256"],
                      tmp_path_factory.mktemp("serve") / "proxy.log", KEY)
     try:
@@ -147,21 +147,26 @@ def wait_idle(p: ProxyProcess, timeout: float = 60.0) -> None:
 def test_openai_client_gets_the_correction_and_the_original(proxy, vllm_server):
     raw = direct_answer(vllm_server, QUESTION, 24)
     resp = client(proxy).chat.completions.create(
-        model="anything", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0)
+        model="smollm2", messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0)
     details = resp.model_extra["aligner"]
     text = resp.choices[0].message.content
     assert details["original"] == raw and text and details["corrected"] is True
     assert details["changed"] == (text.strip() != raw.strip())
     expected = difflib.SequenceMatcher(None, raw.strip(), text.strip(), autojunk=False).ratio()
     assert details["similarity"] == pytest.approx(expected, abs=1e-6)
-    assert details["template"] == "chat" and 0 < details["usage"]["completion_tokens"] <= 16
-    assert resp.model == vllm_server.model and resp.usage.completion_tokens <= 24  # the upstream's usage
+    from aligner_serve.budget import restating
+
+    # room to restate the upstream's answer (at most 24 tokens), never the client's max_tokens
+    assert details["template"] == "chat" and 0 < details["usage"]["completion_tokens"] <= restating(24)
+    assert resp.model == vllm_server.model and details["upstream_usage"]["completion_tokens"] <= 24
+    assert resp.usage.completion_tokens == details["usage"]["completion_tokens"]  # what the client got
+    assert details["upstream_finish_reason"] in ("stop", "length")
     assert UPSTREAM_KEY not in resp.model_dump_json()
 
 
 def test_a_stream_never_carries_the_raw_upstream_text(proxy, vllm_server):
-    raw = direct_answer(vllm_server, CHANGED, 24)
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": CHANGED}], "max_tokens": 24,
+    raw = direct_answer(vllm_server, CHANGED, 16)
+    body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": CHANGED}], "max_tokens": 16,
                        "temperature": 0, "stream": True})
     run = curl("-N", "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
                f"{proxy.url}/chat/completions", "-d", "@-", data=body)
@@ -175,7 +180,7 @@ def test_a_stream_never_carries_the_raw_upstream_text(proxy, vllm_server):
     assert text and text.strip() != raw.strip()
 
     stream = client(proxy).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": CHANGED}], max_tokens=24, temperature=0, stream=True,
+        model="smollm2", messages=[{"role": "user", "content": CHANGED}], max_tokens=16, temperature=0, stream=True,
         stream_options={"include_usage": True})
     parts, usage = [], None
     for chunk in stream:
@@ -186,7 +191,7 @@ def test_a_stream_never_carries_the_raw_upstream_text(proxy, vllm_server):
 
 
 def test_curl_chat_completion_and_corrections(proxy):
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8,
+    body = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8,
                        "temperature": 0})
     run = curl("-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
                f"{proxy.url}/chat/completions", "-d", body)
@@ -207,8 +212,8 @@ def test_200_concurrent_requests_each_get_their_own_answer(proxy):
         async with openai.AsyncOpenAI(base_url=proxy.url, api_key=KEY, max_retries=0, timeout=600) as c:
             async def one(i):
                 return await c.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"Repeat this number: {1000 + i}"}],
-                    max_tokens=8, temperature=0)
+                    model="smollm2", messages=[{"role": "user", "content": f"Repeat this number: {1000 + i}"}],
+                    max_tokens=4, temperature=0)  # "1000": its correction gets 4 + 8 tokens of room
 
             return await asyncio.gather(*(one(i) for i in range(200)))
 
@@ -230,8 +235,12 @@ def test_200_concurrent_requests_each_get_their_own_answer(proxy):
 
 def test_models_health_metrics_and_multi_turn(proxy, vllm_server):
     c = client(proxy)
-    assert [m.id for m in c.models.list()] == [vllm_server.model]
-    resp = c.chat.completions.create(model="m", max_tokens=8, temperature=0, messages=[
+    models = c.models.list()
+    assert [m.id for m in models] == [vllm_server.model]
+    assert models.data[0].model_extra["max_model_len"] == 2048  # the upstream's fields are kept
+    with pytest.raises(openai.NotFoundError):  # a model nobody maps goes upstream, and vLLM answers it
+        c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    resp = c.chat.completions.create(model="smollm2", max_tokens=8, temperature=0, messages=[
         {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi, I am Ann."},
         {"role": "assistant", "content": "Hello Ann."}, {"role": "user", "content": "What is my name?"}])
     assert resp.model_extra["aligner"].get("history_turns") == 3
@@ -244,15 +253,15 @@ def test_models_health_metrics_and_multi_turn(proxy, vllm_server):
 def test_wrong_key_oversized_body_and_malformed_json(proxy):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=proxy.url, api_key="wrong", max_retries=0).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Hi"}])
+            model="smollm2", messages=[{"role": "user", "content": "Hi"}])
     run = curl("-o", "/dev/null", "-w", "%{http_code}", f"{proxy.url}/models")
     assert run.stdout == "401"
-    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    big = json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "x" * 100_000}]})
     run = curl("-w", "\n%{http_code}", "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
                f"{proxy.url}/chat/completions", "--data-binary", "@-", data=big)
     assert run.stdout.endswith("\n413") and "request_too_large" in run.stdout
     run = curl("-w", "\n%{http_code}", "-H", f"Authorization: Bearer {KEY}", f"{proxy.url}/chat/completions",
-               "-d", '{"model": "m", "messages": [')
+               "-d", '{"model": "smollm2", "messages": [')
     assert run.stdout.endswith("\n400") and "invalid_json" in run.stdout
     assert proxy.alive()
     log = proxy.log.read_text()
@@ -263,7 +272,7 @@ def test_past_the_queue_limit_the_proxy_answers_429_with_retry_after(small_proxy
     async def main():
         async with httpx.AsyncClient(timeout=300) as c:
             return await asyncio.gather(*(c.post(f"{small_proxy.url}/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8,
+                "model": "smollm2", "messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8,
                 "temperature": 0}) for i in range(12)))
 
     start = time.perf_counter()
@@ -278,14 +287,14 @@ def test_past_the_queue_limit_the_proxy_answers_429_with_retry_after(small_proxy
         async def burst():
             async with openai.AsyncOpenAI(base_url=small_proxy.url, api_key="unused", max_retries=0) as c:
                 await asyncio.gather(*(c.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8) for _ in range(6)))
+                    model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8) for _ in range(6)))
 
         asyncio.run(burst())
     wait_idle(small_proxy)  # the burst's admitted requests were cancelled: their client hung up
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{small_proxy.port}/metrics").read().decode()
     assert 'aligner_serve_requests_total{endpoint="/v1/chat/completions",status="499"}' in metrics
     assert client(small_proxy).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8).choices[0].message.content
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8).choices[0].message.content
 
 
 def test_an_upstream_that_dies_mid_request_gives_502_and_the_proxy_stays_up(small_proxy, fault_proxy):
@@ -293,20 +302,20 @@ def test_an_upstream_that_dies_mid_request_gives_502_and_the_proxy_stays_up(smal
     c = client(small_proxy)
     fault_proxy.faults.append("drop")  # the upstream reads the request, then its connection dies
     with pytest.raises(openai.APIStatusError) as info:
-        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert info.value.status_code == 502 and "failed the request" in info.value.message
     fault_proxy.faults.append("503")  # an upstream error status is passed back as it came
     with pytest.raises(openai.APIStatusError) as info:
-        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert info.value.status_code == 503 and "injected 503" in info.value.message
     fault_proxy.faults.append("slow")  # 5 s, over --upstream-timeout 3
     with pytest.raises(openai.APIStatusError) as info:
-        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert info.value.status_code == 504
     fault_proxy.faults.append("drop")  # streamed: the error comes before any event
     run = curl("-w", "\n%{http_code}", f"{small_proxy.url}/chat/completions", "-d",
-               '{"model": "m", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}')
+               '{"model": "smollm2", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}')
     assert run.stdout.endswith("\n502") and "data:" not in run.stdout
     assert small_proxy.alive()
-    ok = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    ok = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert ok.choices[0].message.content and ok.model_extra["aligner"]["corrected"]

@@ -97,6 +97,10 @@ def test_structured_output_passes_through_parse_json_mode_and_langchain(proxy, v
                                                   max_tokens=40, temperature=0)
     assert isinstance(parsed.choices[0].message.parsed, City)
     assert parsed.model_extra["aligner"]["skipped"] == "structured_output"
+    with client(proxy).chat.completions.stream(model="smollm2", messages=question, response_format=City,
+                                               max_tokens=40, temperature=0) as stream:  # the SDK's stream helper
+        streamed = stream.get_final_completion()
+    assert streamed.choices[0].message.parsed == parsed.choices[0].message.parsed
 
     direct = openai.OpenAI(base_url=vllm_server.url, api_key="unused", max_retries=0, timeout=300)
     mode = {"model": vllm_server.model, "messages": [{"role": "user", "content": "Give a JSON object with a key colour."}],
@@ -153,7 +157,7 @@ def test_a_tool_call_passes_and_the_answer_after_it_is_corrected_with_the_tool_r
 
 def test_text_parts_are_corrected_and_a_number_is_a_502_streamed_too(proxy, upstream_wire, aligner_wire):
     parts = [{"type": "text", "text": "Paris is the capital "}, {"type": "text", "text": "of France."}]
-    body = {"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 32, "temperature": 0}
     upstream_wire.replies.append({"role": "assistant", "content": parts})
     upstream_wire.faults.append("reply")

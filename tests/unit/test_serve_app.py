@@ -51,12 +51,25 @@ async def _stub_chat(request: Request) -> JSONResponse:
                          "choices": choices, "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}})
 
 
-stub_upstream = Starlette(routes=[Route("/v1/chat/completions", _stub_chat, methods=["POST"])])
+async def _stub_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [{"id": "stub-model", "object": "model", "created": 5,
+                                                     "owned_by": "stub", "max_model_len": 4096, "root": "/models/stub"}]})
+
+
+stub_upstream = Starlette(routes=[Route("/v1/chat/completions", _stub_chat, methods=["POST"]),
+                                  Route("/v1/models", _stub_models, methods=["GET"])])
+
+
+def limit_for(aligner, answer: str) -> int:
+    """The correction limit the proxy gives ``answer``: room to restate it, never below the Aligner's default."""
+    from aligner_serve.budget import restating
+
+    return max(aligner.defaults.max_new_tokens, restating(len(aligner.engine.encode(answer, add_special_tokens=False))))
 
 
 @pytest.fixture
 def proxy(tiny_aligner):
-    upstream = Upstream("http://upstream.test/v1", model=None, api_key=UPSTREAM_KEY,
+    upstream = Upstream("http://upstream.test/v1", model="stub-model", api_key=UPSTREAM_KEY,
                         transport=httpx.ASGITransport(stub_upstream))
     limits = ServeLimits(max_body_bytes=4096, max_queue=8, max_batch_items=4, correction_timeout=60)
     app = build_app(tiny_aligner, upstream, api_keys=ApiKeys([KEY, "other-key"]), limits=limits,
@@ -91,7 +104,9 @@ def test_every_request_needs_a_valid_key(proxy, path, method, headers):
 
 def test_either_key_and_x_api_key_are_accepted(proxy):
     assert call(proxy, "GET", "/health", headers={"Authorization": "Bearer other-key"}).status_code == 200
-    assert call(proxy, "GET", "/v1/models", headers={"X-API-Key": KEY}).json()["data"][0]["id"] == "aligned-stub"
+    models = call(proxy, "GET", "/v1/models", headers={"X-API-Key": KEY}).json()["data"]
+    assert [m["id"] for m in models] == ["aligned-stub", "stub-model"]  # the served name, then the upstream's own
+    assert models[0]["max_model_len"] == 4096 and models[0]["root"] == "/models/stub"  # the upstream's fields kept
 
 
 def test_a_body_over_the_limit_is_413_declared_or_streamed(proxy):
@@ -120,12 +135,19 @@ def test_a_chat_completion_carries_the_correction_and_parses_in_the_official_cli
     data = resp.json()
     parsed = ChatCompletion.model_validate(data)
     original = "UNCORRECTED answer to What is 2 + 2?"
-    expected = tiny_aligner.correct("What is 2 + 2?", original, max_new_tokens=6)
+    expected = tiny_aligner.correct("What is 2 + 2?", original, max_new_tokens=limit_for(tiny_aligner, original))
     assert parsed.choices[0].message.content == expected.text
     assert data["aligner"]["original"] == original and data["aligner"]["changed"] == expected.changed
-    assert data["aligner"]["template"] == "aligner-v1" and data["aligner"]["usage"]["completion_tokens"] <= 6
-    assert data["choices"][0]["aligner"] == data["aligner"]
-    assert data["usage"] == {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}  # the upstream's
+    assert data["aligner"]["template"] == "aligner-v1" and data["choices"][0]["finish_reason"] == expected.finish_reason
+    choice = data["choices"][0]["aligner"]
+    assert choice["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": expected.completion_tokens}
+    top = {k: v for k, v in data["aligner"].items() if k != "upstream_usage"}
+    assert top == {**choice, "usage": {**choice["usage"], "total_tokens": sum(choice["usage"].values())}}
+    assert choice["upstream_finish_reason"] == "stop"
+    tokens = expected.completion_tokens  # usage counts what the client got: the correction, after the upstream's prompt
+    assert data["usage"] == {"prompt_tokens": 9, "completion_tokens": tokens, "total_tokens": 9 + tokens}
+    assert data["aligner"]["upstream_usage"] == {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15}
+    assert data["aligner"]["usage"]["completion_tokens"] == tokens
 
 
 def test_each_of_n_choices_is_corrected(proxy):
@@ -143,8 +165,11 @@ def test_a_stream_carries_only_corrected_text(proxy, tiny_aligner):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     assert "original" not in final.model_extra["aligner"] and final.model_extra["aligner"]["corrected"]
-    assert chunks[-1].usage.total_tokens == 15
-    assert text == tiny_aligner.correct("Name a colour.", "UNCORRECTED answer to Name a colour.", max_new_tokens=6).text
+    original = "UNCORRECTED answer to Name a colour."
+    expected = tiny_aligner.correct("Name a colour.", original, max_new_tokens=limit_for(tiny_aligner, original))
+    assert text == expected.text and final.choices[0].finish_reason == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens and chunks[-1].usage.prompt_tokens == 9
+    assert chunks[-1].model_extra["aligner"]["upstream_usage"]["total_tokens"] == 15
 
 
 def test_tool_calls_pass_through_uncorrected_and_say_so(proxy):
@@ -152,8 +177,11 @@ def test_tool_calls_pass_through_uncorrected_and_say_so(proxy):
     data = chat(proxy, tools=tools).json()
     assert data["choices"][0]["message"]["tool_calls"] == [TOOL_CALL]
     assert data["choices"][0]["finish_reason"] == "tool_calls"
-    assert data["aligner"] == {"corrected": False, "skipped": "tool_calls",
-                               "skipped_detail": DETAILS[Skip.TOOL_CALLS]}
+    assert data["choices"][0]["aligner"] == {"corrected": False, "skipped": "tool_calls",
+                                             "skipped_detail": DETAILS[Skip.TOOL_CALLS],
+                                             "upstream_finish_reason": "tool_calls"}
+    assert data["usage"] == data["aligner"]["upstream_usage"]  # nothing replaced: the upstream's usage as it came
+    assert data["aligner"]["usage"]["total_tokens"] == 0
     resp = chat(proxy, tools=tools, stream=True)
     chunks = [ChatCompletionChunk.model_validate(json.loads(e.removeprefix("data: ")))
               for e in resp.text.split("\n\n") if e and e != "data: [DONE]"]
@@ -206,9 +234,23 @@ def test_corrections_one_and_a_batch_with_per_item_errors(proxy, tiny_aligner):
     assert items[2]["metadata"]["history_turns"] == 2
     too_many = call(proxy, "POST", "/v1/corrections", json={"items": [{"question": "q", "answer": "a"}] * 5})
     assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "too_many_items"
-    for bad in ({"question": "q"}, {"items": []}, {"items": ["x"]}, {"question": "q", "answer": "a", "history": "x"},
+    for bad in ({"question": "q"}, {"items": []}, {"question": "q", "answer": "a", "history": "x"},
                 {"question": "q", "answer": "a", "max_new_tokens": 0}):
         assert call(proxy, "POST", "/v1/corrections", json=bad).status_code == 400, bad
+
+
+def test_a_malformed_batch_item_is_that_items_error_only(proxy, tiny_aligner):
+    """Row 9 of issue 22: one malformed item used to fail the whole batch with 400."""
+    batch = call(proxy, "POST", "/v1/corrections", json={"items": [
+        {"question": "Q1?", "answer": "A1."}, "x", {"question": "Q3?", "answer": "A3.", "context": 7},
+        {"question": "Q4?", "answer": "A4."}]})
+    assert batch.status_code == 200
+    items = batch.json()["items"]
+    assert [i.get("status") for i in items] == [None, 400, 400, None]
+    assert [i["error"]["param"] for i in items[1:3]] == ["items[1]", "items[2].context"]
+    limit = limit_for(tiny_aligner, "A4.")  # no max_new_tokens: room to restate the answer
+    assert items[3]["text"] == tiny_aligner.correct("Q4?", "A4.", max_new_tokens=limit).text
+    assert proxy.state.proxy.admission.active == 0
 
 
 def test_chat_history_reaches_the_aligner(proxy):
@@ -271,15 +313,15 @@ def test_an_inspector_lets_passing_answers_through_without_generation(proxy, tin
 @pytest.mark.parametrize("flag, expected", [([], False), (["--correct-structured"], True)])
 def test_the_cli_flag_sets_whether_structured_output_is_corrected(tiny_aligner, monkeypatch, flag, expected):
     """``aligner serve --correct-structured`` reaches the app (the model load and uvicorn are stood in for)."""
-    import uvicorn
     from typer.testing import CliRunner
 
     from aligner_core.cli import app as cli
     from aligner_core.engine_options import EngineChoice
+    from aligner_serve import http_server
 
     served = {}
     monkeypatch.setattr(EngineChoice, "load", lambda self, **kwargs: tiny_aligner)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    monkeypatch.setattr(http_server, "run", lambda app, **kwargs: served.update(app=app))
     run = CliRunner().invoke(cli, ["serve", "--upstream", "http://127.0.0.1:9/v1", *flag])
     assert run.exit_code == 0, run.output
     assert served["app"].state.proxy.correct_structured is expected

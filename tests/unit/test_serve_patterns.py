@@ -29,6 +29,7 @@ from starlette.routing import Route  # noqa: E402
 from aligner_core.decision import DETAILS, Skip  # noqa: E402
 from aligner_core.engines.base import GenerationOutput  # noqa: E402
 from aligner_serve import ServeLimits, Upstream, build_app  # noqa: E402
+from tests.unit.test_serve_app import limit_for  # noqa: E402
 
 QUESTION = "What is the weather in Paris?"
 TOOL_CALL = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -149,8 +150,10 @@ def test_json_mode_and_schema_answers_pass_through_unchanged_by_default(app, ups
     upstream.reply('{"colour": "blue"}')
     data = chat(app, response_format={"type": "json_object"}).json()
     assert data["choices"][0]["message"]["content"] == '{"colour": "blue"}'
-    assert data["aligner"] == {"corrected": False, "skipped": "structured_output",
-                               "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT], "structured": "json"}
+    assert data["choices"][0]["aligner"] == {"corrected": False, "skipped": "structured_output",
+                                             "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT], "structured": "json",
+                                             "upstream_finish_reason": "stop"}
+    assert data["usage"] == data["aligner"]["upstream_usage"]  # passed through: the upstream's usage as it came
     upstream.reply(VALID)
     chunks, text = events(chat(app, response_format=SCHEMA_FORMAT, stream=True))
     assert text == VALID and final_details(chunks)["skipped"] == "structured_output"
@@ -253,7 +256,7 @@ def test_tool_calls_stream_as_the_upstream_sent_them(app, upstream, recorder):
     chunks, text = events(chat(app, stream=True))
     assert chunks[0].choices[0].delta.tool_calls[0].function.arguments == '{"city": "Paris"}'
     assert final_details(chunks) == {"corrected": False, "skipped": "tool_calls",
-                                     "skipped_detail": DETAILS[Skip.TOOL_CALLS]}
+                                     "skipped_detail": DETAILS[Skip.TOOL_CALLS], "upstream_finish_reason": "tool_calls"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and recorder.requests == []
 
 
@@ -275,7 +278,8 @@ PARTS = [{"type": "text", "text": "It is sunny "}, {"type": "image_url", "image_
 def test_a_list_of_text_parts_is_corrected_as_its_text_and_keeps_its_shape(app, upstream, recorder, tiny_aligner):
     upstream.reply(PARTS)
     data = chat(app).json()
-    expected = tiny_aligner.correct(QUESTION, "It is sunny and 21C in Paris.", max_new_tokens=6)
+    expected = tiny_aligner.correct(QUESTION, "It is sunny and 21C in Paris.",
+                                    max_new_tokens=limit_for(tiny_aligner, "It is sunny and 21C in Paris."))
     content = data["choices"][0]["message"]["content"]
     assert content == [{"type": "text", "text": expected.text}, PARTS[1]]  # the image stays where it was
     assert data["aligner"]["corrected"] is True and data["aligner"]["original"] == "It is sunny and 21C in Paris."
@@ -287,7 +291,8 @@ def test_a_streamed_list_of_text_parts_carries_only_corrected_text(app, upstream
     upstream.reply([{"type": "text", "text": "UNCORRECTED one. "}, {"type": "text", "text": "UNCORRECTED two."}])
     resp = chat(app, stream=True)
     chunks, text = events(resp)
-    expected = tiny_aligner.correct(QUESTION, "UNCORRECTED one. UNCORRECTED two.", max_new_tokens=6)
+    original = "UNCORRECTED one. UNCORRECTED two."
+    expected = tiny_aligner.correct(QUESTION, original, max_new_tokens=limit_for(tiny_aligner, original))
     assert text == expected.text and "UNCORRECTED" not in resp.text
     assert final_details(chunks)["corrected"] is True and "original" not in final_details(chunks)
 
@@ -345,7 +350,8 @@ def test_the_tool_turns_after_the_question_are_the_corrections_context(app, upst
 
 def test_a_question_without_tool_turns_gets_the_same_prompt_as_a_plain_pair(app, tiny_aligner, recorder):
     chat(app)
-    plain = tiny_aligner.prepare(QUESTION, "A plain answer.", tiny_aligner.defaults).request.prompt
+    params = tiny_aligner.defaults.updated({"max_new_tokens": limit_for(tiny_aligner, "A plain answer.")})
+    plain = tiny_aligner.prepare(QUESTION, "A plain answer.", params).request.prompt
     assert recorder.prompts[-1] == plain
 
 

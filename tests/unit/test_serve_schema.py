@@ -51,16 +51,36 @@ def test_a_single_turn_request_has_no_history():
     ({"model": "m"}, "'messages'"),
     ({"messages": []}, "'messages'"),
     ({"messages": ["hi"]}, "messages[0]"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "no user message"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "no text"),
     ({"messages": [{"role": "user", "content": "q"}], "stream": "yes"}, "'stream'"),
-    ({"messages": [{"role": "user", "content": "q"}], "stream": True, "n": 2}, "n > 1"),
+    ({"messages": [{"role": "user", "content": "q"}], "n": 0}, "'n'"),
+    ({"messages": [{"role": "user", "content": "q"}], "stop": [1]}, "'stop'"),
     ({"messages": [{"role": "user", "content": "q"}], "max_tokens": 0}, "max_tokens"),
 ])
 def test_requests_the_proxy_cannot_serve_say_why(body, says):
     with pytest.raises(oa.RequestShapeError, match=None) as info:
         oa.parse_chat_request(body)
     assert says in str(info.value)
+
+
+def test_without_a_user_message_the_question_is_the_system_prompt_or_nothing():
+    """As vLLM answers such requests, the proxy does too; the Aligner's question is then the instruction the answer
+    follows, and with no instruction either it is empty and the conversation is history."""
+    chat = oa.parse_chat_request({"messages": [{"role": "system", "content": "Old"},
+                                               {"role": "developer", "content": "Write a haiku about rain."}]})
+    assert (chat.question, chat.question_role) == ("Write a haiku about rain.", "system")
+    assert chat.history == [{"role": "system", "content": "Old"}]
+    only_assistant = oa.parse_chat_request({"messages": [{"role": "assistant", "content": "Once upon a time"}]})
+    assert (only_assistant.question, only_assistant.question_role) == ("", None)
+    assert only_assistant.history == [{"role": "assistant", "content": "Once upon a time"}]
+
+
+def test_n_stop_and_logprobs_are_read():
+    chat = oa.parse_chat_request({"messages": [{"role": "user", "content": "q"}], "n": 3, "stream": True,
+                                  "stop": ["END", ""], "top_logprobs": 2})
+    assert (chat.n, chat.stop, chat.logprobs) == (3, ("END",), True)
+    plain = oa.parse_chat_request({"messages": [{"role": "user", "content": "q"}], "n": None, "stop": "x"})
+    assert (plain.n, plain.stop, plain.logprobs) == (1, ("x",), False)
 
 
 def test_the_tool_turns_after_the_question_become_context_items_in_order():
@@ -219,6 +239,22 @@ def test_tool_calls_and_empty_answers_are_not_corrected():
     assert skip({"role": "assistant", "content": "  "}) == "empty_answer"
     assert skip({"role": "assistant", "content": None}) == "empty_answer"
     assert skip({"role": "assistant", "content": "Paris."}) is None
+
+
+def test_a_key_file_without_keys_or_not_utf8_refuses_and_a_bom_is_stripped(tmp_path):
+    from aligner_serve.security import KeyFileError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no keys yet\n\n   \n# still none\n")
+    with pytest.raises(KeyFileError, match="holds no key"):
+        ApiKeys.load([], empty)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("cl\xe9\n".encode("latin-1"))
+    with pytest.raises(KeyFileError, match="not UTF-8"):
+        ApiKeys.load([], latin)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfkey-1\n")
+    assert len(ApiKeys.load([], bom)) == 1 and ApiKeys.load([], bom)._keys == [b"key-1"]
 
 
 def test_api_keys_from_flags_and_a_file(tmp_path):
