@@ -9,7 +9,7 @@ from .aligner import Aligner
 from .context import ContextItem, normalize_context
 from .correction import Correction, similarity
 from .decision import Reply, Skip, Structure, decide, step
-from .engines.base import Backend, Engine, GenerationOutput, GenerationParams, GenerationRequest
+from .engines.base import Engine, GenerationOutput, GenerationParams, GenerationRequest
 from .errors import (
     AlignerError,
     AlignerOutOfMemoryError,
@@ -57,7 +57,6 @@ __all__ = [
     "AlignerError",
     "AlignerSquad",
     "AlignerOutOfMemoryError",
-    "Backend",
     "Engine",
     "ChatTemplate",
     "ContextItem",

@@ -5,9 +5,7 @@ small classifier giving a score in [0, 1] (1: aligned). An answer scoring at or 
 unchanged and costs no generation. An :class:`Inspector` wraps either a plain callable or a transformers
 sequence-classification model (:meth:`Inspector.from_pretrained`); both score many pairs in one call.
 
-The gating helpers at the bottom (:func:`correct_gated`, :func:`correct_batch_gated` and their async twins)
-are what ``Aligner(..., inspector=...)`` and the adapters call: score first, in one batch, then hand only the
-failing pairs to the corrector, and put the passed ones back in place as unchanged ``Correction`` objects.
+Gating the corrector with an inspector (score first, correct only what fails) is ``aligner_core.gating``.
 """
 
 from __future__ import annotations
@@ -18,13 +16,12 @@ import math
 import numbers
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .correction import Correction
-from .errors import InspectorError, InvalidInputError, ModelLoadError
+from .errors import InspectorError, ModelLoadError
+from .items import as_sequence, question_answer
 
 #: Score at or above which an answer passes unchanged (the paper's 0.5).
 DEFAULT_THRESHOLD = 0.5
@@ -149,7 +146,7 @@ class Inspector:
     def score_batch(self, pairs: Sequence[Any]) -> list[float]:
         """One score per pair (``(question, answer)`` tuples or dicts), in input order; a batched inspector is
         called once."""
-        checked = [question_answer(p, i) for i, p in enumerate(_sequence(pairs))]
+        checked = [question_answer(p, i) for i, p in enumerate(as_sequence(pairs))]
         if not checked:
             return []
         if self.batched:
@@ -292,229 +289,17 @@ def passes(score: float, threshold: float) -> bool:
     return score >= threshold
 
 
-def question_answer(pair: Any, index: int = 0) -> tuple[str, str]:
-    """``(question, answer)`` of a batch item: a dict with those keys or a tuple (a third element, the
-    history, is ignored), both strings."""
-    if isinstance(pair, Mapping):
-        if "question" not in pair or "answer" not in pair:
-            raise InvalidInputError(f"pair {index}: a dict pair needs 'question' and 'answer' keys, got {sorted(pair)}")
-        q, a = pair["question"], pair["answer"]
-    elif isinstance(pair, (tuple, list)) and len(pair) in (2, 3):
-        q, a = pair[0], pair[1]
-    else:
-        raise InvalidInputError(f"pair {index}: expected a (question, answer) tuple or a dict, got {type(pair).__name__}")
-    for field, value in (("question", q), ("answer", a)):
-        if not isinstance(value, str):
-            raise InvalidInputError(f"pair {index}: {field} must be a str, got {type(value).__name__}")
-    return q, a
-
-
-def _sequence(pairs: Any) -> Sequence[Any]:
-    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-        raise InvalidInputError(f"pairs must be a sequence of (question, answer) pairs, got {type(pairs).__name__}")
-    return pairs
-
-
-def _scoreable(pair: Any) -> tuple[str, str] | None:
-    """The pair's texts as the inspector judges them, else None (the corrector reports its own error). The
-    inspector sees what the answer was grounded on: a pair's ``context`` is folded into the question as the
-    official templates fold it (``history.fold_history``)."""
-    try:
-        q, a = question_answer(pair)
-    except InvalidInputError:
-        return None
-    if not a.strip():
-        return None
-    if isinstance(pair, Mapping) and pair.get("context"):
-        from .context import normalize_context
-        from .history import fold_history
-
-        try:
-            q = fold_history(q, (), normalize_context(pair["context"]))
-        except InvalidInputError:
-            return None
-    return q, a
-
-
-# -- the gate the facade and the adapters call -----------------------------------------------------
-
-
-def passed_correction(
-    question: str, answer: str, score: float, *, threshold: float = DEFAULT_THRESHOLD,
-    metadata: Mapping[str, Any] | None = None,
-) -> Correction:
-    """The result for an answer that passed the inspector: the answer itself, unchanged, no tokens generated
-    (``skipped: "inspector_passed"``, as every answer passed through says why)."""
-    from .decision import DETAILS, Skip, passed
-
-    reason = {"skipped": Skip.INSPECTOR_PASSED.value, "skipped_detail": DETAILS[Skip.INSPECTOR_PASSED]}
-    return passed(question, answer, {**(metadata or {}), **_verdict(score, threshold, passed=True), **reason})
-
-
-def inspected(correction: Correction, score: float, *, threshold: float = DEFAULT_THRESHOLD) -> Correction:
-    """``correction`` (of an answer that failed the inspector) with the inspector's verdict in its metadata."""
-    return replace(correction, metadata={**correction.metadata, **_verdict(score, threshold, passed=False)})
-
-
-def _verdict(score: float, threshold: float, *, passed: bool) -> dict[str, Any]:
-    return {"inspected": True, "inspector_score": score, "inspector_threshold": threshold, "inspector_passed": passed}
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The inspector's verdict on a batch: one score per pair (None where it could not judge the pair)."""
-
-    scores: list[float | None]
-    threshold: float
-
-    @property
-    def passed(self) -> list[int]:
-        """Indices of the pairs that pass unchanged."""
-        return [i for i, s in enumerate(self.scores) if s is not None and passes(s, self.threshold)]
-
-    @property
-    def failing(self) -> list[int]:
-        """Indices of the pairs to correct (those the inspector could not judge included, in input order)."""
-        return [i for i, s in enumerate(self.scores) if s is None or not passes(s, self.threshold)]
-
-
-def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Gate:
-    """Score every pair the inspector can judge in one batch. Pairs it cannot (not strings, empty answer,
-    malformed) get ``None``: they go on to the corrector, which raises or reports them as it always does."""
-    inspector, threshold = as_inspector(inspector), check_threshold(threshold)
-    texts = [_scoreable(p) for p in _sequence(pairs)]
-    judged = [i for i, t in enumerate(texts) if t is not None]
-    scores: list[float | None] = [None] * len(texts)
-    for i, s in zip(judged, inspector.score_batch([texts[i] for i in judged])):
-        scores[i] = s
-    return Gate(scores, threshold)
-
-
-async def agate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Gate:
-    """Async :func:`gate` (scored in a worker thread)."""
-    return await asyncio.to_thread(gate, inspector, pairs, threshold)
-
-
-def merge_verdict(
-    pairs: Sequence[Any], verdict: Gate, corrected: Sequence[Any], metadata: Mapping[str, Any] | None = None
-) -> list[Any]:
-    """Results in input order: ``corrected`` (one per failing pair) with the verdict added, passed pairs as unchanged
-    corrections carrying ``metadata``."""
-    failing = verdict.failing
-    if len(corrected) != len(failing):
-        raise RuntimeError(f"the corrector returned {len(corrected)} results for {len(failing)} pairs")
-    results: list[Any] = [None] * len(pairs)
-    for i, out in zip(failing, corrected):
-        score = verdict.scores[i]
-        results[i] = inspected(out, score, threshold=verdict.threshold) if (
-            score is not None and isinstance(out, Correction)) else out
-    for i in verdict.passed:
-        q, a = question_answer(pairs[i], i)
-        results[i] = passed_correction(q, a, verdict.scores[i], threshold=verdict.threshold, metadata=metadata)  # type: ignore[arg-type]
-    return results
-
-
-def correct_batch_gated(
-    pairs: Sequence[Any],
-    inspector: Inspector | ScoreFn,
-    threshold: float,
-    correct_batch: Callable[[list[Any]], Sequence[Any]],
-    *,
-    metadata: Mapping[str, Any] | None = None,
-) -> list[Any]:
-    """Score all pairs in one batch, call ``correct_batch`` once on the failing pairs only (as given: tuples,
-    dicts, history and all), and return results in input order: passed pairs as unchanged ``Correction``
-    objects carrying ``metadata`` (e.g. the template and engine names) and the verdict, corrected ones with
-    the verdict added. Whatever ``correct_batch`` returns for a pair that is not a ``Correction`` (an
-    exception under ``return_exceptions=True``) is kept in place."""
-    verdict = gate(inspector, pairs, threshold)
-    failing = verdict.failing
-    corrected = correct_batch([pairs[i] for i in failing]) if failing else []
-    return merge_verdict(pairs, verdict, corrected, metadata)
-
-
-async def acorrect_batch_gated(
-    pairs: Sequence[Any],
-    inspector: Inspector | ScoreFn,
-    threshold: float,
-    acorrect_batch: Callable[[list[Any]], Awaitable[Sequence[Any]]],
-    *,
-    metadata: Mapping[str, Any] | None = None,
-) -> list[Any]:
-    """Async :func:`correct_batch_gated`: scores in a worker thread, then awaits ``acorrect_batch`` on the failing pairs."""
-    verdict = await agate(inspector, pairs, threshold)
-    failing = verdict.failing
-    corrected = await acorrect_batch([pairs[i] for i in failing]) if failing else []
-    return merge_verdict(pairs, verdict, corrected, metadata)
-
-
-def _pair(question: Any, answer: Any, context: Any) -> Any:
-    return {"question": question, "answer": answer, "context": context} if context else (question, answer)
-
-
-def correct_gated(
-    question: str,
-    answer: str,
-    inspector: Inspector | ScoreFn,
-    threshold: float,
-    correct: Callable[[], Correction],
-    *,
-    metadata: Mapping[str, Any] | None = None,
-    context: Any = None,
-) -> Correction:
-    """One pair: the unchanged answer if it passes, else ``correct()`` with the verdict added.
-    A pair the inspector cannot judge goes straight to ``correct()``, which raises its usual error. The
-    inspector sees the pair's grounding ``context`` too."""
-    verdict = gate(inspector, [_pair(question, answer, context)], threshold)
-    score = verdict.scores[0]
-    if score is None:
-        return correct()
-    if passes(score, verdict.threshold):
-        return passed_correction(question, answer, score, threshold=verdict.threshold, metadata=metadata)
-    return inspected(correct(), score, threshold=verdict.threshold)
-
-
-async def acorrect_gated(
-    question: str,
-    answer: str,
-    inspector: Inspector | ScoreFn,
-    threshold: float,
-    acorrect: Callable[[], Awaitable[Correction]],
-    *,
-    metadata: Mapping[str, Any] | None = None,
-    context: Any = None,
-) -> Correction:
-    """Async :func:`correct_gated`."""
-    verdict = await agate(inspector, [_pair(question, answer, context)], threshold)
-    score = verdict.scores[0]
-    if score is None:
-        return await acorrect()
-    if passes(score, verdict.threshold):
-        return passed_correction(question, answer, score, threshold=verdict.threshold, metadata=metadata)
-    return inspected(await acorrect(), score, threshold=verdict.threshold)
-
-
 __all__ = [
     "DEFAULT_THRESHOLD",
     "INSPECTOR_CONFIG",
     "BatchScoreFn",
-    "Gate",
     "Inspector",
     "InspectorError",
     "ScoreFn",
     "SequenceClassifier",
-    "acorrect_batch_gated",
-    "acorrect_gated",
-    "agate",
     "as_inspector",
     "check_score",
     "check_threshold",
-    "correct_batch_gated",
-    "correct_gated",
-    "gate",
-    "inspected",
-    "passed_correction",
     "passes",
-    "question_answer",
     "read_inspector_config",
 ]

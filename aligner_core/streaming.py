@@ -3,6 +3,9 @@
 The final text is stripped and cut at stop strings, so a delta is only released once it cannot
 change: leading whitespace is dropped, trailing whitespace and any tail that could begin a stop
 string are held back, and a tail that decodes to an incomplete character waits for its next token.
+:func:`produce` and :func:`aproduce` run one prepared request on the engine into a stream (an answer the
+inspector passed streams as itself, in one delta); the engine holds the stream only weakly, so a stream
+nobody reads any more stops the generation at its next token.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ import asyncio
 import contextlib
 import queue
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .correction import Correction
+    from .engines.base import GenerationParams
+    from .requests import PreparedRequest
+
 
 _END = object()
 
@@ -172,3 +180,94 @@ def _end_span(stream: Any, correction: Correction | None, error: BaseException |
     span, stream.span = stream.span, None
     if span is not None:
         span.finish([correction] if correction is not None else [], error)
+
+
+# -- producing a stream from an engine -------------------------------------------------------------
+
+
+def passed(aligner: Any, stream: Any, prepared: PreparedRequest, verdict: tuple[float, float] | None) -> bool:
+    """When the answer passed the inspector it is the correction: stream it as one delta, end, and say so."""
+    from .gating import gate_metadata, passed_correction
+    from .inspector import passes
+
+    if verdict is None or not passes(*verdict):
+        return False
+    stream.put(prepared.answer)
+    stream.done(passed_correction(prepared.question, prepared.answer, verdict[0], threshold=verdict[1],
+                                  metadata=gate_metadata(aligner)))
+    return True
+
+
+def produce(aligner: Any, stream: CorrectionStream, prepared: PreparedRequest, params: GenerationParams,
+            verdict: tuple[float, float] | None) -> None:
+    """Generate ``prepared`` on the aligner's engine into ``stream`` (from the engine's worker)."""
+    if passed(aligner, stream, prepared, verdict):
+        return
+    ref = weakref.ref(stream)
+    deltas = TextDeltas(params.stop)
+    start = time.perf_counter()
+
+    def finished(future: Any) -> None:
+        if (alive := ref()) is not None:
+            error = future.exception()
+            _finish(aligner, alive, deltas, prepared, error, None if error else future.result(), start, verdict)
+
+    future = aligner.engine.stream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
+    future.add_done_callback(finished)
+
+
+async def aproduce(aligner: Any, ref: weakref.ref[AsyncCorrectionStream], prepared: PreparedRequest,
+                   params: GenerationParams, gate: tuple[Any, float]) -> None:
+    """Async :func:`produce`: the stream's producer task (the inspector scores in a worker thread first)."""
+    from .gating import astream_verdict, scored
+
+    try:
+        verdict = await astream_verdict(gate[0], gate[1], scored(prepared))
+    except Exception as exc:
+        if (stream := ref()) is not None:
+            stream.done(None, exc)
+        return
+    if (stream := ref()) is None or passed(aligner, stream, prepared, verdict):
+        return
+    del stream
+    deltas = TextDeltas(params.stop)
+    start = time.perf_counter()
+    error: BaseException | None = None
+    out: Any = None
+    try:
+        out = await aligner.engine.astream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
+    except asyncio.CancelledError:
+        if (stream := ref()) is not None:
+            stream.done(None)
+        raise
+    except BaseException as exc:
+        error = exc
+    if (stream := ref()) is not None:
+        _finish(aligner, stream, deltas, prepared, error, out, start, verdict)
+
+
+def _finish(aligner: Any, stream: Any, deltas: TextDeltas, prepared: PreparedRequest, error: BaseException | None,
+            output: Any, start: float, verdict: tuple[float, float] | None) -> None:
+    """End a stream: its last delta and its correction (with the inspector's verdict), or its error."""
+    if isinstance(error, StreamCancelled):
+        stream.done(None)
+        return
+    if error is not None:
+        stream.done(None, error)
+        return
+    correction = aligner.build(prepared, output, latency=time.perf_counter() - start)
+    if verdict is not None:
+        from .gating import inspected
+
+        correction = inspected(correction, verdict[0], threshold=verdict[1])
+    with contextlib.suppress(StreamCancelled):
+        stream.put(deltas.finish(correction.text))
+    stream.done(correction)
+
+
+def _deliver(ref: weakref.ref[Any], delta: str) -> None:
+    """Hand a delta to its stream; a stream nobody holds any more stops the generation."""
+    stream = ref()
+    if stream is None:
+        raise StreamCancelled
+    stream.put(delta)

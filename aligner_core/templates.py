@@ -7,12 +7,15 @@ tested literally. User text is substituted in one pass: an answer that itself co
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import TemplateError
+
+logger = logging.getLogger("aligner_core")
 
 #: The conversation wrapper the official Aligner was trained with (no space after ``ASSISTANT:``).
 CONVERSATION = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"
@@ -192,6 +195,41 @@ def get_template(name: str, tokenizer: Any = None) -> Template:
     except KeyError:
         raise TemplateError(f"unknown template {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
     if tokenizer is not None and isinstance(template, ChatTemplate):
+        return template.bind(tokenizer)
+    return template
+
+
+def choose_template(source: Any, tokenizer: Any, *, adapter: Any = None) -> str:
+    """The template a loaded model expects: recorded in its directory, official, or its chat template."""
+    from .loading import is_official_checkpoint, read_recorded_template
+
+    dirs = [adapter, source.location if source.kind == "dir" else None]
+    recorded = read_recorded_template(*dirs)
+    if recorded is not None:
+        template, why = recorded, "recorded in the model directory"
+    elif is_official_checkpoint(source):
+        template, why = "aligner-v1", "official Aligner checkpoint"
+    elif getattr(tokenizer, "chat_template", None):
+        template, why = "chat", "the tokenizer has a chat template (untrained corrector)"
+    else:
+        raise TemplateError(
+            f"cannot tell which prompt template {source.name!r} expects: pass template='aligner-v1', "
+            "'aligner-general', 'chat' or your own"
+        )
+    logger.info("template %r chosen for %s: %s", template, source.name, why)
+    return template
+
+
+def resolve(template: str | Template) -> Template:
+    """A template object from a name (or the template itself)."""
+    return get_template(template) if isinstance(template, str) else template
+
+
+def bind(template: str | Template, tokenizer: Any) -> Template:
+    """Look a template up and bind a chat template to ``tokenizer``."""
+    if isinstance(template, str):
+        return get_template(template, tokenizer=tokenizer)
+    if isinstance(template, ChatTemplate) and template.tokenizer is None:
         return template.bind(tokenizer)
     return template
 

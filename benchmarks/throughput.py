@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from aligner_core import Aligner, ChatTemplate, GenerationParams
 
     aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens, device=args.device)
-    backend = aligner.backend
+    backend = aligner.engine
     model, tok = backend.model, backend.tokenizer
     eos = set(backend.eos_token_ids)
     m = args.max_new_tokens

@@ -11,7 +11,6 @@ Importing this package is cheap: each engine imports its own dependencies when i
 from __future__ import annotations
 
 from .base import (
-    Backend,
     Engine,
     GenerationOutput,
     GenerationParams,
@@ -21,7 +20,6 @@ from .base import (
 )
 
 __all__ = [
-    "Backend",
     "Engine",
     "GenerationOutput",
     "GenerationParams",

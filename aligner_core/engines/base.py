@@ -220,6 +220,3 @@ class Engine(Protocol):
         """Release workers, connections and memory; later calls fail with a clear error."""
         ...
 
-
-#: The name the first release used for the seam.
-Backend = Engine

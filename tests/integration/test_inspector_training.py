@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from aligner_core.inspector import Inspector, correct_batch_gated
+from aligner_core.gating import correct_batch_gated
+from aligner_core.inspector import Inspector
 from aligner_core.training.inspector import InspectorConfig, roc_auc, train_inspector
 from tests.data.inspector_task import build_classifier, build_tokenizer, make_split
 

@@ -22,8 +22,8 @@ def editor(smollm2):
         name="copyedit",
         instruction="Copy the following text exactly, fixing only spelling mistakes.\n\nText: {answer}\n\n"
         "(Context question, do not answer it: {question})",
-    ).bind(smollm2.backend.tokenizer)
-    return Aligner(smollm2.backend, template, max_new_tokens=40)
+    ).bind(smollm2.engine.tokenizer)
+    return Aligner(smollm2.engine, template, max_new_tokens=40)
 
 
 def test_drafting_equals_plain_greedy_on_the_real_model(editor):

@@ -20,7 +20,7 @@ PAIRS = [
 
 def test_loads_from_packaged_gguf_with_chat_template(smollm2):
     assert smollm2.template.name == "chat"
-    assert smollm2.backend.context_length == 8192
+    assert smollm2.engine.context_length == 8192
     assert smollm2.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 

@@ -88,10 +88,10 @@ def test_merged_save_loads_alone_and_matches_the_adapter(trained):
     assert merged.template.name == "aligner-v1"
     adapted = Aligner.from_pretrained(DEFAULT_MODEL, adapter=out / "adapter", max_new_tokens=24)
     prompt = merged.template.format(question=held_out[0]["question"], answer=held_out[0]["answer"])
-    ids = merged.backend.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = merged.engine.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        a = merged.backend.model(input_ids=ids).logits
-        b = adapted.backend.model(input_ids=ids).logits
+        a = merged.engine.model(input_ids=ids).logits
+        b = adapted.engine.model(input_ids=ids).logits
     assert torch.allclose(a, b, atol=2e-3)
     assert merged.correct(held_out[0]["question"], held_out[0]["answer"]).text == adapted.correct(
         held_out[0]["question"], held_out[0]["answer"]).text

@@ -78,7 +78,7 @@ def test_pad_token_fallback(tiny_model):
     tok = build_tokenizer(with_pad=False)
     assert tok.pad_token_id is None
     aligner = Aligner.from_model(tiny_model, tok, template="aligner-v1", max_new_tokens=8)
-    assert aligner.backend.pad_token_id == tok.eos_token_id
+    assert aligner.engine.pad_token_id == tok.eos_token_id
     batched = aligner.correct_batch(PAIRS[:4])
     assert [c.text for c in batched] == [aligner.correct(q, a).text for q, a in PAIRS[:4]]
 

@@ -13,18 +13,15 @@ import pytest
 from aligner_core import AlignerError, Correction, EmptyAnswerError, ModelLoadError
 from aligner_core.cli import main
 from aligner_core.errors import InspectorError
-from aligner_core.inspector import (
-    INSPECTOR_CONFIG,
-    Inspector,
+from aligner_core.gating import (
     acorrect_batch_gated,
     acorrect_gated,
-    as_inspector,
-    check_threshold,
     correct_batch_gated,
     correct_gated,
     gate,
     passed_correction,
 )
+from aligner_core.inspector import INSPECTOR_CONFIG, Inspector, as_inspector, check_threshold
 from aligner_core.squad import AlignerSquad
 from aligner_core.training.inspector import (
     InspectorConfig,

@@ -111,7 +111,7 @@ def test_dtype_option(tiny_model_dir):
     import torch
 
     aligner = Aligner.from_pretrained(tiny_model_dir, dtype="bfloat16", max_new_tokens=3)
-    assert aligner.backend.model.dtype == torch.bfloat16
+    assert aligner.engine.model.dtype == torch.bfloat16
     assert aligner.correct("q", "a").finish_reason in ("stop", "length")
 
 

@@ -148,7 +148,7 @@ def test_training_encodes_special_token_text_as_inference_does(aligner, tiny_tok
 
 
 def test_official_separators_in_the_text_are_recorded_and_warned_once(aligner, caplog):
-    from aligner_core import aligner as facade
+    from aligner_core import requests as facade
 
     facade._WARNED_MARKERS.discard("aligner-v1")
     with caplog.at_level(logging.WARNING, logger="aligner_core"):

@@ -153,5 +153,5 @@ def test_models_the_loop_cannot_drive_fall_back_to_generate(tiny_model, tiny_tok
             assert aligner.correct("q", "an answer").text == reference
     finally:
         del tiny_model.forward
-    assert aligner.backend.loop_supported is False
+    assert aligner.engine.loop_supported is False
     assert "using generate()" in caplog.text
