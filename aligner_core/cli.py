@@ -10,12 +10,12 @@ import typer
 from .engine_options import (
     ApiKeyOpt,
     ConcurrencyOpt,
-    EngineChoice,
     EngineOpt,
     ModelOpt,
     RetriesOpt,
     ServerOpt,
     TimeoutOpt,
+    engine_choice,
 )
 
 app = typer.Typer(
@@ -89,7 +89,7 @@ def correct(
 ) -> None:
     """Correct a JSONL file of question-answer records into OUTPUT, durably and resumably."""
     from .errors import AlignerError, EngineUnavailableError
-    from .filejob import correct_jsonl
+    from .jobs.files import correct_jsonl
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite contradict each other: pick one")
@@ -97,8 +97,8 @@ def correct(
         raise typer.BadParameter(f"--on-overflow must be 'error' or 'truncate', got {on_overflow!r}")
     if not ray and (address is not None or replicas != 1):
         raise typer.BadParameter("--address and --replicas apply to --ray runs: add --ray")
-    from .jsonl import check_output
-    from .records import check_input
+    from .jobs.jsonl import check_output
+    from .jobs.records import check_input
 
     try:  # before any model loads
         check_input(input)
@@ -108,7 +108,7 @@ def correct(
         raise typer.Exit(2) from exc
     if ray and (input == "-" or output == "-"):
         raise typer.BadParameter("--ray reads and writes files: it cannot use - (stdin/stdout)")
-    choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+    choice = engine_choice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
                           max_retries=max_retries, max_concurrency=max_concurrency)
     load_options = {"template": template, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
                     "max_batch_tokens": batch_tokens, "on_overflow": on_overflow}
@@ -116,7 +116,7 @@ def correct(
                    "resume": resume, "overwrite": overwrite, "chunk_size": chunk_size, "show_progress": progress}
     try:
         if ray:
-            from .engines.ray import correct_file_ray
+            from .jobs.ray import correct_file_ray
 
             stats = correct_file_ray(input, output, choice, load_options=load_options, replicas=replicas,
                                      address=address, **job_options)
@@ -163,7 +163,7 @@ def demo(
 
     try:
         run_demo(max_new_tokens=max_new_tokens,
-                 choice=EngineChoice(model=model, server=server, engine=engine, api_key=api_key))
+                 choice=engine_choice(model=model, server=server, engine=engine, api_key=api_key))
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine_options import EngineChoice
+    from .jobs.choice import EngineChoice
     from .progress import Progress, ProgressCallback
 
 
@@ -53,7 +53,7 @@ def run_demo(
     from rich.console import Console
     from rich.table import Table
 
-    from .engine_options import EngineChoice
+    from .jobs.choice import EngineChoice
     from .loading import DEFAULT_MODEL
 
     console = Console()

@@ -85,7 +85,7 @@ class Inspector:
         """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .loading import _load_error, dedupe_library_logs, resolve_device, resolve_dtype, resolve_source
+        from .loading import dedupe_library_logs, load_error, resolve_device, resolve_dtype, resolve_source
 
         if device is not None and device_map is not None:
             raise ModelLoadError("pass either device or device_map, not both")
@@ -110,7 +110,7 @@ class Inspector:
             )
             loaded = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
         except (OSError, ValueError) as exc:
-            raise _load_error(source, exc) from exc
+            raise load_error(source, exc) from exc
         if target is not None:
             loaded = loaded.to(target)
         return cls.from_model(

@@ -20,7 +20,7 @@ All decoding is greedy. Measured, on the pairs of benchmarks/data/pairs32.jsonl 
    vLLM virtualenv's python (``--worker vllm-inprocess``), with the engine's defaults (which include
    n-gram speculation) and with ``speculative=False``, one engine after the other; construction time
    is reported apart.
-5. ``ray``: ``aligner_core.engines.ray.correct_dataset`` over ``ray.data.from_items`` with 1 and 2
+5. ``ray``: ``aligner_core.jobs.ray.correct_dataset`` over ``ray.data.from_items`` with 1 and 2
    replicas of the local engine (``ray.init(num_cpus=2)``, the library's default of 1 CPU, so one torch
    thread, per replica; workers at nice 0 like every other engine here). ``ray.init`` is timed apart, and
    a warm-up run (one short row per replica) comes first; tok/s is given end to end (actor start and
@@ -572,7 +572,7 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
         import ray.data
 
         from aligner_core.engine_options import EngineChoice
-        from aligner_core.engines.ray import correct_dataset
+        from aligner_core.jobs.ray import correct_dataset
     except Exception as exc:
         results["not_measured"]["ray"] = why(exc)
         return

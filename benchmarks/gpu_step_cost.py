@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from aligner_core.speculative import drafted_greedy
+    from aligner_core.engines.local.speculative import drafted_greedy
     from aligner_core.templates import get_template
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -349,7 +349,7 @@ def _validation_error(exc: Exception) -> Exception:
 
 def _model_location(source: ModelSource, *, revision: str | None, trust_remote_code: bool) -> str:
     """What vLLM loads: a directory or hub id as is; a GGUF dequantized once into the library's cache."""
-    from ..loading import _dequantize_gguf, resolve_source
+    from ..loading import dequantize_gguf, resolve_source
 
     if source.kind == "hub" and source.gguf_file:
         from huggingface_hub import hf_hub_download
@@ -360,7 +360,7 @@ def _model_location(source: ModelSource, *, revision: str | None, trust_remote_c
             raise ModelLoadError(f"could not fetch {source.gguf_file} from {source.location}: {exc}") from exc
         source = resolve_source(path)
     if source.kind == "gguf":
-        return str(_dequantize_gguf(source, trust_remote_code=trust_remote_code))
+        return str(dequantize_gguf(source, trust_remote_code=trust_remote_code))
     return source.location
 
 

@@ -12,12 +12,12 @@ import typer
 from ..engine_options import (
     ApiKeyOpt,
     ConcurrencyOpt,
-    EngineChoice,
     EngineOpt,
     ModelOpt,
     RetriesOpt,
     ServerOpt,
     TimeoutOpt,
+    engine_choice,
 )
 
 logger = logging.getLogger("aligner_core")
@@ -64,7 +64,7 @@ def eval_command(
 ) -> None:
     """Judge corrections against the original answers (3H win rates) and write a report."""
     from ..errors import AlignerError
-    from ..jsonl import check_output
+    from ..jobs.jsonl import check_output
     from .report import markdown_table
     from .runner import evaluate_file
 
@@ -81,7 +81,7 @@ def eval_command(
         if not isinstance(extra_rubrics, dict) or not all(isinstance(v, str) for v in extra_rubrics.values()):
             raise typer.BadParameter("--rubrics must hold a JSON object of {dimension: rubric text}")
 
-    choice = EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+    choice = engine_choice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
                           max_retries=max_retries, max_concurrency=max_concurrency)
 
     def load_aligner() -> Any:  # the Aligner corrects records that have no correction yet

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..correction import similarity
-from ..jsonl import chunked, open_resumable, read_jsonl, write_durably
+from ..jobs.jsonl import chunked, open_resumable, read_jsonl, write_durably
+from ..jobs.records import count_items, numbered
 from ..progress import token_postfix
-from ..records import count_items, numbered
 from .judges import Comparison, Judge, Verdict
 from .metrics import EvalSummary, summarize
 from .report import write_report

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..correction import similarity
 from ..errors import OutputExistsError
-from ..jsonl import write_durably
-from ..records import numbered
+from ..jobs.jsonl import write_durably
+from ..jobs.records import numbered
 
 #: Standard (non-conversational) pairs: TRL concatenates prompt + chosen, so the prompt ends in a break.
 DEFAULT_PROMPT_FORMAT = "{question}\n\n"

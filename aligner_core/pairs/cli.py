@@ -16,6 +16,7 @@ from ..engine_options import (
     RetriesOpt,
     ServerOpt,
     TimeoutOpt,
+    engine_choice,
 )
 from .build import DEFAULT_MAX_SIMILARITY, DEFAULT_PROMPT_FORMAT
 
@@ -73,7 +74,7 @@ def pairs_command(
                 raise typer.BadParameter("--generate needs --upstream M and --prompts FILE")
             result = _generate(
                 prompts, output, upstream=upstream, records=records, system=system, template=template,
-                choice=EngineChoice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
+                choice=engine_choice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
                                     max_retries=max_retries, max_concurrency=max_concurrency),
                 max_new_tokens=max_new_tokens, upstream_max_new_tokens=upstream_max_new_tokens,
                 batch_tokens=batch_tokens, chunk_size=chunk_size, device=device, dtype=dtype, resume=resume,
@@ -121,7 +122,7 @@ def _generate(
     question_field: str,
     pair_options: dict[str, Any],
 ) -> Any:
-    from ..jsonl import check_output
+    from ..jobs.jsonl import check_output
     from .generate import TransformersUpstream, generate_round
 
     check_output(output, resume=resume, overwrite=overwrite)  # before any model loads

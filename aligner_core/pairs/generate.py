@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputExistsError, TemplateError
-from ..jsonl import chunked, open_resumable, write_durably
+from ..jobs.jsonl import chunked, open_resumable, write_durably
+from ..jobs.records import SUFFIXES, iter_items
 from ..local_chat import LocalChat
 from ..progress import token_postfix
-from ..records import SUFFIXES, iter_items
 from .build import PairStats, write_pairs
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def _message_text(message: Any) -> str:
 
 
 def iter_prompts(path: str | os.PathLike[str], *, question_field: str = "question", skip: int = 0) -> Iterator[str | Exception]:
-    """Questions from records (``question_field`` of each: any format of ``aligner_core.records``, ``-`` for
+    """Questions from records (``question_field`` of each: any format of ``aligner_core.jobs.records``, ``-`` for
     stdin) or from a text file (one per line)."""
     p = Path(path)
     if str(path) == "-" or p.suffix.lower() in SUFFIXES or p.is_dir():

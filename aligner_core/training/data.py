@@ -16,7 +16,7 @@ from typing import Any
 from ..context import Context, context_of, normalize_context
 from ..errors import AlignerError, InvalidInputError
 from ..history import history_of, normalize_history
-from ..records import RecordSourceError, iter_items
+from ..jobs.records import RecordSourceError, iter_items
 
 #: How many problems an error message lists before it says "and N more".
 SHOWN = 10
@@ -110,7 +110,7 @@ def iter_raw(
 ) -> Iterable[tuple[str, Any]]:
     """Yield ``(where, raw item)`` for each record; unreadable lines yield an exception as the item.
 
-    Files, folders and ``datasets`` names are read by the one loader every command uses (``aligner_core.records``).
+    Files, folders and ``datasets`` names are read by the one loader every command uses (``aligner_core.jobs.records``).
     """
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (bytes, Mapping)) or not isinstance(source, Sequence):

@@ -317,12 +317,12 @@ def _load(config: InspectorConfig, model: Any, tokenizer: Any) -> tuple[Any, Any
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..loading import _dequantize_gguf, _load_error, resolve_source
+    from ..loading import dequantize_gguf, load_error, resolve_source
 
     source = resolve_source(config.base_model)
     location = source.location
     if source.kind == "gguf":
-        location = str(_dequantize_gguf(source, trust_remote_code=config.trust_remote_code))
+        location = str(dequantize_gguf(source, trust_remote_code=config.trust_remote_code))
     try:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=config.trust_remote_code)
@@ -334,7 +334,7 @@ def _load(config: InspectorConfig, model: Any, tokenizer: Any) -> tuple[Any, Any
                 **({} if config.allow_pickle else {"use_safetensors": True}),
             )
     except (OSError, ValueError) as exc:
-        raise _load_error(source, exc) from exc
+        raise load_error(source, exc) from exc
     return model, tokenizer
 
 

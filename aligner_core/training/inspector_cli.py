@@ -24,7 +24,7 @@ def train_inspector_command(**settings: Any) -> None:
     from pathlib import Path
 
     from ..errors import AlignerError
-    from ..records import check_input
+    from ..jobs.records import check_input
     from .inspector import check_inspector_output, train_inspector
 
     logging.getLogger("aligner_core.training").setLevel(logging.INFO)

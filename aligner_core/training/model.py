@@ -11,11 +11,11 @@ from .config import TrainConfig, TrainConfigError
 
 def resolve_base(config: TrainConfig) -> str:
     """A location ``from_pretrained`` reads: a directory (GGUF files are dequantized once) or a hub id."""
-    from ..loading import _dequantize_gguf, resolve_source
+    from ..loading import dequantize_gguf, resolve_source
 
     source = resolve_source(config.base_model)
     if source.kind == "gguf":
-        return str(_dequantize_gguf(source, trust_remote_code=config.trust_remote_code))
+        return str(dequantize_gguf(source, trust_remote_code=config.trust_remote_code))
     if source.kind == "hub" and source.gguf_file:
         raise ModelLoadError("training from a GGUF file on the hub is not supported: download it and pass the file")
     return source.location

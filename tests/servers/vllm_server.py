@@ -50,9 +50,9 @@ def model_dir() -> Path:
         return target
     _model, _tok, source = load_model(DEFAULT_MODEL)  # dequantizes the GGUF once into the cache
     del _model
-    from aligner_core.loading import _gguf_cache_dir  # the cached safetensors copy
+    from aligner_core.loading import gguf_copy_dir  # the cached safetensors copy
 
-    cached = _gguf_cache_dir(source)
+    cached = gguf_copy_dir(source)
     sys.path.insert(0, str(ROOT / "scripts"))
     from vllm_model import prepare  # type: ignore[import-not-found]
 

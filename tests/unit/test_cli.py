@@ -10,8 +10,8 @@ import time
 import pytest
 
 from aligner_core.cli import main
-from aligner_core.filejob import OutputExistsError, correct_jsonl
-from aligner_core.jsonl import resume_offset
+from aligner_core.jobs.files import OutputExistsError, correct_jsonl
+from aligner_core.jobs.jsonl import resume_offset
 
 
 def write_input(path, n=12, bad=()):

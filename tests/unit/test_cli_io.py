@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aligner_core.cli import main, versions
-from aligner_core.records import RecordSourceError, check_input, count_items, iter_items
+from aligner_core.jobs.records import RecordSourceError, check_input, count_items, iter_items
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = [{"id": i, "question": f"Question {i}?", "answer": f"Answer number {i} is here."} for i in range(7)]

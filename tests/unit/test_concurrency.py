@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from aligner_core import Aligner, EmptyAnswerError
-from aligner_core.scheduler import SchedulerClosedError
+from aligner_core.engines.local.scheduler import SchedulerClosedError
 
 
 def pair(i: int) -> tuple[str, str]:

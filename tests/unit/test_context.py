@@ -157,7 +157,7 @@ def test_file_jobs_read_context_from_jsonl_and_csv(tiny_aligner, tmp_path):
     import csv
     import json
 
-    from aligner_core.filejob import correct_jsonl
+    from aligner_core.jobs.files import correct_jsonl
 
     rows = [{"question": Q, "answer": A, "context": TOOL_TURN}, {"question": Q, "answer": A},
             {"question": Q, "answer": A, "context": [{"type": "memo", "content": "x"}]}]

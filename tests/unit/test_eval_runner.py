@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from aligner_core.evaluation import VERDICTS_FILE, Verdict, evaluate_file
 from aligner_core.evaluation.cli import register
-from aligner_core.filejob import OutputExistsError
+from aligner_core.jobs.files import OutputExistsError
 
 
 class LengthJudge:

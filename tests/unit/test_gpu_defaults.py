@@ -7,8 +7,8 @@ import pytest
 from transformers import LlamaConfig
 
 from aligner_core import Aligner
-from aligner_core import speculative as sp
-from aligner_core.memory_budget import (
+from aligner_core.engines.local import speculative as sp
+from aligner_core.engines.local.memory_budget import (
     CPU_BATCH_TOKENS,
     MAX_BATCH_TOKENS,
     MIN_BATCH_TOKENS,
@@ -17,7 +17,7 @@ from aligner_core.memory_budget import (
     derive_budget,
     kv_bytes_per_token,
 )
-from aligner_core.speculative import DraftingPolicy, drafted_greedy
+from aligner_core.engines.local.speculative import DraftingPolicy, drafted_greedy
 
 LLAMA_1B = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256)
@@ -97,7 +97,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
     import time
 
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.scheduler import Job, MicroBatcher
+    from aligner_core.engines.local.scheduler import Job, MicroBatcher
 
     sizes: list[int] = []
 
@@ -127,7 +127,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
 
 def test_the_gather_stops_at_the_row_limit():
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.scheduler import Job, MicroBatcher
+    from aligner_core.engines.local.scheduler import Job, MicroBatcher
 
     sizes: list[int] = []
     gate = __import__("threading").Event()

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from aligner_core.errors import InvalidInputError
-from aligner_core.filejob import correct_jsonl
 from aligner_core.history import fold_history, normalize_history, render_prompt
+from aligner_core.jobs.files import correct_jsonl
 from aligner_core.templates import get_template
 
 HISTORY = [{"role": "user", "content": "Hi, I am Ana and I live in Peru."},

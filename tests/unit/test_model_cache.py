@@ -14,9 +14,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from aligner_core import model_cache
 from aligner_core.cache_cli import register
-from aligner_core.loading import _gguf_cache_dir, resolve_source
+from aligner_core.loading import cache as model_cache
+from aligner_core.loading import gguf_copy_dir, resolve_source
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ def test_same_gguf_bytes_in_two_venvs_share_one_cache_entry(cache, tmp_path):
     shutil.copyfile(first, renamed)
     other = _gguf(tmp_path / "venv-a" / "site-packages" / "other.gguf", b"different" * 1000)
 
-    key = _gguf_cache_dir(resolve_source(first))
+    key = gguf_copy_dir(resolve_source(first))
     assert key.parent == cache / "gguf"
-    assert _gguf_cache_dir(resolve_source(second)) == key
-    assert _gguf_cache_dir(resolve_source(renamed)) == key
-    assert _gguf_cache_dir(resolve_source(other)) != key
+    assert gguf_copy_dir(resolve_source(second)) == key
+    assert gguf_copy_dir(resolve_source(renamed)) == key
+    assert gguf_copy_dir(resolve_source(other)) != key
 
 
 def test_cache_key_changes_with_the_conversion_version(cache, tmp_path, monkeypatch):

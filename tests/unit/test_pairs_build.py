@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from aligner_core.filejob import OutputExistsError
+from aligner_core.jobs.files import OutputExistsError
 from aligner_core.pairs import PairStats, classify, make_pair, pairs_from_records, write_pairs
 from aligner_core.pairs.cli import register
 

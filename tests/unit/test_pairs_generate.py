@@ -7,7 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 from aligner_core.errors import TemplateError
-from aligner_core.filejob import OutputExistsError
+from aligner_core.jobs.files import OutputExistsError
 from aligner_core.pairs import TransformersUpstream, generate_round, iter_prompts
 from aligner_core.pairs.cli import register
 

@@ -1,6 +1,6 @@
 import pytest
 
-from aligner_core.planner import batch_cost, plan_batches
+from aligner_core.engines.local.planner import batch_cost, plan_batches
 
 
 def test_every_index_once_and_under_budget():

@@ -80,7 +80,7 @@ def test_demo_progress_moves(tiny_model_dir, capsys):
 
 
 def test_file_job_reports_within_a_chunk(tiny_aligner, tmp_path):
-    from aligner_core.filejob import correct_jsonl
+    from aligner_core.jobs.files import correct_jsonl
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     records = [{"question": q, "answer": a} for q, a in PAIRS] + [{"question": "no answer field"}]

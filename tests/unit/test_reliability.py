@@ -21,8 +21,8 @@ from aligner_core import (
     ModelLoadError,
 )
 from aligner_core.cli import main
-from aligner_core.filejob import correct_jsonl
-from aligner_core.scheduler import SchedulerClosedError
+from aligner_core.engines.local.scheduler import SchedulerClosedError
+from aligner_core.jobs.files import correct_jsonl
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from aligner_core.speculative import AnswerDrafter, drafted_greedy
+from aligner_core.engines.local.speculative import AnswerDrafter, drafted_greedy
 
 
 def test_drafter_follows_the_reference_in_order():
@@ -112,7 +112,7 @@ def test_verify_budget_limits_the_step_width(setup):
 
 
 def test_common_prefix_and_length_groups():
-    from aligner_core.speculative import common_prefix, group_by_length
+    from aligner_core.engines.local.speculative import common_prefix, group_by_length
 
     assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3]]) == 2  # each keeps a token of its own
     assert common_prefix([[5, 1], [6, 1]]) == 0
@@ -123,7 +123,7 @@ def test_common_prefix_and_length_groups():
 
 
 def test_prefill_shares_the_prefix_and_merges_groups(setup):
-    from aligner_core.speculative import _cache_keyword, prefill
+    from aligner_core.engines.local.speculative import _cache_keyword, prefill
 
     model, tok, prompts = setup
     state = prefill(model, prompts, pad_token_id=tok.pad_token_id, cache_kw=_cache_keyword(model))

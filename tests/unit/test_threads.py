@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from aligner_core.threads import default_threads, usable_cpus
+from aligner_core.engines.local.threads import default_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import AlignerError, missing
+from ..errors import AlignerError, missing
 
 #: The name that means standard input (and, for outputs, standard output).
 STDIO = "-"

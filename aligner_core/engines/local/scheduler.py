@@ -19,8 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .engines.base import GenerationOutput, GenerationParams, GenerationRequest
-from .errors import EngineClosedError
+from ...errors import EngineClosedError
+from ..base import GenerationOutput, GenerationParams, GenerationRequest
 
 logger = logging.getLogger("aligner_core")
 

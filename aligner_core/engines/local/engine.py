@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from ..errors import AlignerOutOfMemoryError
-from ..plaintext import encode_text
-from ..planner import plan_batches
-from ..progress import Progress
-from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
+from ...errors import AlignerOutOfMemoryError
+from ...plaintext import encode_text
+from ...progress import Progress
+from ..base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
+from .planner import plan_batches
 
 logger = logging.getLogger("aligner_core")
 
@@ -70,14 +70,14 @@ class TransformersEngine:
         max_queue: int = 4096,
     ):
         if max_batch_tokens is None:  # CPU: a fixed budget; CUDA/MPS: what the card holds (see memory_budget)
-            from ..memory_budget import ACCELERATOR_MAX_ROWS, budget_for
+            from .memory_budget import ACCELERATOR_MAX_ROWS, budget_for
 
             max_batch_tokens = budget_for(model)
             if max_batch_size is None and next(model.parameters()).device.type != "cpu":
                 max_batch_size = ACCELERATOR_MAX_ROWS  # the activation reserve covers this many rows' logits
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be a positive integer, got {max_batch_tokens}")
-        from ..scheduler import MicroBatcher
+        from .scheduler import MicroBatcher
 
         self.lock = threading.Lock()
         self.scheduler = MicroBatcher(
@@ -100,11 +100,11 @@ class TransformersEngine:
             # after a few tokens per step, a GPU only after hundreds (see docs/performance.md).
             max_verify_tokens = 16 if self.device.type == "cpu" else 256
         self.max_verify_tokens = max_verify_tokens
-        from ..speculative import DraftingPolicy
+        from .speculative import DraftingPolicy
 
         self.drafting_policy = DraftingPolicy(self.device.type, max_verify_tokens=max_verify_tokens)
         if self.device.type == "cpu":
-            from ..threads import configure_cpu_threads
+            from .threads import configure_cpu_threads
 
             configure_cpu_threads()  # physical cores this process may use, unless the user chose
         self.loop_supported = True
@@ -136,29 +136,29 @@ class TransformersEngine:
         ``progress`` gets tokens every decoding step and each row once it hits EOS or its limit.
         """
         if self.scheduler.closed:
-            from ..scheduler import SchedulerClosedError
+            from .scheduler import SchedulerClosedError
 
             raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
         with self.lock:
             return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result, progress=progress)
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
-        from ..scheduler import Job
+        from .scheduler import Job
 
         return self.scheduler.submit(Job(params, request))
 
     async def agenerate(self, request: GenerationRequest, params: GenerationParams) -> GenerationOutput:
-        from ..scheduler import Job
+        from .scheduler import Job
 
         return await self._submit_async(Job(params, request))
 
     def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
-        from ..scheduler import Job
+        from .scheduler import Job
 
         return self.scheduler.submit(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
 
     async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
-        from ..scheduler import Job
+        from .scheduler import Job
 
         return await self._submit_async(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
 
@@ -329,7 +329,7 @@ class TransformersEngine:
         on_step: Callable[[int, int], None] | None = None,
     ) -> list[GenerationOutput]:
         """Greedy decoding with answer-anchored drafts (see ``speculative.py``)."""
-        from ..speculative import drafted_greedy
+        from .speculative import drafted_greedy
 
         start = time.perf_counter()
         stop_check = None

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from .errors import OutputExistsError, OutputPathError
+from ..errors import OutputExistsError, OutputPathError
 from .records import json_lines
 
 T = TypeVar("T")

@@ -9,15 +9,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import context_of
-from .errors import EngineUnavailableError, InvalidInputError, OutputExistsError
-from .history import history_of
+from ..context import context_of
+from ..errors import EngineUnavailableError, InvalidInputError, OutputExistsError
+from ..history import history_of
+from ..progress import Progress, ProgressCallback, tracking
 from .jsonl import chunked, open_resumable, write_durably
-from .progress import Progress, ProgressCallback, tracking
 from .records import count_items, is_stdio, iter_items
 
 if TYPE_CHECKING:
-    from .aligner import Aligner
+    from ..aligner import Aligner
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Ray is an orchestrator, not an engine: each replica runs an ordinary ``Aligner`` (transformers, vLLM or
 an OpenAI-compatible server, as ``EngineChoice`` says), so a Ray run gives the same corrections as a
 local one. ``correct_dataset`` is the building block for Ray Data pipelines; ``correct_file_ray`` is
-``aligner correct --ray``: the same durable, resumable JSONL output as ``aligner_core.filejob``.
+``aligner correct --ray``: the same durable, resumable JSONL output as ``aligner_core.jobs.files``.
 
 Extra ``[ray]``; ``ray`` is imported only when one of these functions runs.
 """
@@ -19,18 +19,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..context import CONTEXT_KEYS
+from ..engines.base import GenerationParams
 from ..errors import AlignerError, EngineUnavailableError, InvalidInputError, missing
-from ..filejob import JobStats, error_info, output_line
 from ..history import HISTORY_KEYS
-from ..jsonl import open_resumable, write_durably
-from ..records import count_items, numbered
-from .base import GenerationParams
+from .files import JobStats, error_info, output_line
+from .jsonl import open_resumable, write_durably
+from .records import count_items, numbered
 
 if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-    from ..engine_options import EngineChoice
+    from .choice import EngineChoice
 
 STATS_COLUMN = "aligner"
 ERROR_COLUMN = "aligner_error"

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import model_cache
-from .errors import MissingDependencyError, ModelLoadError, missing
-from .model_cache import cache_root
+from ..errors import MissingDependencyError, ModelLoadError, missing
+from . import cache as model_cache
+from .cache import cache_root
 
 logger = logging.getLogger("aligner_core")
 
@@ -200,15 +200,15 @@ def quantization_config(quantization: Any) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _gguf_cache_dir(source: ModelSource) -> Path:
+def gguf_copy_dir(source: ModelSource) -> Path:
     """The cache folder of ``source``'s dequantized copy: keyed by the GGUF's content, not its path."""
     return model_cache.entry_dir(Path(source.location) / (source.gguf_file or ""))
 
 
-def _dequantize_gguf(source: ModelSource, *, trust_remote_code: bool) -> Path:
+def dequantize_gguf(source: ModelSource, *, trust_remote_code: bool) -> Path:
     """Dequantize a local GGUF once into a safetensors directory and return it."""
     gguf_path = Path(source.location) / (source.gguf_file or "")
-    target = _gguf_cache_dir(source)
+    target = gguf_copy_dir(source)
     if model_cache.is_complete(target):
         model_cache.note_source(target, gguf_path)
         return target
@@ -248,7 +248,7 @@ def dedupe_library_logs() -> None:
                 library.removeHandler(handler)
 
 
-def _load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+def load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     msg = f"could not load {source.name or source.location!r}: {exc}"
     if source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in {"0", "", "false", "False"}:
         msg += (
@@ -280,7 +280,7 @@ def load_model(
     source = resolve_source(model, gguf_file)
     location, extra = source.location, {}
     if source.kind == "gguf":
-        location = str(_dequantize_gguf(source, trust_remote_code=trust_remote_code))
+        location = str(dequantize_gguf(source, trust_remote_code=trust_remote_code))
     elif source.kind == "hub" and source.gguf_file:
         extra["gguf_file"] = source.gguf_file
     target_device = resolve_device(device) if device_map is None else None
@@ -310,7 +310,7 @@ def load_model(
                 f"{source.name or location!r} has no safetensors weights, only pickle (.bin) files, which can run "
                 "arbitrary code when loaded. If you trust the source, pass allow_pickle=True."
             ) from exc
-        raise _load_error(source, exc) from exc
+        raise load_error(source, exc) from exc
     if adapter is not None:
         if importlib.util.find_spec("peft") is None:
             raise missing("peft", "train", feature="loading a LoRA adapter")
