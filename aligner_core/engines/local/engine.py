@@ -143,24 +143,24 @@ class TransformersEngine:
             return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result, progress=progress)
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
-        from .scheduler import Job
+        from .scheduler import Ticket
 
-        return self.scheduler.submit(Job(params, request))
+        return self.scheduler.submit(Ticket(params, request))
 
     async def agenerate(self, request: GenerationRequest, params: GenerationParams) -> GenerationOutput:
-        from .scheduler import Job
+        from .scheduler import Ticket
 
-        return await self._submit_async(Job(params, request))
+        return await self._submit_async(Ticket(params, request))
 
     def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
-        from .scheduler import Job
+        from .scheduler import Ticket
 
-        return self.scheduler.submit(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+        return self.scheduler.submit(Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
 
     async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
-        from .scheduler import Job
+        from .scheduler import Ticket
 
-        return await self._submit_async(Job(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+        return await self._submit_async(Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
 
     def close(self) -> None:
         """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""

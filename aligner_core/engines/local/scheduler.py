@@ -30,7 +30,7 @@ class SchedulerClosedError(EngineClosedError):
 
 
 @dataclass
-class Job:
+class Ticket:
     """One queued unit of work: generation requests (or an exclusive callable) and their futures."""
 
     params: GenerationParams | None
@@ -77,7 +77,7 @@ class MicroBatcher:
 
     # -- callers -----------------------------------------------------------------------------
 
-    def submit(self, job: Job, *, block: bool = True, timeout: float | None = None) -> Future:
+    def submit(self, job: Ticket, *, block: bool = True, timeout: float | None = None) -> Future:
         """Queue a job; blocks (backpressure) while the queue is full unless ``block=False``."""
         if self._closed:
             raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
@@ -128,7 +128,7 @@ class MicroBatcher:
                 self._drain_closed()
                 return
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
+    def _gather(self, first: Ticket) -> tuple[list[Ticket], bool]:
         """Collect the burst that arrives with the first job, up to the token budget.
 
         Waits until no job has arrived for ``max_wait`` (callers still rendering their prompts keep
@@ -154,8 +154,8 @@ class MicroBatcher:
             deadline = time.monotonic() + self.max_wait
         return jobs, False
 
-    def _serve(self, jobs: list[Job]) -> None:
-        groups: dict[GenerationParams, list[Job]] = {}
+    def _serve(self, jobs: list[Ticket]) -> None:
+        groups: dict[GenerationParams, list[Ticket]] = {}
         for job in jobs:
             if job.exclusive is not None:
                 if job.future.set_running_or_notify_cancel():
@@ -169,7 +169,7 @@ class MicroBatcher:
         for params, group in groups.items():
             self._run_group(params, group)
 
-    def _run_group(self, params: GenerationParams, group: list[Job]) -> None:
+    def _run_group(self, params: GenerationParams, group: list[Ticket]) -> None:
         """Run one batch; if it fails as a whole, run its jobs one by one, so a failure stays with its request."""
         try:
             with self.lock:
@@ -201,7 +201,7 @@ class MicroBatcher:
                 job.future.set_exception(SchedulerClosedError("the Aligner was closed before this request ran"))
 
 
-def _cost(job: Job) -> int:
+def _cost(job: Ticket) -> int:
     r = job.request
     return 0 if r is None else len(r.prompt_ids) + r.reserve
 
@@ -213,4 +213,4 @@ def _settle(future: Future, fn: Callable[[], Any]) -> None:
         future.set_exception(exc)
 
 
-__all__ = ["GenerationOutput", "Job", "MicroBatcher", "SchedulerClosedError"]
+__all__ = ["GenerationOutput", "Ticket", "MicroBatcher", "SchedulerClosedError"]
