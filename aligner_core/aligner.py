@@ -11,13 +11,13 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
 from . import gating, requests, streaming, telemetry
 from .correction import Correction
 from .engines.base import Engine, GenerationOutput, GenerationParams
-from .errors import AlignerError, CorrectionTimeoutError, GenerationOptionError
 from .gating import OWN
 from .items import as_sequence
 from .progress import Progress, ProgressCallback, batch_tracker, generate_tracked
@@ -199,20 +199,11 @@ class Aligner:
         ``timeout`` (seconds) bounds the wait: past it the request is cancelled and
         ``CorrectionTimeoutError`` raised, so a caller with a deadline is never held longer.
         """
-        limit = _check_timeout(timeout)
+        limit = requests.check_timeout(timeout)
 
         def run() -> Correction:
-            prepared, params = requests.prepare_one(self, question, answer, dict(generation), history, context)
-            start = time.perf_counter()
-            future = self.engine.submit(prepared.request, params)
-            try:
-                out = future.result(timeout=limit)
-            except TimeoutError as exc:
-                if isinstance(exc, AlignerError):  # the engine's own timeout (a server engine), not this call's
-                    raise
-                future.cancel()
-                raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
-            return self.build(prepared, out, latency=time.perf_counter() - start)
+            return requests.run_one(self, *requests.prepare_one(self, question, answer, dict(generation), history,
+                                                                 context), limit)
 
         return gating.one(self, inspector, threshold, question, answer, context, run)
 
@@ -226,18 +217,11 @@ class Aligner:
         The event loop is never blocked. Cancelling the awaiting task drops the request if it has
         not started; ``timeout`` does the same after that many seconds (``CorrectionTimeoutError``).
         """
-        limit = _check_timeout(timeout)
+        limit = requests.check_timeout(timeout)
 
         async def run() -> Correction:
-            prepared, params = requests.prepare_one(self, question, answer, dict(generation), history, context)
-            start = time.perf_counter()
-            try:
-                out = await asyncio.wait_for(self.engine.agenerate(prepared.request, params), limit)
-            except TimeoutError as exc:
-                if isinstance(exc, AlignerError):  # the engine's own timeout (a server engine), not this call's
-                    raise
-                raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
-            return self.build(prepared, out, latency=time.perf_counter() - start)
+            return await requests.arun_one(self, *requests.prepare_one(self, question, answer, dict(generation),
+                                                                       history, context), limit)
 
         return await gating.aone(self, inspector, threshold, question, answer, context, run)
 
@@ -268,7 +252,7 @@ class Aligner:
         prepared, params = requests.prepare_one(self, question, answer, generation, history, context)
         stream = AsyncCorrectionStream(loop)
         stream.span = telemetry.start(self, params, pairs=1, stream=True)
-        stream._task = loop.create_task(streaming.aproduce(self, weakref_to(stream), prepared, params, gate))
+        stream._task = loop.create_task(streaming.aproduce(self, weakref.ref(stream), prepared, params, gate))
         return stream
 
     # -- many answers ------------------------------------------------------------------------
@@ -382,17 +366,8 @@ class Aligner:
                                 index=index, history=history, context=context)
 
     def build(self, prepared: PreparedRequest, out: GenerationOutput, *, latency: float | None = None) -> Correction:
-        """Turn an engine's output into the public ``Correction``."""
-        return Correction.build(
-            question=prepared.question,
-            original=prepared.answer,
-            text=out.text,
-            prompt_tokens=out.prompt_tokens if out.prompt_tokens is not None else len(prepared.request.prompt_ids),
-            completion_tokens=out.completion_tokens,
-            finish_reason=out.finish_reason,
-            latency_s=out.latency_s if latency is None else latency,
-            metadata={**prepared.metadata, **out.metadata},
-        )
+        """Turn an engine's output into the public ``Correction`` (``requests.build``)."""
+        return requests.build(prepared, out, latency=latency)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -411,21 +386,6 @@ class Aligner:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
-
-
-def weakref_to(stream: AsyncCorrectionStream) -> Any:
-    """The producer holds its stream weakly: a stream nobody reads any more stops its generation."""
-    import weakref
-
-    return weakref.ref(stream)
-
-
-def _check_timeout(timeout: Any) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise GenerationOptionError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    return float(timeout)
 
 
 __all__ = ["Aligner", "choose_template"]

@@ -19,6 +19,7 @@ from .engines.base import GenerationParams, GenerationRequest
 from .errors import (
     AlignerError,
     ContextOverflowError,
+    CorrectionTimeoutError,
     EmptyAnswerError,
     GenerationOptionError,
     InvalidInputError,
@@ -291,3 +292,60 @@ def _template_markers_in(template: Any, *texts: str) -> list[str]:
             template.name, found,
         )
     return found
+
+
+def build(prepared: PreparedRequest, out: Any, *, latency: float | None = None) -> Any:
+    """An engine's output as the public ``Correction`` of the pair it was prepared from."""
+    from .correction import Correction
+
+    return Correction.build(
+        question=prepared.question,
+        original=prepared.answer,
+        text=out.text,
+        prompt_tokens=out.prompt_tokens if out.prompt_tokens is not None else len(prepared.request.prompt_ids),
+        completion_tokens=out.completion_tokens,
+        finish_reason=out.finish_reason,
+        latency_s=out.latency_s if latency is None else latency,
+        metadata={**prepared.metadata, **out.metadata},
+    )
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """A call's ``timeout``: None, or a positive number of seconds (``GenerationOptionError`` otherwise)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise GenerationOptionError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def run_one(aligner: Any, prepared: PreparedRequest, params: GenerationParams, limit: float | None) -> Any:
+    """Generate one prepared request and wait at most ``limit`` seconds (then cancel it and raise
+    ``CorrectionTimeoutError``, so a caller with a deadline is never held longer)."""
+    import time
+
+    start = time.perf_counter()
+    future = aligner.engine.submit(prepared.request, params)
+    try:
+        out = future.result(timeout=limit)
+    except TimeoutError as exc:
+        if isinstance(exc, AlignerError):  # the engine's own timeout (a server engine), not this call's
+            raise
+        future.cancel()
+        raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
+    return build(prepared, out, latency=time.perf_counter() - start)
+
+
+async def arun_one(aligner: Any, prepared: PreparedRequest, params: GenerationParams, limit: float | None) -> Any:
+    """Async :func:`run_one`: cancelling the awaiting task (or the deadline) drops the request."""
+    import asyncio
+    import time
+
+    start = time.perf_counter()
+    try:
+        out = await asyncio.wait_for(aligner.engine.agenerate(prepared.request, params), limit)
+    except TimeoutError as exc:
+        if isinstance(exc, AlignerError):
+            raise
+        raise CorrectionTimeoutError(f"the correction took longer than timeout={limit:g}s") from exc
+    return build(prepared, out, latency=time.perf_counter() - start)

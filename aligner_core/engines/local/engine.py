@@ -24,6 +24,7 @@ from ...plaintext import encode_text
 from ...progress import Progress
 from ..base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 from .planner import plan_batches
+from .progress import BatchReport, counting_streamer
 
 logger = logging.getLogger("aligner_core")
 
@@ -369,7 +370,7 @@ class TransformersEngine:
         """Run one planned batch, reporting its progress live and settling it exactly once it is done."""
         if progress is None:
             return self._decode_batch(batch, params, None)
-        report = _BatchReport(progress)
+        report = BatchReport(progress)
         try:
             outputs = self._decode_batch(batch, params, report)
         except BaseException:
@@ -379,7 +380,7 @@ class TransformersEngine:
         return outputs
 
     def _decode_batch(
-        self, batch: list[GenerationRequest], params: GenerationParams, report: _BatchReport | None
+        self, batch: list[GenerationRequest], params: GenerationParams, report: BatchReport | None
     ) -> list[GenerationOutput]:
         on_step = report.step if report is not None else None
         drafting = params.drafting and self.loop_supported and any(r.draft_ids for r in batch)
@@ -402,7 +403,7 @@ class TransformersEngine:
         if params.stop:
             extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
         if report is not None:
-            extra["streamer"] = _counting_streamer([r.max_new_tokens for r in batch], self.eos_token_ids, report.step)
+            extra["streamer"] = counting_streamer([r.max_new_tokens for r in batch], self.eos_token_ids, report.step)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -428,66 +429,6 @@ class TransformersEngine:
         if cut >= 0:
             text, finish = text[:cut], "stop"
         return GenerationOutput(text=text.strip(), completion_tokens=len(tokens), finish_reason=finish, latency_s=latency)
-
-
-class _BatchReport:
-    """One batch's share of a ``Progress``: reported live, taken back if the batch fails, settled at the end."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tokens = 0
-        self.rows = 0
-
-    def step(self, tokens: int, rows: int) -> None:
-        if tokens or rows:
-            self.tokens += tokens
-            self.rows += rows
-            self.progress.update(tokens=tokens, rows=rows)
-
-    def retract(self) -> None:
-        self.step(-self.tokens, -self.rows)
-
-    def settle(self, outputs: Sequence[GenerationOutput]) -> None:
-        """Make the totals exact: rows the loop could not see end (stop strings) and the final token counts."""
-        self.step(sum(o.completion_tokens for o in outputs) - self.tokens, len(outputs) - self.rows)
-
-
-def _counting_streamer(limits: Sequence[int], eos_token_ids: Sequence[int], on_step: Callable[[int, int], None]) -> Any:
-    """A streamer for ``model.generate`` that counts each step's tokens and the rows that just ended.
-
-    ``generate`` already copies each step's tokens to the host for a streamer, at the point where it
-    waits for the step anyway; counting them costs a few list operations per step. A row ends at EOS
-    or its own ``max_new_tokens``, as ``TransformersEngine.finish`` cuts it.
-    """
-    from transformers.generation.streamers import BaseStreamer
-
-    eos = set(eos_token_ids)
-
-    class _Counter(BaseStreamer):
-        def __init__(self) -> None:
-            self.prompt_seen = False
-            self.counts = [0] * len(limits)
-            self.open = [limit > 0 for limit in limits]
-
-        def put(self, value: torch.Tensor) -> None:
-            if not self.prompt_seen:  # generate() first hands over the prompt
-                self.prompt_seen = True
-                return
-            tokens = ended = 0
-            for row, token in enumerate(value.reshape(-1).tolist()):
-                if not self.open[row]:
-                    continue
-                tokens += 1
-                self.counts[row] += 1
-                if token in eos or self.counts[row] >= limits[row]:
-                    self.open[row] = False
-                    ended += 1
-            on_step(tokens, ended)
-
-        def end(self) -> None:
-            pass
-
-    return _Counter()
 
 
 def _free_cache() -> None:
