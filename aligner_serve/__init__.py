@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import build_app
+    from .config import Policy, load_config
     from .limits import ServeLimits
     from .models import ModelMap
+    from .policy import KeyRing
     from .security import ApiKeys
     from .upstream import Upstream
 
 _LAZY = {"build_app": "app", "ServeLimits": "limits", "ModelMap": "models", "ApiKeys": "security",
-         "Upstream": "upstream"}
+         "Upstream": "upstream", "KeyRing": "policy", "Policy": "config", "load_config": "config"}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,4 +36,4 @@ def __getattr__(name: str) -> Any:
         raise missing(exc.name or "starlette", "serve", "aligner_serve") from exc
 
 
-__all__ = ["ApiKeys", "ModelMap", "ServeLimits", "Upstream", "build_app"]
+__all__ = ["ApiKeys", "KeyRing", "ModelMap", "Policy", "ServeLimits", "Upstream", "build_app", "load_config"]

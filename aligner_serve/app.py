@@ -1,8 +1,12 @@
 """The ASGI app: OpenAI-compatible chat completions whose answers are corrected by an Aligner.
 
 This module wires the parts together: the endpoints (``chat``, ``corrections``, and here the small ones), the API
-key check in front of every path, OpenAI-shaped JSON for every status Starlette answers itself (404, 405, 500),
-and the shutdown. What the proxy shares across endpoints is ``proxy.CorrectionProxy``.
+key check in front of every path (which also finds the caller's policy), OpenAI-shaped JSON for every status
+Starlette answers itself (404, 405, 500), the request spans (``tracing``, with OpenTelemetry installed) and the
+shutdown. What the proxy shares across endpoints is ``proxy.CorrectionProxy``.
+
+Only chat completions are proxied: ``/v1/completions`` and ``/v1/responses`` (and embeddings) answer a JSON 404 that
+lists what is served, rather than an answer the Aligner never saw.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from aligner_core import Aligner
 
+from . import tracing
 from .chat import ChatCompletions
 from .corrections import Corrections
 from .drain import Drain
 from .errors import json_error
-from .handler import endpoint
+from .handler import POLICY_SCOPE_KEY, endpoint
 from .limits import ServeLimits
 from .metrics import Metrics
 from .models import ModelMap
+from .policy import KeyRing
 from .proxy import CorrectionProxy
-from .security import ApiKeys
+from .security import ApiKeys, presented_key
 from .upstream import Upstream
 
 logger = logging.getLogger("aligner_serve")
@@ -64,15 +70,21 @@ class SmallEndpoints:
 
 
 class ApiKeyMiddleware:
-    """Checks the API key on every request, whatever its path, before anything else reads it."""
+    """Checks the API key on every request, whatever its path, before anything else reads it, and leaves the key's
+    policy in the scope for the endpoints (the default policy where no keys are configured)."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics: Metrics) -> None:
         self.app = app
         self.keys = keys
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or self.keys.allows(Request(scope)):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self.keys.policy_for(presented_key(Request(scope)) if self.keys.enabled else None)
+        if policy is not None:
+            scope[POLICY_SCOPE_KEY] = policy
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
@@ -115,7 +127,7 @@ def build_app(
     aligner: Aligner,
     upstream: Upstream,
     *,
-    api_keys: ApiKeys | None = None,
+    api_keys: KeyRing | ApiKeys | None = None,
     limits: ServeLimits | None = None,
     served_model: str | None = None,
     models: ModelMap | None = None,
@@ -130,7 +142,18 @@ def build_app(
     they pass through, and a request's ``aligner`` field decides for itself. On shutdown the upstream client is
     closed, and the Aligner too unless ``close_aligner=False``. ``app.state.drain`` is the graceful stop that
     ``http_server.run`` starts on SIGTERM.
+
+    ``api_keys``: a ``KeyRing`` (keys with their policies, e.g. from ``--config``: each request runs in its key's
+    mode, correct, inspect or off, and may pick another where the key allows it) or plain ``ApiKeys`` (all with
+    the default policy: correct); none: every request has the ring's default policy. A policy in ``inspect`` mode
+    needs the Aligner's inspector (``ValueError`` otherwise). With OpenTelemetry installed every request is a
+    span (``tracing``).
     """
+    ring = api_keys.ring() if isinstance(api_keys, ApiKeys) else api_keys or KeyRing()
+    modes = {ring.default.mode, *(entry.policy.mode for entry in ring.entries)}
+    if "inspect" in modes and aligner.inspector is None:
+        raise ValueError("a key policy has mode 'inspect' but the Aligner has no inspector to score with: give it "
+                         "one (--inspector, Aligner(inspector=...))")
     limits = limits or ServeLimits()
     metrics = Metrics()
     drain = Drain(limits.shutdown_grace)
@@ -147,6 +170,7 @@ def build_app(
             await upstream.aclose()
             if close_aligner:
                 await asyncio.to_thread(aligner.close)
+            await asyncio.to_thread(tracing.flush)
 
     handlers = {"/v1/chat/completions": ChatCompletions(proxy), "/v1/corrections": Corrections(proxy),
                 "/v1/models": small.models, "/health": small.health, "/metrics": small.metrics}
@@ -156,7 +180,9 @@ def build_app(
                     exception_handlers={HTTPException: _http_error(metrics), Exception: _internal_error})
     app.state.proxy = proxy
     app.state.drain = drain
-    app.add_middleware(ApiKeyMiddleware, keys=api_keys or ApiKeys(), metrics=metrics)
+    app.add_middleware(ApiKeyMiddleware, keys=ring, metrics=metrics)
+    if tracing.available():  # outermost: a request refused for its key is a span too
+        app.add_middleware(tracing.TracingMiddleware)
     return app
 
 

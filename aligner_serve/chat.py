@@ -1,14 +1,18 @@
 """``POST /v1/chat/completions``: the upstream's answer, each choice decided by the core and its text corrected,
 plain or streamed.
 
-Everything that can fail with a status (the upstream call, the decisions, the first streamed choice's first delta)
-happens before a response starts; ``n`` choices take ``n`` places in the queue. What ``finish_reason``, ``usage``
-and ``logprobs`` say is ``contract``'s job, what the Aligner sees of the request ``grounding``'s.
+Everything that can fail with a status (the mode the caller may use, the upstream call, the decisions, the
+inspector's verdicts, the first streamed choice's first delta) happens before a response starts; ``n`` choices take
+``n`` places in the queue. The request's mode (``policy``: correct, inspect, off) decides what happens to the
+choices the core would correct, and the outcome also goes out as headers (``outcome_headers``). What
+``finish_reason``, ``usage`` and ``logprobs`` say is ``contract``'s job, what the Aligner sees of the request
+``grounding``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,13 +22,20 @@ from aligner_core import Correction
 from aligner_core.decision import Decision
 
 from . import choices as ch
-from . import contract, sse
+from . import contract, sse, tracing
 from . import openai_schema as oa
 from .bad_request import RequestShapeError
+from .config import Mode
 from .contract import Outcome
 from .drain import MESSAGE as SHUTTING_DOWN
 from .errors import json_error
+from .inspection import Verdict
+from .outcome_headers import ChoiceOutcome, outcome_headers, server_timing
+from .policy import Caller
 from .proxy import CorrectionProxy
+
+#: Per choice: what the core decided (in the request's mode) and the inspector's verdict (``inspect`` mode).
+Plan = tuple[list[Decision], list[Verdict | None]]
 
 
 class ChatCompletions:
@@ -33,26 +44,31 @@ class ChatCompletions:
     def __init__(self, proxy: CorrectionProxy) -> None:
         self.proxy = proxy
 
-    async def __call__(self, body: Any) -> Response:
+    async def __call__(self, body: Any, caller: Caller | None = None) -> Response:
         try:
             chat = oa.parse_chat_request(body)
         except RequestShapeError as exc:
             return json_error(400, str(exc), type="invalid_request_error", param=exc.param)
+        mode = (caller or Caller()).mode(chat.options.mode, inspector=self.proxy.inspects)  # PolicyError: 403/400
+        tracing.annotate({"aligner.mode": mode, "aligner.choices": chat.n, "aligner.stream": chat.stream})
         limit = self.proxy.limits.choices
         if chat.n > limit:
             return json_error(400, f"n={chat.n} is over the correction proxy's limit of {limit} choices per request "
                               "(--max-n): each choice is corrected", type="invalid_request_error", param="n")
         if chat.stream:
-            return await self._stream(chat)
+            return await self._stream(chat, mode)
         with self.proxy.slot(chat.n):
+            start = time.perf_counter()
             data = await self.proxy.call_upstream(chat)
+            answered = time.perf_counter()
             choices = [c for c in data["choices"] if isinstance(c, dict)]
-            decisions = [self.proxy.decide(chat, c, i) for i, c in enumerate(choices)]  # unreadable: 502 first
-            results = await asyncio.gather(*(self._apply(chat, c, d) for c, d in zip(choices, decisions)),
-                                           return_exceptions=True)
+            decisions, verdicts = await self._plan(chat, choices, mode)  # unreadable: 502 first
+            results = await asyncio.gather(*(self._apply(chat, c, d, v)
+                                             for c, d, v in zip(choices, decisions, verdicts)), return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+            timing = server_timing(answered - start, time.perf_counter() - answered)
         done = [r for r in results if isinstance(r, tuple)]
         outcomes = [outcome for _, outcome in done]
         upstream_usage = data.get("usage")
@@ -60,13 +76,20 @@ class ChatCompletions:
             data["usage"] = contract.client_usage(upstream_usage, outcomes)
         if done:
             data["aligner"] = contract.request_details(done[0][0], upstream_usage, outcomes)
-        return JSONResponse(data)
+        return JSONResponse(data, headers={**outcome_headers(mode, [ChoiceOutcome.of(d) for d, _ in done]), **timing})
 
-    async def _apply(self, chat: oa.ChatRequest, choice: dict[str, Any], decision: Decision
+    async def _plan(self, chat: oa.ChatRequest, choices: list[dict[str, Any]], mode: Mode) -> Plan:
+        """Every choice's decision in ``mode`` (off: passed as it is; inspect: scored, never rewritten)."""
+        decisions = [self.proxy.decide(chat, c, i, mode) for i, c in enumerate(choices)]
+        if mode == "inspect":
+            return await self.proxy.inspect(chat, decisions)
+        return decisions, [None] * len(decisions)
+
+    async def _apply(self, chat: oa.ChatRequest, choice: dict[str, Any], decision: Decision, verdict: Verdict | None
                      ) -> tuple[dict[str, Any], Outcome]:
         """Carry out the decision on one choice in place; its ``aligner`` field and what it returned."""
         if not decision.corrects:
-            details = {**self.proxy.passthrough(chat, decision),
+            details = {**self.proxy.passthrough(chat, decision, verdict),
                        **contract.contract_details(choice, None, asked_logprobs=chat.logprobs)}
             outcome = Outcome()
         else:
@@ -91,13 +114,13 @@ class ChatCompletions:
 
     # -- streams -------------------------------------------------------------------------------
 
-    async def _stream(self, chat: oa.ChatRequest) -> Response:
+    async def _stream(self, chat: oa.ChatRequest, mode: Mode) -> Response:
         """Decide, correct, then stream only corrected text (or a message that passes through, as the upstream sent
         it); errors before the first event keep their status (unreadable content: 502)."""
         slot = self.proxy.slot(chat.n)
         slot.__enter__()
         try:
-            events = await self._events(chat)
+            events, headers = await self._events(chat, mode)
         except BaseException:
             slot.__exit__(None, None, None)
             raise
@@ -111,36 +134,44 @@ class ChatCompletions:
                 slot.__exit__(None, None, None)
 
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
-    async def _events(self, chat: oa.ChatRequest) -> AsyncIterator[bytes]:
-        """The stream's events: the upstream call, every decision and the first choice's first delta come first."""
+    async def _events(self, chat: oa.ChatRequest, mode: Mode) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        """The stream's events and headers: the upstream call, every decision and verdict and the first choice's
+        first delta come first; the outcome headers where every choice's outcome is known by then (none is
+        corrected), and how long the upstream and the Aligner took until then."""
+        start = time.perf_counter()
         data = await self.proxy.call_upstream(chat)
+        answered = time.perf_counter()
         choices = [c for c in data["choices"] if isinstance(c, dict)] or [{}]
-        decisions = [self.proxy.decide(chat, c, i) for i, c in enumerate(choices)]
+        decisions, verdicts = await self._plan(chat, choices, mode)
         head = sse.StreamHead(data.get("id") or oa.new_id(), data.get("model") or "", oa.now(), chat.include_usage)
         outcomes: list[Outcome] = []
-        first = await self._choice_events(chat, head, 0, choices[0], decisions[0], outcomes)
+        first = await self._choice_events(chat, head, 0, choices[0], decisions[0], verdicts[0], outcomes)
+        timing = server_timing(answered - start, time.perf_counter() - answered)
 
         async def parts() -> AsyncIterator[AsyncIterator[bytes]]:
             yield first
             for i in range(1, len(choices)):
-                yield await self._choice_events(chat, head, i, choices[i], decisions[i], outcomes)
+                yield await self._choice_events(chat, head, i, choices[i], decisions[i], verdicts[i], outcomes)
 
         def end() -> Iterator[bytes]:
             upstream_usage = data.get("usage")
             return head.end(contract.client_usage(upstream_usage, outcomes),
                             aligner={"usage": contract.aligner_usage(outcomes), "upstream_usage": upstream_usage})
 
-        return sse.compose(parts(), end)
+        known = None if any(d.corrects for d in decisions) else [
+            ChoiceOutcome(skipped=str(d.skip), verdict=v.details() if v else None) for d, v in zip(decisions, verdicts)]
+        return sse.compose(parts(), end), {**outcome_headers(mode, known), **timing}
 
     async def _choice_events(self, chat: oa.ChatRequest, head: sse.StreamHead, index: int, choice: dict[str, Any],
-                             decision: Decision, outcomes: list[Outcome]) -> AsyncIterator[bytes]:
+                             decision: Decision, verdict: Verdict | None, outcomes: list[Outcome]
+                             ) -> AsyncIterator[bytes]:
         """One choice's events, once what must come before its first event is done."""
         upstream_finish = choice.get("finish_reason") or "stop"
         if not decision.corrects:  # passes through as the upstream sent it: not a correction
             outcomes.append(Outcome())
-            details = {**self.proxy.passthrough(chat, decision),
+            details = {**self.proxy.passthrough(chat, decision, verdict),
                        **contract.contract_details(choice, None, asked_logprobs=chat.logprobs)}
             return sse.whole_message(head, index, ch.passthrough_delta(ch.message_of(choice), decision),
                                      upstream_finish, details, logprobs=choice.get("logprobs"))

@@ -1,13 +1,21 @@
-"""``aligner serve``: run the correction proxy (imports nothing heavy until the command runs)."""
+"""``aligner serve``: run the correction proxy (imports nothing heavy until the command runs).
+
+``--config serve.toml`` gives the defaults of every option and the API keys with their policies (``config``);
+options given explicitly win (``settings``). Anything that stops the start (a bad file, a key file without keys,
+limits that could never admit a request) is one line on stderr and exit code 2, before a model is loaded.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from .config import ServeConfig
 
 logger = logging.getLogger("aligner_serve")
 
@@ -17,8 +25,14 @@ _SEC = "Security and limits"
 
 
 def serve_command(
-    upstream: Annotated[str, typer.Option("--upstream", help="The upstream model's OpenAI-compatible URL, e.g. "
-                                          "http://127.0.0.1:8001/v1.", rich_help_panel=_UP)],
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(
+        "--config", dir_okay=False, help="A TOML file with the upstream, the Aligner, the limits and the API keys with "
+        "their policies (mode correct, inspect or off; whether a request may choose). Options given here win over it.",
+        rich_help_panel=_SEC)] = None,
+    upstream: Annotated[str | None, typer.Option("--upstream", help="The upstream model's OpenAI-compatible URL, e.g. "
+                                                 "http://127.0.0.1:8001/v1 (or [upstream] url in --config).",
+                                                 rich_help_panel=_UP)] = None,
     upstream_model: Annotated[str | None, typer.Option(
         "--upstream-model", help="The upstream model this proxy serves: requests naming it (or --served-model-name) "
         "are sent as it; any other name goes upstream as it came, and the upstream answers it.",
@@ -111,58 +125,89 @@ def serve_command(
     POST /v1/chat/completions (streaming too), POST /v1/corrections, GET /v1/models, /health, /metrics.
     """
     try:
-        from . import http_server
-        from .app import build_app
-        from .limits import ServeLimits
-        from .models import ModelMap
-        from .security import ApiKeys, KeyFileError
-        from .upstream import Upstream
+        from . import http_server  # noqa: F401 - the [serve] extra is checked before anything else
+        from .config import ConfigError
+        from .settings import resolve
     except ImportError as exc:
-        typer.echo(f'error: aligner serve needs the [serve] extra: pip install "llm-aligner[serve]" ({exc})', err=True)
-        raise typer.Exit(2) from exc
+        _fail(f'aligner serve needs the [serve] extra: pip install "llm-aligner[serve]" ({exc})')
+    try:
+        options, file = resolve(ctx, config)
+    except ConfigError as exc:  # one clean line, before anything is loaded
+        _fail(str(exc))
+    _serve(options, file)
+
+
+def _serve(o: dict[str, Any], file: ServeConfig | None) -> None:
+    """Build and run the proxy from the merged options ``o`` and the config file read (or None)."""
     from aligner_core.engine_options import EngineChoice
     from aligner_core.errors import AlignerError
 
-    if aligner_server and aligner:
-        raise typer.BadParameter("--aligner names a model to load here; with --aligner-server use --aligner-model")
-    if aligner_model and not aligner_server:
-        raise typer.BadParameter("--aligner-model applies to --aligner-server; to load a model here use --aligner")
+    from . import http_server
+    from .app import build_app
+    from .limits import ServeLimits
+    from .models import ModelMap
+    from .policy import DEFAULT_POLICY, KeyRing
+    from .security import KeyFileError, read_key_file
+    from .upstream import Upstream
+
+    if not o["upstream"]:
+        _fail("give the upstream's URL: --upstream URL, or [upstream] url in --config")
+    if o["aligner_server"] and o["aligner"]:
+        _fail("--aligner names a model to load here; with --aligner-server use --aligner-model")
+    if o["aligner_model"] and not o["aligner_server"]:
+        _fail("--aligner-model applies to --aligner-server; to load a model here use --aligner")
     try:
-        keys = ApiKeys.load(api_key or (), api_key_file)
-    except KeyFileError as exc:  # one clean line, before anything is loaded
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if not keys.enabled and not _is_loopback(host):
+        plain = [*(o["api_key"] or ()), *(read_key_file(o["api_key_file"]) if o["api_key_file"] else ())]
+    except KeyFileError as exc:
+        _fail(str(exc))
+    keys = KeyRing.build(plain, entries=file.keys if file else (), default=file.defaults if file else DEFAULT_POLICY)
+    if not keys.enabled and not _is_loopback(o["host"]):
         logger.warning("serving on %s without API keys: anyone who reaches this address can use the upstream "
-                       "model; pass --api-key or --api-key-file", host)
+                       "model; pass --api-key, --api-key-file or [[keys]] in --config", o["host"])
     try:
-        limits = ServeLimits(max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch_items=max_batch_items,
-                             max_n=max_n, correction_timeout=correction_timeout, include_original=not hide_original,
-                             max_upstream_bytes=max_upstream_bytes, read_timeout=read_timeout,
-                             shutdown_grace=shutdown_grace)
-        up = Upstream(upstream, model=upstream_model, api_key=upstream_api_key, timeout=upstream_timeout,
-                      max_response_bytes=max_upstream_bytes)
-        names = ModelMap.build(upstream_model=upstream_model, served_model=served_model_name,
-                               mappings=model_map or ())
+        limits = ServeLimits(max_body_bytes=o["max_body_bytes"], max_queue=o["max_queue"],
+                             max_batch_items=o["max_batch_items"], max_n=o["max_n"],
+                             correction_timeout=o["correction_timeout"], include_original=not o["hide_original"],
+                             max_upstream_bytes=o["max_upstream_bytes"], read_timeout=o["read_timeout"],
+                             shutdown_grace=o["shutdown_grace"])
+        up = Upstream(o["upstream"], model=o["upstream_model"], api_key=o["upstream_api_key"],
+                      timeout=o["upstream_timeout"], max_response_bytes=o["max_upstream_bytes"])
+        names = ModelMap.build(upstream_model=o["upstream_model"], served_model=o["served_model_name"],
+                               mappings=o["model_map"] or ())
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        _fail(str(exc))
+    log_level = o["log_level"]
     logging.getLogger("aligner_serve").setLevel(log_level.upper())
-    choice = EngineChoice(model=aligner_model if aligner_server else aligner, server=aligner_server,
-                          api_key=aligner_api_key, timeout=correction_timeout, max_concurrency=max(64, max_queue))
+    choice = EngineChoice(model=o["aligner_model"] if o["aligner_server"] else o["aligner"], server=o["aligner_server"],
+                          api_key=o["aligner_api_key"], timeout=o["correction_timeout"],
+                          max_concurrency=max(64, o["max_queue"]))
     typer.echo(f"loading the Aligner ({choice.where}) ...", err=True)
     try:
-        corrector = choice.load(template=template, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
-        if inspector is not None:
+        corrector = choice.load(template=o["template"], device=o["device"], dtype=o["dtype"],
+                                max_new_tokens=o["max_new_tokens"])
+        if o["inspector"] is not None:
             from aligner_core.inspector import Inspector
 
-            corrector.inspector, corrector.threshold = Inspector.from_pretrained(inspector, device=device), threshold
+            corrector.inspector = Inspector.from_pretrained(o["inspector"], device=o["device"])
+            corrector.threshold = o["threshold"]
     except AlignerError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    app = build_app(corrector, up, api_keys=keys, limits=limits, models=names, correct_structured=correct_structured)
+        _fail(str(exc))
+    try:
+        app = build_app(corrector, up, api_keys=keys, limits=limits, models=names,
+                        correct_structured=o["correct_structured"])
+    except ValueError as exc:
+        _fail(str(exc))
+    modes = sorted({e.policy.mode for e in keys.entries} | {keys.default.mode})
     typer.echo(f"correcting {up.base_url} with {corrector.name} ({corrector.template.name} template) on "
-               f"http://{host}:{port}/v1; API keys: {len(keys) or 'none'}", err=True)
-    http_server.run(app, host=host, port=port, log_level=log_level.lower())
+               f"http://{o['host']}:{o['port']}/v1; API keys: {len(keys) or 'none'}; modes: {', '.join(modes)}",
+               err=True)
+    http_server.run(app, host=o["host"], port=o["port"], log_level=log_level.lower())
+
+
+def _fail(message: str) -> NoReturn:
+    """Stop the start with one line on stderr and exit code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def _is_loopback(host: str) -> bool:

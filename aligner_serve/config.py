@@ -7,6 +7,7 @@ url = "http://127.0.0.1:8001/v1"
 model = "gpt-4o-mini"            # optional
 api_key_env = "UPSTREAM_KEY"     # the key itself stays out of the file (api_key = "..." also works)
 timeout = 120
+model_map = { "gpt-4o" = "gpt-4o-mini" }
 
 [aligner]
 model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # or server = "http://127.0.0.1:8000/v1" (and model = served name)
@@ -18,6 +19,12 @@ correct_structured = false
 [limits]
 max_queue = 256
 max_body_bytes = 1000000
+read_timeout = 30
+
+[server]
+host = "127.0.0.1"
+port = 8080
+shutdown_grace = 30
 
 [defaults]                       # for requests without a key (no [[keys]]) and for keys that set nothing
 mode = "correct"                 # correct | inspect | off
@@ -37,7 +44,8 @@ mode = "inspect"                 # score with the inspector and report, never re
 
 Every value is checked when the proxy starts: an unknown key, a wrong type, a key that cannot be read (an unset
 environment variable) or an ``inspect`` policy without an inspector stops it with a message naming the entry.
-Command-line options given explicitly win over the file.
+Command-line options given explicitly win over the file (``settings``); ``FILE_OPTIONS`` lists the options a file
+can set, ``entry_name`` where.
 """
 
 from __future__ import annotations
@@ -96,7 +104,7 @@ class ServeConfig:
 
     def option(self, name: str) -> Any:
         """The value the file gives a command-line option (``upstream_model`` -> ``[upstream] model``), or None."""
-        return _OPTIONS.get(name, lambda _: None)(self)
+        return _option(self, name)
 
 
 #: Which entries each table takes, and their types.
@@ -107,16 +115,19 @@ _TABLES: dict[str, dict[str, tuple[type, ...]]] = {
                 "max_new_tokens": (int,), "device": (str,), "dtype": (str,), "inspector": (str,),
                 "threshold": (int, float), "correct_structured": (bool,), "correction_timeout": (int, float)},
     "limits": {"max_queue": (int,), "max_body_bytes": (int,), "max_batch_items": (int,), "max_n": (int,),
-               "hide_original": (bool,)},
-    "server": {"host": (str,), "port": (int,), "log_level": (str,)},
+               "hide_original": (bool,), "max_upstream_bytes": (int,), "read_timeout": (int, float)},
+    "server": {"host": (str,), "port": (int,), "log_level": (str,), "shutdown_grace": (int, float)},
     "defaults": {"mode": (str,), "allow_override": (bool,)},
 }
 _KEY_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "key": (str,), "key_env": (str,), "key_sha256": (str,),
                                             "mode": (str,), "allow_override": (bool,)}
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> ServeConfig:
-    """Read and check ``path`` (TOML); ``environ`` (default: the process's) resolves ``*_env`` entries."""
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *,
+                inspector_elsewhere: bool = False) -> ServeConfig:
+    """Read and check ``path`` (TOML); ``environ`` (default: the process's) resolves ``*_env`` entries.
+    ``inspector_elsewhere``: an inspector is given outside the file (``--inspector``), so an ``inspect`` policy
+    has one to score with even where ``[aligner]`` names none."""
     env = os.environ if environ is None else environ
     where = str(path)
     try:
@@ -134,6 +145,10 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     upstream = tables["upstream"]
     if "api_key_env" in upstream:
         upstream["api_key"] = _env(env, upstream.pop("api_key_env"), f"{where} [upstream] api_key_env")
+    model_map = upstream.get("model_map", {})
+    if not all(isinstance(v, str) and v for v in model_map.values()):
+        raise ConfigError(f"{where}: [upstream] model_map maps names to upstream model names (strings), got "
+                          f"{model_map!r}")
     aligner = tables["aligner"]
     if "api_key_env" in aligner:
         aligner["api_key"] = _env(env, aligner.pop("api_key_env"), f"{where} [aligner] api_key_env")
@@ -144,7 +159,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     entries = tuple(_key(k, i, defaults, env, where) for i, k in enumerate(keys))
     if len({e.digest for e in entries}) != len(entries):
         raise ConfigError(f"{where}: the same API key appears in two [[keys]] entries")
-    if "inspect" in {defaults.mode, *(e.policy.mode for e in entries)} and "inspector" not in aligner:
+    inspects = "inspect" in {defaults.mode, *(e.policy.mode for e in entries)}
+    if inspects and "inspector" not in aligner and not inspector_elsewhere:
         raise ConfigError(f"{where}: a policy has mode = \"inspect\" but [aligner] names no inspector to score with")
     return ServeConfig(upstream=upstream, aligner=aligner, limits=tables["limits"], server=tables["server"],
                        defaults=defaults, keys=entries)
@@ -207,32 +223,61 @@ def _env(env: Mapping[str, str], name: str, label: str) -> str:
     return value
 
 
-_OPTIONS = {
-    "upstream": lambda c: c.upstream.get("url"),
-    "upstream_model": lambda c: c.upstream.get("model"),
-    "upstream_api_key": lambda c: c.upstream.get("api_key"),
-    "upstream_timeout": lambda c: c.upstream.get("timeout"),
-    "served_model_name": lambda c: c.upstream.get("served_model_name"),
-    "aligner": lambda c: c.aligner.get("model") if "server" not in c.aligner else None,
-    "aligner_server": lambda c: c.aligner.get("server"),
-    "aligner_model": lambda c: c.aligner.get("model") if "server" in c.aligner else None,
-    "aligner_api_key": lambda c: c.aligner.get("api_key"),
-    "template": lambda c: c.aligner.get("template"),
-    "max_new_tokens": lambda c: c.aligner.get("max_new_tokens"),
-    "device": lambda c: c.aligner.get("device"),
-    "dtype": lambda c: c.aligner.get("dtype"),
-    "inspector": lambda c: c.aligner.get("inspector"),
-    "threshold": lambda c: c.aligner.get("threshold"),
-    "correct_structured": lambda c: c.aligner.get("correct_structured"),
-    "correction_timeout": lambda c: c.aligner.get("correction_timeout"),
-    "max_queue": lambda c: c.limits.get("max_queue"),
-    "max_body_bytes": lambda c: c.limits.get("max_body_bytes"),
-    "max_batch_items": lambda c: c.limits.get("max_batch_items"),
-    "max_n": lambda c: c.limits.get("max_n"),
-    "hide_original": lambda c: c.limits.get("hide_original"),
-    "host": lambda c: c.server.get("host"),
-    "port": lambda c: c.server.get("port"),
-    "log_level": lambda c: c.server.get("log_level"),
+#: Command-line option -> (table, entry) of the file that gives its value.
+_ENTRIES: dict[str, tuple[str, str]] = {
+    "upstream": ("upstream", "url"),
+    "upstream_model": ("upstream", "model"),
+    "upstream_api_key": ("upstream", "api_key"),
+    "upstream_timeout": ("upstream", "timeout"),
+    "served_model_name": ("upstream", "served_model_name"),
+    "model_map": ("upstream", "model_map"),
+    "aligner": ("aligner", "model"),
+    "aligner_server": ("aligner", "server"),
+    "aligner_model": ("aligner", "model"),
+    "aligner_api_key": ("aligner", "api_key"),
+    "template": ("aligner", "template"),
+    "max_new_tokens": ("aligner", "max_new_tokens"),
+    "device": ("aligner", "device"),
+    "dtype": ("aligner", "dtype"),
+    "inspector": ("aligner", "inspector"),
+    "threshold": ("aligner", "threshold"),
+    "correct_structured": ("aligner", "correct_structured"),
+    "correction_timeout": ("aligner", "correction_timeout"),
+    "max_queue": ("limits", "max_queue"),
+    "max_body_bytes": ("limits", "max_body_bytes"),
+    "max_batch_items": ("limits", "max_batch_items"),
+    "max_n": ("limits", "max_n"),
+    "hide_original": ("limits", "hide_original"),
+    "max_upstream_bytes": ("limits", "max_upstream_bytes"),
+    "read_timeout": ("limits", "read_timeout"),
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "log_level": ("server", "log_level"),
+    "shutdown_grace": ("server", "shutdown_grace"),
 }
 
-__all__ = ["MODES", "ConfigError", "KeyEntry", "Mode", "Policy", "ServeConfig", "digest", "load_config"]
+#: The command-line options a config file can set.
+FILE_OPTIONS: tuple[str, ...] = tuple(_ENTRIES)
+
+
+def entry_name(option: str) -> str:
+    """Where the file gives ``option``, for messages: ``max_queue`` -> ``[limits] max_queue``."""
+    table, key = _ENTRIES[option]
+    return f"[{table}] {key}"
+
+
+def _option(config: ServeConfig, name: str) -> Any:
+    if name not in _ENTRIES:
+        return None
+    served = "server" in config.aligner  # [aligner] model is the served name on a server, else the model to load
+    if (name == "aligner" and served) or (name == "aligner_model" and not served):
+        return None
+    table, key = _ENTRIES[name]
+    value = getattr(config, table).get(key)
+    if name == "model_map" and value is not None:
+        return [f"{k}={v}" for k, v in value.items()]
+    return value
+
+
+__all__ = ["FILE_OPTIONS", "MODES", "ConfigError", "KeyEntry", "Mode", "Policy", "ServeConfig", "digest", "entry_name",
+           "load_config"]

@@ -1,6 +1,6 @@
-"""Wrapping an endpoint: read its JSON body (capped in size and time), map every failure to its OpenAI-shaped
-status, cancel the work of a client that hung up (499) or of a request the shutdown grace ran out on (503), time
-it and count it.
+"""Wrapping an endpoint: read its JSON body (capped in size and time), hand it the caller (its key's policy and
+the mode header), map every failure to its OpenAI-shaped status (a mode the key may not use: 403), cancel the work
+of a client that hung up (499) or of a request the shutdown grace ran out on (503), time it and count it.
 """
 
 from __future__ import annotations
@@ -9,27 +9,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from aligner_core.errors import AlignerError
 
+from . import tracing
 from .drain import MESSAGE as SHUTTING_DOWN
 from .drain import Drain
 from .errors import aligner_error_response, json_error, upstream_error_response
+from .policy import MODE_HEADER, Caller, PolicyError
 from .proxy import CorrectionProxy, Rejected
 from .upstream import UpstreamError
 
 logger = logging.getLogger("aligner_serve")
 
-Endpoint = Callable[[Any], Awaitable[Response]]
+Endpoint = Callable[..., Awaitable[Response]]
+
+#: Where the key check leaves the caller's policy in the ASGI scope.
+POLICY_SCOPE_KEY = "aligner_serve.policy"
 
 
 def endpoint(proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: bool
              ) -> Callable[[Request], Awaitable[Response]]:
-    """The Starlette handler of ``fn``: ``fn(body)`` for a POST endpoint, ``fn(request)`` otherwise.
+    """The Starlette handler of ``fn``: ``fn(body, caller)`` for a POST endpoint, ``fn(request)`` otherwise.
 
     Once the body is read, a client that hangs up cancels its request: its places in the queue (and a correction
     not yet started) are freed instead of being computed for nobody.
@@ -37,14 +41,21 @@ def endpoint(proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: boo
 
     async def handle(request: Request) -> Response:
         start = time.perf_counter()
+        tracing.route(request.method, path)
         try:
             if reads_body and proxy.drain.draining:  # no new work once SIGTERM came (health still answers)
                 response = shutting_down()
             elif reads_body:
                 body = await proxy.body(request)
-                response = await _race(request, proxy.drain, fn(body))
+                caller = caller_of(request)
+                tracing.annotate({"aligner.key": caller.policy.name})  # the operator's label, never the key
+                response = await _race(request, proxy.drain, fn(body, caller))
             else:
                 response = await fn(request)
+        except PolicyError as exc:
+            code = "mode_not_allowed" if exc.status == 403 else "invalid_mode"
+            kind = "permission_error" if exc.status == 403 else "invalid_request_error"
+            response = json_error(exc.status, str(exc), type=kind, code=code)
         except Rejected as rejected:
             response = rejected.response
         except UpstreamError as exc:
@@ -65,6 +76,13 @@ def endpoint(proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: boo
         return response
 
     return handle
+
+
+def caller_of(request: Request) -> Caller:
+    """The caller as the key check found it (the default policy where no check ran: an app without keys)."""
+    policy = request.scope.get(POLICY_SCOPE_KEY)
+    header = request.headers.get(MODE_HEADER)
+    return Caller(policy, header) if policy is not None else Caller(mode_header=header)
 
 
 def shutting_down() -> Response:
@@ -94,4 +112,4 @@ async def _race(request: Request, drain: Drain, work: Awaitable[Response]) -> Re
             t.cancel()
 
 
-__all__ = ["endpoint", "shutting_down"]
+__all__ = ["POLICY_SCOPE_KEY", "caller_of", "endpoint", "shutting_down"]

@@ -32,6 +32,8 @@ class Metrics:
                                    ["changed"], registry=r)
         self.skipped = Counter("aligner_serve_skipped", "Upstream answers passed through uncorrected, by reason.",
                                ["reason"], registry=r)
+        self.inspected = Counter("aligner_serve_inspected", "Answers scored in inspect mode, by whether they passed.",
+                                 ["passed"], registry=r)
         self.tokens = Counter("aligner_serve_tokens", "Tokens used, by model (upstream or aligner) and kind.",
                               ["source", "kind"], registry=r)
         self.latency = Histogram("aligner_serve_request_latency_seconds", "Time to answer a request, by endpoint.",
@@ -59,6 +61,10 @@ class Metrics:
         self._done += 1
         self._changed += correction.changed
         self.changed_share.set(self._changed / self._done)
+
+    def record_verdict(self, passed: bool) -> None:
+        """An answer scored in ``inspect`` mode (never rewritten, whatever the verdict)."""
+        self.inspected.labels(passed=str(passed).lower()).inc()
 
     def record_upstream(self, usage: object, seconds: float) -> None:
         self.upstream_latency.observe(seconds)

@@ -82,6 +82,25 @@ def requested_mode(headers: Mapping[str, str], body_option: Any) -> Mode | None:
     return mode  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request (its key's policy) and the mode its ``x-aligner-mode`` header asked for, as the key check
+    found them; the endpoint adds the body's ``aligner.mode`` and gets the mode the request runs in."""
+
+    policy: Policy = DEFAULT_POLICY
+    mode_header: str | None = None
+
+    def mode(self, body_option: Any = None, *, inspector: bool) -> Mode:
+        """The request's mode (``PolicyError`` 403/400 as ``mode_for`` and ``requested_mode`` say); ``inspect``
+        needs an inspector to score with (400 where this proxy has none)."""
+        headers = {} if self.mode_header is None else {MODE_HEADER: self.mode_header}
+        mode = mode_for(self.policy, requested_mode(headers, body_option))
+        if mode == "inspect" and not inspector:
+            raise PolicyError("mode 'inspect' needs an inspector and this proxy has none (--inspector or [aligner] "
+                              "inspector)", status=400)
+        return mode
+
+
 def mode_for(policy: Policy, asked: Mode | None) -> Mode:
     """The mode the request runs in: its key's, or the one it asked for where the key allows choosing."""
     if asked is None or asked == policy.mode:
@@ -92,4 +111,4 @@ def mode_for(policy: Policy, asked: Mode | None) -> Mode:
     return asked
 
 
-__all__ = ["DEFAULT_POLICY", "MODE_HEADER", "KeyRing", "PolicyError", "mode_for", "requested_mode"]
+__all__ = ["DEFAULT_POLICY", "MODE_HEADER", "Caller", "KeyRing", "PolicyError", "mode_for", "requested_mode"]

@@ -3,7 +3,9 @@ reading the body, a place in the queue, calling the upstream, deciding and corre
 
 Every correction goes through ``Aligner.acorrect``/``astream`` on the server's event loop, so concurrent HTTP
 requests share the local engine's batches (or the server engine's own batching). Its token limit comes from
-``budget`` (room to restate the answer), counted off the event loop.
+``budget`` (room to restate the answer), counted off the event loop. A request's mode (``policy``) decides whether
+its answers are corrected, only scored (``inspection``) or left alone; the queue and the upstream call are traced
+(``tracing``).
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from aligner_core.decision import Decision
 from aligner_core.streaming import AsyncCorrectionStream
 
 from . import choices as ch
+from . import inspection, tracing
 from . import openai_schema as oa
 from .body import BodyTimeoutError, BodyTooLargeError, ClientClosedError, MalformedJSONError, read_json
 from .budget import TokenBudget
+from .config import Mode
 from .drain import Drain
 from .errors import json_error
+from .inspection import Verdict
 from .limits import ServeLimits
 from .metrics import Metrics
 from .models import ModelMap
 from .security import Admission
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamStatusError
 
 
 class Rejected(Exception):
@@ -73,10 +78,19 @@ class CorrectionProxy:
         except ClientClosedError as exc:
             raise Rejected(json_error(499, str(exc), type="client_closed", code="client_closed")) from None
 
+    @property
+    def inspects(self) -> bool:
+        """Whether this proxy has an inspector to score with (``inspect`` mode needs one)."""
+        return self.aligner.inspector is not None
+
     @contextlib.contextmanager
     def slot(self, n: int = 1) -> Iterator[None]:
         """Hold ``n`` places of the queue for the block, or refuse at once with 429."""
-        if not self.admission.try_acquire(n):
+        with tracing.span("aligner.admission", {"aligner.queue.places": n, "aligner.queue.limit": self.limits.max_queue,
+                                                "aligner.queue.taken": self.admission.active}) as admission:
+            admitted = self.admission.try_acquire(n)
+            admission.set({"aligner.queue.admitted": admitted})
+        if not admitted:
             self.metrics.rejected.inc()
             raise Rejected(json_error(
                 429, f"the correction proxy is at its limit of {self.limits.max_queue} places in progress ({n} asked, "
@@ -95,7 +109,16 @@ class CorrectionProxy:
         """The upstream's answer to ``chat``, its model name reported as the client asked for it where mapped."""
         start = time.perf_counter()
         requested = chat.body.get("model")
-        data = await self.upstream.chat(oa.upstream_body(chat, self.models.upstream_name(requested)))
+        body = oa.upstream_body(chat, self.models.upstream_name(requested))
+        name = body.get("model") if isinstance(body.get("model"), str) else ""
+        attrs = tracing.upstream_attributes(self.upstream.base_url, body)
+        with tracing.span(f"chat {name}".strip(), attrs, client=True) as call:
+            try:
+                data = await self.upstream.chat(body, headers=tracing.propagation_headers())
+            except UpstreamStatusError as exc:
+                call.set({"http.response.status_code": exc.status})
+                raise
+            call.set(tracing.upstream_result(data))
         self.metrics.record_upstream(data.get("usage"), time.perf_counter() - start)
         reported = self.models.reported_name(requested, data.get("model"))
         if reported is not None:
@@ -104,16 +127,40 @@ class CorrectionProxy:
 
     # -- corrections ---------------------------------------------------------------------------
 
-    def decide(self, chat: oa.ChatRequest, choice: dict[str, Any], index: int) -> Decision:
-        """The core's decision for one upstream choice (``UnreadableContentError``, a 502, for unreadable content)."""
+    def decide(self, chat: oa.ChatRequest, choice: dict[str, Any], index: int, mode: Mode = "correct") -> Decision:
+        """The core's decision for one upstream choice (``UnreadableContentError``, a 502, for unreadable content);
+        in ``off`` mode the choice passes as it is, unread."""
+        if mode == "off":
+            return inspection.disabled(ch.message_of(choice).get("content"))
         wanted = chat.options.correct_structured
         return ch.decide_choice(ch.message_of(choice), index, chat.structure,
                                 correct_structured=self.correct_structured if wanted is None else wanted)
 
-    def passthrough(self, chat: oa.ChatRequest, decision: Decision) -> dict[str, Any]:
-        """Count a choice passed through and give its ``aligner`` field."""
+    async def inspect(self, chat: oa.ChatRequest, decisions: list[Decision]
+                      ) -> tuple[list[Decision], list[Verdict | None]]:
+        """``inspect`` mode: the verdict on every choice the core would correct (one batch), each turned into a
+        choice passed through as inspected only; the others keep their decision and get no verdict."""
+        scored = [i for i, d in enumerate(decisions) if d.corrects]
+        found = await self.verdicts([(chat.question, decisions[i].text, chat.context) for i in scored])
+        verdicts: list[Verdict | None] = [None] * len(decisions)
+        for i, verdict in zip(scored, found):
+            verdicts[i] = verdict
+        return [inspection.inspect_only(d) if v else d for d, v in zip(decisions, verdicts)], verdicts
+
+    async def verdicts(self, items: list[tuple[str, str, Context]]) -> list[Verdict]:
+        """The inspector's verdicts on ``(question, answer, context)`` items (one batch), counted in the metrics."""
+        found = await inspection.score(self.aligner, items)
+        for verdict in found:
+            self.metrics.record_verdict(verdict.passed)
+        return found
+
+    def passthrough(self, chat: oa.ChatRequest, decision: Decision, verdict: Verdict | None = None) -> dict[str, Any]:
+        """Count a choice passed through and give its ``aligner`` field (with the inspector's verdict, if any)."""
         self.metrics.skipped.labels(reason=str(decision.skip)).inc()
-        return ch.passthrough_details(decision, chat.structure)
+        details = ch.passthrough_details(decision, chat.structure)
+        if verdict is not None:
+            details["inspector"] = verdict.details()
+        return details
 
     async def correct(self, question: str, answer: str, history: list[dict[str, str]], context: Context = (), *,
                       stop: tuple[str, ...] = (), max_new_tokens: int | None = None,

@@ -1,19 +1,21 @@
 """What guards the proxy: API keys and admission (429 past the queue limit).
 
-Keys are compared in constant time and never logged, and a key file that yields no key refuses to start (an empty
-key set would serve everyone); admission is a counter, so a full proxy answers at once instead of queueing without
-bound. Bodies are read by ``body`` (capped in size and time).
+Keys are compared in constant time and never logged (``policy.KeyRing`` holds them as SHA-256 digests with each
+key's policy), and a key file that yields no key refuses to start (an empty key set would serve everyone);
+admission is a counter, so a full proxy answers at once instead of queueing without bound. Bodies are read by
+``body`` (capped in size and time).
 """
 
 from __future__ import annotations
 
-import hmac
 import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.requests import Request
+
+from .policy import KeyRing
 
 
 class KeyFileError(ValueError):
@@ -22,7 +24,9 @@ class KeyFileError(ValueError):
 
 
 class ApiKeys:
-    """The keys a caller may present as ``Authorization: Bearer KEY`` (or ``X-API-Key``); empty: no check."""
+    """Plain keys a caller may present as ``Authorization: Bearer KEY`` (or ``X-API-Key``), all with the default
+    policy; empty: no check. ``build_app`` takes a ``policy.KeyRing`` (keys with policies, from ``--config``) or
+    this; both check through the ring, in constant time."""
 
     def __init__(self, keys: Iterable[str] = ()) -> None:
         self._keys = [k.encode() for k in keys if k]
@@ -47,16 +51,13 @@ class ApiKeys:
     def __repr__(self) -> str:
         return f"ApiKeys({len(self._keys)} key(s))"
 
+    def ring(self) -> KeyRing:
+        """These keys with the default policy (correct, no choosing)."""
+        return KeyRing.build(k.decode() for k in self._keys)
+
     def allows(self, request: Request) -> bool:
         """Whether the request carries one of the keys (always, when no key is configured)."""
-        if not self._keys:
-            return True
-        presented = _presented_key(request)
-        if presented is None:
-            return False
-        candidate = presented.encode()
-        # Compare with every key, no early exit, so the timing says nothing about which key nearly matched.
-        return sum(hmac.compare_digest(candidate, key) for key in self._keys) > 0
+        return self.ring().policy_for(presented_key(request)) is not None
 
 
 def read_key_file(path: str | os.PathLike[str]) -> list[str]:
@@ -76,7 +77,8 @@ def read_key_file(path: str | os.PathLike[str]) -> list[str]:
     return keys
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
+    """The key a request presents: ``Authorization: Bearer KEY``, else ``X-API-Key``."""
     auth = request.headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")

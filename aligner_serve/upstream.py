@@ -109,9 +109,10 @@ class Upstream:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST ``/chat/completions`` (never streamed: the whole answer is corrected at once)."""
-        data = await self._json("POST", "/chat/completions", body)
+    async def chat(self, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """POST ``/chat/completions`` (never streamed: the whole answer is corrected at once); ``headers`` adds
+        to the request's (the trace context, ``traceparent``)."""
+        data = await self._json("POST", "/chat/completions", body, headers)
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise UpstreamUnavailableError(f"the upstream {self.base_url} answered something that is not a chat "
                                            "completion (no 'choices')")
@@ -123,17 +124,19 @@ class Upstream:
         items = data.get("data") if isinstance(data, dict) else None
         return [m for m in items or [] if isinstance(m, dict)]
 
-    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
+    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None,
+                    headers: Mapping[str, str] | None = None) -> Any:
         """The upstream's JSON answer, within the deadline for the whole call."""
         try:
-            return await asyncio.wait_for(self._call(method, self.base_url + path, body), self.timeout)
+            return await asyncio.wait_for(self._call(method, self.base_url + path, body, headers), self.timeout)
         except asyncio.TimeoutError:
             raise UpstreamTimeoutError(f"the upstream {self.base_url} did not answer within {self.timeout:g}s") from None
 
-    async def _call(self, method: str, url: str, body: Mapping[str, Any] | None) -> Any:
+    async def _call(self, method: str, url: str, body: Mapping[str, Any] | None,
+                    headers: Mapping[str, str] | None = None) -> Any:
         for attempt in range(self.max_retries + 1):
             try:
-                async with self._client.stream(method, url, json=body) as resp:
+                async with self._client.stream(method, url, json=body, headers=dict(headers or {})) as resp:
                     raw = await self._read(resp)
                 break
             except httpx.ConnectError as exc:  # nothing was sent: safe to try again

@@ -112,3 +112,108 @@ def test_command_line_keys_get_the_default_policy_and_no_keys_means_everyone_has
     ring = KeyRing.build(["k1", " k2 "], default=Policy("inspect", True))
     assert ring.policy_for("k2") == Policy("inspect", True, "key 2") and ring.enabled
     assert KeyRing(default=Policy("off")).policy_for(None) == Policy("off")
+
+
+def test_an_inspector_given_on_the_command_line_serves_an_inspect_policy(tmp_path):
+    config = load_config(write(tmp_path, "[[keys]]\nkey = \"k\"\nmode = \"inspect\"\n"), {}, inspector_elsewhere=True)
+    assert config.keys[0].policy.mode == "inspect"
+
+
+# -- aligner serve --config ---------------------------------------------------------------------------------------
+
+SERVE = """
+[upstream]
+url = "http://127.0.0.1:9/v1"
+model = "fake-up"
+served_model_name = "assistant"
+model_map = { "gpt-4o" = "fake-up" }
+api_key = "file-upstream-key"
+
+[aligner]
+correct_structured = true
+
+[limits]
+max_queue = 8
+max_n = 4
+
+[server]
+shutdown_grace = 3
+
+[[keys]]
+name = "reports"
+key = "file-key"
+mode = "off"
+"""
+
+
+def serve(args, env=None):
+    from typer.testing import CliRunner
+
+    from aligner_core.cli import app as cli
+
+    return CliRunner().invoke(cli, ["serve", *args], env=env)
+
+
+@pytest.fixture
+def served(tiny_aligner, monkeypatch):
+    """``aligner serve`` up to the app it would run (the model load and uvicorn are stood in for)."""
+    from aligner_core.engine_options import EngineChoice
+    from aligner_serve import http_server
+
+    out: dict = {}
+    monkeypatch.setattr(EngineChoice, "load", lambda self, **kwargs: tiny_aligner)
+    monkeypatch.setattr(http_server, "run", lambda app, **kwargs: out.update(app=app, **kwargs))
+    return out
+
+
+def test_the_file_gives_the_defaults_and_options_given_explicitly_win(tmp_path, served):
+    import asyncio
+
+    import httpx
+
+    path = write(tmp_path, SERVE)
+    run = serve(["--config", str(path), "--max-queue", "6", "--api-key", "cli-key", "--port", "8123"],
+                env={"ALIGNER_UPSTREAM_API_KEY": "env-upstream-key"})
+    assert run.exit_code == 0, run.output
+    app = served["app"]
+    proxy = app.state.proxy
+    assert (proxy.limits.max_queue, proxy.limits.max_n, app.state.drain.grace) == (6, 4, 3)  # --max-queue won
+    assert proxy.correct_structured is True and served["port"] == 8123 and served["host"] == "127.0.0.1"
+    assert proxy.models.upstream_name("gpt-4o") == proxy.models.upstream_name("assistant") == "fake-up"
+    assert proxy.upstream._secret == "env-upstream-key"  # its environment variable is explicit too
+
+    async def ask(key, mode):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
+            return await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}",
+                                                                      "x-aligner-mode": mode},
+                                     json={"messages": [{"role": "user", "content": "q"}]})
+
+    # Both keys are accepted, each with its policy: asking for another mode is refused before the upstream is called.
+    assert asyncio.run(ask("file-key", "correct")).json()["error"]["message"].startswith("this API key runs in mode 'off'")
+    assert "runs in mode 'correct'" in asyncio.run(ask("cli-key", "off")).json()["error"]["message"]
+    assert asyncio.run(ask("other", "off")).status_code == 401
+    assert "API keys: 2; modes: correct, off" in run.stderr
+
+
+@pytest.mark.parametrize("text, says", [
+    (None, "does not exist"),
+    ("[limits]\nmax_queue = 0\n", "[limits] max_queue = 0: "),
+    ("[aligner]\nthreshold = 2\n", "[aligner] threshold = 2: "),
+    ("[limits\n", "not valid TOML"),
+    ("[[keys]]\nkey = \"k\"\nmode = \"inspect\"\n", "names no inspector"),
+    ("[server]\nport = 8080\n", "give the upstream's URL"),
+    ("[upstream]\nurl = \"http://127.0.0.1:9/v1\"\n[limits]\nmax_queue = 2\nmax_n = 4\n", "max_n (4) cannot exceed"),
+])
+def test_a_config_that_cannot_start_is_one_line_and_exit_code_2(tmp_path, served, text, says):
+    path = tmp_path / "missing.toml" if text is None else write(tmp_path, text)
+    run = serve(["--config", str(path)])
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], run.stderr
+    assert "app" not in served  # nothing was served
+
+
+def test_a_key_given_on_the_command_line_and_in_the_file_has_the_files_policy():
+    from aligner_serve.config import KeyEntry, digest
+
+    ring = KeyRing.build(["shared"], entries=[KeyEntry(digest("shared"), Policy("off", False, "reports"))])
+    assert ring.policy_for("shared") == Policy("off", False, "reports") and len(ring) == 2
