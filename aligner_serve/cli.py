@@ -139,8 +139,8 @@ def serve_command(
 
 def _serve(o: dict[str, Any], file: ServeConfig | None) -> None:
     """Build and run the proxy from the merged options ``o`` and the config file read (or None)."""
-    from aligner_core.engine_options import EngineChoice
     from aligner_core.errors import AlignerError
+    from aligner_core.jobs.choice import EngineChoice
 
     from . import http_server
     from .app import build_app

@@ -21,11 +21,10 @@ from typing import Any
 from aligner_core.context import Context, normalize_context
 from aligner_core.decision import read_content
 from aligner_core.errors import InvalidInputError, UnreadableContentError
+from aligner_core.reporting import role_of
 
 from .bad_request import RequestShapeError
 
-#: Roles the Aligner's history takes; OpenAI's ``developer`` role is a system prompt by another name.
-HISTORY_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 #: Where the question is looked for, in order: the last message of the first of these roles found.
 QUESTION_ROLES = (("user",), ("system", "developer"))
 
@@ -71,7 +70,7 @@ def history_of(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """Earlier turns as the Aligner's history: text turns only (tool calls and tool results are left out)."""
     turns = []
     for m in messages:
-        role = HISTORY_ROLES.get(m["role"])
+        role = role_of(m["role"])  # OpenAI's ``developer`` is a system prompt by another name
         text = text_of(m.get("content"))
         if role is not None and text:
             turns.append({"role": role, "content": text})
@@ -139,4 +138,4 @@ def _tool_text(content: Any, index: int) -> str:
                                 param=f"messages[{index}].content") from None
 
 
-__all__ = ["HISTORY_ROLES", "QUESTION_ROLES", "Turns", "history_of", "read_turns", "text_of", "turn_context"]
+__all__ = ["QUESTION_ROLES", "Turns", "history_of", "read_turns", "text_of", "turn_context"]

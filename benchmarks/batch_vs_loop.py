@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from aligner_core import Aligner
-    from aligner_core.demo import sample_pairs
+    from aligner_core.cli.demo import sample_pairs
 
     aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     base = sample_pairs()

@@ -571,7 +571,7 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
         import ray
         import ray.data
 
-        from aligner_core.engine_options import EngineChoice
+        from aligner_core.jobs.choice import EngineChoice
         from aligner_core.jobs.ray import correct_dataset
     except Exception as exc:
         results["not_measured"]["ray"] = why(exc)

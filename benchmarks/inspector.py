@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from aligner_core import Aligner
-    from aligner_core.demo import sample_pairs
+    from aligner_core.cli.demo import sample_pairs
     from aligner_core.inspector import Inspector, correct_batch_gated, correct_gated
 
     aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)

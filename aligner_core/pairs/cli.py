@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..engine_options import (
+from ..cli.options import (
     ApiKeyOpt,
     ConcurrencyOpt,
     EngineChoice,

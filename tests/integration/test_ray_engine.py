@@ -25,8 +25,8 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from aligner_core import Aligner, GenerationOptionError  # noqa: E402
-from aligner_core.engine_options import EngineChoice  # noqa: E402
 from aligner_core.errors import EngineUnavailableError  # noqa: E402
+from aligner_core.jobs.choice import EngineChoice  # noqa: E402
 from aligner_core.jobs.files import correct_jsonl  # noqa: E402
 from aligner_core.jobs.ray import correct_dataset, correct_file_ray  # noqa: E402
 

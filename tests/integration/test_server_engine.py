@@ -206,7 +206,7 @@ def test_cli_correct_through_the_server(vllm_server, tmp_path):
 
 def test_greedy_text_agrees_with_the_local_engine(served, smollm2, capsys):
     """Same model, same prompt bytes: vLLM (float32, CPU) and the local transformers engine (float32)."""
-    from aligner_core.demo import sample_pairs
+    from aligner_core.cli.demo import sample_pairs
 
     pairs = sample_pairs()
     local = [c.text for c in smollm2.correct_batch(pairs, max_new_tokens=24)]

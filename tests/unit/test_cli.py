@@ -130,7 +130,7 @@ def test_cli_correct_reports_failures_with_exit_code(tiny_model_dir, tmp_path, c
 
 
 def test_demo_word_diff_marks_removed_and_added_words():
-    from aligner_core.demo import word_diff
+    from aligner_core.cli.demo import word_diff
 
     text = word_diff("The capital is Sydney, a big city.", "The capital is Canberra, a big city.").plain
     assert text.strip() == "The capital is [-Sydney,-] {+Canberra,+} a big city."

@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from aligner_core.cache_cli import register
+from aligner_core.cli.cache import register
 from aligner_core.loading import cache as model_cache
 from aligner_core.loading import gguf_copy_dir, resolve_source
 

@@ -64,7 +64,7 @@ def test_shared_progress_adds_up_over_calls(tiny_aligner):
 
 
 def test_demo_progress_moves(tiny_model_dir, capsys):
-    from aligner_core.demo import run_demo, sample_pairs
+    from aligner_core.cli.demo import run_demo, sample_pairs
 
     total = len(sample_pairs())
     seen: list[ProgressUpdate] = []

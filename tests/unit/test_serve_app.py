@@ -316,7 +316,7 @@ def test_the_cli_flag_sets_whether_structured_output_is_corrected(tiny_aligner, 
     from typer.testing import CliRunner
 
     from aligner_core.cli import app as cli
-    from aligner_core.engine_options import EngineChoice
+    from aligner_core.jobs.choice import EngineChoice
     from aligner_serve import http_server
 
     served = {}

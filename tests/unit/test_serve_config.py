@@ -157,7 +157,7 @@ def serve(args, env=None):
 @pytest.fixture
 def served(tiny_aligner, monkeypatch):
     """``aligner serve`` up to the app it would run (the model load and uvicorn are stood in for)."""
-    from aligner_core.engine_options import EngineChoice
+    from aligner_core.jobs.choice import EngineChoice
     from aligner_serve import http_server
 
     out: dict = {}

@@ -21,8 +21,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from aligner_core import Aligner  # noqa: E402
+from aligner_core.cli.demo import sample_pairs  # noqa: E402
 from aligner_core.correction import Correction  # noqa: E402
-from aligner_core.demo import sample_pairs  # noqa: E402
 from aligner_core.engines.base import GenerationParams, GenerationRequest  # noqa: E402
 from aligner_core.errors import (  # noqa: E402
     ContextOverflowError,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .engine_options import (
+from .options import (
     ApiKeyOpt,
     ConcurrencyOpt,
     EngineOpt,
@@ -88,8 +88,8 @@ def correct(
     replicas: Annotated[int, typer.Option("--replicas", min=1, help="Aligner replicas (one model each) for --ray.", rich_help_panel="Ray")] = 1,
 ) -> None:
     """Correct a JSONL file of question-answer records into OUTPUT, durably and resumably."""
-    from .errors import AlignerError, EngineUnavailableError
-    from .jobs.files import correct_jsonl
+    from ..errors import AlignerError, EngineUnavailableError
+    from ..jobs.files import correct_jsonl
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite contradict each other: pick one")
@@ -97,8 +97,8 @@ def correct(
         raise typer.BadParameter(f"--on-overflow must be 'error' or 'truncate', got {on_overflow!r}")
     if not ray and (address is not None or replicas != 1):
         raise typer.BadParameter("--address and --replicas apply to --ray runs: add --ray")
-    from .jobs.jsonl import check_output
-    from .jobs.records import check_input
+    from ..jobs.jsonl import check_output
+    from ..jobs.records import check_input
 
     try:  # before any model loads
         check_input(input)
@@ -116,7 +116,7 @@ def correct(
                    "resume": resume, "overwrite": overwrite, "chunk_size": chunk_size, "show_progress": progress}
     try:
         if ray:
-            from .jobs.ray import correct_file_ray
+            from ..jobs.ray import correct_file_ray
 
             stats = correct_file_ray(input, output, choice, load_options=load_options, replicas=replicas,
                                      address=address, **job_options)
@@ -158,8 +158,8 @@ def demo(
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Correct the bundled sample pairs offline and show each original beside its correction."""
+    from ..errors import AlignerError
     from .demo import run_demo
-    from .errors import AlignerError
 
     try:
         run_demo(max_new_tokens=max_new_tokens,
@@ -172,7 +172,7 @@ def demo(
 @app.command()
 def templates() -> None:
     """List the registered prompt templates."""
-    from .templates import list_templates
+    from ..templates import list_templates
 
     for name in list_templates():
         typer.echo(name)
@@ -183,11 +183,11 @@ def _register_subcommands() -> None:
     ``serve`` (imports stay cheap: each loads its dependencies when it runs)."""
     from aligner_serve.cli import register as register_serve  # a sibling package of the same distribution
 
-    from .cache_cli import register as register_cache
-    from .evaluation import register as register_eval
-    from .pairs import register as register_pairs
-    from .training import register as register_train
-    from .training.inspector_cli import register as register_train_inspector
+    from ..evaluation import register as register_eval
+    from ..pairs import register as register_pairs
+    from ..training import register as register_train
+    from ..training.inspector_cli import register as register_train_inspector
+    from .cache import register as register_cache
 
     register_train(app)
     register_train_inspector(app)

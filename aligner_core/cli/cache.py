@@ -43,7 +43,7 @@ _NOTES = {
 @cache_app.command("list", short_help="List the cached models and their total size.")
 def list_command() -> None:
     """List each cached model (name, size, age, the GGUF files it came from) and the total."""
-    from .loading.cache import gguf_cache_dir, list_entries
+    from ..loading.cache import gguf_cache_dir, list_entries
 
     entries = list_entries()
     root = gguf_cache_dir()
@@ -66,7 +66,7 @@ def clear_command(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete every cached model; the next load of a GGUF converts it again."""
-    from .loading.cache import clear, gguf_cache_dir, list_entries
+    from ..loading.cache import clear, gguf_cache_dir, list_entries
 
     entries = list_entries()
     root = gguf_cache_dir()

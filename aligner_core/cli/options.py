@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .jobs.choice import EngineChoice
+from ..jobs.choice import EngineChoice
 
 ModelOpt = Annotated[
     str | None,

@@ -9,8 +9,8 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .jobs.choice import EngineChoice
-    from .progress import Progress, ProgressCallback
+    from ..jobs.choice import EngineChoice
+    from ..progress import Progress, ProgressCallback
 
 
 def sample_pairs() -> list[tuple[str, str]]:
@@ -53,8 +53,8 @@ def run_demo(
     from rich.console import Console
     from rich.table import Table
 
-    from .jobs.choice import EngineChoice
-    from .loading import DEFAULT_MODEL
+    from ..jobs.choice import EngineChoice
+    from ..loading import DEFAULT_MODEL
 
     console = Console()
     choice = choice or EngineChoice(model=model)
