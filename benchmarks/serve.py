@@ -15,9 +15,9 @@ reports) versus the proxy's own HTTP/JSON work.
 
 Then the same questions are streamed one at a time (``stream: true``, ``--stream-requests``), straight to the
 upstream and through the proxy, for the time to the first token (TTFT): the proxy can only start once the
-upstream's whole answer is in (it corrects the whole answer), so its TTFT is split into the upstream's answer time
-(the median direct non-streamed latency at one client) and the rest (the correction's own first token plus the
-proxy's work). Every process started here is stopped by its PID.
+upstream's whole answer is in (it corrects the whole answer), so its TTFT splits into the upstream's whole answer
+and the correction up to its first token, both measured in the same request (the proxy's ``Server-Timing`` header:
+``upstream;dur=..., aligner;dur=...``). Every process started here is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ async def first_tokens(url: str, model: str, n: int, max_tokens: int) -> dict[st
 
     ttft: list[float] = []
     total: list[float] = []
+    parts: dict[str, list[float]] = {}
     qs = questions(n)
     async with httpx.AsyncClient(timeout=600) as c:
         for q in qs:
@@ -104,6 +105,10 @@ async def first_tokens(url: str, model: str, n: int, max_tokens: int) -> dict[st
             first = None
             async with c.stream("POST", f"{url}/chat/completions", json=body) as resp:
                 resp.raise_for_status()
+                for item in resp.headers.get("server-timing", "").split(","):  # the proxy's own split
+                    name, _, dur = item.strip().partition(";dur=")
+                    if name and dur:
+                        parts.setdefault(name, []).append(float(dur))
                 async for line in resp.aiter_lines():
                     if first is None and line.startswith("data: {"):
                         choices = json.loads(line[6:]).get("choices") or [{}]
@@ -112,7 +117,8 @@ async def first_tokens(url: str, model: str, n: int, max_tokens: int) -> dict[st
             total.append(time.perf_counter() - start)
             ttft.append(first if first is not None else total[-1])
     return {"requests": n, "ttft_median_ms": round(1000 * statistics.median(ttft), 1),
-            "ttft_p95_ms": round(1000 * pct(ttft, 0.95), 1), "total_median_ms": round(1000 * statistics.median(total), 1)}
+            "ttft_p95_ms": round(1000 * pct(ttft, 0.95), 1), "total_median_ms": round(1000 * statistics.median(total), 1),
+            **{f"{name}_median_ms": round(statistics.median(v), 1) for name, v in parts.items()}}
 
 
 def free_port() -> int:
@@ -209,12 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time to first token, {args.stream_requests} streamed requests each way ...", file=sys.stderr)
             direct_stream = asyncio.run(first_tokens(upstream, args.upstream_model, args.stream_requests, args.max_tokens))
             proxy_stream = asyncio.run(first_tokens(proxy_url, args.upstream_model, args.stream_requests, args.max_tokens))
-            one = next((r for r in rows if r["clients"] == 1), rows[0])
-            wait = one["direct"]["median_ms"]  # the proxy waits for the upstream's whole answer first
             added = proxy_stream["ttft_median_ms"] - direct_stream["ttft_median_ms"]
             ttft = {"direct": direct_stream, "proxy": proxy_stream, "added_ttft_ms": round(added, 1),
-                    "of_which_upstream_answer_ms": round(wait - direct_stream["ttft_median_ms"], 1),
-                    "of_which_correction_first_token_and_proxy_ms": round(proxy_stream["ttft_median_ms"] - wait, 1)}
+                    "upstream_whole_answer_ms": proxy_stream.get("upstream_median_ms"),
+                    "correction_to_first_token_ms": proxy_stream.get("aligner_median_ms")}
         result = {
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                         "loadavg": list(os.getloadavg())},
@@ -234,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['proxy']['correction_median_ms']:>22}")
         if ttft is not None:
             print(f"time to first token (median ms): direct {ttft['direct']['ttft_median_ms']}, through the proxy "
-                  f"{ttft['proxy']['ttft_median_ms']} (+{ttft['added_ttft_ms']}: waiting for the upstream's whole "
-                  f"answer {ttft['of_which_upstream_answer_ms']}, the correction's first token and the proxy "
-                  f"{ttft['of_which_correction_first_token_and_proxy_ms']})")
+                  f"{ttft['proxy']['ttft_median_ms']} (+{ttft['added_ttft_ms']}); in the proxy: the upstream's whole "
+                  f"answer {ttft['upstream_whole_answer_ms']}, the correction to its first token "
+                  f"{ttft['correction_to_first_token_ms']}")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
