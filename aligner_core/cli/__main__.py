@@ -1,3 +1,3 @@
-from .main import main
+from .commands import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aligner_core.cli import main
-from aligner_core.cli.main import versions
+from aligner_core.cli.commands import versions
 from aligner_core.jobs.records import RecordSourceError, check_input, count_items, iter_items
 
 ROOT = Path(__file__).resolve().parents[2]

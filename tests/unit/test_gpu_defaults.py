@@ -97,7 +97,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
     import time
 
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.engines.local.scheduler import Job, MicroBatcher
+    from aligner_core.engines.local.scheduler import Ticket, MicroBatcher
 
     sizes: list[int] = []
 
@@ -112,7 +112,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
 
     def feed():
         for _ in range(64):
-            futures.append(batcher.submit(Job(params, request)))
+            futures.append(batcher.submit(Ticket(params, request)))
             time.sleep(0.00125)  # 64 arrivals over ~80 ms, each within max_wait of the last
 
     thread = threading.Thread(target=feed)
@@ -127,7 +127,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
 
 def test_the_gather_stops_at_the_row_limit():
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.engines.local.scheduler import Job, MicroBatcher
+    from aligner_core.engines.local.scheduler import Ticket, MicroBatcher
 
     sizes: list[int] = []
     gate = __import__("threading").Event()
@@ -140,7 +140,7 @@ def test_the_gather_stops_at_the_row_limit():
     batcher = MicroBatcher(run, max_wait_ms=50, max_batch_tokens=10**6, max_batch_size=4)
     request = GenerationRequest(prompt="p", prompt_ids=(1, 2), max_new_tokens=4, reserve=4)
     params = GenerationParams(max_new_tokens=4)
-    futures = [batcher.submit(Job(params, request)) for _ in range(10)]
+    futures = [batcher.submit(Ticket(params, request)) for _ in range(10)]
     gate.set()
     for f in futures:
         f.result(timeout=10)
