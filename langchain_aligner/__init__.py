@@ -17,7 +17,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         'langchain_aligner needs langchain-core: install it with pip install "llm-aligner[langchain]"'
     ) from exc
 
-from ._io import METADATA_KEY, MissingQuestionError, UnsupportedInputError
+from ._inputs import MissingQuestionError, UnsupportedInputError
+from ._outputs import METADATA_KEY
 from ._quiet import UNCORRECTED_TAG
 from ._streaming import EVENT
 from .chain import AlignedChain, with_aligner

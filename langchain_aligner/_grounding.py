@@ -14,7 +14,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from ._io import document_item
+from ._inputs import document_item
 
 
 class GroundingCollector(BaseCallbackHandler):

@@ -1,18 +1,29 @@
 """Keep the uncorrected upstream off every stream a user sees, while tracers still record it.
 
 A safety corrector whose input streams to the user defeats its purpose. The upstream inside ``with_aligner`` /
-``AlignedChatModel`` (and the Aligner's own nested runs inside ``AlignedChatModel``) run with a child callback
-manager that:
+``AlignedChatModel`` (and the stage's own runs inside ``AlignedChatModel``, whose tokens go out as the chat model's)
+run with a child callback manager that:
 
-- drops the *stream surfaces*: the handlers behind ``astream_events``/``stream_events``/``astream_log`` and
-  LangGraph's stream modes (LangChain marks them with ``_StreamingCallbackHandler``), so none of those streams
-  sees any event of these runs: no tokens, and no end event carrying the uncorrected message;
-- tags the runs ``nostream`` (``langgraph.constants.TAG_NOSTREAM``, LangGraph's own way to keep a chat model out
-  of ``stream_mode="messages"``) and ``aligner:uncorrected``;
-- keeps every other handler (tracers, loggers, your own) with token events muted: the same handler state, so
-  their runs start and end as usual and traces stay whole.
+- drops the *stream surfaces*, the handlers behind ``astream_events``/``astream_log`` and LangGraph's stream modes,
+  so none of those streams sees any event of these runs: no tokens, and no end event carrying the uncorrected text;
+- tags the runs ``nostream`` (LangGraph's own way to keep a chat model out of ``stream_mode="messages"``) and
+  ``aligner:uncorrected``;
+- keeps every other handler (tracers, loggers, your own) with its token events muted, so runs start and end as
+  usual and traces stay whole, but a handler forwarding tokens to a UI gets none of the uncorrected ones.
 
-``stream_uncorrected=True`` on the wrappers turns all of this off (only the tag stays).
+Two of these have no public LangChain mechanism, so each is kept to its smallest form here:
+
+- *Which handlers are stream surfaces.* LangChain has no public marker; it recognises them itself (to decide
+  whether ``invoke`` streams) by the private ``_StreamingCallbackHandler`` protocol, which LangGraph's handlers
+  implement too. :func:`is_stream_surface` is the one place that reads it.
+- *Muting tokens.* Handlers can ignore whole event families (``ignore_llm``, ``ignore_chat_model``), never tokens
+  alone, and ``disable_streaming`` only reaches a chat model we hold, not the models inside a wrapped chain, behind
+  ``with_retry``/``bind``/``with_fallbacks``, or built with ``streaming=True``. So each other handler is replaced by
+  an instance of a subclass of its own class (made once per class) whose ``on_llm_new_token``/``on_stream_event``
+  do nothing, sharing the original's ``__dict__``: its runs end in the original's maps, and ``isinstance`` checks
+  (the LangSmith tracer's de-duplication) still hold, which a wrapping proxy would break.
+
+``stream_uncorrected=True`` on the wrappers turns this off (only the tag stays).
 """
 
 from __future__ import annotations
@@ -31,54 +42,50 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import patch_config, set_config_context
 from langchain_core.runnables.utils import coro_with_context
 
-try:  # the markers LangChain and LangGraph put on the handlers that feed user-visible streams
-    from langchain_core.tracers._streaming import _StreamingCallbackHandler, _V2StreamingCallbackHandler
-except ImportError:  # pragma: no cover - older langchain-core
-    from langchain_core.tracers._streaming import _StreamingCallbackHandler
-
-    _V2StreamingCallbackHandler = _StreamingCallbackHandler  # type: ignore[misc,assignment]
-
 logger = logging.getLogger("langchain_aligner")
 
 #: Tag on every run of the wrapped (uncorrected) model or chain.
 UNCORRECTED_TAG = "aligner:uncorrected"
-#: LangGraph's tag for chat-model runs that ``stream_mode="messages"`` must not stream.
+#: LangGraph's tag (``langgraph.constants.TAG_NOSTREAM``) for chat-model runs ``stream_mode="messages"`` skips.
 NOSTREAM_TAG = "nostream"
 
 _MUTED: dict[type, type] = {}
 
 
 def is_stream_surface(handler: Any) -> bool:
-    """Whether ``handler`` feeds a stream a user may see (``astream_events``, ``astream_log``, LangGraph modes)."""
-    return isinstance(handler, (_StreamingCallbackHandler, _V2StreamingCallbackHandler))
+    """Whether ``handler`` feeds a stream a user may see (``astream_events``, ``astream_log``, LangGraph's modes).
+
+    The package's one import of a private LangChain name: there is no public marker, so this reads the one
+    ``BaseChatModel`` itself checks, the ``_StreamingCallbackHandler`` protocol (and ``_V2StreamingCallbackHandler``
+    for v2 event streams, newer than langchain-core 1.0), which LangGraph's stream handlers implement too.
+    """
+    from langchain_core.tracers import _streaming
+
+    markers = tuple(getattr(_streaming, name) for name in ("_StreamingCallbackHandler", "_V2StreamingCallbackHandler")
+                    if hasattr(_streaming, name))
+    return isinstance(handler, markers)
+
+
+def streams_to_users(handlers: list[Any]) -> bool:
+    """Whether any of ``handlers`` feeds a user-visible stream."""
+    return any(is_stream_surface(h) for h in handlers)
 
 
 def _muted_class(cls: type) -> type:
-    if cls in _MUTED:
-        return _MUTED[cls]
-    if inspect.iscoroutinefunction(getattr(cls, "on_llm_new_token", None)):
+    if cls not in _MUTED:
+        if inspect.iscoroutinefunction(cls.on_llm_new_token):  # type: ignore[attr-defined]
 
-        async def on_llm_new_token(self: Any, *args: Any, **kwargs: Any) -> None:
-            return None
+            async def skip(self: Any, *args: Any, **kwargs: Any) -> None:
+                return None
+        else:
 
-        async def on_stream_event(self: Any, *args: Any, **kwargs: Any) -> None:
-            return None
-    else:
+            def skip(self: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+                return None
 
-        def on_llm_new_token(self: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
-            return None
-
-        def on_stream_event(self: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
-            return None
-
-    body: dict[str, Any] = {
-        "on_llm_new_token": on_llm_new_token,
-        "on_stream_event": on_stream_event,
-        "__doc__": f"{cls.__name__} without token and chunk events (langchain_aligner)",
-    }
-    muted = type(f"Muted{cls.__name__}", (cls,), body)
-    _MUTED[cls] = muted
-    return muted
+        doc = f"{cls.__name__} without token events (langchain_aligner)"
+        _MUTED[cls] = type(f"Muted{cls.__name__}", (cls,), {"on_llm_new_token": skip, "on_stream_event": skip,
+                                                             "__doc__": doc})
+    return _MUTED[cls]
 
 
 def mute(handler: BaseCallbackHandler) -> BaseCallbackHandler | None:
@@ -99,17 +106,14 @@ def mute(handler: BaseCallbackHandler) -> BaseCallbackHandler | None:
 
 
 def hide(manager: BaseCallbackManager) -> None:
-    """Take stream surfaces out of the manager and mute the other handlers (inheritable ones too), in place."""
+    """Take stream surfaces out of ``manager`` and mute its other handlers (inheritable ones too), in place."""
     copies: dict[int, BaseCallbackHandler | None] = {}
 
     def kept(handlers: list[BaseCallbackHandler]) -> list[BaseCallbackHandler]:
-        out = []
         for h in handlers:
             if id(h) not in copies:
                 copies[id(h)] = mute(h)
-            if copies[id(h)] is not None:
-                out.append(copies[id(h)])
-        return out  # type: ignore[return-value]
+        return [m for h in handlers if (m := copies[id(h)]) is not None]
 
     manager.handlers = kept(manager.handlers)
     manager.inheritable_handlers = kept(manager.inheritable_handlers)
@@ -131,9 +135,9 @@ def child_config(
 def invoke_in(runnable: Runnable[Any, Any], value: Any, config: RunnableConfig, **kwargs: Any) -> Any:
     """``runnable.invoke(value, config)`` with ``config`` as the ambient config too.
 
-    LangChain merges the ambient config (inside a LangGraph node: the node's, with its stream handlers) into
-    the config of every ``RunnableBinding`` it runs (``bind_tools``, ``with_retry``, ...), which would bring the
-    handlers :func:`hide` took out back into the hidden runs.
+    ``RunnableBinding`` (``bind_tools``, ``with_retry``, ...) merges the ambient config (inside a LangGraph node:
+    the node's, with its stream handlers) into the config it is given, which would bring the handlers :func:`hide`
+    took out back into the hidden runs; ``set_config_context`` makes the hidden config the ambient one.
     """
     with set_config_context(config) as ctx:
         return ctx.run(runnable.invoke, value, config, **kwargs)
@@ -145,13 +149,7 @@ async def ainvoke_in(runnable: Runnable[Any, Any], value: Any, config: RunnableC
         return await coro_with_context(runnable.ainvoke(value, config, **kwargs), ctx)
 
 
-def streams_to_users(handlers: list[Any]) -> bool:
-    """Whether any of ``handlers`` feeds a user-visible stream."""
-    return any(is_stream_surface(h) for h in handlers)
-
-
 __all__ = [
     "NOSTREAM_TAG", "UNCORRECTED_TAG", "ainvoke_in", "child_config", "hide", "invoke_in", "is_stream_surface",
     "streams_to_users",
 ]
-

@@ -1,8 +1,10 @@
 """Streaming for ``AlignerRunnable``: gather the streamed answer, then stream its correction as deltas.
 
-A ``str`` answer streams ``str`` deltas; a message answer streams ``AIMessageChunk`` deltas and one
-last chunk carrying the tool calls, usage and ``response_metadata["aligner"]``, so the chunks add
-up to what ``invoke`` returns.
+The deltas are the chunks of the internal ``Aligner`` chat model's own ``stream`` (LangChain reports each as a token
+of that run). A ``str`` answer streams ``str`` deltas; a message answer streams ``AIMessageChunk`` deltas and one last
+chunk carrying the tool calls, usage and ``response_metadata["aligner"]``, so the chunks add up to what ``invoke``
+returns. A failure before the first delta is settled like one in ``invoke`` (``on_error``); after it, it raises:
+what was sent cannot be taken back.
 """
 
 from __future__ import annotations
@@ -12,147 +14,70 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForChainRun,
-    AsyncCallbackManagerForLLMRun,
     CallbackManagerForChainRun,
-    CallbackManagerForLLMRun,
+    adispatch_custom_event,
+    dispatch_custom_event,
 )
-from langchain_core.messages import AIMessage, AIMessageChunk
-from langchain_core.runnables import RunnableConfig
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessageChunk
+from langchain_core.runnables import Runnable, RunnableConfig
 
 from aligner_core import Correction
 
-from . import _trace
-from ._io import Job, to_chunk
-from ._io import merge as merge_chunk
-from ._quiet import streams_to_users
+from ._aligner_chat import conversation, correction_of
+from ._inputs import Pair, merge
+from ._outputs import to_chunk
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from aligner_core import Aligner
-
-#: Each call is a "chain" run: an "llm" run would make tracers count the upstream's usage_metadata
-#: (kept on the corrected AIMessage) a second time; the Aligner's own tokens are in the details.
+#: Each call is a "chain" run: an "llm" run would make tracers count the upstream's usage_metadata (kept on the
+#: corrected AIMessage) a second time; the Aligner's own tokens are in its nested ``Aligner`` run.
 RUN_TYPE = "chain"
 #: Name of the custom callback event that carries each correction's details (or its error).
 EVENT = "aligner_correction"
+
+
+def _whole(result: Any) -> Any:
+    """A whole output as one (last) chunk: passthroughs and untouched answers (a structured result as it is)."""
+    if not isinstance(result, AIMessage):
+        return result
+    return AIMessageChunk(**{**to_chunk(result).model_dump(exclude={"type"}), "chunk_position": "last"})
+
+
+def _sent(full: BaseMessageChunk | None) -> bool:
+    """Whether corrected text already went out (the chunks so far hold some)."""
+    return full is not None and bool(full.text)
+
+
+def _delta(pair: Pair, text: str) -> str | AIMessageChunk:
+    return text if isinstance(pair.answer, str) else AIMessageChunk(content=text, id=pair.answer.id)
+
+
+def _tail(pair: Pair, out: Any) -> list[Any]:
+    """After the deltas, a message answer gets one last chunk with its tool calls, usage and details."""
+    if not isinstance(pair.answer, AIMessage):
+        return []
+    whole = to_chunk(out)
+    rest = [b for b in whole.content if isinstance(b, dict) and b.get("type") != "text"]
+    return [AIMessageChunk(
+        content=rest or "", id=pair.answer.id, additional_kwargs=whole.additional_kwargs,
+        response_metadata=whole.response_metadata, usage_metadata=whole.usage_metadata,
+        tool_call_chunks=whole.tool_call_chunks, chunk_position="last",
+    )]
 
 
 class StreamingStage:
     """``stream``/``transform`` and their async twins for ``AlignerRunnable`` (a mixin)."""
 
     if TYPE_CHECKING:
-        aligner: Aligner
-
-        def _job(self, value: Any, config: RunnableConfig) -> Job: ...
-        def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]: ...
-        @property
-        def _gate(self) -> dict[str, Any]: ...
-        def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]: ...
-        def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None: ...
-        async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None: ...
-        def _refuse_unsafe_streams(self, run_manager: Any) -> None: ...
-        def _passed(self, job: Job) -> Correction: ...
-        def _correct(self, job: Job, options: Mapping[str, Any]) -> Correction: ...
-        async def _acorrect(self, job: Job, options: Mapping[str, Any]) -> Correction: ...
+        def _pair(self, value: Any, config: RunnableConfig) -> Pair: ...
+        def _corrector(self, pair: Pair | None = None) -> Runnable[Any, Any]: ...
+        def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]: ...
+        def _settle(self, pair: Pair, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]: ...
+        def _correct(self, pair: Pair, child: RunnableConfig, kwargs: dict[str, Any]) -> Any: ...
+        async def _acorrect(self, pair: Pair, child: RunnableConfig, kwargs: dict[str, Any]) -> Any: ...
+        def _refuse_unsafe_streams(self, callbacks: Any) -> None: ...
+        @staticmethod
+        def _child(run_manager: Any, config: RunnableConfig) -> RunnableConfig: ...
         def _transform_stream_with_config(self, *args: Any, **kwargs: Any) -> Iterator[Any]: ...
         def _atransform_stream_with_config(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]: ...
-
-    @staticmethod
-    def _delta(job: Job, text: str) -> str | AIMessageChunk:
-        return text if isinstance(job.answer, str) else AIMessageChunk(content=text, id=job.answer.id)
-
-    @staticmethod
-    def _whole(result: Any) -> Any:
-        """A whole output as one (last) chunk: passthroughs and untouched answers (a structured result as it is)."""
-        if not isinstance(result, AIMessage):
-            return result
-        return AIMessageChunk(**{**to_chunk(result).model_dump(exclude={"type"}), "chunk_position": "last"})
-
-    @staticmethod
-    def _tail(job: Job, out: Any) -> Iterator[str | AIMessageChunk]:
-        """After the deltas, a message answer gets one last chunk with tool calls, usage and metadata."""
-        if isinstance(job.answer, AIMessage):
-            whole = to_chunk(out)
-            rest = [b for b in whole.content if isinstance(b, dict) and b.get("type") != "text"]
-            yield AIMessageChunk(
-                content=rest or "",
-                id=job.answer.id,
-                additional_kwargs=whole.additional_kwargs,
-                response_metadata=whole.response_metadata,
-                usage_metadata=whole.usage_metadata,
-                tool_call_chunks=whole.tool_call_chunks,
-                chunk_position="last",
-            )
-
-    def _whole_output(self, job: Job, run_manager: CallbackManagerForChainRun, kwargs: dict[str, Any]) -> Any:
-        """The output of an answer that does not stream: passed through, or structured (settled whole)."""
-        if job.skip:
-            result: Correction | BaseException = self._passed(job)
-        else:
-            options = self._options(kwargs)
-            run = _trace.start(run_manager.get_child(), self.aligner, job, options)
-            try:
-                if streams_to_users(run_manager.handlers) and job.decision.structure is None:
-                    result = self._correct_streaming(job, run, options)  # tokens reach the user's stream
-                else:
-                    result = self._correct(job, options)
-            except Exception as exc:
-                result = exc
-            self._end(run, result, job)
-        out, meta = self._settle(job, result)
-        run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        return out
-
-    async def _awhole_output(
-        self, job: Job, run_manager: AsyncCallbackManagerForChainRun, kwargs: dict[str, Any]
-    ) -> Any:
-        """Async :meth:`_whole_output`."""
-        if job.skip:
-            result: Correction | BaseException = self._passed(job)
-        else:
-            options = self._options(kwargs)
-            run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
-            try:
-                if streams_to_users(run_manager.handlers) and job.decision.structure is None:
-                    result = await self._acorrect_streaming(job, run, options)  # tokens reach the user's stream
-                else:
-                    result = await self._acorrect(job, options)
-            except Exception as exc:
-                result = exc
-            await self._aend(run, result, job)
-        out, meta = self._settle(job, result)
-        await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        return out
-
-    def _correct_streaming(self, job: Job, run: CallbackManagerForLLMRun, options: dict[str, Any]) -> Correction:
-        """Correct through the Aligner's stream, each delta a token of the ``Aligner`` run: what LangChain chat
-        models do inside ``invoke`` when a stream (``astream_events``, LangGraph's "messages") listens."""
-        stream = self.aligner.stream(job.question, job.text, history=job.turns, context=job.grounding,
-                                     **self._gate, **options)
-        message_id = _trace.message_id(job, run)
-        try:
-            for delta in stream:
-                run.on_llm_new_token(delta, chunk=_trace.chunk(delta, message_id))
-        finally:
-            stream.close()
-        assert stream.correction is not None  # a stream that ends cleanly holds its correction
-        return stream.correction
-
-    async def _acorrect_streaming(
-        self, job: Job, run: AsyncCallbackManagerForLLMRun, options: dict[str, Any]
-    ) -> Correction:
-        """Async :meth:`_correct_streaming`."""
-        stream = self.aligner.astream(job.question, job.text, history=job.turns, context=job.grounding,
-                                      **self._gate, **options)
-        message_id = _trace.message_id(job, run)
-        try:
-            async for delta in stream:
-                await run.on_llm_new_token(delta, chunk=_trace.chunk(delta, message_id))
-        finally:
-            await stream.aclose()
-        assert stream.correction is not None
-        return stream.correction
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         """Stream the correction: ``str`` deltas, or ``AIMessageChunk`` deltas for a message answer."""
@@ -177,7 +102,8 @@ class StreamingStage:
     ) -> AsyncIterator[Any]:
         """Async ``transform``."""
         self._refuse_unsafe_streams((config or {}).get("callbacks"))  # before the step before this one starts
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE, **kwargs):
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE,
+                                                               **kwargs):
             yield chunk
 
     def _transform(
@@ -185,82 +111,53 @@ class StreamingStage:
     ) -> Iterator[Any]:
         value = None
         for chunk in chunks:
-            value = merge_chunk(value, chunk)
-        job = self._job(value, config)
-        if job.skip or job.decision.structure is not None:  # structure is kept or rejected whole: no deltas
-            yield self._whole(self._whole_output(job, run_manager, kwargs))
+            value = merge(value, chunk)
+        pair, child = self._pair(value, config), self._child(run_manager, config)
+        if not pair.streams:
+            yield _whole(self._correct(pair, child, kwargs))
             return
-        emitted = False
-        options = self._options(kwargs)
-        run = _trace.start(run_manager.get_child(), self.aligner, job, options)
-        message_id = _trace.message_id(job, run)
+        full: BaseMessageChunk | None = None
+        messages = conversation(pair)
         try:
-            stream = self.aligner.stream(job.question, job.text, history=job.turns, context=job.grounding,
-                                         **self._gate, **options)
+            for piece in self._corrector(pair).stream(messages, child, **self._options(kwargs)):
+                full = piece if full is None else full + piece
+                if piece.text:
+                    yield _delta(pair, piece.text)
+            assert full is not None
+            result: Correction | BaseException = correction_of(full, pair)
         except Exception as exc:
-            result: Correction | BaseException | None = exc
-        else:
-            try:
-                for delta in stream:
-                    emitted = True
-                    run.on_llm_new_token(delta, chunk=_trace.chunk(delta, message_id))
-                    yield self._delta(job, delta)
-                result = stream.correction
-            except BaseException as exc:
-                run.on_llm_error(exc)
-                if emitted or not isinstance(exc, Exception):  # deltas already went out: no passthrough
-                    raise
-                result = exc
-                run = None  # type: ignore[assignment]
-            finally:
-                stream.close()
-        if run is not None:
-            self._end(run, result, job)  # type: ignore[arg-type]
-        out, meta = self._settle(job, result)  # type: ignore[arg-type]
-        run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        yield from self._tail(job, out) if emitted else [self._whole(out)]
+            if _sent(full):  # deltas already went out: no passthrough
+                raise
+            result = exc
+        out, meta = self._settle(pair, result)
+        dispatch_custom_event(EVENT, meta, config=child)
+        yield from _tail(pair, out) if _sent(full) else [_whole(out)]
 
     async def _atransform(
-        self,
-        chunks: AsyncIterator[Any],
-        run_manager: AsyncCallbackManagerForChainRun,
-        config: RunnableConfig,
+        self, chunks: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         value = None
         async for chunk in chunks:
-            value = merge_chunk(value, chunk)
-        job = self._job(value, config)
-        if job.skip or job.decision.structure is not None:  # structure is kept or rejected whole: no deltas
-            yield self._whole(await self._awhole_output(job, run_manager, kwargs))
+            value = merge(value, chunk)
+        pair, child = self._pair(value, config), self._child(run_manager, config)
+        if not pair.streams:
+            yield _whole(await self._acorrect(pair, child, kwargs))
             return
-        emitted = False
-        options = self._options(kwargs)
-        run = await _trace.astart(run_manager.get_child(), self.aligner, job, options)
-        message_id = _trace.message_id(job, run)
+        full: BaseMessageChunk | None = None
+        messages = conversation(pair)
         try:
-            stream = self.aligner.astream(job.question, job.text, history=job.turns, context=job.grounding,
-                                          **self._gate, **options)
+            async for piece in self._corrector(pair).astream(messages, child, **self._options(kwargs)):
+                full = piece if full is None else full + piece
+                if piece.text:
+                    yield _delta(pair, piece.text)
+            assert full is not None
+            result: Correction | BaseException = correction_of(full, pair)
         except Exception as exc:
-            result: Correction | BaseException | None = exc
-        else:
-            try:
-                async for delta in stream:
-                    emitted = True
-                    await run.on_llm_new_token(delta, chunk=_trace.chunk(delta, message_id))
-                    yield self._delta(job, delta)
-                result = stream.correction
-            except BaseException as exc:
-                await run.on_llm_error(exc)
-                if emitted or not isinstance(exc, Exception):
-                    raise
-                result = exc
-                run = None  # type: ignore[assignment]
-            finally:
-                await stream.aclose()
-        if run is not None:
-            await self._aend(run, result, job)  # type: ignore[arg-type]
-        out, meta = self._settle(job, result)  # type: ignore[arg-type]
-        await run_manager.get_child().on_custom_event(EVENT, meta, run_id=run_manager.run_id)
-        for chunk in self._tail(job, out) if emitted else [self._whole(out)]:
+            if _sent(full):
+                raise
+            result = exc
+        out, meta = self._settle(pair, result)
+        await adispatch_custom_event(EVENT, meta, config=child)
+        for chunk in _tail(pair, out) if _sent(full) else [_whole(out)]:
             yield chunk

@@ -10,7 +10,8 @@ if it still parses and validates against the schema (else the original, ``skippe
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
@@ -23,16 +24,15 @@ from pydantic import BaseModel
 
 from aligner_core.decision import Structure
 
-from ._io import METADATA_KEY, MissingQuestionError, split_question
+from ._inputs import conversation_request, to_messages
+from ._outputs import METADATA_KEY
 from ._quiet import UNCORRECTED_TAG, ainvoke_in, child_config, invoke_in
 
-if TYPE_CHECKING:
-    from .chat_model import AlignedChatModel
+METHODS = {"function_calling": "tool_call", "json_schema": "json_schema", "json_mode": "json"}
 
 
 def structure_of(schema: Any, method: str) -> Structure:
     """The core's description of what the caller will parse."""
-    kind = {"function_calling": "tool_call", "json_schema": "json_schema", "json_mode": "json"}[method]
     json_schema = None
     if schema is not None:
         try:
@@ -40,7 +40,7 @@ def structure_of(schema: Any, method: str) -> Structure:
         except (TypeError, ValueError):  # a schema LangChain cannot describe: parse-only checks
             json_schema = None
     validator = schema.model_validate if isinstance(schema, type) and issubclass(schema, BaseModel) else None
-    return Structure(kind, json_schema, validator, getattr(schema, "__name__", None))  # type: ignore[arg-type]
+    return Structure(METHODS[method], json_schema, validator, getattr(schema, "__name__", None))  # type: ignore[arg-type]
 
 
 def parse(schema: Any, message: AIMessage, structure: Structure) -> Any:
@@ -52,26 +52,19 @@ def parse(schema: Any, message: AIMessage, structure: Structure) -> Any:
 
 
 def structured_output(
-    model: AlignedChatModel, schema: Any, *, method: str, include_raw: bool, **kwargs: Any
+    llm: Runnable[Any, Any], schema: Any, *, method: str, include_raw: bool,
+    stage: Callable[..., Runnable[Any, Any]], hide_upstream: bool, **kwargs: Any,
 ) -> Runnable[Any, Any]:
-    """The runnable ``AlignedChatModel.with_structured_output`` returns (see the module docstring)."""
-    if method not in ("function_calling", "json_schema", "json_mode"):
+    """The runnable ``AlignedChatModel.with_structured_output`` returns: ``llm``'s structured output (its raw
+    message hidden from user streams when ``hide_upstream``), then ``stage(structure=...)`` on the raw message."""
+    if method not in METHODS:
         raise ValueError(f"method must be 'function_calling', 'json_schema' or 'json_mode', got {method!r}")
-    make = getattr(model.llm, "with_structured_output", None)
+    make = getattr(llm, "with_structured_output", None)
     if make is None:
-        raise NotImplementedError(f"the wrapped {type(model.llm).__name__} has no with_structured_output")
+        raise NotImplementedError(f"the wrapped {type(llm).__name__} has no with_structured_output")
     inner = make(schema, include_raw=True, method=method, **kwargs)
     structure = structure_of(schema, method)
-
-    def pieces(value: Any, config: RunnableConfig, manager: Any) -> tuple[Any, RunnableConfig, dict[str, Any]]:
-        messages = model._convert_input(value).to_messages()
-        try:
-            question, history, context = split_question(messages)
-        except MissingQuestionError:
-            question, history, context = "", (), ()
-        upstream = child_config(config, manager(config), quiet=not model.stream_uncorrected, tag=UNCORRECTED_TAG)
-        request = {"question": question, "history": list(history), "context": list(context)}
-        return messages, upstream, request
+    corrector = stage(structure=structure)
 
     def finish(out: dict[str, Any], fixed: AIMessage) -> Any:
         meta = fixed.response_metadata.get(METADATA_KEY, {})
@@ -86,17 +79,18 @@ def structured_output(
         return out["parsed"]
 
     def run(value: Any, config: RunnableConfig) -> Any:
-        messages, upstream, request = pieces(value, config, get_callback_manager_for_config)
-        out = invoke_in(inner, messages, upstream)
-        stage = model._stage(messages, None, structure=structure)
+        messages = to_messages(value, "the input")
+        up = child_config(config, get_callback_manager_for_config(config), quiet=hide_upstream, tag=UNCORRECTED_TAG)
+        out = invoke_in(inner, messages, up)
         down = child_config(config, get_callback_manager_for_config(config), quiet=True)
-        return finish(out, stage.invoke({**request, "answer": out["raw"]}, down))
+        return finish(out, corrector.invoke({**conversation_request(messages), "answer": out["raw"]}, down))
 
     async def arun(value: Any, config: RunnableConfig) -> Any:
-        messages, upstream, request = pieces(value, config, get_async_callback_manager_for_config)
-        out = await ainvoke_in(inner, messages, upstream)
-        stage = model._stage(messages, None, structure=structure)
-        down = child_config(config, get_async_callback_manager_for_config(config), quiet=True)
-        return finish(out, await stage.ainvoke({**request, "answer": out["raw"]}, down))
+        messages = to_messages(value, "the input")
+        manager = get_async_callback_manager_for_config
+        up = child_config(config, manager(config), quiet=hide_upstream, tag=UNCORRECTED_TAG)
+        out = await ainvoke_in(inner, messages, up)
+        down = child_config(config, manager(config), quiet=True)
+        return finish(out, await corrector.ainvoke({**conversation_request(messages), "answer": out["raw"]}, down))
 
     return RunnableLambda(run, afunc=arun, name="AlignedChatModel.with_structured_output")

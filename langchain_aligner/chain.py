@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.callbacks import (
-    AsyncCallbackManagerForChainRun,
-    CallbackManagerForChainRun,
-)
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import patch_config
 from langchain_core.runnables.utils import ConfigurableFieldSpec
@@ -16,12 +14,29 @@ from pydantic import BaseModel, ConfigDict
 
 from aligner_core import Aligner
 from aligner_core.inspector import Inspector
+from aligner_core.reporting import OnError
 
 from ._grounding import GroundingCollector
-from ._io import MissingQuestionError, context_value, history_value, merge, split_question
+from ._inputs import MissingQuestionError, context_value, history_value, merge, split_question
 from ._quiet import UNCORRECTED_TAG, ainvoke_in, child_config, invoke_in
 from ._streaming import RUN_TYPE
-from .runnable import AlignerRunnable, OnError
+from .runnable import AlignerRunnable
+
+
+@dataclass
+class _Call:
+    """One input's pieces: the question, history and given context, the wrapped chain's (hidden) config with the
+    collector of what its retrievers and tools return, and the stage's config."""
+
+    request: dict[str, Any]
+    upstream: RunnableConfig
+    collector: GroundingCollector
+    downstream: RunnableConfig
+
+    def stage_input(self, stage: AlignerRunnable, answer: Any) -> dict[str, Any]:
+        """The stage's input: the request, the answer, and the grounding given and collected."""
+        return {stage.question_key: self.request["question"], stage.history_key: self.request["history"],
+                stage.answer_key: answer, stage.context_key: [*self.request["context"], *self.collector.items]}
 
 
 class AlignedChain(RunnableSerializable[Any, Any]):
@@ -73,8 +88,6 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     def config_specs(self) -> list[ConfigurableFieldSpec]:
         return self.chain.config_specs
 
-    # -- pieces ----------------------------------------------------------------------------------
-
     def _request(self, value: Any) -> dict[str, Any]:
         """The stage's input without its answer: the question, the history and the given context."""
         history: tuple[dict[str, str], ...] = ()
@@ -90,24 +103,13 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         question, earlier, tools = split_question(value)
         return {"question": question, "history": [*history, *earlier], "context": [*tools, *given]}
 
-    def _upstream(self, run_manager: Any, config: RunnableConfig) -> tuple[RunnableConfig, GroundingCollector]:
-        """The wrapped chain's config (hidden from user streams unless ``stream_uncorrected``) and the collector of
-        what its retrievers and tools return."""
-        manager = run_manager.get_child()
-        collector = GroundingCollector()
+    def _call(self, value: Any, run_manager: Any, config: RunnableConfig, request: dict[str, Any] | None = None) -> _Call:
+        """The pieces of one input (see :class:`_Call`); the wrapped chain is hidden unless ``stream_uncorrected``."""
+        manager, collector = run_manager.get_child(), GroundingCollector()
         upstream = child_config(config, manager, quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
         manager.add_handler(collector, inherit=True)
-        return upstream, collector
-
-    def _stage_input(self, request: dict[str, Any], answer: Any, collector: GroundingCollector) -> dict[str, Any]:
-        """The stage's input: the request, the answer, and the grounding given and collected."""
-        stage = self.stage
-        return {stage.question_key: request["question"], stage.history_key: request["history"],
-                stage.answer_key: answer, stage.context_key: [*request["context"], *collector.items]}
-
-    @staticmethod
-    def _downstream(run_manager: Any, config: RunnableConfig) -> RunnableConfig:
-        return patch_config(config, callbacks=run_manager.get_child())
+        downstream = patch_config(config, callbacks=run_manager.get_child())
+        return _Call(request or self._request(value), upstream, collector, downstream)
 
     # -- invoke and stream -----------------------------------------------------------------------
 
@@ -116,11 +118,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
-        request = self._request(value)
-        upstream, collector = self._upstream(run_manager, config)
-        answer = invoke_in(self.chain, value, upstream)
-        return self.stage.invoke(self._stage_input(request, answer, collector), self._downstream(run_manager, config),
-                                 **kwargs)
+        call = self._call(value, run_manager, config)
+        answer = invoke_in(self.chain, value, call.upstream)
+        return self.stage.invoke(call.stage_input(self.stage, answer), call.downstream, **kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, run_type=RUN_TYPE, **kwargs)
@@ -128,11 +128,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     async def _ainvoke(
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
     ) -> Any:
-        request = self._request(value)
-        upstream, collector = self._upstream(run_manager, config)
-        answer = await ainvoke_in(self.chain, value, upstream)
-        stage_input = self._stage_input(request, answer, collector)
-        return await self.stage.ainvoke(stage_input, self._downstream(run_manager, config), **kwargs)
+        call = self._call(value, run_manager, config)
+        answer = await ainvoke_in(self.chain, value, call.upstream)
+        return await self.stage.ainvoke(call.stage_input(self.stage, answer), call.downstream, **kwargs)
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         """Stream the correction (the chain's own answer never streams, unless ``stream_uncorrected``)."""
@@ -147,11 +145,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         value = None
         for chunk in chunks:
             value = merge(value, chunk)
-        request = self._request(value)
-        upstream, collector = self._upstream(run_manager, config)
-        answer = invoke_in(self.chain, value, upstream)
-        stage_input = self._stage_input(request, answer, collector)
-        yield from self.stage.stream(stage_input, self._downstream(run_manager, config), **kwargs)
+        call = self._call(value, run_manager, config)
+        answer = invoke_in(self.chain, value, call.upstream)
+        yield from self.stage.stream(call.stage_input(self.stage, answer), call.downstream, **kwargs)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
         async def once() -> AsyncIterator[Any]:
@@ -163,111 +159,93 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     async def atransform(
         self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE, **kwargs):
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE,
+                                                               **kwargs):
             yield chunk
 
     async def _atransform(
-        self,
-        chunks: AsyncIterator[Any],
-        run_manager: AsyncCallbackManagerForChainRun,
-        config: RunnableConfig,
+        self, chunks: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         value = None
         async for chunk in chunks:
             value = merge(value, chunk)
-        request = self._request(value)
-        upstream, collector = self._upstream(run_manager, config)
-        answer = await ainvoke_in(self.chain, value, upstream)
-        stage_input = self._stage_input(request, answer, collector)
-        async for out in self.stage.astream(stage_input, self._downstream(run_manager, config), **kwargs):
+        call = self._call(value, run_manager, config)
+        answer = await ainvoke_in(self.chain, value, call.upstream)
+        async for out in self.stage.astream(call.stage_input(self.stage, answer), call.downstream, **kwargs):
             yield out
 
     # -- batch -----------------------------------------------------------------------------------
 
     def batch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
+        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+        return_exceptions: bool = False, **kwargs: Any,
     ) -> list[Any]:
         """The chain's ``batch``, then one planned correction pass (``max_concurrency`` bounds both)."""
-        return self._batch_with_config(
-            self._batch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
-        )
+        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions,
+                                       run_type=RUN_TYPE, **kwargs)
 
     async def abatch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
+        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+        return_exceptions: bool = False, **kwargs: Any,
     ) -> list[Any]:
-        return await self._abatch_with_config(
-            self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
-        )
+        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
+                                              run_type=RUN_TYPE, **kwargs)
 
-    def _questions(self, values: list[Any]) -> list[dict[str, Any] | Exception]:
-        out: list[dict[str, Any] | Exception] = []
-        for value in values:
+    def _calls(self, values: list[Any], run_manager: list[Any], config: list[RunnableConfig]) -> list[_Call | Exception]:
+        """Each input's pieces, or the exception that its question raised."""
+        calls: list[_Call | Exception] = []
+        for value, manager, one in zip(values, run_manager, config):
             try:
-                out.append(self._request(value))
+                request = self._request(value)
             except Exception as exc:
-                out.append(exc)
-        return out
+                calls.append(exc)
+            else:
+                calls.append(self._call(value, manager, one, request))
+        return calls
 
     def _batch(
-        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig], **kwargs: Any
+        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig],
+        **kwargs: Any,
     ) -> list[Any]:
-        outs: list[Any] = self._questions(values)
-        live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
-        upstreams = {i: self._upstream(run_manager[i], config[i]) for i in live}
-        answers = self.chain.batch(
-            [values[i] for i in live], [upstreams[i][0] for i in live], return_exceptions=True
-        ) if live else []
-        ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
-        for i, a in zip(live, answers):
-            if isinstance(a, Exception):
-                outs[i] = a
-        fixed = self.stage.batch(
-            [self._stage_input(outs[i], a, upstreams[i][1]) for i, a in ready],
-            [self._downstream(run_manager[i], config[i]) for i, _ in ready],
-            return_exceptions=True,
-            **kwargs,
-        ) if ready else []
-        for (i, _), out in zip(ready, fixed):
-            outs[i] = out
+        outs: list[Any] = self._calls(values, run_manager, config)
+        live = [i for i, c in enumerate(outs) if isinstance(c, _Call)]
+        if live:
+            answers = self.chain.batch([values[i] for i in live], [outs[i].upstream for i in live],
+                                       return_exceptions=True)
+            ready = _failed_in_place(outs, live, answers)
+            fixed = self.stage.batch([outs[i].stage_input(self.stage, a) for i, a in ready],
+                                     [outs[i].downstream for i, _ in ready], return_exceptions=True, **kwargs)
+            for (i, _), out in zip(ready, fixed):
+                outs[i] = out
         return outs
 
     async def _abatch(
-        self,
-        values: list[Any],
-        run_manager: list[AsyncCallbackManagerForChainRun],
-        config: list[RunnableConfig],
+        self, values: list[Any], run_manager: list[AsyncCallbackManagerForChainRun], config: list[RunnableConfig],
         **kwargs: Any,
     ) -> list[Any]:
-        outs: list[Any] = self._questions(values)
-        live = [i for i, q in enumerate(outs) if isinstance(q, dict)]
-        upstreams = {i: self._upstream(run_manager[i], config[i]) for i in live}
-        answers = await self.chain.abatch(
-            [values[i] for i in live], [upstreams[i][0] for i in live], return_exceptions=True
-        ) if live else []
-        ready = [(i, a) for i, a in zip(live, answers) if not isinstance(a, Exception)]
-        for i, a in zip(live, answers):
-            if isinstance(a, Exception):
-                outs[i] = a
-        fixed = await self.stage.abatch(
-            [self._stage_input(outs[i], a, upstreams[i][1]) for i, a in ready],
-            [self._downstream(run_manager[i], config[i]) for i, _ in ready],
-            return_exceptions=True,
-            **kwargs,
-        ) if ready else []
-        for (i, _), out in zip(ready, fixed):
-            outs[i] = out
+        outs: list[Any] = self._calls(values, run_manager, config)
+        live = [i for i, c in enumerate(outs) if isinstance(c, _Call)]
+        if live:
+            answers = await self.chain.abatch([values[i] for i in live], [outs[i].upstream for i in live],
+                                              return_exceptions=True)
+            ready = _failed_in_place(outs, live, answers)
+            fixed = await self.stage.abatch([outs[i].stage_input(self.stage, a) for i, a in ready],
+                                            [outs[i].downstream for i, _ in ready], return_exceptions=True, **kwargs)
+            for (i, _), out in zip(ready, fixed):
+                outs[i] = out
         return outs
+
+
+def _failed_in_place(outs: list[Any], indices: list[int], results: list[Any]) -> list[tuple[int, Any]]:
+    """Put the failed ``results`` (exceptions) in their place in ``outs``; the others, with their input index."""
+    ready = []
+    for i, result in zip(indices, results):
+        if isinstance(result, Exception):
+            outs[i] = result
+        else:
+            ready.append((i, result))
+    return ready
 
 
 def with_aligner(
@@ -305,9 +283,8 @@ def with_aligner(
         timeout=timeout, max_retries=max_retries, inspector=inspector, threshold=threshold,
         correct_structured=correct_structured, include_original=include_original,
     )
-    stage._guarded = True  # the wrapped chain runs off user streams (AlignedChain._upstream)
+    stage._guarded = True  # the wrapped chain runs off user streams (AlignedChain._call)
     return AlignedChain(
         chain=chain, stage=stage, question_key=question_key, history_key=history_key, context_key=context_key,
         stream_uncorrected=stream_uncorrected,
     )
-

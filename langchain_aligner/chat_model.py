@@ -2,98 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, Literal
-from uuid import UUID
 
-from langchain_core.callbacks import (
-    AsyncCallbackManagerForLLMRun,
-    BaseCallbackHandler,
-    CallbackManager,
-    CallbackManagerForLLMRun,
-)
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableWithFallbacks
 from langchain_core.runnables.base import RunnableBindingBase
-from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.configurable import DynamicRunnable
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from aligner_core import Aligner
 from aligner_core.decision import Structure
 from aligner_core.inspector import Inspector
+from aligner_core.reporting import OnError, check_on_error
 
-from ._io import MissingQuestionError, split_question
-from ._quiet import UNCORRECTED_TAG, ainvoke_in, child_config, invoke_in
+from ._inputs import conversation_request
+from ._nesting import calling, inner_configs
+from ._quiet import ainvoke_in, invoke_in
 from ._structured import structured_output
-from .runnable import AlignerRunnable, OnError
-
-
-class _RunId(BaseCallbackHandler):
-    """Learns the id of the first chat-model run it sees: the streamed ``AlignedChatModel`` run."""
-
-    run_id: UUID | None = None
-
-    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if self.run_id is None:
-            self.run_id = run_id
-
-
-@dataclass
-class _Call:
-    """The caller's config of the current call (its ``configurable`` reaches the wrapped model), and the
-    run id capture: ``BaseChatModel`` calls ``_stream`` without its run manager."""
-
-    owner: Any
-    config: RunnableConfig
-    capture: _RunId | None = None
-
-    def manager(self) -> CallbackManager | None:
-        if self.capture is None or self.capture.run_id is None:
-            return None
-        callbacks = self.config.get("callbacks")
-        if isinstance(callbacks, list):
-            callbacks = [h for h in callbacks if h is not self.capture]
-        manager = CallbackManager.configure(
-            inheritable_callbacks=callbacks,
-            inheritable_tags=self.config.get("tags"),
-            inheritable_metadata=self.config.get("metadata"),
-        )
-        handlers = [h for h in manager.handlers if h is not self.capture]
-        return _child_manager(self.capture.run_id, handlers, manager.inheritable_tags, manager.inheritable_metadata)
-
-
-def _child_manager(run_id: UUID, handlers: list[Any], tags: list[str], metadata: dict[str, Any]) -> CallbackManager:
-    """A manager whose runs nest under ``run_id`` (what ``ParentRunManager.get_child`` does)."""
-    child = CallbackManager(handlers=[], parent_run_id=run_id)
-    child.set_handlers(handlers)
-    child.add_tags(tags)
-    child.add_metadata(metadata)
-    return child
-
-
-_CALL: ContextVar[_Call | None] = ContextVar("langchain_aligner_call", default=None)
-
-
-def _capturing(config: RunnableConfig | None) -> tuple[RunnableConfig, _RunId, RunnableConfig]:
-    """The caller's config, a run-id capture, and the config with the capture added to its callbacks."""
-    config = ensure_config(config)
-    capture = _RunId()
-    callbacks = config.get("callbacks")
-    if callbacks is None:
-        added: Any = [capture]
-    elif isinstance(callbacks, list):
-        added = [*callbacks, capture]
-    else:
-        added = callbacks.copy()
-        added.add_handler(capture, inherit=False)
-    return config, capture, {**config, "callbacks": added}
+from .runnable import AlignerRunnable
 
 
 def chat_model_of(runnable: Any) -> BaseChatModel | None:
@@ -110,6 +41,7 @@ def chat_model_of(runnable: Any) -> BaseChatModel | None:
         else:
             return None
     return None
+
 
 
 class AlignedChatModel(BaseChatModel):
@@ -151,7 +83,8 @@ class AlignedChatModel(BaseChatModel):
     timeout: float | None = Field(default=None, gt=0)
     """Seconds one correction may take (the HTTP timeout on a server built from ``base_url``)."""
     max_retries: int | None = Field(default=None, ge=0)
-    """Retries of a correction that failed transiently (timeouts, an unreachable engine)."""
+    """Retries of a correction that failed transiently (timeouts, an unreachable engine): LangChain's
+    ``with_retry`` around the correction, or the server engine's own retries with ``base_url``."""
     on_error: OnError = "raise"
     """``"passthrough"`` returns the wrapped model's answer when the corrector fails (error in metadata)."""
     max_tokens: int | None = None
@@ -179,6 +112,11 @@ class AlignedChatModel(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
 
+    @field_validator("on_error", mode="before")
+    @classmethod
+    def _check_on_error(cls, value: Any) -> OnError:
+        return check_on_error(value)
+
     @model_validator(mode="after")
     def _build_aligner(self) -> AlignedChatModel:
         """Load the Aligner named by ``model``/``base_url`` when none was passed."""
@@ -202,44 +140,33 @@ class AlignedChatModel(BaseChatModel):
         return self
 
     @property
-    def corrector(self) -> Aligner:
-        """The Aligner (always set after validation)."""
-        assert self.aligner is not None
-        return self.aligner
-
-    @property
     def _llm_type(self) -> str:
         return "aligned-chat-model"
 
     @property
     def upstream_name(self) -> str:
-        """The wrapped model's name, as it reports it to tracing."""
+        """The wrapped model's name, as it reports it to tracing (``ls_model_name``, else its type)."""
         inner = chat_model_of(self.llm)
         if inner is None:
             try:
                 return self.llm.get_name()
             except Exception:  # a configurable model builds its model (and name) only per call
                 return type(self.llm).__name__
+        # no public accessor gives the name a model reports to tracing (``asdict()`` is newer than langchain-core 1.0
+        # and holds the type, not the model): read the model's own protected hooks
         name = inner._get_ls_params().get("ls_model_name")
         return name if isinstance(name, str) and name else inner._llm_type
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "llm": self.upstream_name,
-            "aligner": self.corrector.name,
-            "on_error": self.on_error,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-        }
+        assert self.aligner is not None
+        return {"llm": self.upstream_name, "aligner": self.aligner.name, "on_error": self.on_error,
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         model = kwargs.get("model")
-        params = LangSmithParams(
-            ls_provider="aligner",
-            ls_model_name=model if isinstance(model, str) else self.upstream_name,
-            ls_model_type="chat",
-        )
+        params = LangSmithParams(ls_provider="aligner", ls_model_type="chat",
+                                 ls_model_name=model if isinstance(model, str) else self.upstream_name)
         if self.temperature is not None:
             params["ls_temperature"] = self.temperature
         if self.max_tokens is not None:
@@ -281,16 +208,16 @@ class AlignedChatModel(BaseChatModel):
         message's ``response_metadata["aligner"]`` (``include_raw=True`` shows it). With ``correct_structured``
         it is corrected and the correction kept only if it still parses and validates against ``schema``.
         """
-        return structured_output(self, schema, method=method, include_raw=include_raw, **kwargs)
+        return structured_output(self.llm, schema, method=method, include_raw=include_raw, stage=self._stage,
+                                 hide_upstream=not self.stream_uncorrected, **kwargs)
 
-    # -- the hooks -------------------------------------------------------------------------------
+    # -- the pieces of one call ------------------------------------------------------------------
 
     def _stops(self, stop: list[str] | None) -> list[str]:
         return [*(self.stop or []), *(stop or [])]
 
-    def _stage(
-        self, messages: list[BaseMessage], stop: list[str] | None, structure: Structure | None = None
-    ) -> AlignerRunnable:
+    def _stage(self, stop: list[str] | None = None, structure: Structure | None = None) -> AlignerRunnable:
+        """The correction stage of one call (the wrapped model runs off user streams: the stage is guarded)."""
         options: dict[str, Any] = {}
         if self.max_tokens is not None:
             options["max_new_tokens"] = self.max_tokens
@@ -300,171 +227,93 @@ class AlignedChatModel(BaseChatModel):
             options["stop"] = stops
         on_server = self.base_url is not None  # the server engine applies timeout and retries itself
         stage = AlignerRunnable(
-            aligner=self.corrector, on_error=self.on_error, generation_kwargs=options,
+            aligner=self.aligner, on_error=self.on_error, generation_kwargs=options,
             timeout=None if on_server else self.timeout, max_retries=0 if on_server else (self.max_retries or 0),
             inspector=self.inspector, threshold=self.threshold, structure=structure,
             correct_structured=self.correct_structured, include_original=self.include_original,
         )
-        stage._guarded = True  # the wrapped model runs off user streams (see _configs)
+        stage._guarded = True
         return stage
 
-    @staticmethod
-    def _pair(messages: list[BaseMessage], answer: Any) -> dict[str, Any]:
-        """The stage's input: the last human message is the question, the messages before it the history, the
-        tool calls and results after it the grounding context."""
-        try:
-            question, history, context = split_question(messages)
-        except MissingQuestionError:  # no human message: corrected against an empty question, no history
-            question, history, context = "", (), ()
-        return {"question": question, "answer": answer, "history": list(history), "context": list(context)}
+    def _named(self, message: AIMessage) -> AIMessage:
+        if "model_name" in message.response_metadata:
+            return message
+        return message.model_copy(update={"response_metadata": {"model_name": self.upstream_name,
+                                                                **message.response_metadata}})
+
+    def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        stops = self._stops(stop)
+        return {**({"stop": stops} if stops else {}), **kwargs}
+
+    # -- the Runnable entry points: each call's run id and config reach the hooks ----------------------
 
     def invoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         """``BaseChatModel.invoke``; the caller's ``configurable`` values reach the wrapped model."""
-        config, capture, captured = _capturing(config)
-        token = _CALL.set(_Call(self, config, capture))
-        try:
-            return super().invoke(input, captured, stop=stop, **kwargs)
-        finally:
-            _reset(token)
+        with calling(self, config) as config:
+            return super().invoke(input, config, stop=stop, **kwargs)
 
     async def ainvoke(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         """Async :meth:`invoke`."""
-        config, capture, captured = _capturing(config)
-        token = _CALL.set(_Call(self, config, capture))
-        try:
-            return await super().ainvoke(input, captured, stop=stop, **kwargs)
-        finally:
-            _reset(token)
+        with calling(self, config) as config:
+            return await super().ainvoke(input, config, stop=stop, **kwargs)
 
     def stream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
         """Stream the correction (``BaseChatModel.stream``, with the nested runs traced under this one)."""
-        config, capture, captured = _capturing(config)
-        token = _CALL.set(_Call(self, config, capture))
-        try:
-            yield from super().stream(input, captured, stop=stop, **kwargs)
-        finally:
-            _reset(token)
+        with calling(self, config) as config:
+            yield from super().stream(input, config, stop=stop, **kwargs)
 
     async def astream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         """Async :meth:`stream`."""
-        config, capture, captured = _capturing(config)
-        token = _CALL.set(_Call(self, config, capture))
-        try:
-            async for chunk in super().astream(input, captured, stop=stop, **kwargs):
+        with calling(self, config) as config:
+            async for chunk in super().astream(input, config, stop=stop, **kwargs):
                 yield chunk
-        finally:
-            _reset(token)
 
-    def _current(self) -> _Call | None:
-        call = _CALL.get()
-        return call if call is not None and call.owner is self else None
-
-    def _parent(
-        self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
-    ) -> CallbackManager | None:
-        """A manager whose runs nest under this chat model run (what ``ParentRunManager.get_child`` does).
-
-        ``BaseChatModel`` calls ``_stream`` without its run manager: it is rebuilt from the caller's
-        config and the run id learnt when the run started.
-        """
-        if run_manager is None:
-            call = self._current()
-            return call.manager() if call is not None else None
-        return _child_manager(
-            run_manager.run_id, run_manager.inheritable_handlers, run_manager.inheritable_tags,
-            run_manager.inheritable_metadata,
-        )
-
-    def _configs(
-        self, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
-    ) -> tuple[RunnableConfig, RunnableConfig]:
-        """Configs of the wrapped model's run and of the correction's, both nested under this chat model run.
-
-        Both are muted (no token events): the wrapped model's tokens are uncorrected, and the
-        correction's tokens go out as this run's own. ``stream_uncorrected`` unmutes the former.
-        """
-        call = self._current()
-
-        def child(quiet: bool, tag: str | None) -> RunnableConfig:
-            # no run to nest under: an empty manager, never the caller's handlers unmuted
-            manager = self._parent(run_manager) or CallbackManager(handlers=[])
-            return child_config(call.config if call is not None else {}, manager, quiet=quiet, tag=tag)
-
-        return child(not self.stream_uncorrected, UNCORRECTED_TAG), child(True, None)
-
-    def _named(self, message: AIMessage) -> AIMessage:
-        if "model_name" in message.response_metadata:
-            return message
-        return message.model_copy(update={"response_metadata": {"model_name": self.upstream_name, **message.response_metadata}})
-
-    def _chunk(self, chunk: AIMessageChunk) -> ChatGenerationChunk:
-        return ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)
-
-    def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        stops = self._stops(stop)
-        return {**({"stop": stops} if stops else {}), **kwargs}
+    # -- the hooks -------------------------------------------------------------------------------
 
     def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> ChatResult:
-        up, down = self._configs(run_manager)
+        up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
-        message = self._stage(messages, stop).invoke(self._pair(messages, answer), down)
+        message = self._stage(stop).invoke({**conversation_request(messages), "answer": answer}, down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> ChatResult:
-        up, down = self._configs(run_manager)
+        up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
-        message = await self._stage(messages, stop).ainvoke(self._pair(messages, answer), down)
+        message = await self._stage(stop).ainvoke({**conversation_request(messages), "answer": answer}, down)
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        up, down = self._configs(run_manager)
+        up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
-        for chunk in self._stage(messages, stop).stream(self._pair(messages, answer), down):
-            yield self._chunk(chunk)
+        for chunk in self._stage(stop).stream({**conversation_request(messages), "answer": answer}, down):
+            yield ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)
 
     async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
+        self, messages: list[BaseMessage], stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        up, down = self._configs(run_manager)
+        up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
-        async for chunk in self._stage(messages, stop).astream(self._pair(messages, answer), down):
-            yield self._chunk(chunk)
-
-
-def _reset(token: Any) -> None:
-    with contextlib.suppress(ValueError):  # a generator closed from another context: nothing to restore there
-        _CALL.reset(token)
+        async for chunk in self._stage(stop).astream({**conversation_request(messages), "answer": answer}, down):
+            yield ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)

@@ -21,8 +21,7 @@ from pydantic import ConfigDict, PrivateAttr
 
 from aligner_core import Aligner, GenerationOutput
 from aligner_core.local_chat import LocalChat
-
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+from aligner_core.reporting import role_of
 
 
 class ChatTransformers(BaseChatModel):
@@ -80,7 +79,7 @@ class ChatTransformers(BaseChatModel):
     def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[Any, Any]:
         if kwargs:
             raise TypeError(f"ChatTransformers takes no call options besides stop, got {sorted(kwargs)}")
-        conversation = [{"role": _ROLES.get(m.type, m.type), "content": m.text} for m in messages]
+        conversation = [{"role": role_of(m.type) or m.type, "content": m.text} for m in messages]
         chat = self._local()
         params = chat.options(
             max_new_tokens=self.max_tokens,

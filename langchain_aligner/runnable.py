@@ -1,21 +1,21 @@
-"""``AlignerRunnable``: an LCEL stage that corrects a chain's answer, and ``with_aligner`` to wrap a chain."""
+"""``AlignerRunnable``: an LCEL stage that corrects a chain's answer."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForChainRun,
-    AsyncCallbackManagerForLLMRun,
     CallbackManagerForChainRun,
-    CallbackManagerForLLMRun,
+    adispatch_custom_event,
+    dispatch_custom_event,
 )
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.runnables import RunnableConfig, RunnableSerializable
-from langchain_core.runnables.utils import ConfigurableFieldSpec
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import patch_config
+from langchain_core.runnables.retry import RunnableRetry
+from langchain_core.runnables.utils import ConfigurableFieldSpec, gather_with_concurrency
 from langchain_core.utils.pydantic import create_model_v2
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
@@ -24,32 +24,20 @@ from aligner_core import (
     Correction,
     CorrectionTimeoutError,
     EngineUnavailableError,
-    GenerationOptionError,
     UnsafeStreamError,
 )
 from aligner_core.decision import Structure
 from aligner_core.inspector import Inspector, as_inspector, check_threshold
+from aligner_core.reporting import OnError, check_on_error, raises
 
-from . import _trace
-from ._io import (
-    Job,
-    failure,
-    output,
-    passthrough,
-    resolve,
-    skipped,
-)
+from ._aligner_chat import RUN_NAME, AlignerChatModel, conversation, correction_of
+from ._inputs import Pair, resolve
+from ._outputs import output, passthrough
 from ._quiet import streams_to_users
 from ._streaming import EVENT, RUN_TYPE, StreamingStage
 
-OnError = Literal["raise", "passthrough"]
 #: Failures worth another try: nothing is wrong with the request itself.
 TRANSIENT = (CorrectionTimeoutError, EngineUnavailableError)
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to wait before retry ``attempt`` (1, 2, ...): 0.25, 0.5, 1, ... capped at 4."""
-    return min(0.25 * 2 ** (attempt - 1), 4.0)
 
 
 class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
@@ -90,7 +78,8 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     """Seconds one correction may take in ``invoke``/``ainvoke``/``abatch``; past it the request is cancelled
     (``CorrectionTimeoutError``). Streams and the planned ``batch`` pass are bounded by their tokens only."""
     max_retries: int = Field(default=0, ge=0)
-    """Retries of a correction that failed transiently (a timeout, an engine that cannot serve)."""
+    """Retries of a correction that failed transiently (a timeout, an engine that cannot serve), through
+    LangChain's ``with_retry`` (its exponential backoff with jitter)."""
     inspector: Inspector | Callable[[str, str], float] | None = None
     """Scores ``(question, answer)`` in [0, 1] (1: aligned) before correcting: an answer scoring at or above
     ``threshold`` comes back unchanged and costs no generation (``aligner_core.inspector.Inspector`` or a callable).
@@ -115,6 +104,11 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
     #: Set by ``with_aligner`` and ``AlignedChatModel``, which keep their upstream off user streams themselves.
     _guarded: bool = PrivateAttr(default=False)
+
+    @field_validator("on_error", mode="before")
+    @classmethod
+    def _check_on_error(cls, value: Any) -> OnError:
+        return check_on_error(value)
 
     @field_validator("inspector")
     @classmethod
@@ -157,47 +151,35 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         """The question and the history may come from ``config["configurable"]``."""
         return [
             ConfigurableFieldSpec(
-                id=self.question_key,
-                annotation=Union[str, None],  # noqa: UP007
-                name="Question",
-                description="The question the answer replies to, when the input does not hold it.",
-                default=None,
+                id=self.question_key, annotation=Union[str, None], name="Question",  # noqa: UP007
+                description="The question the answer replies to, when the input does not hold it.", default=None,
                 is_shared=True,
             ),
             ConfigurableFieldSpec(
-                id=self.history_key,
-                annotation=Union[list[Union[BaseMessage, dict[str, Any]]], None],  # noqa: UP007
-                name="History",
-                description="The conversation's messages before the question, when the input does not hold them.",
-                default=None,
-                is_shared=True,
+                id=self.history_key, annotation=Union[list[Union[BaseMessage, dict[str, Any]]], None],  # noqa: UP007
+                name="History", description="The conversation's messages before the question, when the input does "
+                "not hold them.", default=None, is_shared=True,
             ),
         ]
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- the pieces every call shares ------------------------------------------------------------
 
-    def _job(self, value: Any, config: RunnableConfig) -> Job:
+    def _pair(self, value: Any, config: RunnableConfig) -> Pair:
         return resolve(
-            value,
-            question_key=self.question_key,
-            answer_key=self.answer_key,
-            question=self.question,
-            configurable=config.get("configurable"),
-            history_key=self.history_key,
-            context_key=self.context_key,
-            structure=self.structure,
-            correct_structured=self.correct_structured,
+            value, question_key=self.question_key, answer_key=self.answer_key, question=self.question,
+            configurable=config.get("configurable"), history_key=self.history_key, context_key=self.context_key,
+            structure=self.structure, correct_structured=self.correct_structured,
         )
 
-    def _refuse_unsafe_streams(self, run_manager: Any) -> None:
+    def _refuse_unsafe_streams(self, callbacks: Any) -> None:
         """A stage inside a chain, under a stream a user sees, cannot hide what ran before it: refuse.
 
-        ``run_manager`` is this stage's run manager, or the callback manager of the config a sequence hands to
+        ``callbacks`` is this stage's run manager, or the callback manager of the config a sequence hands to
         ``transform`` (checked there, before the sequence pulls the first chunk of the step before this one).
         """
-        if self.stream_uncorrected or self._guarded or getattr(run_manager, "parent_run_id", None) is None:
+        if self.stream_uncorrected or self._guarded or getattr(callbacks, "parent_run_id", None) is None:
             return
-        if streams_to_users(run_manager.handlers):
+        if streams_to_users(callbacks.handlers):
             raise UnsafeStreamError(
                 "AlignerRunnable runs inside a chain streamed to users (astream_events, astream_log or a LangGraph "
                 "stream mode): a model before it in the chain streams its uncorrected tokens there before the "
@@ -207,65 +189,72 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
                 "streams uncorrected text."
             )
 
-    def _passed(self, job: Job) -> Correction:
-        """The Correction of an answer the core passes through."""
-        return skipped(job, {"template": self.aligner.template.name, "engine": self.aligner.engine.name})
+    def _corrector(self, pair: Pair | None = None) -> Runnable[Any, Any]:
+        """The internal ``Aligner`` chat model, behind LangChain's ``RunnableRetry`` when ``max_retries``. A
+        structured answer's correction never streams (it is kept or rejected whole): ``disable_streaming`` says so."""
+        gate = {k: v for k, v in (("inspector", self.inspector), ("threshold", self.threshold)) if v is not None}
+        model = AlignerChatModel(aligner=self.aligner, timeout=self.timeout, gate=gate,
+                                 disable_streaming=pair is not None and not pair.streams)
+        named = model.with_config(run_name=RUN_NAME)  # handlers get the run's name, not only tracers
+        if not self.max_retries:
+            return named
+        # what ``with_retry`` builds, but around the named model (``with_retry`` on a binding unwraps it, and the
+        # attempts would lose the name); LangChain names the retry's chain run after the model too
+        return RunnableRetry(bound=named, retry_exception_types=TRANSIENT, max_attempt_number=self.max_retries + 1)
 
-    def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**self.generation_kwargs, **kwargs}
 
-    @property
-    def _gate(self) -> dict[str, Any]:
-        """The inspector keywords for the core: only those set, so an Aligner's own inspector still applies."""
-        gate = {"inspector": self.inspector, "threshold": self.threshold}
-        return {k: v for k, v in gate.items() if v is not None}
+    def _passed(self, pair: Pair) -> Correction:
+        """The Correction of an answer the core passes through."""
+        return pair.decision.passthrough(pair.question, {"template": self.aligner.template.name,
+                                                         "engine": self.aligner.engine.name})
 
-    def _settle(self, job: Job, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]:
+    def _settle(self, pair: Pair, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]:
         """The output for a correction or an error (raised unless passing through), and its details."""
-        name = self.aligner.name
         if isinstance(result, BaseException):
-            if self.on_error == "raise" or isinstance(result, GenerationOptionError):
+            if raises(self.on_error, result):
                 raise result
-            return passthrough(job, result, name), failure(job, result, name)
-        return output(job, result, name, include_original=self.include_original)
+            return passthrough(pair, result, self.aligner.name)
+        return output(pair, result, self.aligner.name, include_original=self.include_original)
 
-    def _correct(self, job: Job, options: Mapping[str, Any]) -> Correction:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self.aligner.correct(
-                    job.question, job.text, history=job.turns, context=job.grounding, timeout=self.timeout,
-                    **self._gate, **options,
-                )
-            except TRANSIENT:
-                if attempt == self.max_retries:
-                    raise
-            time.sleep(backoff(attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+    @staticmethod
+    def _child(run_manager: CallbackManagerForChainRun | AsyncCallbackManagerForChainRun,
+               config: RunnableConfig) -> RunnableConfig:
+        return patch_config(config, callbacks=run_manager.get_child())
 
-    async def _acorrect(self, job: Job, options: Mapping[str, Any]) -> Correction:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await self.aligner.acorrect(
-                    job.question, job.text, history=job.turns, context=job.grounding, timeout=self.timeout,
-                    **self._gate, **options,
-                )
-            except TRANSIENT:
-                if attempt == self.max_retries:
-                    raise
-            await asyncio.sleep(backoff(attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _end(self, run: CallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None:
-        if isinstance(result, BaseException):
-            run.on_llm_error(result)
+    def _correct(self, pair: Pair, child: RunnableConfig, kwargs: dict[str, Any]) -> Any:
+        """The output of one answer, corrected through the ``Aligner`` run (which streams when a stream listens)
+        or passed through; its details go out as the ``aligner_correction`` event."""
+        result: Correction | BaseException
+        if pair.skip:
+            result = self._passed(pair)
         else:
-            run.on_llm_end(_trace.result(result, self.aligner, _trace.message_id(job, run)))
+            messages = conversation(pair)  # a malformed context item is a wiring mistake: it raises
+            try:
+                message = self._corrector(pair).invoke(messages, child, **self._options(kwargs))
+                result = correction_of(message, pair)
+            except Exception as exc:
+                result = exc
+        out, meta = self._settle(pair, result)
+        dispatch_custom_event(EVENT, meta, config=child)
+        return out
 
-    async def _aend(self, run: AsyncCallbackManagerForLLMRun, result: Correction | BaseException, job: Job) -> None:
-        if isinstance(result, BaseException):
-            await run.on_llm_error(result)
+    async def _acorrect(self, pair: Pair, child: RunnableConfig, kwargs: dict[str, Any]) -> Any:
+        """Async :meth:`_correct`."""
+        result: Correction | BaseException
+        if pair.skip:
+            result = self._passed(pair)
         else:
-            await run.on_llm_end(_trace.result(result, self.aligner, _trace.message_id(job, run)))
+            messages = conversation(pair)  # a malformed context item is a wiring mistake: it raises
+            try:
+                message = await self._corrector(pair).ainvoke(messages, child, **self._options(kwargs))
+                result = correction_of(message, pair)
+            except Exception as exc:
+                result = exc
+        out, meta = self._settle(pair, result)
+        await adispatch_custom_event(EVENT, meta, config=child)
+        return out
 
     # -- invoke and batch ----------------------------------------------------------------------
 
@@ -275,7 +264,7 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
 
     def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
         self._refuse_unsafe_streams(run_manager)
-        return self._whole_output(self._job(value, config), run_manager, kwargs)
+        return self._correct(self._pair(value, config), self._child(run_manager, config), kwargs)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         """Async ``invoke``: concurrent calls share the Aligner's batches."""
@@ -285,135 +274,87 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         self, value: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
     ) -> Any:
         self._refuse_unsafe_streams(run_manager)
-        return await self._awhole_output(self._job(value, config), run_manager, kwargs)
+        return await self._acorrect(self._pair(value, config), self._child(run_manager, config), kwargs)
 
     def batch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
+        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+        return_exceptions: bool = False, **kwargs: Any,
     ) -> list[Any]:
         """Correct many answers in planned ``correct_batch`` passes (input order kept); one run per input.
 
         ``config["max_concurrency"]`` bounds how many corrections one pass holds.
         """
-        return self._batch_with_config(
-            self._batch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE,
-            fail_fast=not return_exceptions, **kwargs,
-        )
+        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions,
+                                       run_type=RUN_TYPE, fail_fast=not return_exceptions, **kwargs)
 
     async def abatch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
+        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+        return_exceptions: bool = False, **kwargs: Any,
     ) -> list[Any]:
-        """Async ``batch``: concurrent ``acorrect`` calls sharing the engine's batches, at most
+        """Async ``batch``: concurrent corrections sharing the engine's batches, at most
         ``config["max_concurrency"]`` at a time."""
-        return await self._abatch_with_config(
-            self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE,
-            fail_fast=not return_exceptions, **kwargs,
-        )
+        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
+                                              run_type=RUN_TYPE, fail_fast=not return_exceptions, **kwargs)
 
-    def _jobs(self, values: list[Any], configs: list[RunnableConfig], fail_fast: bool) -> list[Job | Exception]:
-        jobs: list[Job | Exception] = []
+    def _pairs(self, values: list[Any], configs: list[RunnableConfig], fail_fast: bool) -> list[Pair | Exception]:
+        pairs: list[Pair | Exception] = []
         for value, config in zip(values, configs):
             try:
-                jobs.append(self._job(value, config))
+                pairs.append(self._pair(value, config))
             except Exception as exc:
                 if fail_fast:
                     raise
-                jobs.append(exc)
-        return jobs
+                pairs.append(exc)
+        return pairs
 
-    def _finish(
-        self, jobs: list[Job | Exception], live: list[int], results: list[Any]
-    ) -> tuple[list[Any], list[tuple[int, dict[str, Any]]]]:
-        """Outputs in input order (exceptions in place) and the details to report per input index; answers the
-        core passes through are settled here too."""
-        outs: list[Any] = [j if isinstance(j, Exception) else j.answer for j in jobs]
-        metas: list[tuple[int, dict[str, Any]]] = []
-        passed = [(i, self._passed(j)) for i, j in enumerate(jobs) if isinstance(j, Job) and j.skip]
-        for i, result in [*zip(live, results), *passed]:
-            job = jobs[i]
-            assert isinstance(job, Job)
-            try:
-                outs[i], meta = self._settle(job, result)
-            except Exception as exc:
-                outs[i] = exc
-            else:
-                metas.append((i, meta))
-        return outs, metas
-
-    @staticmethod
-    def _limit(configs: Sequence[RunnableConfig], n: int) -> int:
-        limit = configs[0].get("max_concurrency") if configs else None
-        return max(1, int(limit)) if limit else max(n, 1)
+    def _settled(self, pair: Pair | Exception, result: Any) -> tuple[Any, dict[str, Any] | None]:
+        """One batch item's output (its exception in place when it failed) and its details."""
+        if isinstance(pair, Exception):
+            return pair, None
+        try:
+            if pair.skip:
+                return self._settle(pair, self._passed(pair))
+            return self._settle(pair, result if isinstance(result, Exception) else correction_of(result, pair))
+        except Exception as exc:
+            return exc, None
 
     def _batch(
-        self,
-        values: list[Any],
-        run_manager: list[CallbackManagerForChainRun],
-        config: list[RunnableConfig],
-        *,
-        fail_fast: bool,
-        **kwargs: Any,
+        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig], *,
+        fail_fast: bool, **kwargs: Any,
     ) -> list[Any]:
         for manager in run_manager:
             self._refuse_unsafe_streams(manager)
-        jobs = self._jobs(values, config, fail_fast)
-        live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
-        options = self._options(kwargs)
-        runs = {i: _trace.start(run_manager[i].get_child(), self.aligner, jobs[i], options) for i in live}  # type: ignore[arg-type]
-        results: list[Any] = []
-        step = self._limit(config, len(live))
-        for k in range(0, len(live), step):
-            pairs = [jobs[i].pair() for i in live[k : k + step]]  # type: ignore[union-attr]
-            try:
-                results += self.aligner.correct_batch(pairs, return_exceptions=True, **self._gate, **options)
-            except Exception as exc:  # a bad option: every correction of this pass fails with it
-                results += [exc] * len(pairs)
-        for i, result in zip(live, results):
-            self._end(runs[i], result, jobs[i])  # type: ignore[arg-type]
-        outs, metas = self._finish(jobs, live, results)
-        for i, meta in metas:
-            run_manager[i].get_child().on_custom_event(EVENT, meta, run_id=run_manager[i].run_id)
+        pairs = self._pairs(values, config, fail_fast)
+        live = [i for i, p in enumerate(pairs) if isinstance(p, Pair) and not p.skip]
+        children = [self._child(m, c) for m, c in zip(run_manager, config)]
+        messages = [conversation(pairs[i]) for i in live]  # type: ignore[arg-type]
+        results = dict(zip(live, self._corrector().batch(
+            messages, [children[i] for i in live], return_exceptions=True, **self._options(kwargs)) if live else []))
+        outs = []
+        for i, pair in enumerate(pairs):
+            out, meta = self._settled(pair, results.get(i))
+            if meta is not None:
+                dispatch_custom_event(EVENT, meta, config=children[i])
+            outs.append(out)
         return outs
 
     async def _abatch(
-        self,
-        values: list[Any],
-        run_manager: list[AsyncCallbackManagerForChainRun],
-        config: list[RunnableConfig],
-        *,
-        fail_fast: bool,
-        **kwargs: Any,
+        self, values: list[Any], run_manager: list[AsyncCallbackManagerForChainRun], config: list[RunnableConfig], *,
+        fail_fast: bool, **kwargs: Any,
     ) -> list[Any]:
         for manager in run_manager:
             self._refuse_unsafe_streams(manager)
-        jobs = self._jobs(values, config, fail_fast)
-        live = [i for i, j in enumerate(jobs) if isinstance(j, Job) and not j.skip]
-        options = self._options(kwargs)
-        gate = asyncio.Semaphore(self._limit(config, len(live)))
+        pairs = self._pairs(values, config, fail_fast)
+        children = [self._child(m, c) for m, c in zip(run_manager, config)]
 
-        async def one(i: int) -> Correction | BaseException:
-            job = jobs[i]
-            assert isinstance(job, Job)
-            async with gate:
-                run = await _trace.astart(run_manager[i].get_child(), self.aligner, job, options)
-                try:
-                    result: Correction | BaseException = await self._acorrect(job, options)
-                except Exception as exc:
-                    result = exc
-                await self._aend(run, result, job)
-                return result
+        async def one(pair: Pair | Exception, child: RunnableConfig) -> Any:
+            """One item's output, or its exception in place."""
+            if isinstance(pair, Exception):
+                return pair
+            try:
+                return await self._acorrect(pair, child, kwargs)
+            except Exception as exc:
+                return exc
 
-        results = list(await asyncio.gather(*(one(i) for i in live)))
-        outs, metas = self._finish(jobs, live, results)
-        for i, meta in metas:
-            await run_manager[i].get_child().on_custom_event(EVENT, meta, run_id=run_manager[i].run_id)
-        return outs
+        limit = config[0].get("max_concurrency") if config else None
+        return list(await gather_with_concurrency(limit, *(one(p, c) for p, c in zip(pairs, children))))

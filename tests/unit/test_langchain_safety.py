@@ -128,6 +128,25 @@ def test_with_aligner_token_callback_and_sync_stream(aligner):
     assert {name for name, _ in counter.tokens} == {"Aligner"} and "RAWTOKEN" not in "".join(t for _, t in counter.tokens)
 
 
+class StreamingFake(GenericFakeChatModel):
+    """An upstream built with ``streaming=True`` streams its tokens to callbacks even inside ``invoke``."""
+
+    streaming: bool = False
+
+
+@pytest.mark.parametrize("wrap", ["chat_model", "with_aligner"])
+def test_an_upstream_that_always_streams_reaches_no_token_callback(aligner, wrap):
+    """No stream surface listens here, so only muting keeps the upstream's own tokens from a token handler."""
+    for opted_in in (False, True):
+        counter, upstream = TokenCounter(), StreamingFake(messages=iter([AIMessage(RAW)]), streaming=True)
+        if wrap == "chat_model":
+            aligned: Any = AlignedChatModel(llm=upstream, aligner=aligner, stream_uncorrected=opted_in)
+        else:
+            aligned = with_aligner(upstream, aligner=aligner, stream_uncorrected=opted_in)
+        aligned.invoke(QUESTION, config={"callbacks": [counter]})
+        assert ("RAWTOKEN" in "".join(t for _, t in counter.tokens)) is opted_in
+
+
 def test_stream_uncorrected_is_an_explicit_opt_in(aligner):
     chat = AlignedChatModel(llm=fake(), aligner=aligner, stream_uncorrected=True)
     events = asyncio.run(stream_events(chat, QUESTION))
@@ -180,6 +199,20 @@ def test_max_retries_retries_transient_failures_only(aligner, monkeypatch):
     with pytest.raises(EngineUnavailableError):
         AlignedChatModel(llm=fake(), aligner=aligner).invoke(QUESTION)  # max_retries unset: no retry
     assert len(calls) == 1
+
+
+def test_max_retries_retries_the_failed_items_of_a_batch(aligner, monkeypatch):
+    original, sizes = aligner.correct_batch, []
+
+    def flaky(pairs: Any, **kwargs: Any) -> Any:
+        sizes.append(len(pairs))
+        out = original(pairs, **kwargs)
+        return [EngineUnavailableError("engine restarting"), *out[1:]] if len(sizes) == 1 else out
+
+    monkeypatch.setattr(aligner, "correct_batch", flaky)
+    answers = [RAW, "Spiders have eight legs."]
+    out = AlignerRunnable(aligner=aligner, question=QUESTION, max_retries=1).batch(answers)
+    assert out == [aligner.correct(QUESTION, a).text for a in answers] and sizes == [2, 1]
 
 
 def test_model_names_the_aligner_when_none_is_passed(tiny_model_dir):
