@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .chat_engine import AlignedChatEngine, AlignedStreamingChatResponse
     from .events import AlignerEndEvent, AlignerStartEvent
     from .llm import AlignedLLM
-    from .local import MINILM, SentenceTransformerEmbedding, SharedModel, huggingface_llm, minilm_path
+    from .local import SentenceTransformerEmbedding, huggingface_llm
     from .postprocessor import ORIGINAL_TEXT_KEY, AlignerNodePostprocessor
     from .query_engine import AlignedQueryEngine
 
@@ -27,14 +27,10 @@ _EXPORTS = {
     "AlignerStartEvent": "events",
     "AlignerEndEvent": "events",
     "huggingface_llm": "local",
-    "SharedModel": "local",
     "SentenceTransformerEmbedding": "local",
-    "MINILM": "local",
-    "minilm_path": "local",
 }
 
 __all__ = [
-    "MINILM",
     "ORIGINAL_TEXT_KEY",
     "AlignedChatEngine",
     "AlignedLLM",
@@ -44,9 +40,7 @@ __all__ = [
     "AlignerNodePostprocessor",
     "AlignerStartEvent",
     "SentenceTransformerEmbedding",
-    "SharedModel",
     "huggingface_llm",
-    "minilm_path",
 ]
 
 

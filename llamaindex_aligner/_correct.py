@@ -1,57 +1,57 @@
-"""One final answer corrected for an adapter: events, the error policy, and the details dict it returns.
+"""The correction kernel every LlamaIndex adapter corrects through: one answer (whole or streamed) for the engines
+and AlignedLLM, a batch of retrieved nodes for the postprocessor.
 
-AlignedQueryEngine, AlignedChatEngine and AlignedLLM all correct one answer per call the same way, as the
-core's :func:`~aligner_core.decision.decide` says (correct, or pass through with ``skipped``); this keeps the
-bookkeeping (``AlignerStartEvent``/``AlignerEndEvent``, LLM events, ``on_error``, the ``metadata["aligner"]``
-dict) in one place.
+It keeps the bookkeeping in one place: the core's decision (correct, or pass through with ``skipped``), an
+``AlignerStartEvent``/``AlignerEndEvent`` around each pass, each generation as a LlamaIndex LLM call (through
+:class:`~llamaindex_aligner._aligner_llm.AlignerLLM`, so LlamaIndex reports it), ``on_error``, and the details dict
+(``aligner_core.reporting``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from aligner_core import Aligner, Correction, GenerationOptionError
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.instrumentation import get_dispatcher
+
+from aligner_core import Aligner, Correction
 from aligner_core.decision import Decision
 from aligner_core.inspector import Inspector, ScoreFn, as_inspector, check_threshold
+from aligner_core.items import Item, unpack
+from aligner_core.reporting import OnError, check_on_error, describe, details, failure_details, raises
 
-from ._common import OnError, check_options, describe, verdict
+from ._aligner_llm import AlignerLLM, Request, Slot, acompletions, call, completions, correction_of
 from ._streams import Relay
 from .events import AlignerEndEvent, AlignerStartEvent
-from .llm_events import LLMCall, dispatcher, start_call
 
+dispatcher = get_dispatcher(__name__)
 logger = logging.getLogger("llamaindex_aligner")
 
 Turns = list[dict[str, str]] | None
-Items = list[dict[str, str]] | None
-#: The core's reason an answer passed through, repeated at the top of the details.
-SKIP_KEYS = ("skipped", "skipped_detail")
+Grounding = Sequence[Any] | None
+Result = Correction | BaseException
 
 
-def streams(decision: Decision) -> bool:
-    """Whether a correction can be streamed as it is generated: prose to correct. Structured output (opt-in) is
-    validated before anything is sent, so it is corrected whole; a passed-through answer is sent as it is."""
-    return decision.corrects and decision.structure is None
+def check_options(aligner: Aligner, options: Mapping[str, Any]) -> None:
+    """Fail now, not mid-query, on a misspelled or invalid generation option (``on_overflow`` is per call too)."""
+    overflow = options.get("on_overflow", "error")
+    if overflow not in ("error", "truncate"):
+        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {overflow!r}")
+    aligner.defaults.updated({k: v for k, v in options.items() if k != "on_overflow"})
 
 
-class Pass:
-    """One correction under way: when it started and its open LLM event (if reported)."""
-
-    def __init__(self, start: float, call: LLMCall | None) -> None:
-        self.start, self.call = start, call
-
-
-class AnswerCorrector:
+class Corrector:
     """Corrects answers for one adapter (``component``) under its ``on_error`` policy.
 
-    ``callback_manager`` is read at each call (a callable returning it), so an adapter whose manager
-    is replaced later reports to the new one. ``report_llm=False`` leaves LLM events to the caller
-    (AlignedLLM reports itself as the LLM call). With an ``inspector`` (or an Aligner built with one),
-    the core scores each answer first and returns one scoring at or above ``threshold`` unchanged; the
-    verdict is in the details (``inspector_score``, ``inspector_threshold``, ``inspector_passed``) and
-    the events. ``threshold=None`` is the Aligner's own.
+    ``callback_manager`` returns the adapter's manager at each call (one set later is used): each generation is
+    reported to it, and to instrumentation, as a call of the Aligner LLM. Without it no LLM call is reported
+    (AlignedLLM's own call is the LLM call). ``inspector``/``threshold``, when set, replace the Aligner's own: an
+    answer scoring at or above the threshold comes back unchanged, its verdict in the details and the events.
     """
 
     def __init__(
@@ -61,158 +61,222 @@ class AnswerCorrector:
         component: str,
         on_error: OnError = "raise",
         generation_kwargs: Mapping[str, Any] | None = None,
-        callback_manager: Callable[[], Any] = lambda: None,
-        report_llm: bool = True,
         inspector: Inspector | ScoreFn | None = None,
         threshold: float | None = None,
         include_original: bool = False,
+        callback_manager: Callable[[], CallbackManager | None] | None = None,
     ) -> None:
         if not isinstance(aligner, Aligner):
             raise TypeError(f"aligner must be an aligner_core.Aligner, got {type(aligner).__name__}")
-        if on_error not in ("raise", "passthrough"):
-            raise ValueError(f"on_error must be 'raise' or 'passthrough', got {on_error!r}")
+        self.on_error: OnError = check_on_error(on_error)
         self.generation_kwargs = dict(generation_kwargs or {})
         check_options(aligner, self.generation_kwargs)
-        self.aligner, self.component, self.on_error = aligner, component, on_error
-        self.include_original = include_original
-        self.inspector = None if inspector is None else as_inspector(inspector)
-        self.threshold = None if threshold is None else check_threshold(threshold)
-        self._callback_manager, self.report_llm = callback_manager, report_llm
+        gate = {"inspector": None if inspector is None else as_inspector(inspector),
+                "threshold": None if threshold is None else check_threshold(threshold)}
+        self.gate = {k: v for k, v in gate.items() if v is not None}
+        self.aligner, self.component, self.include_original = aligner, component, include_original
+        self.llm = None if callback_manager is None else AlignerLLM(aligner, component=component, gate=self.gate)
+        self._callback_manager = callback_manager
 
-    @property
-    def options(self) -> dict[str, Any]:
-        """Keywords for the core: the generation options, and the inspector settings that are set (so an
-        Aligner's own inspector still applies)."""
-        gate = {"inspector": self.inspector, "threshold": self.threshold}
-        return {**self.generation_kwargs, **{k: v for k, v in gate.items() if v is not None}}
+    # -- one answer --------------------------------------------------------------------------
 
-    # -- whole answers -----------------------------------------------------------------------
-
-    def correct(
-        self, question: str, decision: Decision, history: Turns = None, context: Items = None
-    ) -> dict[str, Any]:
-        """Correct the answer ``decision`` says to correct (kept only if it validates, for structured output),
-        or describe why it passes through."""
+    def correct(self, question: str, decision: Decision, history: Turns = None, context: Grounding = None) -> dict[str, Any]:
+        """The details of the answer ``decision`` says to correct (structured output kept only if it validates),
+        or of why it passes through."""
         if not decision.corrects:
             return self.passed(question, decision)
-        p = self.begin(question, decision.text, history, context)
+        item, started = self._begin(question, decision, history, context)
         try:
-            correction = self.aligner.correct(
-                question, decision.text, history=history or None, context=context or None, **self.options
-            )
+            llm = self._reporter()
+            correction = (correction_of(llm.complete(Request(self.aligner, item), **self.generation_kwargs)) if llm
+                          else call(self.aligner.correct, item, self._options))
         except Exception as exc:
-            return self.error(p, decision.text, exc)
-        return self.done(p, decision.settle(correction))
+            return self._failed(started, item.answer, exc)
+        return self._done(started, decision.settle(correction))
 
     async def acorrect(
-        self, question: str, decision: Decision, history: Turns = None, context: Items = None
+        self, question: str, decision: Decision, history: Turns = None, context: Grounding = None
     ) -> dict[str, Any]:
         if not decision.corrects:
             return self.passed(question, decision)
-        p = self.begin(question, decision.text, history, context)
+        item, started = self._begin(question, decision, history, context)
         try:
-            correction = await self.aligner.acorrect(
-                question, decision.text, history=history or None, context=context or None, **self.options
-            )
+            llm = self._reporter()
+            correction = (correction_of(await llm.acomplete(Request(self.aligner, item), **self.generation_kwargs))
+                          if llm else await call(self.aligner.acorrect, item, self._options))
         except Exception as exc:
-            return self.error(p, decision.text, exc)
-        return self.done(p, decision.settle(correction))
+            return self._failed(started, item.answer, exc)
+        return self._done(started, decision.settle(correction))
 
     def open(
-        self, question: str, decision: Decision, history: Turns = None, context: Items = None, *,
-        asynchronous: bool = False,
+        self, question: str, decision: Decision, history: Turns = None, context: Grounding = None
     ) -> tuple[dict[str, Any], Relay | None]:
-        """Start streaming a correction now (so errors surface at the call), or say why there is none.
-
-        The returned dict is filled in place when the stream ends (``"pending": True`` until then). Call it only
-        for a decision that :func:`streams`; the others are corrected whole (:meth:`correct`).
-        """
-        if not decision.corrects:
-            return self.passed(question, decision), None
-        answer = decision.text
-        info = {**self.base(answer), "text": None, "pending": True}
-        p = self.begin(question, answer, history, context)
-        open_stream = self.aligner.astream if asynchronous else self.aligner.stream
+        """Start streaming a correction now (so errors surface at the call), its details filled in place when the
+        stream ends (``"pending": True`` until then). Only prose streams: structured output (opt-in) is validated
+        before anything is sent, so it is corrected whole, and an answer that passes is sent as it is (no relay)."""
+        if not _streams(decision):
+            return self.correct(question, decision, history, context), None
+        item, started = self._begin(question, decision, history, context)
         try:
-            stream = open_stream(question, answer, history=history or None, context=context or None, **self.options)
+            llm = self._reporter()
+            responses = (llm.stream_complete(Request(self.aligner, item), **self.generation_kwargs) if llm
+                         else completions(call(self.aligner.stream, item, self._options)))
         except Exception as exc:
-            return self.error(p, answer, exc), None
-        return info, Relay(
-            stream,
-            answer,
-            info,
-            done=lambda correction: self.done(p, decision.settle(correction)),
-            fail=lambda exc, partial: self.error(p, answer, exc, partial=partial),
-        )
+            return self._failed(started, item.answer, exc), None
+        return self._relay(responses, decision, item.answer, started)
+
+    async def aopen(
+        self, question: str, decision: Decision, history: Turns = None, context: Grounding = None
+    ) -> tuple[dict[str, Any], Relay | None]:
+        if not _streams(decision):
+            return await self.acorrect(question, decision, history, context), None
+        item, started = self._begin(question, decision, history, context)
+        try:
+            llm = self._reporter()
+            responses = (await llm.astream_complete(Request(self.aligner, item), **self.generation_kwargs) if llm
+                         else acompletions(call(self.aligner.astream, item, self._options)))
+        except Exception as exc:
+            return self._failed(started, item.answer, exc), None
+        return self._relay(responses, decision, item.answer, started)
 
     def passed(self, question: str, decision: Decision) -> dict[str, Any]:
         """The details of an answer passed through unchanged, with the core's reason (``skipped``)."""
         return self._details(decision.passthrough(question))
 
+    # -- a batch -----------------------------------------------------------------------------
+
+    def correct_batch(self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int) -> list[Result]:
+        """Correct the core's dict pairs in one batched call (``num_items``: what the adapter received, for the
+        events). Under ``on_error="passthrough"`` a pair the Aligner fails on (every pair, if the whole batch fails)
+        comes back as its exception; otherwise the first failure raises."""
+        started, slots, calls = self._begin_batch(question, pairs, num_items)
+        try:
+            results = self.aligner.correct_batch(pairs, return_exceptions=self._tolerant, **self._options) if pairs else []
+        except Exception as exc:
+            return self._end_batch(started, num_items, slots, calls, [exc] * len(pairs), exc)
+        return self._end_batch(started, num_items, slots, calls, results)
+
+    async def acorrect_batch(self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int) -> list[Result]:
+        started, slots, calls = self._begin_batch(question, pairs, num_items)
+        try:
+            results = (await self.aligner.acorrect_batch(pairs, return_exceptions=self._tolerant, **self._options)
+                       if pairs else [])
+        except Exception as exc:
+            return self._end_batch(started, num_items, slots, calls, [exc] * len(pairs), exc)
+        return self._end_batch(started, num_items, slots, calls, results)
+
     # -- steps -------------------------------------------------------------------------------
 
-    def begin(self, question: str, answer: str, history: Turns = None, context: Items = None) -> Pass:
-        dispatcher.event(AlignerStartEvent(component=self.component, query=question, num_items=1, num_selected=1))
-        call = None
-        if self.report_llm:
-            call = start_call(self.aligner, self._callback_manager(), question, answer, component=self.component,
-                              options=self.generation_kwargs, history=history, context=context)
-        return Pass(time.perf_counter(), call)
+    @property
+    def _options(self) -> dict[str, Any]:
+        return {**self.generation_kwargs, **self.gate}
 
-    def base(self, answer: str | None) -> dict[str, Any]:
-        return {"model": self.aligner.name, "original": answer, "text": answer, "changed": False, "error": None}
+    @property
+    def _tolerant(self) -> bool:
+        return self.on_error == "passthrough"
 
-    def done(self, p: Pass, correction: Correction) -> dict[str, Any]:
+    def _reporter(self) -> AlignerLLM | None:
+        """The Aligner LLM, reporting to the adapter's callback manager now; None when calls are not reported."""
+        if self.llm is None or self._callback_manager is None:
+            return None
+        manager = self._callback_manager()
+        self.llm.callback_manager = manager if isinstance(manager, CallbackManager) else CallbackManager([])
+        return self.llm
+
+    def _start(self, question: str, num_items: int, num_selected: int) -> float:
+        dispatcher.event(AlignerStartEvent(component=self.component, query=question, num_items=num_items,
+                                           num_selected=num_selected))
+        return time.perf_counter()
+
+    def _begin(self, question: str, decision: Decision, history: Turns, context: Grounding) -> tuple[Item, float]:
+        return Item(question, decision.text, history or None, context or None), self._start(question, 1, 1)
+
+    def _begin_batch(
+        self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int
+    ) -> tuple[float, list[Slot], list[Iterator[Any]]]:
+        """Open one LLM call per pair before the batch runs; each ends once its slot is filled (:meth:`_end_batch`)."""
+        started = self._start(question, num_items, len(pairs))
+        llm = self._reporter()
+        slots = [Slot() for _ in pairs]
+        calls = [llm.stream_complete(Request(self.aligner, unpack(pair, i), slot), **self.generation_kwargs)
+                 for i, (pair, slot) in enumerate(zip(pairs, slots))] if llm else []
+        return started, slots, calls
+
+    def _end_batch(
+        self, started: float, num_items: int, slots: Sequence[Slot], calls: Sequence[Iterator[Any]],
+        results: Sequence[Result], failure: Exception | None = None,
+    ) -> list[Result]:
+        for slot, result in zip(slots, results):
+            slot.fill(result)
+        for responses in calls:  # LlamaIndex ends each pair's call: with its correction, or with its error
+            with contextlib.suppress(Exception):
+                deque(responses, maxlen=0)
+        self._end(started, num_items, results)
+        if failure is not None and raises(self.on_error, failure):
+            raise failure
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            logger.warning("%d of %d answers passed through uncorrected: %s", len(errors), len(results),
+                           describe(errors[0]))
+        return list(results)
+
+    def _relay(
+        self, responses: Any, decision: Decision, answer: str, started: float
+    ) -> tuple[dict[str, Any], Relay]:
+        info: dict[str, Any] = {"model": self.aligner.name, "text": None, "pending": True}
+        return info, Relay(
+            responses, answer, info,
+            done=lambda correction: self._done(started, decision.settle(correction)),
+            fail=lambda exc, partial: self._failed(started, answer, exc, partial=partial),
+        )
+
+    def _details(self, correction: Correction) -> dict[str, Any]:
+        model = self.aligner.name
+        return {**details(correction, model=model, include_original=self.include_original, keep_text=True), "error": None}
+
+    def _done(self, started: float, correction: Correction) -> dict[str, Any]:
         """The details of a finished correction; an empty correction is never better, so the original stays."""
-        self._end(p, correction, None)
+        self._end(started, 1, [correction])
         info = self._details(correction)
         if not correction.text.strip():
             info.update(text=correction.original, changed=False, similarity=1.0, empty_correction=True)
         return info
 
-    def _details(self, correction: Correction) -> dict[str, Any]:
-        """A Correction as the details dict; a reason it passed through (``skipped``) is repeated at the top. The
-        answer the correction replaced (``original``) is left out unless ``include_original``: the details travel
-        with the response (agent event streams carry them), and the uncorrected text must not."""
-        data = correction.to_dict()
-        del data["question"]
-        if correction.changed and not self.include_original:
-            del data["original"]
-        reason = {k: correction.metadata[k] for k in SKIP_KEYS if k in correction.metadata}
-        return {"model": self.aligner.name, **data, **verdict(correction), **reason, "error": None}
-
-    def error(self, p: Pass, answer: str, exc: Exception, *, partial: bool = False) -> dict[str, Any]:
-        """Raise ``exc`` (on_error='raise', or a misspelled option) or describe the passthrough."""
-        self._end(p, None, exc)
-        if self.on_error == "raise" or isinstance(exc, GenerationOptionError):
+    def _failed(self, started: float, answer: str, exc: Exception, *, partial: bool = False) -> dict[str, Any]:
+        """Raise ``exc`` (``on_error="raise"``, or a misspelled option) or describe the passthrough."""
+        self._end(started, 1, [exc])
+        if raises(self.on_error, exc):
             raise exc
         logger.warning("the Aligner failed, passing the answer through: %s", describe(exc))
-        info = {**self.base(answer), "error": describe(exc), "error_type": type(exc).__name__}
+        info = {**failure_details(answer, exc, model=self.aligner.name), "text": answer}
         if partial:
             info["partial"] = True  # the stream failed after some of the correction was sent
         return info
 
-    def _end(self, p: Pass, correction: Correction | None, error: BaseException | None) -> None:
-        if p.call is not None:
-            if correction is not None:
-                p.call.done(correction)
-            else:
-                p.call.failed(error or RuntimeError("no correction"))
-        used = correction is not None and bool(correction.text.strip())
-        seen = verdict(correction) if correction is not None else {}
+    def _end(self, started: float, num_items: int, results: Sequence[Result]) -> None:
+        """Report the pass. ``num_corrected`` counts items whose text a correction replaced: an answer the
+        inspector passed is served as it was and is not counted, for one answer as for a batch of nodes."""
+        corrections = [r for r in results if isinstance(r, Correction)]
+        errors = [r for r in results if not isinstance(r, Correction)]
+        scores = [c.metadata["inspector_score"] for c in corrections if "inspector_score" in c.metadata]
+        passed = sum(1 for c in corrections if c.metadata.get("inspector_passed"))
         dispatcher.event(
             AlignerEndEvent(
                 component=self.component,
-                num_items=1,
-                num_corrected=int(used),
-                num_changed=int(used and correction is not None and correction.changed),
-                num_errors=int(error is not None),
-                prompt_tokens=correction.prompt_tokens if correction else 0,
-                completion_tokens=correction.completion_tokens if correction else 0,
-                latency_s=time.perf_counter() - p.start,
-                error=describe(error) if error is not None else None,
-                num_inspected=int(bool(seen)),
-                num_inspector_passed=int(bool(seen.get("inspector_passed"))),
-                inspector_scores=[seen["inspector_score"]] if seen else [],
+                num_items=num_items,
+                num_corrected=sum(1 for c in corrections if c.text.strip() and not c.metadata.get("inspector_passed")),
+                num_changed=sum(1 for c in corrections if c.changed and c.text.strip()),
+                num_errors=len(errors),
+                prompt_tokens=sum(c.prompt_tokens for c in corrections),
+                completion_tokens=sum(c.completion_tokens for c in corrections),
+                latency_s=time.perf_counter() - started,
+                error=describe(errors[0]) if errors else None,
+                num_inspected=len(scores),
+                num_inspector_passed=passed,
+                inspector_scores=scores,
             )
         )
+
+
+def _streams(decision: Decision) -> bool:
+    return decision.corrects and decision.structure is None

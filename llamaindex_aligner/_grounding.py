@@ -17,8 +17,10 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
+from aligner_core.context import ContextItem
+from aligner_core.reporting import role_of
+
 from . import _react
-from ._common import context_item, history_turns
 
 #: LlamaIndex content block types as the core's content part types (others are unreadable: an error).
 BLOCK_PARTS = {
@@ -38,7 +40,18 @@ class Turn:
 
     question: str
     history: list[dict[str, str]] = field(default_factory=list)
-    context: list[dict[str, str]] = field(default_factory=list)
+    context: list[ContextItem] = field(default_factory=list)
+
+
+def history_turns(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the core's ``history`` turns (text blocks joined); tool and function results, and messages
+    without text (an assistant turn that only calls tools), are not history."""
+    turns = []
+    for message in messages:
+        role, text = role_of(message.role), message.content or ""
+        if role is not None and text.strip():
+            turns.append({"role": role, "content": text})
+    return turns
 
 
 def read_chat(
@@ -74,25 +87,25 @@ def _asks(message: ChatMessage, react: bool) -> bool:
 
 def tool_context(
     messages: Sequence[ChatMessage], tool_calls: Callable[[ChatMessage], list[tuple[str | None, str, Any]]] | None
-) -> list[dict[str, str]]:
+) -> list[ContextItem]:
     """Tool calls (assistant turns) and their results (``tool`` turns) as context items, results named after
     the call they answer."""
-    items: list[dict[str, str]] = []
+    items: list[ContextItem] = []
     names: dict[str, str] = {}
     for message in messages:
         if message.role in TOOL_ROLES:
             call_id = message.additional_kwargs.get("tool_call_id")
             name = message.additional_kwargs.get("name") or names.get(str(call_id))
-            items.append(context_item("tool_result", message.content or "", name))
+            items.append(ContextItem("tool_result", message.content or "", name))
         elif message.role == MessageRole.ASSISTANT:
             for call_id, name, arguments in (tool_calls(message) if tool_calls else []):
                 names[str(call_id)] = name
                 content = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, default=str)
-                items.append(context_item("tool_call", content, name))
+                items.append(ContextItem("tool_call", content, name))
     return items
 
 
-def react_context(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+def react_context(messages: Sequence[ChatMessage]) -> list[ContextItem]:
     """A ReAct agent's reasoning so far: its actions as tool calls, the observations as their results."""
     items, action = [], None
     for message in messages:
@@ -121,19 +134,19 @@ def tool_calls_in(message: ChatMessage, llm: Any = None) -> list[tuple[str | Non
     return []
 
 
-def node_documents(nodes: Sequence[NodeWithScore]) -> list[dict[str, str]]:
+def node_documents(nodes: Sequence[NodeWithScore]) -> list[ContextItem]:
     """Retrieved nodes as document items (named by their file name or title when they have one)."""
     items = []
     for item in nodes:
         text = item.node.get_content(metadata_mode=MetadataMode.NONE) or ""
         if text.strip():
             name = next((str(item.node.metadata[k]) for k in NAME_KEYS if item.node.metadata.get(k)), None)
-            items.append(context_item("document", text, name))
+            items.append(ContextItem("document", text, name))
     return items
 
 
-def document(text: str) -> dict[str, str]:
-    return {"type": "document", "content": text}
+def document(text: str) -> ContextItem:
+    return ContextItem("document", text)
 
 
 def without(turns: list[dict[str, str]], documents: Sequence[str]) -> list[dict[str, str]]:

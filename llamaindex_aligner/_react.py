@@ -16,7 +16,7 @@ from typing import Any
 from llama_index.core.agent.react.output_parser import ReActOutputParser
 from llama_index.core.agent.react.types import ActionReasoningStep, ResponseReasoningStep
 
-from ._common import context_item
+from aligner_core.context import ContextItem
 
 OBSERVATION = "Observation:"
 _ANSWER = re.compile(r"Answer:[ \t]*", re.MULTILINE)
@@ -44,12 +44,12 @@ def read_step(text: str) -> ReActStep:
     return ReActStep(text[: match.end()], text[match.end():])
 
 
-def reasoning_context(role: str, text: str, last_action: str | None) -> tuple[dict[str, str] | None, str | None]:
+def reasoning_context(role: str, text: str, last_action: str | None) -> tuple[ContextItem | None, str | None]:
     """A reasoning message as a context item (an action as a tool call, an observation as its result), and the
     action's name (kept so the next observation can be named)."""
     if text.startswith(OBSERVATION):
         result = text[len(OBSERVATION):].strip()
-        return context_item("tool_result", result, last_action), last_action
+        return ContextItem("tool_result", result, last_action), last_action
     if role != "assistant":
         return None, last_action
     try:
@@ -57,7 +57,7 @@ def reasoning_context(role: str, text: str, last_action: str | None) -> tuple[di
     except (ValueError, TypeError):
         return None, last_action
     if isinstance(step, ActionReasoningStep):
-        return context_item("tool_call", json.dumps(step.action_input, ensure_ascii=False, default=str), step.action), step.action
+        return ContextItem("tool_call", json.dumps(step.action_input, ensure_ascii=False, default=str), step.action), step.action
     return None, last_action
 
 

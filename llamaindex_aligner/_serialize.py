@@ -1,9 +1,11 @@
-"""Rebuild a wrapped LlamaIndex LLM from its ``to_dict()``, the way LlamaIndex itself does: by its ``class_name``.
+"""What a serialized adapter records of the live objects it holds, and how ``from_dict`` gets them back.
 
-``llama_index.core.llms.loading.load_llm`` knows a few LLMs by name (MockLLM, OpenAI, ...); any other LLM class
-that is imported is found by the same key, its ``class_name()``, and rebuilt with its own ``from_dict``. A name
-no imported class (or more than one) answers to, or an LLM that cannot rebuild itself from settings (a local
-model object), raises a ``ValueError`` that says to pass the LLM back.
+An Aligner is a loaded model, not a setting: it is recorded by name (model, template, engine) and reloaded with
+``Aligner.from_pretrained`` when that can work. A wrapped LLM is rebuilt the way LlamaIndex itself does, by its
+``class_name``: ``llama_index.core.llms.loading.load_llm`` knows a few LLMs by name (MockLLM, OpenAI, ...), and any
+other imported LLM class answers to the same key and rebuilds itself with its own ``from_dict``. What cannot be
+rebuilt (an Aligner built from objects or a server, a local model object, a name more than one class answers to)
+raises a ``ValueError`` that says to pass it back.
 """
 
 from __future__ import annotations
@@ -13,6 +15,27 @@ from typing import Any
 
 from llama_index.core.llms.llm import LLM
 from llama_index.core.llms.loading import load_llm
+
+from aligner_core import Aligner
+
+
+def aligner_spec(aligner: Aligner) -> dict[str, str]:
+    """What a serialized component records of its Aligner: enough to reload a hub model, not the weights."""
+    return {"model": aligner.name, "template": aligner.template.name, "engine": aligner.engine.name}
+
+
+def load_aligner(spec: Mapping[str, Any] | None, owner: str) -> Aligner:
+    """Reload the Aligner a dict recorded (``from_dict`` without ``aligner=``), or say how to pass one."""
+    hint = f"pass the Aligner back: {owner}.from_dict(data, aligner=aligner)"
+    if not spec or not spec.get("model"):
+        raise ValueError(f"the dict records no Aligner model to load; {hint}")
+    engine = spec.get("engine", "transformers")
+    if engine not in ("transformers", "vllm"):
+        raise ValueError(f"an Aligner on the {engine!r} engine cannot be reloaded from its name; {hint}")
+    try:
+        return Aligner.from_pretrained(spec["model"], template=spec.get("template"), engine=engine)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not reload the Aligner {spec['model']!r} ({exc}); {hint}") from exc
 
 
 def rebuild_llm(data: Any, owner: str) -> LLM:

@@ -8,64 +8,70 @@ from typing import TYPE_CHECKING, Any
 
 from aligner_core import Correction
 
+from ._aligner_llm import correction_of
+
 if TYPE_CHECKING:
     from ._plan import Plan
 
 
 class Relay:
-    """Passes the Aligner's deltas on; at the end fills ``info`` in place (it is the response's metadata).
+    """Passes the deltas of a correction's stream responses on; at the end fills ``info`` in place (it is the
+    response's metadata).
 
-    ``done(correction)`` and ``fail(exc, partial)`` build the final metadata (``fail`` raises under
-    ``on_error='raise'``). When nothing usable was sent (an empty correction, or a failure before the
-    first delta) the original answer is sent instead, so the stream always carries an answer.
+    ``done(correction)`` and ``fail(exc, partial)`` build the final details (``fail`` raises under
+    ``on_error='raise'``). When nothing usable was sent (an empty correction, or a failure before the first delta)
+    the original answer is sent instead, so the stream always carries an answer. A consumer that stops reading
+    closes the responses, which stops the generation.
     """
 
     def __init__(
         self,
-        stream: Any,
+        responses: Any,
         answer: str,
         info: dict[str, Any],
         *,
         done: Callable[[Correction], dict[str, Any]],
         fail: Callable[[Exception, bool], dict[str, Any]],
     ) -> None:
-        self.stream, self.answer, self.info = stream, answer, info
+        self.responses, self.answer, self.info = responses, answer, info
         self._done, self._fail = done, fail
         self.emitted = self.finished = False
+        self.last: Any = None
 
     def deltas(self) -> Iterator[str]:
         try:
-            for delta in self.stream:
-                self.emitted = self.emitted or bool(delta)
-                yield delta
+            for response in self.responses:
+                self.last = response
+                if response.delta:
+                    self.emitted = True
+                    yield response.delta
             tail = self._end()
         except Exception as exc:
             tail = self._failed(exc)
         finally:
             if not self.finished:
-                self.stream.close()  # the consumer stopped reading: stop generating
+                self.responses.close()
         yield from tail
 
     async def adeltas(self) -> AsyncIterator[str]:
         try:
-            async for delta in self.stream:
-                self.emitted = self.emitted or bool(delta)
-                yield delta
+            async for response in self.responses:
+                self.last = response
+                if response.delta:
+                    self.emitted = True
+                    yield response.delta
             tail = self._end()
         except Exception as exc:
             tail = self._failed(exc)
         finally:
             if not self.finished:
-                self.stream.close()
+                await self.responses.aclose()
         for text in tail:
             yield text
 
     def _end(self) -> list[str]:
         self.finished = True
-        correction = self.stream.correction
-        if correction is None:
-            raise RuntimeError("the Aligner's stream ended without a correction")
-        settle(self.info, self._done(correction))
+        settle(self.info, self._done(correction_of(self.last)))
         return [self.answer] if self.info.get("empty_correction") and not self.emitted else []
 
     def _failed(self, exc: Exception) -> list[str]:
@@ -94,7 +100,7 @@ def sent(plan: Plan, deltas: Iterable[str]) -> Iterable[str]:
     yield from (d for d in deltas if d)
 
 
-async def asent(plan: Plan, relay: Any, whole: str) -> AsyncIterator[str]:
+async def asent(plan: Plan, relay: Relay | None, whole: str) -> AsyncIterator[str]:
     if not plan.decision.corrects:
         if plan.decision.text:
             yield plan.decision.text

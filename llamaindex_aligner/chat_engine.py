@@ -10,6 +10,7 @@ from aligner_core import Aligner
 from aligner_core.decision import Reply, decide
 from aligner_core.errors import missing
 from aligner_core.inspector import Inspector, ScoreFn
+from aligner_core.reporting import OnError
 
 try:
     from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
@@ -22,9 +23,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
-from ._common import OnError, history_turns
-from ._correct import AnswerCorrector
-from ._grounding import node_documents
+from ._correct import Corrector
+from ._grounding import history_turns, node_documents
 
 COMPONENT = "chat_engine"
 
@@ -70,10 +70,10 @@ class AlignedChatEngine(BaseChatEngine):
 
             callback_manager = getattr(chat_engine, "callback_manager", None) or Settings.callback_manager
         self.callback_manager = callback_manager
-        self._corrector = AnswerCorrector(
+        self._corrector = Corrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
-            include_original=include_original,
+            inspector=inspector, threshold=threshold, include_original=include_original,
+            callback_manager=lambda: self.callback_manager,
         )
         self.chat_engine = chat_engine
         self.aligner = aligner
@@ -124,7 +124,7 @@ class AlignedChatEngine(BaseChatEngine):
     ) -> StreamingAgentChatResponse:
         history = self._turn_history(chat_history)
         response = await self.chat_engine.achat(message, chat_history=history)
-        info, relay = self._corrector.open(message, *self._read(response, history), asynchronous=True)
+        info, relay = await self._corrector.aopen(message, *self._read(response, history))
 
         async def agen() -> Any:
             text = ""

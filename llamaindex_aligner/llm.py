@@ -8,11 +8,12 @@ wrapped LLM is always called *without* streaming, and only the Aligner's correct
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from aligner_core import Aligner
 from aligner_core.errors import missing
+from aligner_core.reporting import OnError
 
 try:
     from llama_index.core.base.llms.types import (
@@ -33,15 +34,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
 from ._calls import given, read_call
-from ._common import OnError, aligner_spec, load_aligner
-from ._correct import AnswerCorrector, streams
+from ._correct import Corrector
 from ._plan import Plan, plan_chat, plan_completion, with_text
-from ._serialize import rebuild_llm
+from ._serialize import aligner_spec, load_aligner, rebuild_llm
 from ._streams import asent, sent
 from ._tools import ToolCalling
-from .llm_events import usage
 
 COMPONENT = "llm"
+T = TypeVar("T")
 
 
 class AlignedLLM(ToolCalling):
@@ -89,18 +89,17 @@ class AlignedLLM(ToolCalling):
         "response, agent event streams included).",
     )
 
-    _corrector: AnswerCorrector = PrivateAttr()
+    _corrector: Corrector = PrivateAttr()
 
     def __init__(self, llm: LLM, aligner: Aligner, **kwargs: Any) -> None:
         if not isinstance(llm, LLM):
             raise TypeError(f"llm must be a LlamaIndex LLM, got {type(llm).__name__}")
         kwargs.setdefault("callback_manager", llm.callback_manager)
         super().__init__(llm=llm, **kwargs)
-        # The aligned call itself is reported as the LLM call (its raw usage is the correction's).
-        self._corrector = AnswerCorrector(
+        # No callback_manager: this call is itself the LLM call LlamaIndex reports (its raw usage the correction's).
+        self._corrector = Corrector(
             aligner, component=COMPONENT, on_error=self.on_error, generation_kwargs=self.generation_kwargs,
-            report_llm=False, inspector=self.inspector, threshold=self.threshold,
-            include_original=self.include_original,
+            inspector=self.inspector, threshold=self.threshold, include_original=self.include_original,
         )
 
     @classmethod
@@ -160,14 +159,14 @@ class AlignedLLM(ToolCalling):
         call = read_call()
         response = self.llm.chat(messages, **kwargs)
         plan = self._plan_chat(call, messages, response)
-        return self._chat_response(response, plan, self._corrector.correct(*self._args(plan)))
+        return self._chat_response(response, plan, self._corrector.correct(*_args(plan)))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = read_call()
         response = await self.llm.achat(messages, **kwargs)
         plan = self._plan_chat(call, messages, response)
-        return self._chat_response(response, plan, await self._corrector.acorrect(*self._args(plan)))
+        return self._chat_response(response, plan, await self._corrector.acorrect(*_args(plan)))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -175,15 +174,7 @@ class AlignedLLM(ToolCalling):
         response = self.llm.chat(messages, **kwargs)  # not stream_chat: its tokens must not reach the caller
         plan = self._plan_chat(call, messages, response)
         info, deltas = self._open(plan)
-
-        def gen() -> ChatResponseGen:
-            text = ""
-            for delta in deltas():
-                text += delta
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield self._chat_response(response, plan, info, delta="")
-
-        return gen()
+        return _chunks(deltas, _chat_chunk, lambda: self._chat_response(response, plan, info, delta=""))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -191,15 +182,7 @@ class AlignedLLM(ToolCalling):
         response = await self.llm.achat(messages, **kwargs)
         plan = self._plan_chat(call, messages, response)
         info, deltas = await self._aopen(plan)
-
-        async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            async for delta in deltas():
-                text += delta
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            yield self._chat_response(response, plan, info, delta="")
-
-        return gen()
+        return _achunks(deltas, _chat_chunk, lambda: self._chat_response(response, plan, info, delta=""))
 
     # -- complete ----------------------------------------------------------------------------
 
@@ -208,14 +191,14 @@ class AlignedLLM(ToolCalling):
         call = read_call()
         response = self.llm.complete(prompt, **kwargs)
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
-        return self._completion_response(response, plan, self._corrector.correct(*self._args(plan)))
+        return self._completion_response(response, plan, self._corrector.correct(*_args(plan)))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         call = read_call()
         response = await self.llm.acomplete(prompt, **kwargs)
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
-        return self._completion_response(response, plan, await self._corrector.acorrect(*self._args(plan)))
+        return self._completion_response(response, plan, await self._corrector.acorrect(*_args(plan)))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
@@ -223,15 +206,7 @@ class AlignedLLM(ToolCalling):
         response = self.llm.complete(prompt, **kwargs)  # not stream_complete: see stream_chat
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
         info, deltas = self._open(plan)
-
-        def gen() -> CompletionResponseGen:
-            text = ""
-            for delta in deltas():
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-            yield self._completion_response(response, plan, info, delta="")
-
-        return gen()
+        return _chunks(deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta=""))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
@@ -239,49 +214,28 @@ class AlignedLLM(ToolCalling):
         response = await self.llm.acomplete(prompt, **kwargs)
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
         info, deltas = await self._aopen(plan)
-
-        async def gen() -> CompletionResponseAsyncGen:
-            text = ""
-            async for delta in deltas():
-                text += delta
-                yield CompletionResponse(text=text, delta=delta)
-            yield self._completion_response(response, plan, info, delta="")
-
-        return gen()
+        return _achunks(deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta=""))
 
     # -- helpers -----------------------------------------------------------------------------
 
     def _plan_chat(self, call: Any, messages: Sequence[ChatMessage], response: ChatResponse) -> Plan:
         return plan_chat(call, messages, response, self._tool_calls_in, self.correct_structured)
 
-    @staticmethod
-    def _args(plan: Plan) -> tuple[Any, ...]:
-        return plan.turn.question, plan.decision, plan.turn.history, plan.turn.context
-
-    def _open(self, plan: Plan) -> tuple[dict[str, Any], Any]:
+    def _open(self, plan: Plan) -> tuple[dict[str, Any], Iterable[str]]:
         """The details (filled when the stream ends) and the deltas to send: the kept prefix, then the
         correction as it is generated (or, for an answer corrected whole or passed through, its text once)."""
-        if not streams(plan.decision):
-            info = self._corrector.correct(*self._args(plan))
-            return info, lambda: sent(plan, [info["text"]])
-        info, relay = self._corrector.open(*self._args(plan))
-        return info, lambda: sent(plan, relay.deltas() if relay else [info["text"]])
+        info, relay = self._corrector.open(*_args(plan))
+        return info, sent(plan, relay.deltas() if relay else [info["text"]])
 
-    async def _aopen(self, plan: Plan) -> tuple[dict[str, Any], Any]:
-        if not streams(plan.decision):
-            info = await self._corrector.acorrect(*self._args(plan))
-            return info, lambda: asent(plan, None, info["text"])
-        info, relay = self._corrector.open(*self._args(plan), asynchronous=True)
-        return info, lambda: asent(plan, relay, info["text"])
-
-    def _details(self, plan: Plan, info: dict[str, Any]) -> dict[str, Any]:
-        return {**info, "call_site": plan.site} if plan.site else info
+    async def _aopen(self, plan: Plan) -> tuple[dict[str, Any], AsyncIterator[str]]:
+        info, relay = await self._corrector.aopen(*_args(plan))
+        return info, asent(plan, relay, info["text"])
 
     def _chat_response(
         self, upstream: ChatResponse, plan: Plan, info: dict[str, Any], *, delta: str | None = None
     ) -> ChatResponse:
         message = upstream.message if not plan.decision.corrects else with_text(upstream.message, plan.text(info["text"]))
-        details = self._details(plan, info)
+        details = _with_site(plan, info)
         return ChatResponse(
             message=message, delta=delta, raw=self._raw(details), logprobs=None,
             additional_kwargs={**upstream.additional_kwargs, self.metadata_key: details},
@@ -290,7 +244,7 @@ class AlignedLLM(ToolCalling):
     def _completion_response(
         self, upstream: CompletionResponse, plan: Plan, info: dict[str, Any], *, delta: str | None = None
     ) -> CompletionResponse:
-        details = self._details(plan, info)
+        details = _with_site(plan, info)
         text = plan.text(info["text"]) if plan.decision.corrects else upstream.text
         return CompletionResponse(
             text=text, delta=delta, raw=self._raw(details),
@@ -298,4 +252,40 @@ class AlignedLLM(ToolCalling):
         )
 
     def _raw(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {"usage": usage(info.get("prompt_tokens", 0), info.get("completion_tokens", 0)), self.metadata_key: info}
+        """The correction's token counts as LlamaIndex token counters read them, and the details."""
+        prompt, generated = info.get("prompt_tokens", 0), info.get("completion_tokens", 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+        return {"usage": usage, self.metadata_key: info}
+
+
+def _args(plan: Plan) -> tuple[Any, ...]:
+    return plan.turn.question, plan.decision, plan.turn.history, plan.turn.context
+
+
+def _with_site(plan: Plan, info: dict[str, Any]) -> dict[str, Any]:
+    return {**info, "call_site": plan.site} if plan.site else info
+
+
+def _chat_chunk(text: str, delta: str) -> ChatResponse:
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+
+
+def _completion_chunk(text: str, delta: str) -> CompletionResponse:
+    return CompletionResponse(text=text, delta=delta)
+
+
+def _chunks(deltas: Iterable[str], chunk: Callable[[str, str], T], final: Callable[[], T]) -> Iterator[T]:
+    """Stream responses of the deltas (each with the text so far), then the final response with the details."""
+    text = ""
+    for delta in deltas:
+        text += delta
+        yield chunk(text, delta)
+    yield final()
+
+
+async def _achunks(deltas: AsyncIterator[str], chunk: Callable[[str, str], T], final: Callable[[], T]) -> AsyncIterator[T]:
+    text = ""
+    async for delta in deltas:
+        text += delta
+        yield chunk(text, delta)
+    yield final()

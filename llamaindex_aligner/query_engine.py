@@ -10,6 +10,7 @@ from aligner_core import Aligner, UnsafeStreamError
 from aligner_core.decision import Decision, Reply, decide
 from aligner_core.errors import missing
 from aligner_core.inspector import Inspector, ScoreFn
+from aligner_core.reporting import OnError
 
 try:
     from llama_index.core.base.base_query_engine import BaseQueryEngine
@@ -28,8 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise missing("llama-index-core", "llamaindex", feature="llamaindex_aligner") from exc
 
 from ._calls import structure_of
-from ._common import OnError
-from ._correct import AnswerCorrector
+from ._correct import Corrector
 from ._grounding import node_documents
 from ._streams import one
 
@@ -76,10 +76,10 @@ class AlignedQueryEngine(BaseQueryEngine):
             )
         if not isinstance(query_engine, BaseQueryEngine):
             raise TypeError(f"query_engine must be a LlamaIndex BaseQueryEngine, got {type(query_engine).__name__}")
-        self._corrector = AnswerCorrector(
+        self._corrector = Corrector(
             aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            callback_manager=lambda: self.callback_manager, inspector=inspector, threshold=threshold,
-            include_original=include_original,
+            inspector=inspector, threshold=threshold, include_original=include_original,
+            callback_manager=lambda: self.callback_manager,
         )
         self.query_engine = query_engine
         self.aligner = aligner
@@ -126,7 +126,7 @@ class AlignedQueryEngine(BaseQueryEngine):
         decision, context = self._decide(response), node_documents(response.source_nodes)
         question = query_bundle.query_str
         if (self.streaming or streamed) and isinstance(response, Response):
-            info, relay = self._corrector.open(question, decision, None, context, asynchronous=True)
+            info, relay = await self._corrector.aopen(question, decision, None, context)
             agen = relay.adeltas() if relay else one(info["text"])
             return AsyncStreamingResponse(agen, response.source_nodes, self._metadata(response, info))
         return self._replace(response, decision, await self._corrector.acorrect(question, decision, None, context))

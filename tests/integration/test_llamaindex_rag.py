@@ -100,9 +100,9 @@ def test_postprocessor_corrects_the_retrieved_context(rag):
     assert not any(n.node.metadata[ORIGINAL_TEXT_KEY] in llm_call.prompt for n in response.source_nodes)
 
 
-def test_postprocessor_async_with_top_k(rag):
+def test_postprocessor_async_with_top_n(rag):
     retrieved = rag.index.as_retriever(similarity_top_k=2).retrieve(QUESTION)
-    engine = rag.engine(node_postprocessors=[rag.postprocessor(top_k=1)])
+    engine = rag.engine(node_postprocessors=[rag.postprocessor(top_n=1)])
     response = asyncio.run(engine.aquery(QUESTION))
     assert response.response.strip()
     assert [ORIGINAL_TEXT_KEY in n.node.metadata for n in response.source_nodes] == [True, False]

@@ -14,7 +14,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import SimpleChatEngine
 from pydantic import ValidationError
 
-from aligner_core import Aligner
+from aligner_core import Aligner, InspectorError
 from aligner_core.inspector import Inspector
 from langchain_aligner import AlignedChatModel, AlignerRunnable, with_aligner
 from llamaindex_aligner import ORIGINAL_TEXT_KEY, AlignedChatEngine, AlignedLLM, AlignerNodePostprocessor
@@ -113,7 +113,7 @@ def test_aligned_llm_passed_answer_and_events(aligner):
     assert info["inspector_passed"] is True and info["inspector_score"] == 1.0
     (end,) = events.of("AlignerEndEvent")
     assert (end.num_inspected, end.num_inspector_passed, end.inspector_scores) == (1, 1, [1.0])
-    assert end.num_corrected == 1 and end.completion_tokens == 0
+    assert end.num_corrected == 0 and end.completion_tokens == 0  # served as it was
     chunks = list(llm.stream_chat(messages))
     assert "".join(c.delta for c in chunks) == SYDNEY and chunks[-1].additional_kwargs["aligner"]["inspector_passed"]
 
@@ -152,15 +152,12 @@ def test_postprocessor_inspector_scores_and_reports(aligner):
     assert "inspector" not in pp.to_dict() and pp.to_dict()["threshold"] == 0.5
 
 
-def test_postprocessor_keeps_the_first_release_gate(aligner):
-    def needs_fixing(question: str, text: str) -> bool:  # True: correct this node
+def test_postprocessor_refuses_a_boolean_gate(aligner):
+    def needs_fixing(question: str, text: str) -> bool:  # ambiguous: True meant "correct this node" once
         return "Sydney" in text
 
-    with pytest.warns(DeprecationWarning, match="score in"):
-        out = AlignerNodePostprocessor(aligner=aligner, inspector=needs_fixing).postprocess_nodes(
-            text_nodes(), query_str=CAPITAL
-        )
-    assert [ORIGINAL_TEXT_KEY in n.node.metadata for n in out] == [True, False, False]
+    with pytest.raises(InspectorError, match="score in"):  # the core says what to return instead
+        AlignerNodePostprocessor(aligner=aligner, inspector=needs_fixing).postprocess_nodes(text_nodes(), query_str=CAPITAL)
 
 
 def test_an_aligners_own_inspector_gates_adapter_calls(tiny_model, tiny_tokenizer):

@@ -1,4 +1,5 @@
-"""LlamaIndex conventions: postprocessor serialization and ``top_n``, and the Aligner's generations as LLM events."""
+"""LlamaIndex conventions: serialization through ``to_dict``/``from_dict``, and the Aligner's generations as LLM calls
+LlamaIndex reports (instrumentation events, callback-manager events, exact token counts)."""
 
 from __future__ import annotations
 
@@ -28,16 +29,6 @@ def test_postprocessor_round_trips_through_a_dict(tiny_aligner):
         AlignerNodePostprocessor.from_dict({**data, "aligner": {"model": "m", "engine": "server"}})
 
 
-def test_top_n_is_the_rerank_name_and_top_k_its_alias(tiny_aligner):
-    by_n = AlignerNodePostprocessor(aligner=tiny_aligner, top_n=1).postprocess_nodes(text_nodes(), query_str=QUESTION)
-    by_k = AlignerNodePostprocessor(aligner=tiny_aligner, top_k=1).postprocess_nodes(text_nodes(), query_str=QUESTION)
-    key = "aligner_original_text"
-    assert [key in n.node.metadata for n in by_n] == [key in n.node.metadata for n in by_k] == [True, False, False]
-    assert AlignerNodePostprocessor(aligner=tiny_aligner, top_k=2).top_n == 2
-    with pytest.raises(ValueError, match="alias"):
-        AlignerNodePostprocessor(aligner=tiny_aligner, top_n=1, top_k=2)
-
-
 def test_postprocessor_generations_are_llm_events(tiny_aligner):
     counter = TokenCountingHandler(tokenizer=str.split)
     pp = AlignerNodePostprocessor(aligner=tiny_aligner, callback_manager=CallbackManager([counter]))
@@ -46,6 +37,9 @@ def test_postprocessor_generations_are_llm_events(tiny_aligner):
     (end,) = events.of("AlignerEndEvent")
     starts, ends = events.of("LLMCompletionStartEvent"), events.of("LLMCompletionEndEvent")
     assert len(starts) == len(ends) == 3 and all(s.model_dict["class_name"] == "Aligner" for s in starts)
+    assert starts[0].model_dict["component"] == "node_postprocessor" and starts[0].model_dict["template"] == "aligner-v1"
+    order = [e.class_name() for e in events.events if e.class_name().startswith("LLMCompletion")]
+    assert order[:3] == ["LLMCompletionStartEvent"] * 3  # one batch: each node's call opens before it runs
     assert QUESTION in starts[0].prompt and "Sydney" in starts[0].prompt  # the Aligner's rendered prompt
     assert len(counter.llm_token_counts) == 3
     assert counter.prompt_llm_token_count == end.prompt_tokens  # exact counts, from the Corrections

@@ -15,7 +15,8 @@ from llama_index.core.base.llms.types import ChatMessage  # noqa: E402
 from llama_index.llms.huggingface import HuggingFaceLLM  # noqa: E402
 
 import llamaindex_aligner  # noqa: E402
-from llamaindex_aligner import SharedModel, huggingface_llm  # noqa: E402
+from llamaindex_aligner import huggingface_llm  # noqa: E402
+from llamaindex_aligner.local import SharedModel  # noqa: E402
 
 
 def test_import_pulls_in_no_torch():

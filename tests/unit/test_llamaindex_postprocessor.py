@@ -62,10 +62,10 @@ def test_empty_input_and_missing_query(tiny_aligner):
         pp.postprocess_nodes(text_nodes())
 
 
-def test_top_k_corrects_only_the_best_scored_nodes(tiny_aligner):
+def test_top_n_corrects_only_the_best_scored_nodes(tiny_aligner):
     nodes = text_nodes()
     nodes.append(NodeWithScore(node=TextNode(id_="n4", text="Insects have six legs."), score=None))
-    out = AlignerNodePostprocessor(aligner=tiny_aligner, top_k=2).postprocess_nodes(nodes, query_str=QUESTION)
+    out = AlignerNodePostprocessor(aligner=tiny_aligner, top_n=2).postprocess_nodes(nodes, query_str=QUESTION)
     corrected = [n.node.node_id for n in out if ORIGINAL_TEXT_KEY in n.node.metadata]
     assert corrected == ["n1", "n3"]  # scores 0.9 and 0.7, in their original order
     assert [n.node.node_id for n in out] == ["n1", "n2", "n3", "n4"]
@@ -75,9 +75,9 @@ def test_top_k_corrects_only_the_best_scored_nodes(tiny_aligner):
 def test_inspector_gates_which_nodes_are_corrected(tiny_aligner):
     seen = []
 
-    def inspector(question: str, text: str) -> bool:
+    def inspector(question: str, text: str) -> float:
         seen.append((question, text))
-        return "Sydney" in text
+        return 0.0 if "Sydney" in text else 1.0
 
     nodes = text_nodes()
     out = AlignerNodePostprocessor(aligner=tiny_aligner, inspector=inspector).postprocess_nodes(nodes, query_str=QUESTION)
@@ -179,14 +179,14 @@ def test_instrumentation_span_and_events(tiny_aligner):
 
 
 def test_settings_are_checked(tiny_aligner):
-    pp = AlignerNodePostprocessor(aligner=tiny_aligner, top_k=2)
+    pp = AlignerNodePostprocessor(aligner=tiny_aligner, top_n=2)
     assert pp.class_name() == "AlignerNodePostprocessor"
     assert pp.aligner is tiny_aligner
-    assert pp.to_dict()["top_n"] == 2 and pp.top_k == 2 and "inspector" not in pp.to_dict()
+    assert pp.to_dict()["top_n"] == 2 and "inspector" not in pp.to_dict()
     with pytest.raises(ValidationError):
-        AlignerNodePostprocessor(aligner=tiny_aligner, topk=2)  # misspelled: fails loudly
+        AlignerNodePostprocessor(aligner=tiny_aligner, top_k=2)  # not a setting (top_n is): fails loudly
     with pytest.raises(ValidationError):
-        AlignerNodePostprocessor(aligner=tiny_aligner, top_k=0)
+        AlignerNodePostprocessor(aligner=tiny_aligner, top_n=0)
     with pytest.raises(ValidationError):
         AlignerNodePostprocessor(aligner=tiny_aligner, on_error="ignore")
     with pytest.raises(GenerationOptionError, match="max_tokens"):
