@@ -60,7 +60,6 @@ class Aligner:
 
     # -- construction ------------------------------------------------------------------------
 
-
     @classmethod
     def from_pretrained(
         cls,
@@ -100,13 +99,31 @@ class Aligner:
         from .engines.opening import open_pretrained
 
         opened, chosen, name = open_pretrained(
-            model, template=template, engine=engine, dtype=dtype, device=device, device_map=device_map,
-            gguf_file=gguf_file, adapter=adapter, quantization=quantization, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, revision=revision, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+            model,
+            template=template,
+            engine=engine,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            gguf_file=gguf_file,
+            adapter=adapter,
+            quantization=quantization,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            revision=revision,
+            max_batch_tokens=max_batch_tokens,
+            max_wait_ms=max_wait_ms,
             engine_kwargs=engine_kwargs,
         )
-        return cls(opened, chosen, name=name, max_new_tokens=max_new_tokens, on_overflow=on_overflow,
-                   inspector=inspector, threshold=threshold)
+        return cls(
+            opened,
+            chosen,
+            name=name,
+            max_new_tokens=max_new_tokens,
+            on_overflow=on_overflow,
+            inspector=inspector,
+            threshold=threshold,
+        )
 
     @classmethod
     def from_model(
@@ -128,10 +145,23 @@ class Aligner:
         """Wrap a transformers model and tokenizer that are already loaded."""
         from .engines.opening import open_local
 
-        engine = open_local(model, tokenizer, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
-                            max_wait_ms=max_wait_ms, max_queue=max_queue)
-        return cls(engine, bind(template, tokenizer), name=name or str(getattr(model, "name_or_path", "")),
-                   max_new_tokens=max_new_tokens, on_overflow=on_overflow, inspector=inspector, threshold=threshold)
+        engine = open_local(
+            model,
+            tokenizer,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+        )
+        return cls(
+            engine,
+            bind(template, tokenizer),
+            name=name or str(getattr(model, "name_or_path", "")),
+            max_new_tokens=max_new_tokens,
+            on_overflow=on_overflow,
+            inspector=inspector,
+            threshold=threshold,
+        )
 
     @classmethod
     def from_server(
@@ -164,11 +194,26 @@ class Aligner:
         """
         from .engines.opening import open_server
 
-        engine, chosen = open_server(base_url, template=template, model=model, api_key=api_key, timeout=timeout,
-                                     max_retries=max_retries, max_concurrency=max_concurrency, tokenizer=tokenizer,
-                                     extra_body=extra_body)
-        return cls(engine, chosen, name=engine.model_name or base_url, max_new_tokens=max_new_tokens,
-                   on_overflow=on_overflow, inspector=inspector, threshold=threshold)
+        engine, chosen = open_server(
+            base_url,
+            template=template,
+            model=model,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_concurrency=max_concurrency,
+            tokenizer=tokenizer,
+            extra_body=extra_body,
+        )
+        return cls(
+            engine,
+            chosen,
+            name=engine.model_name or base_url,
+            max_new_tokens=max_new_tokens,
+            on_overflow=on_overflow,
+            inspector=inspector,
+            threshold=threshold,
+        )
 
     def __repr__(self) -> str:
         return f"Aligner(name={self.name!r}, template={self.template.name!r}, engine={self.engine.name!r})"
@@ -185,8 +230,16 @@ class Aligner:
 
     @span_of(batch=False)
     def correct(
-        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
-        timeout: float | None = None, inspector: Any = OWN, threshold: float | None = None, **generation: Any,
+        self,
+        question: str,
+        answer: str,
+        *,
+        history: HistoryArg = None,
+        context: ContextArg = None,
+        timeout: float | None = None,
+        inspector: Any = OWN,
+        threshold: float | None = None,
+        **generation: Any,
     ) -> Correction:
         """Correct one answer. Generation options (``max_new_tokens``, ``do_sample``, ``stop``, ...) apply to this call.
 
@@ -202,15 +255,24 @@ class Aligner:
         limit = requests.check_timeout(timeout)
 
         def run() -> Correction:
-            return requests.run_one(self, *requests.prepare_one(self, question, answer, dict(generation), history,
-                                                                 context), limit)
+            return requests.run_one(
+                self, *requests.prepare_one(self, question, answer, dict(generation), history, context), limit
+            )
 
         return gating.one(self, inspector, threshold, question, answer, context, run)
 
     @span_of(batch=False)
     async def acorrect(
-        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
-        timeout: float | None = None, inspector: Any = OWN, threshold: float | None = None, **generation: Any,
+        self,
+        question: str,
+        answer: str,
+        *,
+        history: HistoryArg = None,
+        context: ContextArg = None,
+        timeout: float | None = None,
+        inspector: Any = OWN,
+        threshold: float | None = None,
+        **generation: Any,
     ) -> Correction:
         """Async ``correct``: concurrent calls from many coroutines share the engine's batches.
 
@@ -220,14 +282,22 @@ class Aligner:
         limit = requests.check_timeout(timeout)
 
         async def run() -> Correction:
-            return await requests.arun_one(self, *requests.prepare_one(self, question, answer, dict(generation),
-                                                                       history, context), limit)
+            return await requests.arun_one(
+                self, *requests.prepare_one(self, question, answer, dict(generation), history, context), limit
+            )
 
         return await gating.aone(self, inspector, threshold, question, answer, context, run)
 
     def stream(
-        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
-        inspector: Any = OWN, threshold: float | None = None, **generation: Any,
+        self,
+        question: str,
+        answer: str,
+        *,
+        history: HistoryArg = None,
+        context: ContextArg = None,
+        inspector: Any = OWN,
+        threshold: float | None = None,
+        **generation: Any,
     ) -> CorrectionStream:
         """Yield the correction as text deltas while it is generated.
 
@@ -239,12 +309,21 @@ class Aligner:
         prepared, params = requests.prepare_one(self, question, answer, generation, history, context)
         stream = CorrectionStream()
         stream.span = telemetry.start(self, params, pairs=1, stream=True)
-        streaming.produce(self, stream, prepared, params, gating.stream_verdict(*gate, gating.scored(prepared)))
+        streaming.produce(
+            self, stream, prepared, params, gating.stream_verdict(*gate, gating.scored(prepared))
+        )
         return stream
 
     def astream(
-        self, question: str, answer: str, *, history: HistoryArg = None, context: ContextArg = None,
-        inspector: Any = OWN, threshold: float | None = None, **generation: Any,
+        self,
+        question: str,
+        answer: str,
+        *,
+        history: HistoryArg = None,
+        context: ContextArg = None,
+        inspector: Any = OWN,
+        threshold: float | None = None,
+        **generation: Any,
     ) -> AsyncCorrectionStream:
         """Async twin of :meth:`stream`: ``async for delta in aligner.astream(q, a)``."""
         loop = asyncio.get_running_loop()
@@ -314,12 +393,19 @@ class Aligner:
             def run(subset: Sequence[Any], limits: Any, passed: int) -> list[Any]:
                 if tracker is not None and passed:
                     tracker.update(rows=passed)  # answers the inspector passed are done: no generation
-                slots, params = requests.prepare_all(self, subset, return_exceptions, limits, dict(generation))
+                slots, params = requests.prepare_all(
+                    self, subset, return_exceptions, limits, dict(generation)
+                )
                 live = [i for i, s in enumerate(slots) if isinstance(s, PreparedRequest)]
                 if tracker is not None:
                     tracker.update(rows=len(subset) - len(live))  # pairs refused before any compute
-                outputs = generate_tracked(self.engine, [slots[i].request for i in live], params,  # type: ignore[union-attr]
-                                           fail_fast=not return_exceptions, progress=tracker)
+                outputs = generate_tracked(
+                    self.engine,
+                    [slots[i].request for i in live],
+                    params,  # type: ignore[union-attr]
+                    fail_fast=not return_exceptions,
+                    progress=tracker,
+                )
                 results: list[Any] = list(slots)
                 for i, out in zip(live, outputs):
                     results[i] = out if isinstance(out, BaseException) else self.build(slots[i], out)  # type: ignore[arg-type]
@@ -357,15 +443,33 @@ class Aligner:
     # -- the request path, for callers that drive an engine themselves ---------------------------
 
     def prepare(
-        self, question: Any, answer: Any, params: GenerationParams, *, on_overflow: OverflowPolicy | None = None,
-        max_new_tokens: int | None = None, index: int | None = None, history: HistoryArg = None,
+        self,
+        question: Any,
+        answer: Any,
+        params: GenerationParams,
+        *,
+        on_overflow: OverflowPolicy | None = None,
+        max_new_tokens: int | None = None,
+        index: int | None = None,
+        history: HistoryArg = None,
         context: ContextArg = None,
     ) -> PreparedRequest:
         """Validate a pair (its history and context) and turn it into a generation request (``requests.prepare``)."""
-        return requests.prepare(self, question, answer, params, on_overflow=on_overflow, max_new_tokens=max_new_tokens,
-                                index=index, history=history, context=context)
+        return requests.prepare(
+            self,
+            question,
+            answer,
+            params,
+            on_overflow=on_overflow,
+            max_new_tokens=max_new_tokens,
+            index=index,
+            history=history,
+            context=context,
+        )
 
-    def build(self, prepared: PreparedRequest, out: GenerationOutput, *, latency: float | None = None) -> Correction:
+    def build(
+        self, prepared: PreparedRequest, out: GenerationOutput, *, latency: float | None = None
+    ) -> Correction:
         """Turn an engine's output into the public ``Correction`` (``requests.build``)."""
         return requests.build(prepared, out, latency=latency)
 

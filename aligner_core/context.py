@@ -78,21 +78,27 @@ def normalize_context(context: Any, where: str = "") -> Context:
         elif isinstance(item, Mapping):
             kind = item.get("type", item.get("kind", "document"))
             if kind not in KINDS:
-                raise InvalidInputError(f"{where}context item {i} has type {kind!r}; use one of {', '.join(KINDS)}")
+                raise InvalidInputError(
+                    f"{where}context item {i} has type {kind!r}; use one of {', '.join(KINDS)}"
+                )
             content = item.get("content", item.get("text"))
             if kind == "tool_call" and isinstance(content, Mapping):
                 content = json.dumps(content, ensure_ascii=False, sort_keys=True)
             name = item.get("name")
             if name is not None and not isinstance(name, str):
-                raise InvalidInputError(f"{where}context item {i} name must be a str, got {type(name).__name__}")
+                raise InvalidInputError(
+                    f"{where}context item {i} name must be a str, got {type(name).__name__}"
+                )
             if not isinstance(content, str):
                 raise InvalidInputError(
                     f"{where}context item {i} content must be a str, got {type(content).__name__}"
                 )
             items.append(_checked(ContextItem(kind, content, name or None), where, i))
         else:
-            raise InvalidInputError(f"{where}context item {i} must be a str or a {{'type', 'content'}} dict, "
-                                    f"got {type(item).__name__}")
+            raise InvalidInputError(
+                f"{where}context item {i} must be a str or a {{'type', 'content'}} dict, "
+                f"got {type(item).__name__}"
+            )
     return tuple(item for item in items if item.content.strip())
 
 
@@ -155,6 +161,14 @@ def as_dicts(context: Context) -> list[dict[str, str]]:
 
 
 __all__ = [
-    "CONTEXT_HEADER", "CONTEXT_KEYS", "Context", "ContextItem", "as_dicts", "context_lines", "context_messages",
-    "context_of", "context_texts", "normalize_context",
+    "CONTEXT_HEADER",
+    "CONTEXT_KEYS",
+    "Context",
+    "ContextItem",
+    "as_dicts",
+    "context_lines",
+    "context_messages",
+    "context_of",
+    "context_texts",
+    "normalize_context",
 ]

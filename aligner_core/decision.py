@@ -56,7 +56,7 @@ class Skip(str, Enum):
 DETAILS: dict[Skip, str] = {
     Skip.STRUCTURED_OUTPUT: "structured output (JSON, a schema or a structured tool call) passes through unchanged",
     Skip.STRUCTURED_OUTPUT_INVALID: "the correction did not parse or validate against the requested schema: the "
-                                    "original structured answer is kept",
+    "original structured answer is kept",
     Skip.TOOL_CALLS: "an answer that calls tools is an action, not a final answer",
     Skip.REFUSAL: "the upstream refused; its refusal passes through unchanged",
     Skip.EMPTY_ANSWER: "the answer has no text to correct",
@@ -72,11 +72,28 @@ DETAILS: dict[Skip, str] = {
 #: Part types whose ``text`` is the answer (OpenAI chat ``text``, Responses ``output_text``).
 TEXT_PARTS = frozenset({"text", "output_text"})
 #: Part types that are not text the user reads as the answer: kept as they are, never corrected.
-OTHER_PARTS = frozenset({
-    "image", "image_url", "input_image", "audio", "input_audio", "file", "input_file", "video",
-    "reasoning", "thinking", "redacted_thinking", "tool_use", "tool_call", "tool_call_chunk", "function_call",
-    "server_tool_call", "server_tool_result", "non_standard",
-})
+OTHER_PARTS = frozenset(
+    {
+        "image",
+        "image_url",
+        "input_image",
+        "audio",
+        "input_audio",
+        "file",
+        "input_file",
+        "video",
+        "reasoning",
+        "thinking",
+        "redacted_thinking",
+        "tool_use",
+        "tool_call",
+        "tool_call_chunk",
+        "function_call",
+        "server_tool_call",
+        "server_tool_result",
+        "non_standard",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -111,8 +128,10 @@ def read_content(content: Any) -> Content:
         if kind in TEXT_PARTS:
             text = part.get("text")
             if not isinstance(text, str):
-                raise UnreadableContentError(f"content part {i} is of type {kind!r} but its text is a "
-                                             f"{type(text).__name__}: the Aligner cannot read it")
+                raise UnreadableContentError(
+                    f"content part {i} is of type {kind!r} but its text is a "
+                    f"{type(text).__name__}: the Aligner cannot read it"
+                )
             texts.append(text)
         elif kind == "refusal":
             refusal = str(part.get("refusal") or part.get("text") or "")
@@ -162,7 +181,9 @@ class Structure:
             except jsonschema.ValidationError as exc:
                 raise StructuredOutputInvalid(f"does not match the schema: {exc.message}") from None
             except jsonschema.SchemaError as exc:
-                raise StructuredOutputInvalid(f"the requested schema is not a valid JSON schema: {exc.message}") from None
+                raise StructuredOutputInvalid(
+                    f"the requested schema is not a valid JSON schema: {exc.message}"
+                ) from None
         if self.validator is not None:
             try:
                 self.validator(value)
@@ -252,11 +273,22 @@ class Decision:
         try:
             self.structure.check(correction.text.strip())
         except StructuredOutputInvalid as exc:
-            meta = {**correction.metadata, **extra, "skipped": Skip.STRUCTURED_OUTPUT_INVALID.value,
-                    "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT_INVALID], "invalid_correction": correction.text,
-                    "invalid_reason": str(exc)}
-            return replace(correction, text=correction.original, changed=False, similarity=1.0,
-                           finish_reason="stop", metadata=meta)
+            meta = {
+                **correction.metadata,
+                **extra,
+                "skipped": Skip.STRUCTURED_OUTPUT_INVALID.value,
+                "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT_INVALID],
+                "invalid_correction": correction.text,
+                "invalid_reason": str(exc),
+            }
+            return replace(
+                correction,
+                text=correction.original,
+                changed=False,
+                similarity=1.0,
+                finish_reason="stop",
+                metadata=meta,
+            )
         return replace(correction, text=correction.text.strip(), metadata={**correction.metadata, **extra})
 
 
@@ -291,12 +323,31 @@ def _loose_text(content: Any) -> str:
 def passed(question: str, text: str, metadata: Mapping[str, Any] | None = None) -> Correction:
     """An answer returned unchanged: no tokens generated, ``metadata`` as given (with the ``skipped`` reason)."""
     return Correction(
-        question=question, original=text, text=text, changed=False, similarity=1.0, prompt_tokens=0,
-        completion_tokens=0, finish_reason="stop", latency_s=0.0, metadata=dict(metadata or {}),
+        question=question,
+        original=text,
+        text=text,
+        changed=False,
+        similarity=1.0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        finish_reason="stop",
+        latency_s=0.0,
+        metadata=dict(metadata or {}),
     )
 
 
 __all__ = [
-    "DETAILS", "Content", "Decision", "Reply", "Skip", "Step", "Structure", "StructuredOutputInvalid", "current_step",
-    "decide", "passed", "read_content", "step",
+    "DETAILS",
+    "Content",
+    "Decision",
+    "Reply",
+    "Skip",
+    "Step",
+    "Structure",
+    "StructuredOutputInvalid",
+    "current_step",
+    "decide",
+    "passed",
+    "read_content",
+    "step",
 ]

@@ -31,8 +31,10 @@ def checked(inspector: Any, threshold: Any) -> tuple[Inspector | None, float]:
 
 def choose(aligner: Any, inspector: Any, threshold: float | None) -> tuple[Inspector | None, float]:
     """The inspector and threshold of one call: the Aligner's own unless the call names others; checked."""
-    return checked(aligner.inspector if inspector is OWN else inspector,
-                   aligner.threshold if threshold is None else threshold)
+    return checked(
+        aligner.inspector if inspector is OWN else inspector,
+        aligner.threshold if threshold is None else threshold,
+    )
 
 
 def gate_metadata(aligner: Any) -> dict[str, Any]:
@@ -62,7 +64,11 @@ def _scoreable(pair: Any) -> tuple[str, str] | None:
 
 
 def passed_correction(
-    question: str, answer: str, score: float, *, threshold: float = DEFAULT_THRESHOLD,
+    question: str,
+    answer: str,
+    score: float,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
     metadata: Mapping[str, Any] | None = None,
 ) -> Correction:
     """The result for an answer that passed the inspector: the answer itself, unchanged, no tokens generated
@@ -79,7 +85,12 @@ def inspected(correction: Correction, score: float, *, threshold: float = DEFAUL
 
 
 def _verdict(score: float, threshold: float, *, passed: bool) -> dict[str, Any]:
-    return {"inspected": True, "inspector_score": score, "inspector_threshold": threshold, "inspector_passed": passed}
+    return {
+        "inspected": True,
+        "inspector_score": score,
+        "inspector_threshold": threshold,
+        "inspector_passed": passed,
+    }
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,9 @@ class Verdict:
         return [i for i, s in enumerate(self.scores) if s is None or not passes(s, self.threshold)]
 
 
-def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Verdict:
+def gate(
+    inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD
+) -> Verdict:
     """Score every pair the inspector can judge in one batch. Pairs it cannot (not strings, empty answer,
     malformed) get ``None``: they go on to the corrector, which raises or reports them as it always does."""
     inspector, threshold = as_inspector(inspector), check_threshold(threshold)
@@ -112,13 +125,18 @@ def gate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float 
     return Verdict(scores, threshold)
 
 
-async def agate(inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> Verdict:
+async def agate(
+    inspector: Inspector | ScoreFn, pairs: Sequence[Any], threshold: float = DEFAULT_THRESHOLD
+) -> Verdict:
     """Async :func:`gate` (scored in a worker thread)."""
     return await asyncio.to_thread(gate, inspector, pairs, threshold)
 
 
 def merge_verdict(
-    pairs: Sequence[Any], verdict: Verdict, corrected: Sequence[Any], metadata: Mapping[str, Any] | None = None
+    pairs: Sequence[Any],
+    verdict: Verdict,
+    corrected: Sequence[Any],
+    metadata: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     """Results in input order: ``corrected`` (one per failing pair) with the verdict added, passed pairs as unchanged
     corrections carrying ``metadata``."""
@@ -128,11 +146,16 @@ def merge_verdict(
     results: list[Any] = [None] * len(pairs)
     for i, out in zip(failing, corrected):
         score = verdict.scores[i]
-        results[i] = inspected(out, score, threshold=verdict.threshold) if (
-            score is not None and isinstance(out, Correction)) else out
+        results[i] = (
+            inspected(out, score, threshold=verdict.threshold)
+            if (score is not None and isinstance(out, Correction))
+            else out
+        )
     for i in verdict.passed:
         q, a = question_answer(pairs[i], i)
-        results[i] = passed_correction(q, a, verdict.scores[i], threshold=verdict.threshold, metadata=metadata)  # type: ignore[arg-type]
+        results[i] = passed_correction(
+            q, a, verdict.scores[i], threshold=verdict.threshold, metadata=metadata
+        )  # type: ignore[arg-type]
     return results
 
 
@@ -219,23 +242,40 @@ async def acorrect_gated(
 # -- the Aligner's entry points -----------------------------------------------------------------------
 
 
-def one(aligner: Any, inspector: Any, threshold: float | None, question: Any, answer: Any, context: Any,
-        correct: Callable[[], Correction]) -> Correction:
+def one(
+    aligner: Any,
+    inspector: Any,
+    threshold: float | None,
+    question: Any,
+    answer: Any,
+    context: Any,
+    correct: Callable[[], Correction],
+) -> Correction:
     """``Aligner.correct`` under its gate: ``correct()`` alone when there is no inspector."""
     gate_with, level = choose(aligner, inspector, threshold)
     if gate_with is None:
         return correct()
-    return correct_gated(question, answer, gate_with, level, correct, metadata=gate_metadata(aligner), context=context)
+    return correct_gated(
+        question, answer, gate_with, level, correct, metadata=gate_metadata(aligner), context=context
+    )
 
 
-async def aone(aligner: Any, inspector: Any, threshold: float | None, question: Any, answer: Any, context: Any,
-               acorrect: Callable[[], Awaitable[Correction]]) -> Correction:
+async def aone(
+    aligner: Any,
+    inspector: Any,
+    threshold: float | None,
+    question: Any,
+    answer: Any,
+    context: Any,
+    acorrect: Callable[[], Awaitable[Correction]],
+) -> Correction:
     """Async :func:`one`."""
     gate_with, level = choose(aligner, inspector, threshold)
     if gate_with is None:
         return await acorrect()
-    return await acorrect_gated(question, answer, gate_with, level, acorrect, metadata=gate_metadata(aligner),
-                                context=context)
+    return await acorrect_gated(
+        question, answer, gate_with, level, acorrect, metadata=gate_metadata(aligner), context=context
+    )
 
 
 #: ``correct_subset(pairs, max_new_tokens, passed)``: corrects the failing pairs (``passed`` of the batch already
@@ -243,8 +283,14 @@ async def aone(aligner: Any, inspector: Any, threshold: float | None, question: 
 SubsetCorrector = Callable[[Sequence[Any], Any, int], list[Any]]
 
 
-def batch(aligner: Any, inspector: Any, threshold: float | None, pairs: Sequence[Any], max_new_tokens: Any,
-          correct_subset: SubsetCorrector) -> list[Any]:
+def batch(
+    aligner: Any,
+    inspector: Any,
+    threshold: float | None,
+    pairs: Sequence[Any],
+    max_new_tokens: Any,
+    correct_subset: SubsetCorrector,
+) -> list[Any]:
     """``Aligner.correct_batch`` under its gate: all pairs scored in one batch, the failing ones corrected in one
     call (their per-pair ``max_new_tokens`` follow them), the results put back in input order."""
     gate_with, level = choose(aligner, inspector, threshold)
@@ -257,8 +303,14 @@ def batch(aligner: Any, inspector: Any, threshold: float | None, pairs: Sequence
     return merge_verdict(pairs, verdict, corrected, gate_metadata(aligner))
 
 
-async def abatch(aligner: Any, inspector: Any, threshold: float | None, pairs: Sequence[Any], max_new_tokens: Any,
-                 correct_subset: Callable[[Sequence[Any], Any], Awaitable[list[Any]]]) -> list[Any]:
+async def abatch(
+    aligner: Any,
+    inspector: Any,
+    threshold: float | None,
+    pairs: Sequence[Any],
+    max_new_tokens: Any,
+    correct_subset: Callable[[Sequence[Any], Any], Awaitable[list[Any]]],
+) -> list[Any]:
     """Async :func:`batch` (scored in a worker thread)."""
     gate_with, level = choose(aligner, inspector, threshold)
     if gate_with is None:
@@ -278,7 +330,9 @@ def stream_verdict(gate_with: Inspector | None, level: float, scored: Any) -> tu
     return None if score is None else (score, level)
 
 
-async def astream_verdict(gate_with: Inspector | None, level: float, scored: Any) -> tuple[float, float] | None:
+async def astream_verdict(
+    gate_with: Inspector | None, level: float, scored: Any
+) -> tuple[float, float] | None:
     """Async :func:`stream_verdict` (scored in a worker thread)."""
     if gate_with is None:
         return None
@@ -290,7 +344,11 @@ def scored(prepared: Any) -> Any:
     """What the inspector scores for a prepared pair: the pair, with its grounding context when it has one."""
     if not prepared.context:
         return (prepared.question, prepared.answer)
-    return {"question": prepared.question, "answer": prepared.answer, "context": [c.to_dict() for c in prepared.context]}
+    return {
+        "question": prepared.question,
+        "answer": prepared.answer,
+        "context": [c.to_dict() for c in prepared.context],
+    }
 
 
 def subset_limits(limits: Any, indices: Sequence[int], n: int) -> Any:
@@ -303,7 +361,26 @@ def subset_limits(limits: Any, indices: Sequence[int], n: int) -> Any:
 
 
 __all__ = [
-    "OWN", "Verdict", "abatch", "acorrect_batch_gated", "acorrect_gated", "agate", "aone", "astream_verdict", "batch",
-    "checked", "choose", "correct_batch_gated", "correct_gated", "gate", "gate_metadata", "inspected", "merge_verdict", "one",
-    "passed_correction", "scored", "stream_verdict", "subset_limits",
+    "OWN",
+    "Verdict",
+    "abatch",
+    "acorrect_batch_gated",
+    "acorrect_gated",
+    "agate",
+    "aone",
+    "astream_verdict",
+    "batch",
+    "checked",
+    "choose",
+    "correct_batch_gated",
+    "correct_gated",
+    "gate",
+    "gate_metadata",
+    "inspected",
+    "merge_verdict",
+    "one",
+    "passed_correction",
+    "scored",
+    "stream_verdict",
+    "subset_limits",
 ]

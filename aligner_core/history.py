@@ -38,18 +38,24 @@ def normalize_history(history: Any, where: str = "") -> History:
     for i, turn in enumerate(history):
         if isinstance(turn, Mapping):
             if "role" not in turn or "content" not in turn:
-                raise InvalidInputError(f"{where}history turn {i} needs 'role' and 'content' keys, got {sorted(turn)}")
+                raise InvalidInputError(
+                    f"{where}history turn {i} needs 'role' and 'content' keys, got {sorted(turn)}"
+                )
             role, content = turn["role"], turn["content"]
         elif isinstance(turn, (tuple, list)) and len(turn) == 2:
             role, content = turn
         else:
-            raise InvalidInputError(f"{where}history turn {i} must be a {{'role', 'content'}} dict, got {turn!r:.80}")
+            raise InvalidInputError(
+                f"{where}history turn {i} must be a {{'role', 'content'}} dict, got {turn!r:.80}"
+            )
         if role not in ROLE_LABELS:
             raise InvalidInputError(
                 f"{where}history turn {i} has role {role!r}; use one of {', '.join(ROLE_LABELS)}"
             )
         if not isinstance(content, str):
-            raise InvalidInputError(f"{where}history turn {i} content must be a str, got {type(content).__name__}")
+            raise InvalidInputError(
+                f"{where}history turn {i} content must be a str, got {type(content).__name__}"
+            )
         try:
             content.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -70,7 +76,9 @@ def history_of(record: Mapping[str, Any]) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
-            raise InvalidInputError(f"history is a string that is not a JSON list of turns ({exc.msg})") from None
+            raise InvalidInputError(
+                f"history is a string that is not a JSON list of turns ({exc.msg})"
+            ) from None
     return value
 
 
@@ -116,8 +124,11 @@ def render_prompt(template: Any, question: str, answer: str, history: History = 
         return template.format(question=question, answer=answer, history=history, context=tuple(context))
     if renders_history:
         folded = fold_history(question, (), context)
-        return template.format(question=folded, answer=answer, history=history) if history else template.format(
-            question=folded, answer=answer)
+        return (
+            template.format(question=folded, answer=answer, history=history)
+            if history
+            else template.format(question=folded, answer=answer)
+        )
     return template.format(question=fold_history(question, history, context), answer=answer)
 
 
@@ -132,6 +143,14 @@ def as_messages(history: History) -> list[dict[str, str]]:
 
 
 __all__ = [
-    "HISTORY_KEYS", "History", "ROLE_LABELS", "as_messages", "history_of", "fold_history", "history_lines", "history_texts",
-    "normalize_history", "render_prompt",
+    "HISTORY_KEYS",
+    "History",
+    "ROLE_LABELS",
+    "as_messages",
+    "history_of",
+    "fold_history",
+    "history_lines",
+    "history_texts",
+    "normalize_history",
+    "render_prompt",
 ]

@@ -48,7 +48,9 @@ class Inspector:
         if isinstance(fn, Inspector):
             raise TypeError("fn is already an Inspector: use it as it is (or as_inspector(obj))")
         if not callable(fn):
-            raise TypeError(f"an inspector must be callable (question, answer) -> float, got {type(fn).__name__}")
+            raise TypeError(
+                f"an inspector must be callable (question, answer) -> float, got {type(fn).__name__}"
+            )
         self._fn = fn
         self.batched = batched
         self.name = name or getattr(fn, "__name__", None) or type(fn).__name__
@@ -92,11 +94,16 @@ class Inspector:
         dedupe_library_logs()
         source = resolve_source(model)
         if source.kind == "gguf":
-            raise ModelLoadError(f"{os.fspath(model)} is a GGUF file: an inspector loads a sequence-classification "
-                                 "model directory or hub id (train one with `aligner train-inspector`)")
+            raise ModelLoadError(
+                f"{os.fspath(model)} is a GGUF file: an inspector loads a sequence-classification "
+                "model directory or hub id (train one with `aligner train-inspector`)"
+            )
         recorded = read_inspector_config(source.location) if source.kind == "dir" else {}
         target = resolve_device(device) if device_map is None else None
-        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, target or "cuda"), "trust_remote_code": trust_remote_code}
+        kwargs: dict[str, Any] = {
+            "dtype": resolve_dtype(dtype, target or "cuda"),
+            "trust_remote_code": trust_remote_code,
+        }
         if revision is not None:
             kwargs["revision"] = revision
         if not allow_pickle:
@@ -105,7 +112,8 @@ class Inspector:
             kwargs["device_map"] = device_map
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                source.location, trust_remote_code=trust_remote_code,
+                source.location,
+                trust_remote_code=trust_remote_code,
                 **({"revision": revision} if revision is not None else {}),
             )
             loaded = AutoModelForSequenceClassification.from_pretrained(source.location, **kwargs)
@@ -114,7 +122,8 @@ class Inspector:
         if target is not None:
             loaded = loaded.to(target)
         return cls.from_model(
-            loaded, tokenizer,
+            loaded,
+            tokenizer,
             max_length=max_length if max_length is not None else int(recorded.get("max_length", 512)),
             batch_size=batch_size,
             positive_label=positive_label if positive_label is not None else recorded.get("positive_label"),
@@ -133,9 +142,14 @@ class Inspector:
         name: str | None = None,
     ) -> Inspector:
         """Wrap a sequence-classification model and its tokenizer that are already loaded."""
-        scorer = SequenceClassifier(model, tokenizer, max_length=max_length, batch_size=batch_size,
-                                    positive_label=positive_label)
-        return cls(scorer, batched=True, name=name or getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        scorer = SequenceClassifier(
+            model, tokenizer, max_length=max_length, batch_size=batch_size, positive_label=positive_label
+        )
+        return cls(
+            scorer,
+            batched=True,
+            name=name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        )
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -154,10 +168,14 @@ class Inspector:
             if hasattr(raw, "tolist"):  # numpy arrays, tensors
                 raw = raw.tolist()
             if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-                raise InspectorError(f"inspector {self.name!r} must return a sequence of scores for a batch, "
-                                     f"got {type(raw).__name__}")
+                raise InspectorError(
+                    f"inspector {self.name!r} must return a sequence of scores for a batch, "
+                    f"got {type(raw).__name__}"
+                )
             if len(raw) != len(checked):
-                raise InspectorError(f"inspector {self.name!r} returned {len(raw)} scores for {len(checked)} pairs")
+                raise InspectorError(
+                    f"inspector {self.name!r} returned {len(raw)} scores for {len(checked)} pairs"
+                )
         else:
             raw = [self._fn(q, a) for q, a in checked]  # type: ignore[call-arg]
         return [check_score(value, i, self.name) for i, value in enumerate(raw)]
@@ -181,7 +199,12 @@ class SequenceClassifier:
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, max_length: int = 512, batch_size: int = 32,
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = 512,
+        batch_size: int = 32,
         positive_label: int | str | None = None,
     ) -> None:
         for what, value in (("max_length", max_length), ("batch_size", batch_size)):
@@ -194,10 +217,14 @@ class SequenceClassifier:
         self.index, self.sigmoid = resolve_positive_label(model.config, positive_label)
         if tokenizer.pad_token_id is None:  # decoder-only tokenizers often have none; batches need one
             if tokenizer.eos_token is None:
-                raise ModelLoadError("the inspector's tokenizer has neither a pad nor an EOS token to pad batches with")
+                raise ModelLoadError(
+                    "the inspector's tokenizer has neither a pad nor an EOS token to pad batches with"
+                )
             tokenizer.pad_token = tokenizer.eos_token
         if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # where decoder classifiers find the last token
+            model.config.pad_token_id = (
+                tokenizer.pad_token_id
+            )  # where decoder classifiers find the last token
         self._lock = threading.Lock()
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
@@ -207,14 +234,25 @@ class SequenceClassifier:
         scores = [0.0] * len(pairs)
         device = next(self.model.parameters()).device
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            with self._lock, torch.inference_mode():  # a fast tokenizer's padding state is not thread-safe either
+            chunk = order[start : start + self.batch_size]
+            with (
+                self._lock,
+                torch.inference_mode(),
+            ):  # a fast tokenizer's padding state is not thread-safe either
                 encoded = self.tokenizer(
-                    [pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk],
-                    truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
+                    [pairs[i][0] for i in chunk],
+                    [pairs[i][1] for i in chunk],
+                    truncation=True,
+                    max_length=self.max_length,
+                    padding=True,
+                    return_tensors="pt",
                 ).to(device)
                 logits = self.model(**encoded).logits.float()
-            probs = torch.sigmoid(logits[:, self.index]) if self.sigmoid else torch.softmax(logits, -1)[:, self.index]
+            probs = (
+                torch.sigmoid(logits[:, self.index])
+                if self.sigmoid
+                else torch.softmax(logits, -1)[:, self.index]
+            )
             for i, p in zip(chunk, probs.tolist()):
                 scores[i] = p
         return scores
@@ -229,11 +267,15 @@ def resolve_positive_label(config: Any, positive_label: int | str | None) -> tup
     if isinstance(positive_label, str):
         label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
         if positive_label not in label2id:
-            raise InspectorError(f"positive_label {positive_label!r} is not a label of this model; it has "
-                                 f"{', '.join(map(repr, label2id)) or 'none'}")
+            raise InspectorError(
+                f"positive_label {positive_label!r} is not a label of this model; it has "
+                f"{', '.join(map(repr, label2id)) or 'none'}"
+            )
         return label2id[positive_label], sigmoid
     if isinstance(positive_label, bool) or not isinstance(positive_label, int) or not 0 <= positive_label < n:
-        raise InspectorError(f"positive_label must be a label name or an index in [0, {n}), got {positive_label!r}")
+        raise InspectorError(
+            f"positive_label must be a label name or an index in [0, {n}), got {positive_label!r}"
+        )
     return positive_label, sigmoid
 
 
@@ -272,14 +314,24 @@ def check_score(value: Any, index: int = 0, name: str = "inspector") -> float:
             f"inspector {name!r} returned {value!r} for pair {index}: return a score in [0, 1] where 1 means "
             "aligned (a boolean is ambiguous: older gates returned True for 'needs correcting')"
         )
-    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)) or not 0.0 <= float(value) <= 1.0:
-        raise InspectorError(f"inspector {name!r} returned {value!r} for pair {index}: scores must be numbers in [0, 1]")
+    if (
+        not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not 0.0 <= float(value) <= 1.0
+    ):
+        raise InspectorError(
+            f"inspector {name!r} returned {value!r} for pair {index}: scores must be numbers in [0, 1]"
+        )
     return float(value)
 
 
 def check_threshold(threshold: Any) -> float:
     """``threshold`` as a float in [0, 1], else ``InspectorError``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= float(threshold) <= 1.0:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or not 0.0 <= float(threshold) <= 1.0
+    ):
         raise InspectorError(f"threshold must be a number in [0, 1], got {threshold!r}")
     return float(threshold)
 

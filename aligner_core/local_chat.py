@@ -48,7 +48,9 @@ class LocalChat:
         if tokenizer is None:
             raise TemplateError(f"the {engine.name!r} engine holds no local tokenizer to render a chat with")
         if prompt_format is None and not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("the model's tokenizer has no chat template: pass prompt_format='...{question}...'")
+            raise TemplateError(
+                "the model's tokenizer has no chat template: pass prompt_format='...{question}...'"
+            )
         if prompt_format is not None and "{question}" not in prompt_format:
             raise TemplateError(f"prompt_format must contain {{question}}, got {prompt_format!r}")
         self.engine = engine
@@ -59,7 +61,9 @@ class LocalChat:
         self.params = GenerationParams(max_new_tokens=max_new_tokens, speculative=False).updated(generation)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, *, max_batch_tokens: int | None = None, **kwargs: Any) -> LocalChat:
+    def from_model(
+        cls, model: Any, tokenizer: Any, *, max_batch_tokens: int | None = None, **kwargs: Any
+    ) -> LocalChat:
         """Chat with an already loaded transformers model (its own engine)."""
         from .engines.local import TransformersEngine
 
@@ -91,7 +95,9 @@ class LocalChat:
                 return self.prompt_format.replace("{question}", conversation)
             conversation = [{"role": "user", "content": conversation}]
         elif self.prompt_format is not None:
-            raise TemplateError("a model without a chat template (prompt_format=...) answers single questions only")
+            raise TemplateError(
+                "a model without a chat template (prompt_format=...) answers single questions only"
+            )
         turns = [dict(t) for t in conversation]
         if not turns:
             raise InvalidInputError("the conversation is empty: pass at least one message")
@@ -129,12 +135,16 @@ class LocalChat:
             results[i] = out
         return results
 
-    def submit(self, conversation: Conversation, params: GenerationParams | None = None) -> Future[GenerationOutput]:
+    def submit(
+        self, conversation: Conversation, params: GenerationParams | None = None
+    ) -> Future[GenerationOutput]:
         """Answer one conversation; concurrent submissions share the engine's batches."""
         params = params or self.params
         return self.engine.submit(self.request(conversation, params), params)
 
-    async def agenerate(self, conversation: Conversation, params: GenerationParams | None = None) -> GenerationOutput:
+    async def agenerate(
+        self, conversation: Conversation, params: GenerationParams | None = None
+    ) -> GenerationOutput:
         """Async answer of one conversation (the event loop is never blocked)."""
         params = params or self.params
         return await self.engine.agenerate(self.request(conversation, params), params)

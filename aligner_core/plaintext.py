@@ -21,7 +21,9 @@ Encode = Callable[..., list[int]]
 _CACHE: weakref.WeakKeyDictionary[Any, tuple[int, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
-def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
+def encode_text(
+    tokenizer: Any, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False
+) -> list[int]:
     """Token ids of ``text``; ``split_special_tokens`` reads special-token strings as plain characters."""
     options = {"split_special_tokens": True} if split_special_tokens else {}
     return list(tokenizer(text, add_special_tokens=add_special_tokens, **options)["input_ids"])

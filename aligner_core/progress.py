@@ -138,7 +138,11 @@ def bar_callback(bar: Any) -> ProgressCallback:
 
 @contextlib.contextmanager
 def tracking(
-    progress: ProgressCallback | Progress | None, bar: Any = None, *, total: int | None = None, initial_rows: int = 0
+    progress: ProgressCallback | Progress | None,
+    bar: Any = None,
+    *,
+    total: int | None = None,
+    initial_rows: int = 0,
 ) -> Iterator[Progress]:
     """The tracker of one run, moving ``bar`` (a tqdm bar; a disabled one is left alone).
 
@@ -175,7 +179,9 @@ def token_postfix(bar: Any) -> ProgressCallback:
 
 
 @contextlib.contextmanager
-def batch_tracker(total: int, show: bool, progress: ProgressCallback | Progress | None) -> Iterator[Progress | None]:
+def batch_tracker(
+    total: int, show: bool, progress: ProgressCallback | Progress | None
+) -> Iterator[Progress | None]:
     """The tracker of one ``correct_batch`` (the caller's shared one, or a new one), with a bar when shown."""
     if not show and progress is None:
         yield None  # nobody watches: the engine skips counting
@@ -185,23 +191,29 @@ def batch_tracker(total: int, show: bool, progress: ProgressCallback | Progress 
     shared = progress if isinstance(progress, Progress) else None
     with (
         tqdm(
-            total=shared.total if shared else total, initial=shared.rows if shared else 0,
-            desc="Correcting", unit="pair", disable=not show,
+            total=shared.total if shared else total,
+            initial=shared.rows if shared else 0,
+            desc="Correcting",
+            unit="pair",
+            disable=not show,
         ) as bar,
         tracking(progress, bar, total=None if shared else total) as tracker,  # a shared total is its owner's
     ):
         yield tracker
 
 
-def generate_tracked(engine: Any, requests: list[Any], params: Any, *, fail_fast: bool,
-                     progress: Progress | None) -> list[Any]:
+def generate_tracked(
+    engine: Any, requests: list[Any], params: Any, *, fail_fast: bool, progress: Progress | None
+) -> list[Any]:
     """``engine.generate`` with live progress; an engine written before ``progress=`` reports rows as they finish."""
     if progress is None:
         return engine.generate(requests, params, fail_fast=fail_fast)
     if _takes_progress(engine):
         return engine.generate(requests, params, fail_fast=fail_fast, progress=progress)
     return engine.generate(
-        requests, params, fail_fast=fail_fast,
+        requests,
+        params,
+        fail_fast=fail_fast,
         on_result=lambda _i, out: progress.update(
             tokens=0 if isinstance(out, BaseException) else out.completion_tokens, rows=1
         ),
@@ -216,4 +228,6 @@ def _takes_progress(engine: Any) -> bool:
         parameters = inspect.signature(engine.generate).parameters
     except (TypeError, ValueError):  # pragma: no cover - a builtin or C callable
         return False
-    return "progress" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return "progress" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )

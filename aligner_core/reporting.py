@@ -19,9 +19,14 @@ from .errors import GenerationOptionError
 
 #: A framework's role name -> the core's history role (``user``, ``assistant``, ``system``).
 ROLES: dict[str, str] = {
-    "user": "user", "human": "user",
-    "assistant": "assistant", "ai": "assistant", "chatbot": "assistant", "model": "assistant",
-    "system": "system", "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "chatbot": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "developer": "system",
 }
 
 #: ``"raise"`` propagates the Aligner's errors; ``"passthrough"`` serves the uncorrected answer and records why.
@@ -54,8 +59,9 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def details(correction: Correction, *, model: str, include_original: bool = False,
-            keep_text: bool = False) -> dict[str, Any]:
+def details(
+    correction: Correction, *, model: str, include_original: bool = False, keep_text: bool = False
+) -> dict[str, Any]:
     """A correction as an adapter reports it: ``model``, ``changed``, ``similarity``, tokens, ``finish_reason``,
     ``latency_s``, the core's ``metadata``, and at the top the verdict and ``skipped`` reason when there are any.
 
@@ -74,9 +80,23 @@ def details(correction: Correction, *, model: str, include_original: bool = Fals
 
 def failure_details(text: str | None, exc: BaseException, *, model: str) -> dict[str, Any]:
     """The details of an answer served uncorrected because the Aligner failed (``on_error="passthrough"``)."""
-    return {"model": model, "original": text, "changed": False, "error": describe(exc), "error_type": type(exc).__name__}
+    return {
+        "model": model,
+        "original": text,
+        "changed": False,
+        "error": describe(exc),
+        "error_type": type(exc).__name__,
+    }
 
 
 __all__ = [
-    "ROLES", "TOP_KEYS", "OnError", "check_on_error", "describe", "details", "failure_details", "raises", "role_of",
+    "ROLES",
+    "TOP_KEYS",
+    "OnError",
+    "check_on_error",
+    "describe",
+    "details",
+    "failure_details",
+    "raises",
+    "role_of",
 ]

@@ -70,8 +70,19 @@ def prepare_all(
     for i, (pair, limit) in enumerate(zip(pairs, limits)):
         try:
             item = unpack(pair, i)
-            slots.append(prepare(aligner, item.question, item.answer, params, on_overflow=overflow,
-                                 max_new_tokens=limit, index=i, history=item.history, context=item.context))
+            slots.append(
+                prepare(
+                    aligner,
+                    item.question,
+                    item.answer,
+                    params,
+                    on_overflow=overflow,
+                    max_new_tokens=limit,
+                    index=i,
+                    history=item.history,
+                    context=item.context,
+                )
+            )
         except AlignerError as exc:
             if not return_exceptions:
                 raise
@@ -80,13 +91,19 @@ def prepare_all(
 
 
 def prepare_one(
-    aligner: Any, question: Any, answer: Any, generation: dict[str, Any], history: HistoryArg = None,
+    aligner: Any,
+    question: Any,
+    answer: Any,
+    generation: dict[str, Any],
+    history: HistoryArg = None,
     context: ContextArg = None,
 ) -> tuple[PreparedRequest, GenerationParams]:
     """One pair's request and the call's generation settings (``on_overflow`` is per call too)."""
     overflow = generation.pop("on_overflow", None)
     params = aligner.defaults.updated(generation)
-    return prepare(aligner, question, answer, params, on_overflow=overflow, history=history, context=context), params
+    return prepare(
+        aligner, question, answer, params, on_overflow=overflow, history=history, context=context
+    ), params
 
 
 def prepare(
@@ -107,14 +124,7 @@ def prepare(
     from the question first), then ``on_overflow`` applies to the answer.
     """
     where = "" if index is None else f"pair {index}: "
-    for field_name, value in (("question", question), ("answer", answer)):
-        if not isinstance(value, str):
-            raise InvalidInputError(f"{where}{field_name} must be a str, got {type(value).__name__}")
-        _check_text(where, field_name, value)
-    turns = normalize_history(history, where)
-    grounding = normalize_context(context, where)
-    if not answer.strip():
-        raise EmptyAnswerError(f"{where}the answer is empty or whitespace: there is nothing to correct")
+    turns, grounding = _checked(where, question, answer, history, context)
     policy = on_overflow or aligner.on_overflow
     if policy not in ("error", "truncate"):
         raise ValueError(f"on_overflow must be 'error' or 'truncate', got {policy!r}")
@@ -153,18 +163,18 @@ def prepare(
                 f"{where}the prompt is {len(ids)} tokens and max_new_tokens is {limit}, more than the model's "
                 f"context of {ctx}: shorten the answer, lower max_new_tokens, or pass on_overflow='truncate'"
             )
-        keep = len(answer_ids) - (len(ids) + limit - ctx)
-        if keep < 1:
-            raise ContextOverflowError(
-                f"{where}even with the answer cut to nothing the prompt and max_new_tokens={limit} exceed the "
-                f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
-            )
-        cut = aligner.engine.decode(answer_ids[:keep])
-        prompt, ids = render(aligner, question, cut, plain=plain, history=turns, context=grounding)
-        while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
-            keep -= 1
-            cut = aligner.engine.decode(answer_ids[:keep])
-            prompt, ids = render(aligner, question, cut, plain=plain, history=turns, context=grounding)
+        keep, cut, prompt, ids = _cut_answer(
+            aligner,
+            question,
+            answer_ids,
+            len(ids),
+            limit,
+            ctx,
+            where,
+            plain=plain,
+            history=turns,
+            context=grounding,
+        )
         metadata.update(truncated=True, answer_tokens_kept=keep, answer_tokens=len(answer_ids))
         answer_ids = answer_ids[:keep]
     if not aligner.engine.tokenizes_locally:
@@ -172,11 +182,60 @@ def prepare(
         return PreparedRequest(question, answer, request, metadata, turns, grounding)
     reserve = min(limit, max(RESERVE_MIN, RESERVE_FACTOR * len(answer_ids)))
     request = GenerationRequest(
-        prompt=prompt, prompt_ids=tuple(ids), max_new_tokens=limit, reserve=reserve, draft_ids=tuple(answer_ids),
-        add_special_tokens=aligner.template.add_special_tokens, exact_ids=plain,
+        prompt=prompt,
+        prompt_ids=tuple(ids),
+        max_new_tokens=limit,
+        reserve=reserve,
+        draft_ids=tuple(answer_ids),
+        add_special_tokens=aligner.template.add_special_tokens,
+        exact_ids=plain,
     )
-    return PreparedRequest(question=question, answer=answer, request=request, metadata=metadata, history=turns,
-                     context=grounding)
+    return PreparedRequest(
+        question=question, answer=answer, request=request, metadata=metadata, history=turns, context=grounding
+    )
+
+
+def _checked(
+    where: str, question: Any, answer: Any, history: HistoryArg, context: ContextArg
+) -> tuple[History, Context]:
+    """The pair's history and context, normalised, after the checks every pair passes (specific errors)."""
+    for field_name, value in (("question", question), ("answer", answer)):
+        if not isinstance(value, str):
+            raise InvalidInputError(f"{where}{field_name} must be a str, got {type(value).__name__}")
+        _check_text(where, field_name, value)
+    turns = normalize_history(history, where)
+    grounding = normalize_context(context, where)
+    if not answer.strip():
+        raise EmptyAnswerError(f"{where}the answer is empty or whitespace: there is nothing to correct")
+    return turns, grounding
+
+
+def _cut_answer(
+    aligner: Any,
+    question: str,
+    answer_ids: list[int],
+    prompt_len: int,
+    limit: int,
+    ctx: int,
+    where: str,
+    **render_kw: Any,
+) -> tuple[int, str, str, list[int]]:
+    """Cut the answer's tail until the prompt and ``limit`` new tokens fit ``ctx``: (tokens kept, the cut answer,
+    its prompt and ids)."""
+    keep = len(answer_ids) - (prompt_len + limit - ctx)
+    if keep < 1:
+        raise ContextOverflowError(
+            f"{where}even with the answer cut to nothing the prompt and max_new_tokens={limit} exceed the "
+            f"context of {ctx} tokens: lower max_new_tokens or shorten the question"
+        )
+    cut = aligner.engine.decode(answer_ids[:keep])
+    prompt, ids = render(aligner, question, cut, **render_kw)
+    while len(ids) + limit > ctx and keep > 1:  # re-tokenizing at the seam can add a token
+        keep -= 1
+        cut = aligner.engine.decode(answer_ids[:keep])
+        prompt, ids = render(aligner, question, cut, **render_kw)
+    return keep, cut, prompt, ids
+
 
 def fit_context(
     aligner: Any, question: str, answer: str, plain: bool, turns: History, grounding: Context, budget: int
@@ -198,18 +257,27 @@ def fit_context(
         return (), prompt, ids
     return best
 
+
 def holds_special_text(aligner: Any, *texts: str) -> bool:
     """Whether the pair (or its history) holds special-token strings of a tokenizer this side can encode with."""
     tokenizer = getattr(aligner.engine, "tokenizer", None)
     return tokenizer is not None and holds_special(tokenizer, texts)
+
 
 def encode_answer(aligner: Any, answer: str, plain: bool) -> list[int]:
     if plain:
         return aligner.engine.encode(answer, add_special_tokens=False, split_special_tokens=True)
     return aligner.engine.encode(answer, add_special_tokens=False)
 
+
 def render(
-    aligner: Any, question: str, answer: str, *, plain: bool = False, history: History = (), context: Context = ()
+    aligner: Any,
+    question: str,
+    answer: str,
+    *,
+    plain: bool = False,
+    history: History = (),
+    context: Context = (),
 ) -> tuple[str, list[int]]:
     """The prompt and its tokens (a chat template left to a server is counted by the server).
 
@@ -219,8 +287,12 @@ def render(
     if isinstance(aligner.template, ChatTemplate) and aligner.template.tokenizer is None:
         encode_messages = getattr(aligner.engine, "encode_messages", None)
         if encode_messages is None:
-            raise TemplateError(f"the {aligner.engine.name!r} engine cannot render the chat template without a tokenizer")
-        messages = aligner.template.messages(question=question, answer=answer, history=history, context=context)
+            raise TemplateError(
+                f"the {aligner.engine.name!r} engine cannot render the chat template without a tokenizer"
+            )
+        messages = aligner.template.messages(
+            question=question, answer=answer, history=history, context=context
+        )
         return "", encode_messages(messages)
     prompt = render_prompt(aligner.template, question, answer, history, context)
     special = aligner.template.add_special_tokens
@@ -235,6 +307,7 @@ def render(
         return prompt, ids
     return prompt, aligner.engine.encode(prompt, add_special_tokens=special)
 
+
 def remote_request(
     aligner: Any, question: str, answer: str, limit: int, history: History = (), context: Context = ()
 ) -> GenerationRequest:
@@ -243,11 +316,17 @@ def remote_request(
     template = aligner.template
     if isinstance(template, ChatTemplate) and template.tokenizer is None:
         messages = template.messages(question=question, answer=answer, history=history, context=context)
-        return GenerationRequest(prompt="", prompt_ids=(), max_new_tokens=limit, reserve=limit,
-                                 messages=tuple(messages))
+        return GenerationRequest(
+            prompt="", prompt_ids=(), max_new_tokens=limit, reserve=limit, messages=tuple(messages)
+        )
     prompt = render_prompt(template, question, answer, history, context)
-    return GenerationRequest(prompt=prompt, prompt_ids=(), max_new_tokens=limit, reserve=limit,
-                             add_special_tokens=template.add_special_tokens)
+    return GenerationRequest(
+        prompt=prompt,
+        prompt_ids=(),
+        max_new_tokens=limit,
+        reserve=limit,
+        add_special_tokens=template.add_special_tokens,
+    )
 
 
 def _per_item_limits(value: int | Sequence[int] | None, n: int, default: int) -> list[int]:
@@ -289,7 +368,8 @@ def _template_markers_in(template: Any, *texts: str) -> list[str]:
         logger.warning(
             "the text holds the %r template's own separators %s: the format cannot escape them, so the prompt is "
             "ambiguous for the model (kept as is; recorded in Correction.metadata['template_markers_in_text'])",
-            template.name, found,
+            template.name,
+            found,
         )
     return found
 
@@ -302,7 +382,9 @@ def build(prepared: PreparedRequest, out: Any, *, latency: float | None = None) 
         question=prepared.question,
         original=prepared.answer,
         text=out.text,
-        prompt_tokens=out.prompt_tokens if out.prompt_tokens is not None else len(prepared.request.prompt_ids),
+        prompt_tokens=out.prompt_tokens
+        if out.prompt_tokens is not None
+        else len(prepared.request.prompt_ids),
         completion_tokens=out.completion_tokens,
         finish_reason=out.finish_reason,
         latency_s=out.latency_s if latency is None else latency,
@@ -336,7 +418,9 @@ def run_one(aligner: Any, prepared: PreparedRequest, params: GenerationParams, l
     return build(prepared, out, latency=time.perf_counter() - start)
 
 
-async def arun_one(aligner: Any, prepared: PreparedRequest, params: GenerationParams, limit: float | None) -> Any:
+async def arun_one(
+    aligner: Any, prepared: PreparedRequest, params: GenerationParams, limit: float | None
+) -> Any:
     """Async :func:`run_one`: cancelling the awaiting task (or the deadline) drops the request."""
     import asyncio
     import time

@@ -79,14 +79,18 @@ class AlignerSquad:
                 raise ValueError(f"member {i} must be an (inspector, aligner) pair, got {member!r}")
             inspector, aligner = member
             if not callable(getattr(aligner, "correct_batch", None)):
-                raise TypeError(f"member {i}: the aligner must have correct_batch (an Aligner), got {type(aligner).__name__}")
+                raise TypeError(
+                    f"member {i}: the aligner must have correct_batch (an Aligner), got {type(aligner).__name__}"
+                )
             inspectors.append(as_inspector(inspector))
             aligners.append(aligner)
         self.inspectors: list[Inspector] = inspectors
         self.aligners: list[Any] = aligners
         if isinstance(threshold, Sequence) and not isinstance(threshold, (str, bytes)):
             if len(threshold) != len(members):
-                raise ValueError(f"threshold has {len(threshold)} values for {len(members)} members: give one or one each")
+                raise ValueError(
+                    f"threshold has {len(threshold)} values for {len(members)} members: give one or one each"
+                )
             self.thresholds = [check_threshold(t) for t in threshold]
         else:
             self.thresholds = [check_threshold(threshold)] * len(members)
@@ -138,7 +142,9 @@ class AlignerSquad:
     # -- the rounds ---------------------------------------------------------------------------
 
     @staticmethod
-    def _acorrect_batch(aligner: Any, pairs: list[Any], generation: dict[str, Any]) -> Awaitable[Sequence[Any]]:
+    def _acorrect_batch(
+        aligner: Any, pairs: list[Any], generation: dict[str, Any]
+    ) -> Awaitable[Sequence[Any]]:
         batch: Callable[..., Awaitable[Sequence[Any]]] | None = getattr(aligner, "acorrect_batch", None)
         if batch is not None:
             return batch(pairs, **generation)
@@ -146,12 +152,16 @@ class AlignerSquad:
 
     def _start(self, pairs: Sequence[Any]) -> list[_State]:
         if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
-            raise InvalidInputError(f"pairs must be a sequence of (question, answer) pairs, got {type(pairs).__name__}")
+            raise InvalidInputError(
+                f"pairs must be a sequence of (question, answer) pairs, got {type(pairs).__name__}"
+            )
         states = []
         for i, pair in enumerate(pairs):
             q, a = question_answer(pair, i)
             if not a.strip():
-                raise EmptyAnswerError(f"pair {i}: the answer is empty or whitespace: there is nothing to correct")
+                raise EmptyAnswerError(
+                    f"pair {i}: the answer is empty or whitespace: there is nothing to correct"
+                )
             states.append(_State(pair, q, a, a))
         return states
 
@@ -160,7 +170,10 @@ class AlignerSquad:
         which = list(which)
         if not which:
             return
-        per_criterion = [insp.score_batch([(states[i].question, states[i].text) for i in which]) for insp in self.inspectors]
+        per_criterion = [
+            insp.score_batch([(states[i].question, states[i].text) for i in which])
+            for insp in self.inspectors
+        ]
         for k, i in enumerate(which):
             states[i].scores = [scores[k] for scores in per_criterion]
 
@@ -169,8 +182,11 @@ class AlignerSquad:
         among those not applied yet (ties go to the earlier member)."""
         plan: dict[int, list[int]] = {}
         for i, s in enumerate(states):
-            failing = [c for c in range(len(self.aligners))
-                       if c not in s.applied and not passes(s.scores[c], self.thresholds[c])]
+            failing = [
+                c
+                for c in range(len(self.aligners))
+                if c not in s.applied and not passes(s.scores[c], self.thresholds[c])
+            ]
             if failing:
                 worst = min(failing, key=lambda c: (s.scores[c], c))
                 plan.setdefault(worst, []).append(i)
@@ -184,9 +200,17 @@ class AlignerSquad:
             if isinstance(out, BaseException):
                 raise out
             s.applied.add(c)
-            text = out.text if out.text.strip() else s.text  # an empty correction keeps the answer it was given
-            s.steps.append({"criterion": c, "name": self.names[c], "scores_before": list(s.scores),
-                            "changed": text.strip() != s.text.strip()})
+            text = (
+                out.text if out.text.strip() else s.text
+            )  # an empty correction keeps the answer it was given
+            s.steps.append(
+                {
+                    "criterion": c,
+                    "name": self.names[c],
+                    "scores_before": list(s.scores),
+                    "changed": text.strip() != s.text.strip(),
+                }
+            )
             s.text = text
             s.prompt_tokens += out.prompt_tokens
             s.completion_tokens += out.completion_tokens
@@ -209,9 +233,14 @@ class AlignerSquad:
             "inspector_passed": not s.steps,
         }
         return Correction.build(
-            question=s.question, original=s.original, text=s.text, prompt_tokens=s.prompt_tokens,
-            completion_tokens=s.completion_tokens, finish_reason=s.finish_reason,  # type: ignore[arg-type]
-            latency_s=s.latency_s, metadata=metadata,
+            question=s.question,
+            original=s.original,
+            text=s.text,
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens,
+            finish_reason=s.finish_reason,  # type: ignore[arg-type]
+            latency_s=s.latency_s,
+            metadata=metadata,
         )
 
 

@@ -66,13 +66,13 @@ class TextDeltas:
     def _advance(self, safe: str) -> str:
         if not safe.startswith(self.emitted):
             return ""  # a tokenizer clean-up rewrote earlier text; wait for the final text
-        delta, self.emitted = safe[len(self.emitted):], safe
+        delta, self.emitted = safe[len(self.emitted) :], safe
         return delta
 
     def finish(self, final_text: str) -> str:
         """The last delta, given the text the engine settled on."""
         if final_text.startswith(self.emitted):
-            delta, self.emitted = final_text[len(self.emitted):], final_text
+            delta, self.emitted = final_text[len(self.emitted) :], final_text
             return delta
         raise RuntimeError(  # pragma: no cover - would mean the decoder is not prefix-stable
             f"streamed text {self.emitted!r} is not a prefix of the final text {final_text!r}"
@@ -193,13 +193,25 @@ def passed(aligner: Any, stream: Any, prepared: PreparedRequest, verdict: tuple[
     if verdict is None or not passes(*verdict):
         return False
     stream.put(prepared.answer)
-    stream.done(passed_correction(prepared.question, prepared.answer, verdict[0], threshold=verdict[1],
-                                  metadata=gate_metadata(aligner)))
+    stream.done(
+        passed_correction(
+            prepared.question,
+            prepared.answer,
+            verdict[0],
+            threshold=verdict[1],
+            metadata=gate_metadata(aligner),
+        )
+    )
     return True
 
 
-def produce(aligner: Any, stream: CorrectionStream, prepared: PreparedRequest, params: GenerationParams,
-            verdict: tuple[float, float] | None) -> None:
+def produce(
+    aligner: Any,
+    stream: CorrectionStream,
+    prepared: PreparedRequest,
+    params: GenerationParams,
+    verdict: tuple[float, float] | None,
+) -> None:
     """Generate ``prepared`` on the aligner's engine into ``stream`` (from the engine's worker)."""
     if passed(aligner, stream, prepared, verdict):
         return
@@ -210,14 +222,21 @@ def produce(aligner: Any, stream: CorrectionStream, prepared: PreparedRequest, p
     def finished(future: Any) -> None:
         if (alive := ref()) is not None:
             error = future.exception()
-            _finish(aligner, alive, deltas, prepared, error, None if error else future.result(), start, verdict)
+            _finish(
+                aligner, alive, deltas, prepared, error, None if error else future.result(), start, verdict
+            )
 
     future = aligner.engine.stream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
     future.add_done_callback(finished)
 
 
-async def aproduce(aligner: Any, ref: weakref.ref[AsyncCorrectionStream], prepared: PreparedRequest,
-                   params: GenerationParams, gate: tuple[Any, float]) -> None:
+async def aproduce(
+    aligner: Any,
+    ref: weakref.ref[AsyncCorrectionStream],
+    prepared: PreparedRequest,
+    params: GenerationParams,
+    gate: tuple[Any, float],
+) -> None:
     """Async :func:`produce`: the stream's producer task (the inspector scores in a worker thread first)."""
     from .gating import astream_verdict, scored
 
@@ -235,7 +254,9 @@ async def aproduce(aligner: Any, ref: weakref.ref[AsyncCorrectionStream], prepar
     error: BaseException | None = None
     out: Any = None
     try:
-        out = await aligner.engine.astream(prepared.request, params, lambda text: _deliver(ref, deltas.update(text)))
+        out = await aligner.engine.astream(
+            prepared.request, params, lambda text: _deliver(ref, deltas.update(text))
+        )
     except asyncio.CancelledError:
         if (stream := ref()) is not None:
             stream.done(None)
@@ -246,8 +267,16 @@ async def aproduce(aligner: Any, ref: weakref.ref[AsyncCorrectionStream], prepar
         _finish(aligner, stream, deltas, prepared, error, out, start, verdict)
 
 
-def _finish(aligner: Any, stream: Any, deltas: TextDeltas, prepared: PreparedRequest, error: BaseException | None,
-            output: Any, start: float, verdict: tuple[float, float] | None) -> None:
+def _finish(
+    aligner: Any,
+    stream: Any,
+    deltas: TextDeltas,
+    prepared: PreparedRequest,
+    error: BaseException | None,
+    output: Any,
+    start: float,
+    verdict: tuple[float, float] | None,
+) -> None:
     """End a stream: its last delta and its correction (with the inspector's verdict), or its error."""
     if isinstance(error, StreamCancelled):
         stream.done(None)

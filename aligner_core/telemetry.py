@@ -129,7 +129,9 @@ def start(aligner: Any, params: Any, *, pairs: int, stream: bool = False) -> Spa
 
     attrs = request_attributes(aligner, params, pairs=pairs, stream=stream)
     kind = SpanKind.CLIENT if "server.address" in attrs else SpanKind.INTERNAL
-    return Span(tracer.start_span(f"text_completion {attrs['gen_ai.request.model']}", kind=kind, attributes=attrs))
+    return Span(
+        tracer.start_span(f"text_completion {attrs['gen_ai.request.model']}", kind=kind, attributes=attrs)
+    )
 
 
 #: The Aligner whose call is being traced here: its own inner calls (an inspector gate correcting the failing
@@ -150,7 +152,9 @@ def traced(aligner: Any, params: Any, *, pairs: int) -> Iterator[list[Any]]:
 
     token = _ACTIVE.set(id(aligner))
     try:
-        with trace.use_span(span.raw, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+        with trace.use_span(
+            span.raw, end_on_exit=False, record_exception=False, set_status_on_exception=False
+        ):
             yield results
     except BaseException as exc:
         span.finish(results, exc)
@@ -209,6 +213,13 @@ def span_of(*, batch: bool) -> Callable[[F], F]:
 
 
 __all__ = [
-    "TRACER_NAME", "Span", "available", "call_params", "request_attributes", "result_attributes", "span_of", "start",
+    "TRACER_NAME",
+    "Span",
+    "available",
+    "call_params",
+    "request_attributes",
+    "result_attributes",
+    "span_of",
+    "start",
     "traced",
 ]

@@ -102,7 +102,12 @@ class ChatTemplate:
     renders_context = True
 
     def format(
-        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = (), context: Sequence[Any] = ()
+        self,
+        *,
+        question: str,
+        answer: str,
+        history: Sequence[tuple[str, str]] = (),
+        context: Sequence[Any] = (),
     ) -> str:
         if self.tokenizer is None:
             raise TemplateError(
@@ -121,7 +126,12 @@ class ChatTemplate:
             ) from exc
 
     def messages(
-        self, *, question: str, answer: str, history: Sequence[tuple[str, str]] = (), context: Sequence[Any] = ()
+        self,
+        *,
+        question: str,
+        answer: str,
+        history: Sequence[tuple[str, str]] = (),
+        context: Sequence[Any] = (),
     ) -> list[dict[str, str]]:
         """The chat messages the template renders (what a server's chat endpoint is sent): the system
         prompt, the earlier turns as they were, the grounding context as turns (``context.context_messages``),

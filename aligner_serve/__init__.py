@@ -18,8 +18,16 @@ if TYPE_CHECKING:
     from .security import ApiKeys
     from .upstream import Upstream
 
-_LAZY = {"build_app": "app", "ServeLimits": "limits", "ModelMap": "models", "ApiKeys": "security",
-         "Upstream": "upstream", "KeyRing": "policy", "Policy": "config", "load_config": "config"}
+_LAZY = {
+    "build_app": "app",
+    "ServeLimits": "limits",
+    "ModelMap": "models",
+    "ApiKeys": "security",
+    "Upstream": "upstream",
+    "KeyRing": "policy",
+    "Policy": "config",
+    "load_config": "config",
+}
 
 
 def __getattr__(name: str) -> Any:

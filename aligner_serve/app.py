@@ -43,8 +43,13 @@ from .upstream import Upstream
 logger = logging.getLogger("aligner_serve")
 
 #: Every path the proxy serves, with its method (anything else is a JSON 404, a wrong method a JSON 405).
-ENDPOINTS = {"/v1/chat/completions": "POST", "/v1/corrections": "POST", "/v1/models": "GET", "/health": "GET",
-             "/metrics": "GET"}
+ENDPOINTS = {
+    "/v1/chat/completions": "POST",
+    "/v1/corrections": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/metrics": "GET",
+}
 
 
 class SmallEndpoints:
@@ -55,15 +60,24 @@ class SmallEndpoints:
 
     async def models(self, request: Request) -> Response:
         """The upstream's models with every field it gave, and the operator's aliases (``models.ModelMap``)."""
-        return JSONResponse({"object": "list", "data": self.proxy.models.listing(await self.proxy.upstream.models())})
+        return JSONResponse(
+            {"object": "list", "data": self.proxy.models.listing(await self.proxy.upstream.models())}
+        )
 
     async def health(self, request: Request) -> Response:
         """``ok``; after SIGTERM ``draining`` with 503, so a load balancer stops sending requests."""
         proxy = self.proxy
         draining = proxy.drain.draining
-        return JSONResponse({"status": "draining" if draining else "ok", "aligner": proxy.aligner.name,
-                             "template": proxy.aligner.template.name, "in_progress": proxy.admission.active,
-                             "queue_limit": proxy.limits.max_queue}, status_code=503 if draining else 200)
+        return JSONResponse(
+            {
+                "status": "draining" if draining else "ok",
+                "aligner": proxy.aligner.name,
+                "template": proxy.aligner.template.name,
+                "in_progress": proxy.admission.active,
+                "queue_limit": proxy.limits.max_queue,
+            },
+            status_code=503 if draining else 200,
+        )
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.proxy.metrics.exposition(), media_type=self.proxy.metrics.content_type)
@@ -89,9 +103,13 @@ class ApiKeyMiddleware:
             return
         path = scope.get("path", "")
         self.metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status="401").inc()
-        response = json_error(401, "missing or invalid API key: send it as 'Authorization: Bearer KEY'",
-                              type="invalid_request_error", code="invalid_api_key",
-                              headers={"WWW-Authenticate": "Bearer"})
+        response = json_error(
+            401,
+            "missing or invalid API key: send it as 'Authorization: Bearer KEY'",
+            type="invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
         await response(scope, receive, send)
 
 
@@ -110,9 +128,12 @@ def _http_error(metrics: Metrics) -> Any:
         else:
             message, code = str(exc.detail), None
         path = request.url.path
-        metrics.requests.labels(endpoint=path if path in ENDPOINTS else "other", status=str(exc.status_code)).inc()
-        return json_error(exc.status_code, message, type="invalid_request_error", code=code,
-                          headers=dict(exc.headers or {}))
+        metrics.requests.labels(
+            endpoint=path if path in ENDPOINTS else "other", status=str(exc.status_code)
+        ).inc()
+        return json_error(
+            exc.status_code, message, type="invalid_request_error", code=code, headers=dict(exc.headers or {})
+        )
 
     return handle
 
@@ -152,14 +173,23 @@ def build_app(
     ring = api_keys.ring() if isinstance(api_keys, ApiKeys) else api_keys or KeyRing()
     modes = {ring.default.mode, *(entry.policy.mode for entry in ring.entries)}
     if "inspect" in modes and aligner.inspector is None:
-        raise ValueError("a key policy has mode 'inspect' but the Aligner has no inspector to score with: give it "
-                         "one (--inspector, Aligner(inspector=...))")
+        raise ValueError(
+            "a key policy has mode 'inspect' but the Aligner has no inspector to score with: give it "
+            "one (--inspector, Aligner(inspector=...))"
+        )
     limits = limits or ServeLimits()
     metrics = Metrics()
     drain = Drain(limits.shutdown_grace)
     names = models or ModelMap.build(upstream_model=upstream.model, served_model=served_model)
-    proxy = CorrectionProxy(aligner, upstream, limits=limits, metrics=metrics, models=names,
-                            correct_structured=correct_structured, drain=drain)
+    proxy = CorrectionProxy(
+        aligner,
+        upstream,
+        limits=limits,
+        metrics=metrics,
+        models=names,
+        correct_structured=correct_structured,
+        drain=drain,
+    )
     small = SmallEndpoints(proxy)
 
     @contextlib.asynccontextmanager
@@ -172,12 +202,22 @@ def build_app(
                 await asyncio.to_thread(aligner.close)
             await asyncio.to_thread(tracing.flush)
 
-    handlers = {"/v1/chat/completions": ChatCompletions(proxy), "/v1/corrections": Corrections(proxy),
-                "/v1/models": small.models, "/health": small.health, "/metrics": small.metrics}
-    routes = [Route(path, endpoint(proxy, path, handlers[path], reads_body=method == "POST"), methods=[method])
-              for path, method in ENDPOINTS.items()]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error(metrics), Exception: _internal_error})
+    handlers = {
+        "/v1/chat/completions": ChatCompletions(proxy),
+        "/v1/corrections": Corrections(proxy),
+        "/v1/models": small.models,
+        "/health": small.health,
+        "/metrics": small.metrics,
+    }
+    routes = [
+        Route(path, endpoint(proxy, path, handlers[path], reads_body=method == "POST"), methods=[method])
+        for path, method in ENDPOINTS.items()
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error(metrics), Exception: _internal_error},
+    )
     app.state.proxy = proxy
     app.state.drain = drain
     app.add_middleware(ApiKeyMiddleware, keys=ring, metrics=metrics)

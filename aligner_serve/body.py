@@ -104,5 +104,12 @@ def _encodable(text: str) -> None:
         ) from None
 
 
-__all__ = ["MAX_DEPTH", "BodyTimeoutError", "BodyTooLargeError", "ClientClosedError", "MalformedJSONError",
-           "parse_json", "read_json"]
+__all__ = [
+    "MAX_DEPTH",
+    "BodyTimeoutError",
+    "BodyTooLargeError",
+    "ClientClosedError",
+    "MalformedJSONError",
+    "parse_json",
+    "read_json",
+]

@@ -70,12 +70,14 @@ class TokenBudget:
             total = 0
             try:
                 for start in range(0, len(text), SLICE_CHARS):
-                    total += len(encode(text[start:start + SLICE_CHARS]))
+                    total += len(encode(text[start : start + SLICE_CHARS]))
                     if stop_after is not None and total > stop_after:
                         break
                 return total, True
             except AlignerError as exc:  # a server without /tokenize: estimate from now on
-                logger.info("the Aligner's server cannot count tokens (%s); correction limits are estimated", exc)
+                logger.info(
+                    "the Aligner's server cannot count tokens (%s); correction limits are estimated", exc
+                )
                 self._server_counts = False
         return math.ceil(len(text.encode("utf-8", "replace")) / 2), False
 

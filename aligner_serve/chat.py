@@ -49,12 +49,19 @@ class ChatCompletions:
             chat = oa.parse_chat_request(body)
         except RequestShapeError as exc:
             return json_error(400, str(exc), type="invalid_request_error", param=exc.param)
-        mode = (caller or Caller()).mode(chat.options.mode, inspector=self.proxy.inspects)  # PolicyError: 403/400
+        mode = (caller or Caller()).mode(
+            chat.options.mode, inspector=self.proxy.inspects
+        )  # PolicyError: 403/400
         tracing.annotate({"aligner.mode": mode, "aligner.choices": chat.n, "aligner.stream": chat.stream})
         limit = self.proxy.limits.choices
         if chat.n > limit:
-            return json_error(400, f"n={chat.n} is over the correction proxy's limit of {limit} choices per request "
-                              "(--max-n): each choice is corrected", type="invalid_request_error", param="n")
+            return json_error(
+                400,
+                f"n={chat.n} is over the correction proxy's limit of {limit} choices per request "
+                "(--max-n): each choice is corrected",
+                type="invalid_request_error",
+                param="n",
+            )
         if chat.stream:
             return await self._stream(chat, mode)
         with self.proxy.slot(chat.n):
@@ -63,8 +70,10 @@ class ChatCompletions:
             answered = time.perf_counter()
             choices = [c for c in data["choices"] if isinstance(c, dict)]
             decisions, verdicts = await self._plan(chat, choices, mode)  # unreadable: 502 first
-            results = await asyncio.gather(*(self._apply(chat, c, d, v)
-                                             for c, d, v in zip(choices, decisions, verdicts)), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._apply(chat, c, d, v) for c, d, v in zip(choices, decisions, verdicts)),
+                return_exceptions=True,
+            )
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
@@ -76,7 +85,9 @@ class ChatCompletions:
             data["usage"] = contract.client_usage(upstream_usage, outcomes)
         if done:
             data["aligner"] = contract.request_details(done[0][0], upstream_usage, outcomes)
-        return JSONResponse(data, headers={**outcome_headers(mode, [ChoiceOutcome.of(d) for d, _ in done]), **timing})
+        return JSONResponse(
+            data, headers={**outcome_headers(mode, [ChoiceOutcome.of(d) for d, _ in done]), **timing}
+        )
 
     async def _plan(self, chat: oa.ChatRequest, choices: list[dict[str, Any]], mode: Mode) -> Plan:
         """Every choice's decision in ``mode`` (off: passed as it is; inspect: scored, never rewritten)."""
@@ -85,16 +96,21 @@ class ChatCompletions:
             return await self.proxy.inspect(chat, decisions)
         return decisions, [None] * len(decisions)
 
-    async def _apply(self, chat: oa.ChatRequest, choice: dict[str, Any], decision: Decision, verdict: Verdict | None
-                     ) -> tuple[dict[str, Any], Outcome]:
+    async def _apply(
+        self, chat: oa.ChatRequest, choice: dict[str, Any], decision: Decision, verdict: Verdict | None
+    ) -> tuple[dict[str, Any], Outcome]:
         """Carry out the decision on one choice in place; its ``aligner`` field and what it returned."""
         if not decision.corrects:
-            details = {**self.proxy.passthrough(chat, decision, verdict),
-                       **contract.contract_details(choice, None, asked_logprobs=chat.logprobs)}
+            details = {
+                **self.proxy.passthrough(chat, decision, verdict),
+                **contract.contract_details(choice, None, asked_logprobs=chat.logprobs),
+            }
             outcome = Outcome()
         else:
             correction = await self.proxy.correct_decided(chat, decision)
-            details = self._details(chat, choice, correction, include_original=self.proxy.limits.include_original)
+            details = self._details(
+                chat, choice, correction, include_original=self.proxy.limits.include_original
+            )
             if contract.kept(correction):  # else the message stays as it came
                 message = ch.message_of(choice)
                 message["content"] = ch.with_text(message.get("content"), correction.text)
@@ -104,10 +120,13 @@ class ChatCompletions:
         return details, outcome
 
     @staticmethod
-    def _details(chat: oa.ChatRequest, choice: dict[str, Any], correction: Correction, *, include_original: bool
-                 ) -> dict[str, Any]:
-        details = {**oa.correction_details(correction, include_original=include_original),
-                   **contract.contract_details(choice, correction, asked_logprobs=chat.logprobs)}
+    def _details(
+        chat: oa.ChatRequest, choice: dict[str, Any], correction: Correction, *, include_original: bool
+    ) -> dict[str, Any]:
+        details = {
+            **oa.correction_details(correction, include_original=include_original),
+            **contract.contract_details(choice, correction, asked_logprobs=chat.logprobs),
+        }
         if chat.question_role != "user":  # no user message: say what the Aligner took as the question
             details["question_from"] = chat.question_role or "none"
         return details
@@ -133,8 +152,11 @@ class ChatCompletions:
             finally:
                 slot.__exit__(None, None, None)
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
 
     async def _events(self, chat: oa.ChatRequest, mode: Mode) -> tuple[AsyncIterator[bytes], dict[str, str]]:
         """The stream's events and headers: the upstream call, every decision and verdict and the first choice's
@@ -145,7 +167,9 @@ class ChatCompletions:
         answered = time.perf_counter()
         choices = [c for c in data["choices"] if isinstance(c, dict)] or [{}]
         decisions, verdicts = await self._plan(chat, choices, mode)
-        head = sse.StreamHead(data.get("id") or oa.new_id(), data.get("model") or "", oa.now(), chat.include_usage)
+        head = sse.StreamHead(
+            data.get("id") or oa.new_id(), data.get("model") or "", oa.now(), chat.include_usage
+        )
         outcomes: list[Outcome] = []
         first = await self._choice_events(chat, head, 0, choices[0], decisions[0], verdicts[0], outcomes)
         timing = server_timing(answered - start, time.perf_counter() - answered)
@@ -153,37 +177,73 @@ class ChatCompletions:
         async def parts() -> AsyncIterator[AsyncIterator[bytes]]:
             yield first
             for i in range(1, len(choices)):
-                yield await self._choice_events(chat, head, i, choices[i], decisions[i], verdicts[i], outcomes)
+                yield await self._choice_events(
+                    chat, head, i, choices[i], decisions[i], verdicts[i], outcomes
+                )
 
         def end() -> Iterator[bytes]:
             upstream_usage = data.get("usage")
-            return head.end(contract.client_usage(upstream_usage, outcomes),
-                            aligner={"usage": contract.aligner_usage(outcomes), "upstream_usage": upstream_usage})
+            return head.end(
+                contract.client_usage(upstream_usage, outcomes),
+                aligner={"usage": contract.aligner_usage(outcomes), "upstream_usage": upstream_usage},
+            )
 
-        known = None if any(d.corrects for d in decisions) else [
-            ChoiceOutcome(skipped=str(d.skip), verdict=v.details() if v else None) for d, v in zip(decisions, verdicts)]
+        known = (
+            None
+            if any(d.corrects for d in decisions)
+            else [
+                ChoiceOutcome(skipped=str(d.skip), verdict=v.details() if v else None)
+                for d, v in zip(decisions, verdicts)
+            ]
+        )
         return sse.compose(parts(), end), {**outcome_headers(mode, known), **timing}
 
-    async def _choice_events(self, chat: oa.ChatRequest, head: sse.StreamHead, index: int, choice: dict[str, Any],
-                             decision: Decision, verdict: Verdict | None, outcomes: list[Outcome]
-                             ) -> AsyncIterator[bytes]:
+    async def _choice_events(
+        self,
+        chat: oa.ChatRequest,
+        head: sse.StreamHead,
+        index: int,
+        choice: dict[str, Any],
+        decision: Decision,
+        verdict: Verdict | None,
+        outcomes: list[Outcome],
+    ) -> AsyncIterator[bytes]:
         """One choice's events, once what must come before its first event is done."""
         upstream_finish = choice.get("finish_reason") or "stop"
         if not decision.corrects:  # passes through as the upstream sent it: not a correction
             outcomes.append(Outcome())
-            details = {**self.proxy.passthrough(chat, decision, verdict),
-                       **contract.contract_details(choice, None, asked_logprobs=chat.logprobs)}
-            return sse.whole_message(head, index, ch.passthrough_delta(ch.message_of(choice), decision),
-                                     upstream_finish, details, logprobs=choice.get("logprobs"))
+            details = {
+                **self.proxy.passthrough(chat, decision, verdict),
+                **contract.contract_details(choice, None, asked_logprobs=chat.logprobs),
+            }
+            return sse.whole_message(
+                head,
+                index,
+                ch.passthrough_delta(ch.message_of(choice), decision),
+                upstream_finish,
+                details,
+                logprobs=choice.get("logprobs"),
+            )
         if decision.structure is not None:  # opted in: checked whole before anything is sent
             settled = await self.proxy.correct_decided(chat, decision)
             outcomes.append(Outcome.of(settled))
             details = self._details(chat, choice, settled, include_original=False)
             if contract.kept(settled):
-                return sse.whole_message(head, index, {"role": "assistant", "content": settled.text},
-                                         settled.finish_reason, details)
-            return sse.whole_message(head, index, {"role": "assistant", "content": settled.text}, upstream_finish,
-                                     details, logprobs=choice.get("logprobs"))
+                return sse.whole_message(
+                    head,
+                    index,
+                    {"role": "assistant", "content": settled.text},
+                    settled.finish_reason,
+                    details,
+                )
+            return sse.whole_message(
+                head,
+                index,
+                {"role": "assistant", "content": settled.text},
+                upstream_finish,
+                details,
+                logprobs=choice.get("logprobs"),
+            )
         stream = await self.proxy.stream_decided(chat, decision)
         deltas = sse.CorrectionDeltas(stream, self.proxy.limits.correction_timeout)
         first = await deltas.first()
@@ -191,7 +251,9 @@ class ChatCompletions:
         def finished(correction: Correction) -> tuple[str, dict[str, Any]]:
             self.proxy.metrics.record_correction(correction)
             outcomes.append(Outcome.of(correction))
-            details = self._details(chat, choice, correction, include_original=False)  # never the uncorrected text
+            details = self._details(
+                chat, choice, correction, include_original=False
+            )  # never the uncorrected text
             return (correction.finish_reason if contract.kept(correction) else upstream_finish), details
 
         return sse.correction_events(head, index, deltas, first, finished)

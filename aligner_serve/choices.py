@@ -24,8 +24,9 @@ def message_of(choice: Mapping[str, Any]) -> dict[str, Any]:
     return message if isinstance(message, dict) else {}
 
 
-def decide_choice(message: Mapping[str, Any], index: int, structure: RequestedStructure | None, *,
-                  correct_structured: bool) -> Decision:
+def decide_choice(
+    message: Mapping[str, Any], index: int, structure: RequestedStructure | None, *, correct_structured: bool
+) -> Decision:
     """Correct or pass through one upstream message. ``correct_structured`` applies only where a correction can be
     checked (JSON and JSON schema); a regex, choice or grammar answer always passes through."""
     refusal = message.get("refusal")
@@ -72,11 +73,15 @@ def passthrough_delta(message: Mapping[str, Any], decision: Decision) -> dict[st
     """A message that passes through, as the one delta of a stream: its tool calls, function call and refusal
     as the upstream sent them; its content as text (stream deltas carry strings, never lists of parts)."""
     content = message.get("content")
-    delta: dict[str, Any] = {"role": "assistant",
-                             "content": content if content is None or isinstance(content, str) else decision.text}
+    delta: dict[str, Any] = {
+        "role": "assistant",
+        "content": content if content is None or isinstance(content, str) else decision.text,
+    }
     if isinstance(message.get("tool_calls"), list):
-        delta["tool_calls"] = [{"index": i, **call} if isinstance(call, Mapping) else call
-                               for i, call in enumerate(message["tool_calls"])]
+        delta["tool_calls"] = [
+            {"index": i, **call} if isinstance(call, Mapping) else call
+            for i, call in enumerate(message["tool_calls"])
+        ]
     if message.get("function_call"):
         delta["function_call"] = message["function_call"]
     if isinstance(message.get("refusal"), str):

@@ -109,22 +109,56 @@ class ServeConfig:
 
 #: Which entries each table takes, and their types.
 _TABLES: dict[str, dict[str, tuple[type, ...]]] = {
-    "upstream": {"url": (str,), "model": (str,), "api_key": (str,), "api_key_env": (str,), "timeout": (int, float),
-                 "served_model_name": (str,), "model_map": (dict,)},
-    "aligner": {"model": (str,), "server": (str,), "api_key_env": (str,), "template": (str,),
-                "max_new_tokens": (int,), "device": (str,), "dtype": (str,), "inspector": (str,),
-                "threshold": (int, float), "correct_structured": (bool,), "correction_timeout": (int, float)},
-    "limits": {"max_queue": (int,), "max_body_bytes": (int,), "max_batch_items": (int,), "max_n": (int,),
-               "hide_original": (bool,), "max_upstream_bytes": (int,), "read_timeout": (int, float)},
+    "upstream": {
+        "url": (str,),
+        "model": (str,),
+        "api_key": (str,),
+        "api_key_env": (str,),
+        "timeout": (int, float),
+        "served_model_name": (str,),
+        "model_map": (dict,),
+    },
+    "aligner": {
+        "model": (str,),
+        "server": (str,),
+        "api_key_env": (str,),
+        "template": (str,),
+        "max_new_tokens": (int,),
+        "device": (str,),
+        "dtype": (str,),
+        "inspector": (str,),
+        "threshold": (int, float),
+        "correct_structured": (bool,),
+        "correction_timeout": (int, float),
+    },
+    "limits": {
+        "max_queue": (int,),
+        "max_body_bytes": (int,),
+        "max_batch_items": (int,),
+        "max_n": (int,),
+        "hide_original": (bool,),
+        "max_upstream_bytes": (int,),
+        "read_timeout": (int, float),
+    },
     "server": {"host": (str,), "port": (int,), "log_level": (str,), "shutdown_grace": (int, float)},
     "defaults": {"mode": (str,), "allow_override": (bool,)},
 }
-_KEY_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "key": (str,), "key_env": (str,), "key_sha256": (str,),
-                                            "mode": (str,), "allow_override": (bool,)}
+_KEY_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "key": (str,),
+    "key_env": (str,),
+    "key_sha256": (str,),
+    "mode": (str,),
+    "allow_override": (bool,),
+}
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *,
-                inspector_elsewhere: bool = False) -> ServeConfig:
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    inspector_elsewhere: bool = False,
+) -> ServeConfig:
     """Read and check ``path`` (TOML); ``environ`` (default: the process's) resolves ``*_env`` entries.
     ``inspector_elsewhere``: an inspector is given outside the file (``--inspector``), so an ``inspect`` policy
     has one to score with even where ``[aligner]`` names none."""
@@ -147,8 +181,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         upstream["api_key"] = _env(env, upstream.pop("api_key_env"), f"{where} [upstream] api_key_env")
     model_map = upstream.get("model_map", {})
     if not all(isinstance(v, str) and v for v in model_map.values()):
-        raise ConfigError(f"{where}: [upstream] model_map maps names to upstream model names (strings), got "
-                          f"{model_map!r}")
+        raise ConfigError(
+            f"{where}: [upstream] model_map maps names to upstream model names (strings), got {model_map!r}"
+        )
     aligner = tables["aligner"]
     if "api_key_env" in aligner:
         aligner["api_key"] = _env(env, aligner.pop("api_key_env"), f"{where} [aligner] api_key_env")
@@ -161,9 +196,17 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"{where}: the same API key appears in two [[keys]] entries")
     inspects = "inspect" in {defaults.mode, *(e.policy.mode for e in entries)}
     if inspects and "inspector" not in aligner and not inspector_elsewhere:
-        raise ConfigError(f"{where}: a policy has mode = \"inspect\" but [aligner] names no inspector to score with")
-    return ServeConfig(upstream=upstream, aligner=aligner, limits=tables["limits"], server=tables["server"],
-                       defaults=defaults, keys=entries)
+        raise ConfigError(
+            f'{where}: a policy has mode = "inspect" but [aligner] names no inspector to score with'
+        )
+    return ServeConfig(
+        upstream=upstream,
+        aligner=aligner,
+        limits=tables["limits"],
+        server=tables["server"],
+        defaults=defaults,
+        keys=entries,
+    )
 
 
 def digest(key: str) -> bytes:
@@ -194,7 +237,9 @@ def _policy(values: Mapping[str, Any], name: str, where: str, base: Policy | Non
     return Policy(mode=mode, allow_override=values.get("allow_override", base.allow_override), name=name)
 
 
-def _key(entry: Mapping[str, Any], index: int, defaults: Policy, env: Mapping[str, str], where: str) -> KeyEntry:
+def _key(
+    entry: Mapping[str, Any], index: int, defaults: Policy, env: Mapping[str, str], where: str
+) -> KeyEntry:
     label = f"{where} [[keys]] #{index + 1}"
     values = _table(dict(entry), "keys", _KEY_FIELDS, where)
     given = [k for k in ("key", "key_env", "key_sha256") if k in values]
@@ -269,7 +314,9 @@ def entry_name(option: str) -> str:
 def _option(config: ServeConfig, name: str) -> Any:
     if name not in _ENTRIES:
         return None
-    served = "server" in config.aligner  # [aligner] model is the served name on a server, else the model to load
+    served = (
+        "server" in config.aligner
+    )  # [aligner] model is the served name on a server, else the model to load
     if (name == "aligner" and served) or (name == "aligner_model" and not served):
         return None
     table, key = _ENTRIES[name]
@@ -279,5 +326,15 @@ def _option(config: ServeConfig, name: str) -> Any:
     return value
 
 
-__all__ = ["FILE_OPTIONS", "MODES", "ConfigError", "KeyEntry", "Mode", "Policy", "ServeConfig", "digest", "entry_name",
-           "load_config"]
+__all__ = [
+    "FILE_OPTIONS",
+    "MODES",
+    "ConfigError",
+    "KeyEntry",
+    "Mode",
+    "Policy",
+    "ServeConfig",
+    "digest",
+    "entry_name",
+    "load_config",
+]

@@ -36,8 +36,11 @@ class Outcome:
         if correction is None:
             return cls()
         kept = not correction.metadata.get("skipped")
-        return cls(correction.completion_tokens if kept else None, correction.prompt_tokens,
-                   correction.completion_tokens)
+        return cls(
+            correction.completion_tokens if kept else None,
+            correction.prompt_tokens,
+            correction.completion_tokens,
+        )
 
 
 def kept(correction: Correction) -> bool:
@@ -46,8 +49,9 @@ def kept(correction: Correction) -> bool:
     return not correction.metadata.get("skipped")
 
 
-def contract_details(choice: Mapping[str, Any], correction: Correction | None, *, asked_logprobs: bool
-                     ) -> dict[str, Any]:
+def contract_details(
+    choice: Mapping[str, Any], correction: Correction | None, *, asked_logprobs: bool
+) -> dict[str, Any]:
     """The contract's part of a choice's ``aligner`` field, read before the choice is rewritten."""
     details: dict[str, Any] = {"upstream_finish_reason": choice.get("finish_reason")}
     if correction is not None and kept(correction) and asked_logprobs:
@@ -85,7 +89,9 @@ def aligner_usage(outcomes: Iterable[Outcome]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def request_details(first: Mapping[str, Any], upstream_usage: Any, outcomes: Iterable[Outcome]) -> dict[str, Any]:
+def request_details(
+    first: Mapping[str, Any], upstream_usage: Any, outcomes: Iterable[Outcome]
+) -> dict[str, Any]:
     """The top-level ``aligner`` field: the first choice's details (as before ``n`` > 1 was served), the upstream's
     usage as it came, and the Aligner's usage over all choices."""
     return {**first, "usage": aligner_usage(outcomes), "upstream_usage": upstream_usage}
@@ -95,5 +101,12 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-__all__ = ["Outcome", "aligner_usage", "client_usage", "contract_details", "kept", "request_details",
-           "rewrite_choice"]
+__all__ = [
+    "Outcome",
+    "aligner_usage",
+    "client_usage",
+    "contract_details",
+    "kept",
+    "request_details",
+    "rewrite_choice",
+]

@@ -53,20 +53,35 @@ class Corrections:
         tracing.annotate({"aligner.mode": mode})
         limit = body.get("max_new_tokens")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            return json_error(400, f"'max_new_tokens' must be a positive integer, got {limit!r}",
-                              type="invalid_request_error", param="max_new_tokens")
+            return json_error(
+                400,
+                f"'max_new_tokens' must be a positive integer, got {limit!r}",
+                type="invalid_request_error",
+                param="max_new_tokens",
+            )
         if "items" not in body:
             return await self._one(body, limit, mode)
         items = body["items"]
         if not isinstance(items, list) or not items:
-            return json_error(400, "'items' must be a non-empty list of {question, answer} objects",
-                              type="invalid_request_error", param="items")
+            return json_error(
+                400,
+                "'items' must be a non-empty list of {question, answer} objects",
+                type="invalid_request_error",
+                param="items",
+            )
         most = self.proxy.limits.batch_items
         if len(items) > most:
-            return json_error(413, f"{len(items)} items is over the limit of {most} per request (--max-batch-items): "
-                              "split the batch", type="invalid_request_error", code="too_many_items")
-        return JSONResponse({"object": "list", "items": await self._batch(items, limit, mode)},
-                            headers=outcome_headers(mode, None))
+            return json_error(
+                413,
+                f"{len(items)} items is over the limit of {most} per request (--max-batch-items): "
+                "split the batch",
+                type="invalid_request_error",
+                code="too_many_items",
+            )
+        return JSONResponse(
+            {"object": "list", "items": await self._batch(items, limit, mode)},
+            headers=outcome_headers(mode, None),
+        )
 
     async def _one(self, body: Mapping[str, Any], limit: int | None, mode: Mode) -> Response:
         try:
@@ -75,7 +90,9 @@ class Corrections:
             return json_error(400, str(exc), type="invalid_request_error", param=exc.param)
         with self.proxy.slot():
             if mode == "correct":
-                correction = await self.proxy.correct(question, answer, history, context, max_new_tokens=limit)
+                correction = await self.proxy.correct(
+                    question, answer, history, context, max_new_tokens=limit
+                )
             else:
                 (result,) = await self._unchanged([(question, answer, history, context)], mode)
                 if isinstance(result, BaseException):
@@ -92,7 +109,10 @@ class Corrections:
             try:
                 pairs[i] = read_pair(item, f"items[{i}].")
             except RequestShapeError as exc:
-                results[i] = {**oa.error_body(str(exc), type="invalid_request_error", param=exc.param), "status": 400}
+                results[i] = {
+                    **oa.error_body(str(exc), type="invalid_request_error", param=exc.param),
+                    "status": 400,
+                }
         if pairs:
             with self.proxy.slot(len(pairs)):
                 if mode == "correct":
@@ -108,17 +128,27 @@ class Corrections:
                     results[i] = self._failure(out)
         return [r for r in results if r is not None]
 
-    async def _corrected(self, pairs: dict[int, Pair], limit: int | None) -> dict[int, Correction | BaseException]:
+    async def _corrected(
+        self, pairs: dict[int, Pair], limit: int | None
+    ) -> dict[int, Correction | BaseException]:
         """Each pair's correction (one batch, each with room to restate its answer unless ``limit``), or the error
         that stopped it."""
-        limits = await asyncio.gather(*(self._limit(p[1], limit) for p in pairs.values()), return_exceptions=True)
-        out: dict[int, Correction | BaseException] = {i: n for i, n in zip(pairs, limits) if not isinstance(n, int)}
+        limits = await asyncio.gather(
+            *(self._limit(p[1], limit) for p in pairs.values()), return_exceptions=True
+        )
+        out: dict[int, Correction | BaseException] = {
+            i: n for i, n in zip(pairs, limits) if not isinstance(n, int)
+        }
         ready = {i: (pairs[i], n) for i, n in zip(pairs, limits) if isinstance(n, int)}
         if ready:
-            done = await asyncio.wait_for(self.proxy.aligner.acorrect_batch(
-                [{"question": q, "answer": a, **grounding(h, c)} for (q, a, h, c), _ in ready.values()],
-                return_exceptions=True, max_new_tokens=[n for _, n in ready.values()],
-            ), self.proxy.limits.correction_timeout)
+            done = await asyncio.wait_for(
+                self.proxy.aligner.acorrect_batch(
+                    [{"question": q, "answer": a, **grounding(h, c)} for (q, a, h, c), _ in ready.values()],
+                    return_exceptions=True,
+                    max_new_tokens=[n for _, n in ready.values()],
+                ),
+                self.proxy.limits.correction_timeout,
+            )
             out.update(zip(ready, done))
         return out
 
@@ -132,8 +162,13 @@ class Corrections:
             scored = [(q, a, c) for q, a, _, c in pairs if a.strip()]
             verdicts = iter(await self.proxy.verdicts(scored))
             for q, a, _, _ in pairs:
-                results.append(inspection.inspected_correction(q, a, next(verdicts)) if a.strip() else
-                               EmptyAnswerError("the answer is empty or whitespace only: there is nothing to inspect"))
+                results.append(
+                    inspection.inspected_correction(q, a, next(verdicts))
+                    if a.strip()
+                    else EmptyAnswerError(
+                        "the answer is empty or whitespace only: there is nothing to inspect"
+                    )
+                )
         for result in results:
             if isinstance(result, Correction):
                 self.proxy.metrics.skipped.labels(reason=str(result.metadata.get("skipped"))).inc()
@@ -154,14 +189,18 @@ class Corrections:
 def read_pair(item: Any, where: str) -> Pair:
     """``(question, answer, history, context)`` of a corrections item; ``RequestShapeError`` says what is wrong."""
     if not isinstance(item, dict):
-        raise RequestShapeError(f"{where.rstrip('.') or 'the body'} must be an object with 'question' and 'answer'",
-                                param=where.rstrip(".") or None)
+        raise RequestShapeError(
+            f"{where.rstrip('.') or 'the body'} must be an object with 'question' and 'answer'",
+            param=where.rstrip(".") or None,
+        )
     for key in ("question", "answer"):
         if not isinstance(item.get(key), str):
             raise RequestShapeError(f"'{where}{key}' must be a string", param=f"{where}{key}")
     history = item.get("history", item.get("chat_history")) or []
     if not isinstance(history, list):
-        raise RequestShapeError(f"'{where}history' must be a list of {{role, content}} turns", param=f"{where}history")
+        raise RequestShapeError(
+            f"'{where}history' must be a list of {{role, content}} turns", param=f"{where}history"
+        )
     try:
         context = normalize_context(item.get("context"), where)
     except InvalidInputError as exc:

@@ -25,7 +25,9 @@ class Drain:
         self.grace = grace
         self.draining = False
         self.expired = False
-        self._events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = weakref.WeakKeyDictionary()
+        self._events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def wait(self) -> None:
         """Until the grace is over (an event per event loop: an app may be driven from several, as tests do)."""
@@ -47,7 +49,9 @@ class Drain:
 
     def _expire(self) -> None:
         if not self.expired:
-            logger.warning("the shutdown grace of %gs is over: requests still in progress get 503", self.grace)
+            logger.warning(
+                "the shutdown grace of %gs is over: requests still in progress get 503", self.grace
+            )
         self.expired = True
         for event in list(self._events.values()):
             event.set()

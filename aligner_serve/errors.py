@@ -26,14 +26,25 @@ from .openai_schema import error_body
 from .upstream import UpstreamError, UpstreamStatusError
 
 
-def json_error(status: int, message: str, *, type: str, code: str | None = None, param: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type=type, code=code, param=param), status_code=status, headers=headers)
+def json_error(
+    status: int,
+    message: str,
+    *,
+    type: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, type=type, code=code, param=param), status_code=status, headers=headers
+    )
 
 
 def aligner_status(exc: AlignerError) -> tuple[int, str, str]:
     """``(status, type, code)`` for an Aligner failure."""
-    if isinstance(exc, UnreadableContentError):  # the upstream sent content the Aligner cannot read: fail closed
+    if isinstance(
+        exc, UnreadableContentError
+    ):  # the upstream sent content the Aligner cannot read: fail closed
         return 502, "upstream_error", "unreadable_content"
     if isinstance(exc, ContextOverflowError):  # before ServerRequestError: the server variant is both
         return 400, "invalid_request_error", "context_length_exceeded"
@@ -43,7 +54,9 @@ def aligner_status(exc: AlignerError) -> tuple[int, str, str]:
         return 504, "aligner_timeout", "correction_timeout"
     if isinstance(exc, (EngineUnavailableError, EngineClosedError, AlignerOutOfMemoryError)):
         return 503, "aligner_unavailable", "aligner_unavailable"
-    if isinstance(exc, (ServerRequestError, TemplateError)):  # the proxy's Aligner is misconfigured, not the request
+    if isinstance(
+        exc, (ServerRequestError, TemplateError)
+    ):  # the proxy's Aligner is misconfigured, not the request
         return 502, "aligner_error", "aligner_rejected_request"
     return 500, "aligner_error", "aligner_failed"
 

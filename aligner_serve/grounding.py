@@ -50,9 +50,11 @@ def read_turns(messages: Sequence[Mapping[str, Any]]) -> Turns:
         return Turns("", history_of(messages), (), None)
     question = text_of(messages[at].get("content"))
     if question is None:
-        raise RequestShapeError(f"messages[{at}] (the question) has no text content", param=f"messages[{at}].content")
+        raise RequestShapeError(
+            f"messages[{at}] (the question) has no text content", param=f"messages[{at}].content"
+        )
     role = "system" if messages[at]["role"] == "developer" else messages[at]["role"]
-    return Turns(question, history_of(messages[:at]), turn_context(messages[at + 1:], at + 1), role)
+    return Turns(question, history_of(messages[:at]), turn_context(messages[at + 1 :], at + 1), role)
 
 
 def text_of(content: Any) -> str | None:
@@ -92,8 +94,13 @@ def turn_context(messages: Sequence[Mapping[str, Any]], offset: int = 0) -> Cont
                 items.append({"type": "tool_call", "name": call["name"], "content": call["arguments"]})
         elif role in ("tool", "function"):
             name = names.get(m.get("tool_call_id")) or m.get("name")  # type: ignore[arg-type]
-            items.append({"type": "tool_result", "name": name if isinstance(name, str) else None,
-                          "content": _tool_text(m.get("content"), i)})
+            items.append(
+                {
+                    "type": "tool_result",
+                    "name": name if isinstance(name, str) else None,
+                    "content": _tool_text(m.get("content"), i),
+                }
+            )
     try:
         return normalize_context(items, "messages: ")
     except InvalidInputError as exc:
@@ -105,13 +112,17 @@ def _calls(message: Mapping[str, Any], index: int) -> list[dict[str, Any]]:
     ``{id, name, arguments}`` with the arguments as text."""
     raw = message.get("tool_calls")
     if raw is not None and not isinstance(raw, list):
-        raise RequestShapeError(f"messages[{index}].tool_calls must be a list", param=f"messages[{index}].tool_calls")
+        raise RequestShapeError(
+            f"messages[{index}].tool_calls must be a list", param=f"messages[{index}].tool_calls"
+        )
     calls: list[dict[str, Any]] = []
     for j, call in enumerate(raw or []):
         function = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping):
-            raise RequestShapeError(f"messages[{index}].tool_calls[{j}] must be an object with a 'function'",
-                                    param=f"messages[{index}].tool_calls[{j}]")
+            raise RequestShapeError(
+                f"messages[{index}].tool_calls[{j}] must be an object with a 'function'",
+                param=f"messages[{index}].tool_calls[{j}]",
+            )
         calls.append({"id": call.get("id"), **_function(function)})
     legacy = message.get("function_call")
     if isinstance(legacy, Mapping):
@@ -134,8 +145,9 @@ def _tool_text(content: Any, index: int) -> str:
     try:
         return read_content(content).text
     except UnreadableContentError as exc:
-        raise RequestShapeError(f"messages[{index}].content (a tool result): {exc}",
-                                param=f"messages[{index}].content") from None
+        raise RequestShapeError(
+            f"messages[{index}].content (a tool result): {exc}", param=f"messages[{index}].content"
+        ) from None
 
 
 __all__ = ["QUESTION_ROLES", "Turns", "history_of", "read_turns", "text_of", "turn_context"]

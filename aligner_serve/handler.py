@@ -31,8 +31,9 @@ Endpoint = Callable[..., Awaitable[Response]]
 POLICY_SCOPE_KEY = "aligner_serve.policy"
 
 
-def endpoint(proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: bool
-             ) -> Callable[[Request], Awaitable[Response]]:
+def endpoint(
+    proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: bool
+) -> Callable[[Request], Awaitable[Response]]:
     """The Starlette handler of ``fn``: ``fn(body, caller)`` for a POST endpoint, ``fn(request)`` otherwise.
 
     Once the body is read, a client that hangs up cancels its request: its places in the queue (and a correction
@@ -64,8 +65,12 @@ def endpoint(proxy: CorrectionProxy, path: str, fn: Endpoint, *, reads_body: boo
         except AlignerError as exc:
             response = aligner_error_response(exc, proxy.admission.retry_after)
         except asyncio.TimeoutError:  # a whole batch past the correction timeout
-            response = json_error(504, "the corrections took longer than the proxy's correction timeout",
-                                  type="aligner_timeout", code="correction_timeout")
+            response = json_error(
+                504,
+                "the corrections took longer than the proxy's correction timeout",
+                type="aligner_timeout",
+                code="correction_timeout",
+            )
         except Exception:
             logger.exception("unexpected failure on %s", path)
             response = json_error(500, "internal error in the correction proxy", type="server_error")
@@ -86,8 +91,13 @@ def caller_of(request: Request) -> Caller:
 
 
 def shutting_down() -> Response:
-    return json_error(503, SHUTTING_DOWN, type="service_unavailable", code="shutting_down",
-                      headers={"Retry-After": "1", "Connection": "close"})
+    return json_error(
+        503,
+        SHUTTING_DOWN,
+        type="service_unavailable",
+        code="shutting_down",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
 
 
 async def _race(request: Request, drain: Drain, work: Awaitable[Response]) -> Response:

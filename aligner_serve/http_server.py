@@ -58,10 +58,16 @@ class HeaderDeadlineProtocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """A request uvicorn cannot parse: the 400 in OpenAI's JSON shape instead of plain text."""
         body = json.dumps(error_body(msg, type="invalid_request_error", code="invalid_http_request")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                      h11.EndOfMessage()):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
@@ -77,7 +83,9 @@ class HeaderDeadlineProtocol(H11Protocol):
     def _expire(self) -> None:
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            logger.info("closed a connection that sent no complete request head within %gs", self.header_timeout)
+            logger.info(
+                "closed a connection that sent no complete request head within %gs", self.header_timeout
+            )
             self.transport.close()
 
 
@@ -102,9 +110,15 @@ def run(app: Starlette, *, host: str, port: int, log_level: str) -> None:
     """Serve ``app`` (from ``build_app``) until SIGTERM/SIGINT, with its limits' header deadline and grace."""
     limits = app.state.proxy.limits
     drain: Drain = app.state.drain
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            http=protocol_with_deadline(limits.read_timeout),
-                            timeout_graceful_shutdown=int(limits.shutdown_grace + WRITE_MARGIN_S))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=protocol_with_deadline(limits.read_timeout),
+        timeout_graceful_shutdown=int(limits.shutdown_grace + WRITE_MARGIN_S),
+    )
     DrainingServer(config, drain).run()
 
 

@@ -39,8 +39,12 @@ class Verdict:
 
     def metadata(self) -> dict[str, Any]:
         """The verdict as the core's inspector gate records it in ``Correction.metadata``."""
-        return {"inspected": True, "inspector_score": self.score, "inspector_threshold": self.threshold,
-                "inspector_passed": self.passed}
+        return {
+            "inspected": True,
+            "inspector_score": self.score,
+            "inspector_threshold": self.threshold,
+            "inspector_passed": self.passed,
+        }
 
 
 async def score(aligner: Any, items: Sequence[tuple[str, str, Context]]) -> list[Verdict]:
@@ -52,7 +56,9 @@ async def score(aligner: Any, items: Sequence[tuple[str, str, Context]]) -> list
     if inspector is None:  # the policy checks keep this from happening; say so plainly if it does
         raise RuntimeError("inspect mode needs the Aligner's inspector, and it has none")
     pairs = [(fold_history(q, (), context) if context else q, a) for q, a, context in items]
-    with tracing.span("aligner.inspect", {"aligner.pairs": len(pairs), "aligner.inspector.threshold": threshold}) as s:
+    with tracing.span(
+        "aligner.inspect", {"aligner.pairs": len(pairs), "aligner.inspector.threshold": threshold}
+    ) as s:
         scores = await inspector.ascore_batch(pairs)
         verdicts = [Verdict(value, threshold) for value in scores]
         s.set({"aligner.inspector.passed": sum(v.passed for v in verdicts)})

@@ -48,8 +48,10 @@ class ServeLimits:
                 continue
             _positive_int(name, value)
             if value > self.max_queue:
-                raise ValueError(f"{name} ({value}) cannot exceed max_queue ({self.max_queue}): such a request could "
-                                 "never be admitted")
+                raise ValueError(
+                    f"{name} ({value}) cannot exceed max_queue ({self.max_queue}): such a request could "
+                    "never be admitted"
+                )
         for name in ("correction_timeout", "read_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -24,28 +24,64 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("aligner_serve_requests", "HTTP requests answered, by endpoint and status.",
-                                ["endpoint", "status"], registry=r)
-        self.rejected = Counter("aligner_serve_rejected", "Requests refused with 429 because the queue was full.",
-                                registry=r)
-        self.corrections = Counter("aligner_serve_corrections", "Answers corrected, by whether the text changed.",
-                                   ["changed"], registry=r)
-        self.skipped = Counter("aligner_serve_skipped", "Upstream answers passed through uncorrected, by reason.",
-                               ["reason"], registry=r)
-        self.inspected = Counter("aligner_serve_inspected", "Answers scored in inspect mode, by whether they passed.",
-                                 ["passed"], registry=r)
-        self.tokens = Counter("aligner_serve_tokens", "Tokens used, by model (upstream or aligner) and kind.",
-                              ["source", "kind"], registry=r)
-        self.latency = Histogram("aligner_serve_request_latency_seconds", "Time to answer a request, by endpoint.",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("aligner_serve_upstream_latency_seconds", "Time the upstream took.",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
-        self.correction_latency = Histogram("aligner_serve_correction_latency_seconds", "Time one correction took.",
-                                            buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_progress = Gauge("aligner_serve_requests_in_progress", "Requests admitted and not yet answered.",
-                                 registry=r)
-        self.changed_share = Gauge("aligner_serve_changed_share", "Share of corrections that changed the answer.",
-                                   registry=r)
+        self.requests = Counter(
+            "aligner_serve_requests",
+            "HTTP requests answered, by endpoint and status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "aligner_serve_rejected", "Requests refused with 429 because the queue was full.", registry=r
+        )
+        self.corrections = Counter(
+            "aligner_serve_corrections",
+            "Answers corrected, by whether the text changed.",
+            ["changed"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "aligner_serve_skipped",
+            "Upstream answers passed through uncorrected, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.inspected = Counter(
+            "aligner_serve_inspected",
+            "Answers scored in inspect mode, by whether they passed.",
+            ["passed"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "aligner_serve_tokens",
+            "Tokens used, by model (upstream or aligner) and kind.",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "aligner_serve_request_latency_seconds",
+            "Time to answer a request, by endpoint.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "aligner_serve_upstream_latency_seconds",
+            "Time the upstream took.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.correction_latency = Histogram(
+            "aligner_serve_correction_latency_seconds",
+            "Time one correction took.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_progress = Gauge(
+            "aligner_serve_requests_in_progress", "Requests admitted and not yet answered.", registry=r
+        )
+        self.changed_share = Gauge(
+            "aligner_serve_changed_share", "Share of corrections that changed the answer.", registry=r
+        )
         self._done = 0
         self._changed = 0
 

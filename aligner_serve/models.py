@@ -23,14 +23,21 @@ class ModelMap:
     aliases: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, *, upstream_model: str | None = None, served_model: str | None = None,
-              mappings: Iterable[str] = ()) -> ModelMap:
+    def build(
+        cls,
+        *,
+        upstream_model: str | None = None,
+        served_model: str | None = None,
+        mappings: Iterable[str] = (),
+    ) -> ModelMap:
         """From the CLI's options: ``--upstream-model``, ``--served-model-name`` and ``--model-map NAME=UPSTREAM``
         (repeatable). Raises ``ValueError`` naming the option at fault."""
         aliases: dict[str, str] = {}
         if served_model and not upstream_model:
-            raise ValueError("--served-model-name needs --upstream-model (the upstream model it stands for), or map "
-                             "names with --model-map NAME=UPSTREAM")
+            raise ValueError(
+                "--served-model-name needs --upstream-model (the upstream model it stands for), or map "
+                "names with --model-map NAME=UPSTREAM"
+            )
         if upstream_model:
             aliases[upstream_model] = upstream_model
             if served_model:
@@ -38,7 +45,9 @@ class ModelMap:
         for item in mappings:
             name, sep, target = (part.strip() for part in item.partition("="))
             if not sep or not name or not target:
-                raise ValueError(f"--model-map takes NAME=UPSTREAM (or '*=UPSTREAM' for every other name), got {item!r}")
+                raise ValueError(
+                    f"--model-map takes NAME=UPSTREAM (or '*=UPSTREAM' for every other name), got {item!r}"
+                )
             if aliases.get(name, target) != target:
                 raise ValueError(f"--model-map maps {name!r} twice ({aliases[name]!r} and {target!r})")
             aliases[name] = target

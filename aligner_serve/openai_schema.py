@@ -72,15 +72,29 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestShapeError(f"'n' must be a positive integer, got {n!r}", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise RequestShapeError(f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise RequestShapeError(
+            f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens"
+        )
     stream_options = body.get("stream_options")
     include_usage = bool(stream and isinstance(stream_options, dict) and stream_options.get("include_usage"))
-    return ChatRequest(body=body, question=turns.question, history=turns.history, stream=stream,
-                       include_usage=include_usage, max_tokens=max_tokens, context=turns.context,
-                       structure=requested_structure(body), options=read_options(body), n=n,
-                       stop=_stop(body.get("stop")), logprobs=bool(body.get("logprobs") or body.get("top_logprobs")),
-                       question_role=turns.question_role)
+    return ChatRequest(
+        body=body,
+        question=turns.question,
+        history=turns.history,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        context=turns.context,
+        structure=requested_structure(body),
+        options=read_options(body),
+        n=n,
+        stop=_stop(body.get("stop")),
+        logprobs=bool(body.get("logprobs") or body.get("top_logprobs")),
+        question_role=turns.question_role,
+    )
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -104,8 +118,15 @@ def upstream_body(request: ChatRequest, model: Any) -> dict[str, Any]:
 
 
 #: Correction metadata the ``aligner`` field carries when present (the decision's and the grounding's).
-_REPORTED = ("invalid_reason", "structured", "non_text_parts", "history_turns",
-             "context_items", "context_tokens", "context_trimmed")
+_REPORTED = (
+    "invalid_reason",
+    "structured",
+    "non_text_parts",
+    "history_turns",
+    "context_items",
+    "context_tokens",
+    "context_trimmed",
+)
 
 
 def correction_details(correction: Correction, *, include_original: bool) -> dict[str, Any]:
@@ -130,8 +151,11 @@ def correction_details(correction: Correction, *, include_original: bool) -> dic
     )
     details.update({key: meta[key] for key in _REPORTED if meta.get(key) is not None})
     if meta.get("inspected"):  # the inspector's verdict: a passed answer cost no generation
-        details["inspector"] = {"score": meta["inspector_score"], "threshold": meta["inspector_threshold"],
-                                "passed": meta["inspector_passed"]}
+        details["inspector"] = {
+            "score": meta["inspector_score"],
+            "threshold": meta["inspector_threshold"],
+            "passed": meta["inspector_passed"],
+        }
     return details
 
 
@@ -140,32 +164,58 @@ def new_id() -> str:
 
 
 def chunk(
-    completion_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None, *,
-    index: int = 0, logprobs: Any = None, **extra: Any,
+    completion_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    *,
+    index: int = 0,
+    logprobs: Any = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with a single choice (``index``)."""
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-            **extra}
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        **extra,
+    }
 
 
-def usage_chunk(completion_id: str, model: str, created: int, usage: Mapping[str, Any] | None,
-                **extra: Any) -> dict[str, Any]:
+def usage_chunk(
+    completion_id: str, model: str, created: int, usage: Mapping[str, Any] | None, **extra: Any
+) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": dict(usage) if usage else None, **extra}
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": dict(usage) if usage else None,
+        **extra,
+    }
 
 
 def sse(payload: Mapping[str, Any] | str) -> bytes:
     """One server-sent event as OpenAI sends it: ``data: <json>`` and a blank line."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = (
+        payload
+        if isinstance(payload, str)
+        else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    )
     return f"data: {data}\n\n".encode()
 
 
 SSE_DONE = sse("[DONE]")
 
 
-def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape, which its clients turn into their exception types."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

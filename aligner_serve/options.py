@@ -36,19 +36,24 @@ def read_options(body: Mapping[str, Any], supported: tuple[str, ...] = CHAT_OPTI
     if raw is None:
         return AlignerOptions()
     if not isinstance(raw, Mapping):
-        raise RequestShapeError(f"'{FIELD}' must be an object, e.g. {{\"mode\": \"off\"}}", param=FIELD)
+        raise RequestShapeError(f'\'{FIELD}\' must be an object, e.g. {{"mode": "off"}}', param=FIELD)
     unknown = sorted(str(k) for k in raw if k not in supported)
     if unknown:
-        raise RequestShapeError(f"'{FIELD}' has unknown option(s) {', '.join(unknown)}; supported: "
-                                f"{', '.join(supported)}", param=f"{FIELD}.{unknown[0]}")
+        raise RequestShapeError(
+            f"'{FIELD}' has unknown option(s) {', '.join(unknown)}; supported: {', '.join(supported)}",
+            param=f"{FIELD}.{unknown[0]}",
+        )
     value = raw.get("correct_structured")
     if value is not None and not isinstance(value, bool):
-        raise RequestShapeError(f"'{FIELD}.correct_structured' must be true or false, got {value!r}",
-                                param=f"{FIELD}.correct_structured")
+        raise RequestShapeError(
+            f"'{FIELD}.correct_structured' must be true or false, got {value!r}",
+            param=f"{FIELD}.correct_structured",
+        )
     mode = raw.get("mode")
     if mode is not None and (not isinstance(mode, str) or mode.strip().lower() not in MODES):
-        raise RequestShapeError(f"'{FIELD}.mode' must be one of {', '.join(MODES)}, got {mode!r}",
-                                param=f"{FIELD}.mode")
+        raise RequestShapeError(
+            f"'{FIELD}.mode' must be one of {', '.join(MODES)}, got {mode!r}", param=f"{FIELD}.mode"
+        )
     return AlignerOptions(correct_structured=value, mode=mode)
 
 

@@ -52,9 +52,12 @@ class ChoiceOutcome:
         if verdict is None and meta.get("inspected"):
             verdict = {"score": meta["inspector_score"], "passed": meta["inspector_passed"]}
         similarity = details.get("similarity", 1.0)
-        return cls(changed=bool(details.get("changed", False)),
-                   similarity=float(similarity) if isinstance(similarity, (int, float)) else 1.0,
-                   skipped=details.get("skipped") or meta.get("skipped"), verdict=verdict)
+        return cls(
+            changed=bool(details.get("changed", False)),
+            similarity=float(similarity) if isinstance(similarity, (int, float)) else 1.0,
+            skipped=details.get("skipped") or meta.get("skipped"),
+            verdict=verdict,
+        )
 
 
 def outcome_headers(mode: str, outcomes: Iterable[ChoiceOutcome] | None) -> dict[str, str]:
@@ -70,10 +73,12 @@ def outcome_headers(mode: str, outcomes: Iterable[ChoiceOutcome] | None) -> dict
     headers[SIMILARITY] = ",".join(repr(round(o.similarity, 4)) for o in outcomes)
     headers[SKIPPED] = ",".join(_token(o.skipped) for o in outcomes)
     if any(o.verdict is not None for o in outcomes):
-        headers[INSPECTOR_SCORE] = ",".join("none" if o.verdict is None else repr(round(float(o.verdict["score"]), 4))
-                                            for o in outcomes)
-        headers[INSPECTOR_PASSED] = ",".join("none" if o.verdict is None else str(bool(o.verdict["passed"])).lower()
-                                             for o in outcomes)
+        headers[INSPECTOR_SCORE] = ",".join(
+            "none" if o.verdict is None else repr(round(float(o.verdict["score"]), 4)) for o in outcomes
+        )
+        headers[INSPECTOR_PASSED] = ",".join(
+            "none" if o.verdict is None else str(bool(o.verdict["passed"])).lower() for o in outcomes
+        )
     return headers
 
 
@@ -90,5 +95,15 @@ def _token(reason: Any) -> str:
     return text if text.isascii() and text.replace("_", "").isalnum() else "other"
 
 
-__all__ = ["CHANGED", "INSPECTOR_PASSED", "INSPECTOR_SCORE", "MODE", "SIMILARITY", "SKIPPED", "TIMING", "ChoiceOutcome",
-           "outcome_headers", "server_timing"]
+__all__ = [
+    "CHANGED",
+    "INSPECTOR_PASSED",
+    "INSPECTOR_SCORE",
+    "MODE",
+    "SIMILARITY",
+    "SKIPPED",
+    "TIMING",
+    "ChoiceOutcome",
+    "outcome_headers",
+    "server_timing",
+]

@@ -43,8 +43,11 @@ class KeyRing:
         cls, keys: Iterable[str] = (), entries: Iterable[KeyEntry] = (), default: Policy = DEFAULT_POLICY
     ) -> KeyRing:
         """Keys from the command line (the default policy) and the config file's entries."""
-        plain = [KeyEntry(digest(k.strip()), Policy(default.mode, default.allow_override, f"key {i + 1}"))
-                 for i, k in enumerate(keys) if k and k.strip()]
+        plain = [
+            KeyEntry(digest(k.strip()), Policy(default.mode, default.allow_override, f"key {i + 1}"))
+            for i, k in enumerate(keys)
+            if k and k.strip()
+        ]
         return cls((*plain, *entries), default)
 
     @property
@@ -62,7 +65,9 @@ class KeyRing:
             return None
         candidate = digest(presented)
         found: Policy | None = None
-        for entry in self.entries:  # every entry is compared: the timing says nothing about which nearly matched
+        for (
+            entry
+        ) in self.entries:  # every entry is compared: the timing says nothing about which nearly matched
             if hmac.compare_digest(candidate, entry.digest):
                 found = entry.policy
         return found
@@ -73,9 +78,13 @@ def requested_mode(headers: Mapping[str, str], body_option: Any) -> Mode | None:
     header = headers.get(MODE_HEADER)
     asked = {m.strip().lower() for m in (header, body_option) if isinstance(m, str) and m.strip()}
     if body_option is not None and not isinstance(body_option, str):
-        raise PolicyError(f"'aligner.mode' must be one of {', '.join(MODES)}, got {body_option!r}", status=400)
+        raise PolicyError(
+            f"'aligner.mode' must be one of {', '.join(MODES)}, got {body_option!r}", status=400
+        )
     if len(asked) > 1:
-        raise PolicyError(f"the {MODE_HEADER} header and the body's aligner.mode ask for different modes", status=400)
+        raise PolicyError(
+            f"the {MODE_HEADER} header and the body's aligner.mode ask for different modes", status=400
+        )
     mode = next(iter(asked), None)
     if mode is not None and mode not in MODES:
         raise PolicyError(f"unknown correction mode {mode!r}: use one of {', '.join(MODES)}", status=400)
@@ -96,8 +105,11 @@ class Caller:
         headers = {} if self.mode_header is None else {MODE_HEADER: self.mode_header}
         mode = mode_for(self.policy, requested_mode(headers, body_option))
         if mode == "inspect" and not inspector:
-            raise PolicyError("mode 'inspect' needs an inspector and this proxy has none (--inspector or [aligner] "
-                              "inspector)", status=400)
+            raise PolicyError(
+                "mode 'inspect' needs an inspector and this proxy has none (--inspector or [aligner] "
+                "inspector)",
+                status=400,
+            )
         return mode
 
 
@@ -106,8 +118,11 @@ def mode_for(policy: Policy, asked: Mode | None) -> Mode:
     if asked is None or asked == policy.mode:
         return policy.mode
     if not policy.allow_override:
-        raise PolicyError(f"this API key runs in mode {policy.mode!r} and may not choose another "
-                          f"(asked for {asked!r}); the operator can allow it with allow_override", status=403)
+        raise PolicyError(
+            f"this API key runs in mode {policy.mode!r} and may not choose another "
+            f"(asked for {asked!r}); the operator can allow it with allow_override",
+            status=403,
+        )
     return asked
 
 

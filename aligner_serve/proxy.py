@@ -49,8 +49,17 @@ class Rejected(Exception):
 class CorrectionProxy:
     """What the endpoints share; one per app."""
 
-    def __init__(self, aligner: Aligner, upstream: Upstream, *, limits: ServeLimits, metrics: Metrics,
-                 models: ModelMap | None = None, correct_structured: bool = False, drain: Drain | None = None) -> None:
+    def __init__(
+        self,
+        aligner: Aligner,
+        upstream: Upstream,
+        *,
+        limits: ServeLimits,
+        metrics: Metrics,
+        models: ModelMap | None = None,
+        correct_structured: bool = False,
+        drain: Drain | None = None,
+    ) -> None:
         self.aligner = aligner
         self.upstream = upstream
         self.limits = limits
@@ -69,12 +78,23 @@ class CorrectionProxy:
         try:
             return await read_json(request, self.limits.max_body_bytes, timeout=self.limits.read_timeout)
         except BodyTooLargeError as exc:
-            raise Rejected(json_error(413, str(exc), type="invalid_request_error", code="request_too_large")) from None
+            raise Rejected(
+                json_error(413, str(exc), type="invalid_request_error", code="request_too_large")
+            ) from None
         except MalformedJSONError as exc:
-            raise Rejected(json_error(400, str(exc), type="invalid_request_error", code="invalid_json")) from None
+            raise Rejected(
+                json_error(400, str(exc), type="invalid_request_error", code="invalid_json")
+            ) from None
         except BodyTimeoutError as exc:
-            raise Rejected(json_error(408, str(exc), type="invalid_request_error", code="request_timeout",
-                                      headers={"Connection": "close"})) from None
+            raise Rejected(
+                json_error(
+                    408,
+                    str(exc),
+                    type="invalid_request_error",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
+            ) from None
         except ClientClosedError as exc:
             raise Rejected(json_error(499, str(exc), type="client_closed", code="client_closed")) from None
 
@@ -86,17 +106,28 @@ class CorrectionProxy:
     @contextlib.contextmanager
     def slot(self, n: int = 1) -> Iterator[None]:
         """Hold ``n`` places of the queue for the block, or refuse at once with 429."""
-        with tracing.span("aligner.admission", {"aligner.queue.places": n, "aligner.queue.limit": self.limits.max_queue,
-                                                "aligner.queue.taken": self.admission.active}) as admission:
+        with tracing.span(
+            "aligner.admission",
+            {
+                "aligner.queue.places": n,
+                "aligner.queue.limit": self.limits.max_queue,
+                "aligner.queue.taken": self.admission.active,
+            },
+        ) as admission:
             admitted = self.admission.try_acquire(n)
             admission.set({"aligner.queue.admitted": admitted})
         if not admitted:
             self.metrics.rejected.inc()
-            raise Rejected(json_error(
-                429, f"the correction proxy is at its limit of {self.limits.max_queue} places in progress ({n} asked, "
-                f"{self.admission.active} taken): retry later", type="rate_limit_error", code="queue_full",
-                headers={"Retry-After": str(self.admission.retry_after)},
-            ))
+            raise Rejected(
+                json_error(
+                    429,
+                    f"the correction proxy is at its limit of {self.limits.max_queue} places in progress ({n} asked, "
+                    f"{self.admission.active} taken): retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": str(self.admission.retry_after)},
+                )
+            )
         self.metrics.in_progress.inc(n)
         start = time.perf_counter()
         try:
@@ -127,17 +158,24 @@ class CorrectionProxy:
 
     # -- corrections ---------------------------------------------------------------------------
 
-    def decide(self, chat: oa.ChatRequest, choice: dict[str, Any], index: int, mode: Mode = "correct") -> Decision:
+    def decide(
+        self, chat: oa.ChatRequest, choice: dict[str, Any], index: int, mode: Mode = "correct"
+    ) -> Decision:
         """The core's decision for one upstream choice (``UnreadableContentError``, a 502, for unreadable content);
         in ``off`` mode the choice passes as it is, unread."""
         if mode == "off":
             return inspection.disabled(ch.message_of(choice).get("content"))
         wanted = chat.options.correct_structured
-        return ch.decide_choice(ch.message_of(choice), index, chat.structure,
-                                correct_structured=self.correct_structured if wanted is None else wanted)
+        return ch.decide_choice(
+            ch.message_of(choice),
+            index,
+            chat.structure,
+            correct_structured=self.correct_structured if wanted is None else wanted,
+        )
 
-    async def inspect(self, chat: oa.ChatRequest, decisions: list[Decision]
-                      ) -> tuple[list[Decision], list[Verdict | None]]:
+    async def inspect(
+        self, chat: oa.ChatRequest, decisions: list[Decision]
+    ) -> tuple[list[Decision], list[Verdict | None]]:
         """``inspect`` mode: the verdict on every choice the core would correct (one batch), each turned into a
         choice passed through as inspected only; the others keep their decision and get no verdict."""
         scored = [i for i, d in enumerate(decisions) if d.corrects]
@@ -154,7 +192,9 @@ class CorrectionProxy:
             self.metrics.record_verdict(verdict.passed)
         return found
 
-    def passthrough(self, chat: oa.ChatRequest, decision: Decision, verdict: Verdict | None = None) -> dict[str, Any]:
+    def passthrough(
+        self, chat: oa.ChatRequest, decision: Decision, verdict: Verdict | None = None
+    ) -> dict[str, Any]:
         """Count a choice passed through and give its ``aligner`` field (with the inspector's verdict, if any)."""
         self.metrics.skipped.labels(reason=str(decision.skip)).inc()
         details = ch.passthrough_details(decision, chat.structure)
@@ -162,14 +202,27 @@ class CorrectionProxy:
             details["inspector"] = verdict.details()
         return details
 
-    async def correct(self, question: str, answer: str, history: list[dict[str, str]], context: Context = (), *,
-                      stop: tuple[str, ...] = (), max_new_tokens: int | None = None,
-                      settle: Callable[[Correction], Correction] | None = None) -> Correction:
+    async def correct(
+        self,
+        question: str,
+        answer: str,
+        history: list[dict[str, str]],
+        context: Context = (),
+        *,
+        stop: tuple[str, ...] = (),
+        max_new_tokens: int | None = None,
+        settle: Callable[[Correction], Correction] | None = None,
+    ) -> Correction:
         """One correction, its limit room to restate the answer unless given (``settle`` checks it against what was
         asked, e.g. a schema), counted in the metrics."""
         limit = max_new_tokens or await self.budget.limit(answer)
-        correction = await self.aligner.acorrect(question, answer, timeout=self.limits.correction_timeout,
-                                                 **grounding(history, context), **generation(limit, stop))
+        correction = await self.aligner.acorrect(
+            question,
+            answer,
+            timeout=self.limits.correction_timeout,
+            **grounding(history, context),
+            **generation(limit, stop),
+        )
         if settle is not None:
             correction = settle(correction)
         self.metrics.record_correction(correction)
@@ -177,14 +230,19 @@ class CorrectionProxy:
 
     async def correct_decided(self, chat: oa.ChatRequest, decision: Decision) -> Correction:
         """The correction of a choice the decision corrects, settled (a structured one is kept only if valid)."""
-        return await self.correct(chat.question, decision.text, chat.history, chat.context, stop=chat.stop,
-                                  settle=decision.settle)
+        return await self.correct(
+            chat.question, decision.text, chat.history, chat.context, stop=chat.stop, settle=decision.settle
+        )
 
     async def stream_decided(self, chat: oa.ChatRequest, decision: Decision) -> AsyncCorrectionStream:
         """The streamed correction of a choice the decision corrects."""
         limit = await self.budget.limit(decision.text)
-        return self.aligner.astream(chat.question, decision.text, **grounding(chat.history, chat.context),
-                                    **generation(limit, chat.stop))
+        return self.aligner.astream(
+            chat.question,
+            decision.text,
+            **grounding(chat.history, chat.context),
+            **generation(limit, chat.stop),
+        )
 
 
 def grounding(history: list[dict[str, str]], context: Context) -> dict[str, Any]:

@@ -65,15 +65,19 @@ def read_key_file(path: str | os.PathLike[str]) -> list[str]:
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise KeyFileError(f"the API key file {str(path)!r} is not UTF-8 text (byte {exc.start}): save it as UTF-8, "
-                           "one key per line") from None
+        raise KeyFileError(
+            f"the API key file {str(path)!r} is not UTF-8 text (byte {exc.start}): save it as UTF-8, "
+            "one key per line"
+        ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read the API key file {str(path)!r}: {exc.strerror or exc}") from None
     keys = [line.strip() for line in text.splitlines()]
     keys = [k for k in keys if k and not k.startswith("#")]
     if not keys:
-        raise KeyFileError(f"the API key file {str(path)!r} holds no key (only blank lines or # comments): the proxy "
-                           "would serve everyone; add one key per line")
+        raise KeyFileError(
+            f"the API key file {str(path)!r} holds no key (only blank lines or # comments): the proxy "
+            "would serve everyone; add one key per line"
+        )
     return keys
 
 

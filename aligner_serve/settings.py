@@ -22,7 +22,9 @@ _ALIGNER_PLACE = frozenset({"aligner", "aligner_server"})
 _EXPLICIT = frozenset({"COMMANDLINE", "ENVIRONMENT"})
 
 
-def resolve(ctx: typer.Context, path: str | os.PathLike[str] | None) -> tuple[dict[str, Any], ServeConfig | None]:
+def resolve(
+    ctx: typer.Context, path: str | os.PathLike[str] | None
+) -> tuple[dict[str, Any], ServeConfig | None]:
     """The options to serve with, and the config file read (None without ``--config``)."""
     params = dict(ctx.params)
     if path is None:

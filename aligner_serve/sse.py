@@ -35,10 +35,27 @@ class StreamHead:
     created: int
     include_usage: bool = False
 
-    def event(self, delta: dict[str, Any], finish_reason: str | None = None, *, index: int = 0, logprobs: Any = None,
-              **extra: Any) -> bytes:
-        return oa.sse(oa.chunk(self.id, self.model, self.created, delta, finish_reason, index=index,
-                               logprobs=logprobs, **extra))
+    def event(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        *,
+        index: int = 0,
+        logprobs: Any = None,
+        **extra: Any,
+    ) -> bytes:
+        return oa.sse(
+            oa.chunk(
+                self.id,
+                self.model,
+                self.created,
+                delta,
+                finish_reason,
+                index=index,
+                logprobs=logprobs,
+                **extra,
+            )
+        )
 
     def end(self, usage: Mapping[str, Any] | None, **extra: Any) -> Iterator[bytes]:
         if self.include_usage:
@@ -46,8 +63,14 @@ class StreamHead:
         yield oa.SSE_DONE
 
 
-async def whole_message(head: StreamHead, index: int, delta: dict[str, Any], finish_reason: str,
-                        details: dict[str, Any], logprobs: Any = None) -> AsyncIterator[bytes]:
+async def whole_message(
+    head: StreamHead,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str,
+    details: dict[str, Any],
+    logprobs: Any = None,
+) -> AsyncIterator[bytes]:
     """A message as one delta (with the upstream's log probabilities where its text is what is sent), then its
     final chunk with the ``aligner`` field."""
     yield head.event(delta, index=index, logprobs=logprobs)
@@ -71,7 +94,9 @@ class CorrectionDeltas:
             return None
         except asyncio.TimeoutError:
             self.stream.close()
-            raise CorrectionTimeoutError(f"the correction took longer than timeout={self.timeout:g}s") from None
+            raise CorrectionTimeoutError(
+                f"the correction took longer than timeout={self.timeout:g}s"
+            ) from None
 
     async def first(self) -> str | None:
         """The first delta, awaited before the response starts, so a failure here keeps its HTTP status."""
@@ -82,8 +107,13 @@ class CorrectionDeltas:
             raise
 
 
-async def correction_events(head: StreamHead, index: int, deltas: CorrectionDeltas, first: str | None,
-                            finished: Callable[[Correction], tuple[str, dict[str, Any]]]) -> AsyncIterator[bytes]:
+async def correction_events(
+    head: StreamHead,
+    index: int,
+    deltas: CorrectionDeltas,
+    first: str | None,
+    finished: Callable[[Correction], tuple[str, dict[str, Any]]],
+) -> AsyncIterator[bytes]:
     """The events of a correction streamed as it is generated, starting with ``first``; ``finished`` records the
     finished correction and gives the final chunk's finish reason and ``aligner`` field. Failures propagate to
     ``compose``."""
@@ -102,8 +132,9 @@ async def correction_events(head: StreamHead, index: int, deltas: CorrectionDelt
     yield head.event({}, finish_reason, index=index, aligner=details)
 
 
-async def compose(parts: AsyncIterator[AsyncIterator[bytes]], end: Callable[[], Iterator[bytes]]
-                  ) -> AsyncIterator[bytes]:
+async def compose(
+    parts: AsyncIterator[AsyncIterator[bytes]], end: Callable[[], Iterator[bytes]]
+) -> AsyncIterator[bytes]:
     """The choices' events one after another, then ``end()`` (usage chunk, ``[DONE]``). A failure after the response
     started ends the stream with an ``error`` event instead of ``[DONE]``."""
     try:

@@ -20,8 +20,13 @@ from aligner_core.decision import Structure
 from .bad_request import RequestShapeError
 
 #: Body fields of OpenAI-compatible servers that constrain the answer to something other than JSON.
-_UNCHECKABLE_FIELDS = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
-                       "regex": "regex", "ebnf": "grammar"}
+_UNCHECKABLE_FIELDS = {
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "regex": "regex",
+    "ebnf": "grammar",
+}
 _UNCHECKABLE_KEYS = ("regex", "choice", "grammar", "structural_tag")
 
 
@@ -59,8 +64,10 @@ def requested_structure(body: Mapping[str, Any]) -> RequestedStructure | None:
 
 def _response_format(value: Any) -> RequestedStructure | None:
     if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
-        raise RequestShapeError("'response_format' must be an object with a 'type' (text, json_object or "
-                                "json_schema)", param="response_format")
+        raise RequestShapeError(
+            "'response_format' must be an object with a 'type' (text, json_object or json_schema)",
+            param="response_format",
+        )
     kind = value["type"]
     if kind == "text":
         return None
@@ -69,12 +76,16 @@ def _response_format(value: Any) -> RequestedStructure | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, Mapping):
-            raise RequestShapeError("'response_format.json_schema' must be an object with a 'schema'",
-                                    param="response_format.json_schema")
+            raise RequestShapeError(
+                "'response_format.json_schema' must be an object with a 'schema'",
+                param="response_format.json_schema",
+            )
         schema = spec.get("schema")
         if schema is not None and not isinstance(schema, Mapping):
-            raise RequestShapeError("'response_format.json_schema.schema' must be a JSON schema object",
-                                    param="response_format.json_schema.schema")
+            raise RequestShapeError(
+                "'response_format.json_schema.schema' must be a JSON schema object",
+                param="response_format.json_schema.schema",
+            )
         name = spec.get("name") if isinstance(spec.get("name"), str) else None
         return RequestedStructure(Structure("json_schema", schema=schema, name=name), "json_schema")
     # A format this proxy does not know (a server's extension): its answer is structured, but not checkable here.

@@ -77,8 +77,9 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *, client: bool
 
     kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
     attrs = {k: v for k, v in (attributes or {}).items() if v is not None}
-    with _tracer().start_as_current_span(name, kind=kind, attributes=attrs, record_exception=False,
-                                         set_status_on_exception=False) as raw:
+    with _tracer().start_as_current_span(
+        name, kind=kind, attributes=attrs, record_exception=False, set_status_on_exception=False
+    ) as raw:
         current = Span(raw)
         try:
             yield current
@@ -196,8 +197,12 @@ class TracingMiddleware:
 
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
         method = _method(scope.get("method", ""))
-        raw = _tracer().start_span(method, context=propagate.extract(headers), kind=SpanKind.SERVER,
-                                   attributes=request_attributes(scope, headers))
+        raw = _tracer().start_span(
+            method,
+            context=propagate.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes=request_attributes(scope, headers),
+        )
         current = Span(raw)
         status: list[int] = []
 
@@ -208,7 +213,9 @@ class TracingMiddleware:
             await send(message)
 
         try:
-            with trace.use_span(raw, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            with trace.use_span(
+                raw, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
                 await self.app(scope, receive, send_status)
         except BaseException as exc:
             current.fail(exc)
@@ -223,8 +230,11 @@ class TracingMiddleware:
 def request_attributes(scope: Scope, headers: Mapping[str, str]) -> dict[str, Any]:
     """The HTTP semantic-convention attributes of a request known before it is answered (no query, no body)."""
     method = scope.get("method", "")
-    attrs: dict[str, Any] = {"http.request.method": _method(method), "url.path": scope.get("path", ""),
-                             "url.scheme": scope.get("scheme", "http")}
+    attrs: dict[str, Any] = {
+        "http.request.method": _method(method),
+        "url.path": scope.get("path", ""),
+        "url.scheme": scope.get("scheme", "http"),
+    }
     if _method(method) != method:
         attrs["http.request.method_original"] = method
     if scope.get("http_version"):
@@ -246,5 +256,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["TRACER_NAME", "Span", "TracingMiddleware", "annotate", "available", "flush", "propagation_headers",
-           "request_attributes", "route", "server_address", "span", "upstream_attributes", "upstream_result"]
+__all__ = [
+    "TRACER_NAME",
+    "Span",
+    "TracingMiddleware",
+    "annotate",
+    "available",
+    "flush",
+    "propagation_headers",
+    "request_attributes",
+    "route",
+    "server_address",
+    "span",
+    "upstream_attributes",
+    "upstream_result",
+]

@@ -34,8 +34,9 @@ class UpstreamError(Exception):
     type = "upstream_error"
     code = "upstream_error"
 
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None,
-                 retry_after: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, body: Any = None, retry_after: str | None = None
+    ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
@@ -84,10 +85,16 @@ class Upstream:
         deadline of one whole call, connecting and retries included; ``transport`` replaces the network (e.g.
         ``httpx.ASGITransport(app)`` for an in-process upstream)."""
         if not re.match(r"^https?://[^/]+", base_url or ""):
-            raise ValueError(f"the upstream URL must be http(s), e.g. http://127.0.0.1:8001/v1, got {base_url!r}")
+            raise ValueError(
+                f"the upstream URL must be http(s), e.g. http://127.0.0.1:8001/v1, got {base_url!r}"
+            )
         if not timeout > 0:
             raise ValueError(f"the upstream timeout must be a positive number of seconds, got {timeout!r}")
-        if isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1:
+        if (
+            isinstance(max_response_bytes, bool)
+            or not isinstance(max_response_bytes, int)
+            or max_response_bytes < 1
+        ):
             raise ValueError(f"max_response_bytes must be a positive integer, got {max_response_bytes!r}")
         url = base_url.rstrip("/")
         self.base_url = url if url.endswith("/v1") else url + "/v1"
@@ -98,7 +105,8 @@ class Upstream:
         self._secret = api_key or None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            headers=headers,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
         )
@@ -114,8 +122,10 @@ class Upstream:
         to the request's (the trace context, ``traceparent``)."""
         data = await self._json("POST", "/chat/completions", body, headers)
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise UpstreamUnavailableError(f"the upstream {self.base_url} answered something that is not a chat "
-                                           "completion (no 'choices')")
+            raise UpstreamUnavailableError(
+                f"the upstream {self.base_url} answered something that is not a chat "
+                "completion (no 'choices')"
+            )
         return data
 
     async def models(self) -> list[dict[str, Any]]:
@@ -124,16 +134,22 @@ class Upstream:
         items = data.get("data") if isinstance(data, dict) else None
         return [m for m in items or [] if isinstance(m, dict)]
 
-    async def _json(self, method: str, path: str, body: Mapping[str, Any] | None,
-                    headers: Mapping[str, str] | None = None) -> Any:
+    async def _json(
+        self, method: str, path: str, body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None
+    ) -> Any:
         """The upstream's JSON answer, within the deadline for the whole call."""
         try:
-            return await asyncio.wait_for(self._call(method, self.base_url + path, body, headers), self.timeout)
+            return await asyncio.wait_for(
+                self._call(method, self.base_url + path, body, headers), self.timeout
+            )
         except asyncio.TimeoutError:
-            raise UpstreamTimeoutError(f"the upstream {self.base_url} did not answer within {self.timeout:g}s") from None
+            raise UpstreamTimeoutError(
+                f"the upstream {self.base_url} did not answer within {self.timeout:g}s"
+            ) from None
 
-    async def _call(self, method: str, url: str, body: Mapping[str, Any] | None,
-                    headers: Mapping[str, str] | None = None) -> Any:
+    async def _call(
+        self, method: str, url: str, body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None
+    ) -> Any:
         for attempt in range(self.max_retries + 1):
             try:
                 async with self._client.stream(method, url, json=body, headers=dict(headers or {})) as resp:
@@ -143,7 +159,9 @@ class Upstream:
                 if attempt < self.max_retries:
                     await asyncio.sleep(0.25 * 2**attempt)
                     continue
-                raise UpstreamUnavailableError(f"cannot connect to the upstream {self.base_url}: {exc}") from None
+                raise UpstreamUnavailableError(
+                    f"cannot connect to the upstream {self.base_url}: {exc}"
+                ) from None
             except httpx.TimeoutException:
                 raise UpstreamTimeoutError(f"the upstream {self.base_url} did not answer in time") from None
             except httpx.HTTPError as exc:  # dropped mid-request, protocol errors
@@ -152,7 +170,9 @@ class Upstream:
                 ) from None
         if resp.status_code >= 400:
             raise UpstreamStatusError(
-                f"the upstream answered {resp.status_code}", status=resp.status_code, body=self._error_body(raw),
+                f"the upstream answered {resp.status_code}",
+                status=resp.status_code,
+                body=self._error_body(raw),
                 retry_after=resp.headers.get("retry-after"),
             )
         try:
@@ -183,9 +203,13 @@ class Upstream:
         return b"".join(parts)
 
     def _too_large(self, size: str) -> UpstreamTooLargeError:
-        logger.warning("the upstream's response is %s, over the limit of %d bytes", size, self.max_response_bytes)
-        return UpstreamTooLargeError(f"the upstream's response is {size}, over the proxy's limit of "
-                                     f"{self.max_response_bytes} bytes (--max-upstream-bytes); it is not passed on")
+        logger.warning(
+            "the upstream's response is %s, over the limit of %d bytes", size, self.max_response_bytes
+        )
+        return UpstreamTooLargeError(
+            f"the upstream's response is {size}, over the proxy's limit of "
+            f"{self.max_response_bytes} bytes (--max-upstream-bytes); it is not passed on"
+        )
 
     def _error_body(self, raw: bytes) -> Any:
         """The upstream's error body, with its API key scrubbed (some servers echo part of a bad key)."""

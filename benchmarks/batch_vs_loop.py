@@ -1,6 +1,6 @@
 """correct_batch versus a loop of correct, side by side in one run, on the packaged SmolLM2-135M-Instruct.
 
-    python -m benchmarks.batch_vs_loop [--pairs 16] [--max-new-tokens 48] [--json]
+python -m benchmarks.batch_vs_loop [--pairs 16] [--max-new-tokens 48] [--json]
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"{'method':<26}{'seconds':>10}{'s/pair':>10}{'new tok/s':>12}")
-        print(f"{'loop of correct()':<26}{t_loop:>10.2f}{t_loop / len(pairs):>10.2f}{result['loop_tok_s']:>12}")
-        print(f"{'correct_batch()':<26}{t_batch:>10.2f}{t_batch / len(pairs):>10.2f}{result['batch_tok_s']:>12}")
+        print(
+            f"{'loop of correct()':<26}{t_loop:>10.2f}{t_loop / len(pairs):>10.2f}{result['loop_tok_s']:>12}"
+        )
+        print(
+            f"{'correct_batch()':<26}{t_batch:>10.2f}{t_batch / len(pairs):>10.2f}{result['batch_tok_s']:>12}"
+        )
         print(f"speed-up: {result['speedup']}x   identical texts: {result['identical_texts']}")
     return 0
 

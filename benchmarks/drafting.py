@@ -38,7 +38,9 @@ def run(aligner: Any, pairs: list[tuple[str, str]], batch: bool, **options: Any)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.drafting", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.drafting", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default=None)
@@ -61,31 +63,43 @@ def main(argv: list[str] | None = None) -> int:
             tokens = sum(c.completion_tokens for c in drafted)
             proposed = sum(c.metadata.get("draft_tokens", 0) for c in drafted)
             accepted = sum(c.metadata.get("accepted_draft_tokens", 0) for c in drafted)
-            rows.append({
-                "workload": name,
-                "shape": f"one correct_batch of {len(pairs)}" if batch else "batch 1 (loop of correct)",
-                "plain_s": round(plain_s, 2),
-                "drafting_s": round(draft_s, 2),
-                "speedup": round(plain_s / draft_s, 3),
-                "acceptance": round(accepted / proposed, 3) if proposed else None,
-                "tokens": tokens,
-                "identical": sum(a.text == b.text for a, b in zip(plain, drafted)),
-                "pairs": len(pairs),
-            })
+            rows.append(
+                {
+                    "workload": name,
+                    "shape": f"one correct_batch of {len(pairs)}" if batch else "batch 1 (loop of correct)",
+                    "plain_s": round(plain_s, 2),
+                    "drafting_s": round(draft_s, 2),
+                    "speedup": round(plain_s / draft_s, 3),
+                    "acceptance": round(accepted / proposed, 3) if proposed else None,
+                    "tokens": tokens,
+                    "identical": sum(a.text == b.text for a, b in zip(plain, drafted)),
+                    "pairs": len(pairs),
+                }
+            )
     result = {
-        "model": args.model, "device": str(aligner.engine.device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.machine(), "max_new_tokens": args.max_new_tokens,
+        "model": args.model,
+        "device": str(aligner.engine.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "max_new_tokens": args.max_new_tokens,
         "rows": rows,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.model} on {result['device']} ({result['threads']} threads), at most {args.max_new_tokens} new tokens")
-    print(f"{'workload':32} {'shape':28} {'plain s':>8} {'draft s':>8} {'speed-up':>9} {'accept':>7} identical")
+    print(
+        f"{args.model} on {result['device']} ({result['threads']} threads), at most {args.max_new_tokens} new tokens"
+    )
+    print(
+        f"{'workload':32} {'shape':28} {'plain s':>8} {'draft s':>8} {'speed-up':>9} {'accept':>7} identical"
+    )
     for r in rows:
         accept = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-        print(f"{r['workload']:32} {r['shape']:28} {r['plain_s']:8.2f} {r['drafting_s']:8.2f} {r['speedup']:8.2f}x "
-              f"{accept:>7} {r['identical']}/{r['pairs']}")
+        print(
+            f"{r['workload']:32} {r['shape']:28} {r['plain_s']:8.2f} {r['drafting_s']:8.2f} {r['speedup']:8.2f}x "
+            f"{accept:>7} {r['identical']}/{r['pairs']}"
+        )
     return 0
 
 

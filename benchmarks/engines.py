@@ -57,13 +57,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 PARTS = ("local", "server", "ngram", "vllm-inprocess", "ray")
-COPY_INSTRUCTION = ("Copy the following text exactly, fixing only spelling mistakes.\n\nText: {answer}\n\n"
-                    "(Context question, do not answer it: {question})")  # as in benchmarks/throughput.py
+COPY_INSTRUCTION = (
+    "Copy the following text exactly, fixing only spelling mistakes.\n\nText: {answer}\n\n"
+    "(Context question, do not answer it: {question})"
+)  # as in benchmarks/throughput.py
 RESULT_TAG = "ENGINES-RESULT "
 RAY_NICENESS = "RAY_worker_niceness"  # Ray's own (lower-case) config variable
 
 
 # -- small helpers ------------------------------------------------------------------------------
+
 
 def load(name: str, n: int | None = None) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
@@ -123,6 +126,7 @@ def log(msg: str) -> None:
 
 # -- 1. the local (transformers) engine ---------------------------------------------------------
 
+
 def run_local(pairs: list[tuple[str, str]], m: int, runs: int) -> dict[str, Any]:
     import torch
 
@@ -139,20 +143,32 @@ def run_local(pairs: list[tuple[str, str]], m: int, runs: int) -> dict[str, Any]
                 out = aligner.correct_batch(pairs)
             times.append(t.seconds)
             if best is None or t.seconds < best["seconds"]:
-                best = {"seconds": t.seconds, "tokens": sum(c.completion_tokens for c in out), "texts": [c.text for c in out]}
+                best = {
+                    "seconds": t.seconds,
+                    "tokens": sum(c.completion_tokens for c in out),
+                    "texts": [c.text for c in out],
+                }
         assert best is not None
         return {
-            "engine": "local", "method": "local engine correct_batch", "runs": runs,
-            "seconds": round(best["seconds"], 2), "all_seconds": [round(x, 2) for x in times],
-            "tokens": best["tokens"], "tok_s": rate(best["tokens"], best["seconds"]),
-            "construct_s": round(t_load.seconds, 2), "threads": torch.get_num_threads(),
-            "dtype": str(next(aligner.engine.model.parameters()).dtype), "texts": best["texts"], "load_1m": load1(),
+            "engine": "local",
+            "method": "local engine correct_batch",
+            "runs": runs,
+            "seconds": round(best["seconds"], 2),
+            "all_seconds": [round(x, 2) for x in times],
+            "tokens": best["tokens"],
+            "tok_s": rate(best["tokens"], best["seconds"]),
+            "construct_s": round(t_load.seconds, 2),
+            "threads": torch.get_num_threads(),
+            "dtype": str(next(aligner.engine.model.parameters()).dtype),
+            "texts": best["texts"],
+            "load_1m": load1(),
         }
     finally:
         aligner.close()
 
 
 # -- 2. the server alone vs through the Aligner -------------------------------------------------
+
 
 class RawClient:
     """Plain httpx/asyncio: the same bodies the Aligner's server engine sends, ``limit`` in flight."""
@@ -163,8 +179,9 @@ class RawClient:
         self.url = url.rstrip("/") + "/completions"
         self.limit = limit
         self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
-            max_connections=limit, max_keepalive_connections=limit))
+        self.client = httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        )
 
     def run(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.loop.run_until_complete(self._all(bodies))
@@ -190,7 +207,11 @@ def raw_bodies(aligner: Any, model: str, pairs: list[tuple[str, str]], m: int) -
     template = aligner.template
     bodies = []
     for q, a in pairs:
-        body: dict[str, Any] = {"model": model, "max_tokens": m, "prompt": template.format(question=q, answer=a)}
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": m,
+            "prompt": template.format(question=q, answer=a),
+        }
         if not template.add_special_tokens:
             body["add_special_tokens"] = False
         body["temperature"] = 0.0
@@ -198,12 +219,20 @@ def raw_bodies(aligner: Any, model: str, pairs: list[tuple[str, str]], m: int) -
     return bodies
 
 
-def measure_overhead(server: Any, model_path: Path, pairs: list[tuple[str, str]], m: int, rounds: int,
-                     concurrency: int, timeout: float) -> dict[str, Any]:
+def measure_overhead(
+    server: Any,
+    model_path: Path,
+    pairs: list[tuple[str, str]],
+    m: int,
+    rounds: int,
+    concurrency: int,
+    timeout: float,
+) -> dict[str, Any]:
     from aligner_core import Aligner
 
-    aligner = Aligner.from_server(server.url, tokenizer=str(model_path), max_new_tokens=m,
-                                  max_concurrency=concurrency, timeout=timeout)
+    aligner = Aligner.from_server(
+        server.url, tokenizer=str(model_path), max_new_tokens=m, max_concurrency=concurrency, timeout=timeout
+    )
     raw = RawClient(server.url, concurrency, timeout)
     try:
         bodies = raw_bodies(aligner, aligner.engine.model_name, pairs, m)
@@ -220,7 +249,11 @@ def measure_overhead(server: Any, model_path: Path, pairs: list[tuple[str, str]]
             with Timer() as t:
                 out = raw.run(bodies)
             cpu["raw"].append(time.process_time() - c0)
-            return t.seconds, sum(r["usage"]["completion_tokens"] for r in out), [r["choices"][0]["text"].strip() for r in out]
+            return (
+                t.seconds,
+                sum(r["usage"]["completion_tokens"] for r in out),
+                [r["choices"][0]["text"].strip() for r in out],
+            )
 
         def aligner_round() -> tuple[float, int, list[str]]:
             c0 = time.process_time()
@@ -242,9 +275,18 @@ def measure_overhead(server: Any, model_path: Path, pairs: list[tuple[str, str]]
 
     def row(key: str, label: str, runs: list[tuple[float, int, list[str]]]) -> dict[str, Any]:
         best = min(runs, key=lambda r: r[0])
-        return {"engine": key, "method": label, "runs": len(runs), "seconds": round(best[0], 2),
-                "all_seconds": [round(r[0], 2) for r in runs], "tokens": best[1], "tok_s": rate(best[1], best[0]),
-                "all_tok_s": [rate(r[1], r[0]) for r in runs], "texts": best[2], "load_1m": load1()}
+        return {
+            "engine": key,
+            "method": label,
+            "runs": len(runs),
+            "seconds": round(best[0], 2),
+            "all_seconds": [round(r[0], 2) for r in runs],
+            "tokens": best[1],
+            "tok_s": rate(best[1], best[0]),
+            "all_tok_s": [rate(r[1], r[0]) for r in runs],
+            "texts": best[2],
+            "load_1m": load1(),
+        }
 
     raw_row = row("server-raw", f"vLLM server alone (httpx, {concurrency} in flight)", raw_runs)
     al_row = row("server-aligner", "vLLM server via Aligner.from_server", al_runs)
@@ -269,6 +311,7 @@ def measure_overhead(server: Any, model_path: Path, pairs: list[tuple[str, str]]
 
 
 # -- 3. n-gram speculative decoding on the server ----------------------------------------------
+
 
 def spec_metrics(root_url: str) -> dict[str, float]:
     """``vllm:spec_decode_*`` counters (summed over engines; per-position counters keep their position)."""
@@ -302,22 +345,31 @@ def spec_summary(before: dict[str, float], after: dict[str, float]) -> dict[str,
     accepted = delta.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
     per_pos = {k.split("[")[1].rstrip("]"): int(v) for k, v in delta.items() if "per_pos" in k and "[" in k}
     return {
-        "drafts": int(drafts), "draft_tokens": int(proposed), "accepted_tokens": int(accepted),
+        "drafts": int(drafts),
+        "draft_tokens": int(proposed),
+        "accepted_tokens": int(accepted),
         "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
         "mean_acceptance_length": round(1 + accepted / drafts, 2) if drafts else None,
         "accepted_per_position": per_pos or None,
     }
 
 
-def measure_copy(server: Any, model_path: Path, copy_pairs: list[tuple[str, str]], m: int, rounds: int,
-                 timeout: float) -> dict[str, Any]:
+def measure_copy(
+    server: Any, model_path: Path, copy_pairs: list[tuple[str, str]], m: int, rounds: int, timeout: float
+) -> dict[str, Any]:
     """Batch 1 (sequential ``correct``) and all at once (``correct_batch``) on the copy-edit set."""
     from aligner_core import Aligner, ChatTemplate
 
     root = server.url[: -len("/v1")]
     copy = ChatTemplate(name="copyedit", instruction=COPY_INSTRUCTION)
-    editor = Aligner.from_server(server.url, tokenizer=str(model_path), template=copy, max_new_tokens=m,
-                                 max_concurrency=64, timeout=timeout)
+    editor = Aligner.from_server(
+        server.url,
+        tokenizer=str(model_path),
+        template=copy,
+        max_new_tokens=m,
+        max_concurrency=64,
+        timeout=timeout,
+    )
     try:
         editor.correct(*copy_pairs[0], max_new_tokens=4)  # warm-up
         out: dict[str, Any] = {}
@@ -332,9 +384,12 @@ def measure_copy(server: Any, model_path: Path, copy_pairs: list[tuple[str, str]
                     else:
                         res = editor.correct_batch(copy_pairs)
                 if best is None or t.seconds < best["seconds"]:
-                    best = {"seconds": t.seconds, "tokens": sum(c.completion_tokens for c in res),
-                            "texts": [c.text for c in res],
-                            "similarity_to_answer": round(sum(c.similarity for c in res) / len(res), 3)}
+                    best = {
+                        "seconds": t.seconds,
+                        "tokens": sum(c.completion_tokens for c in res),
+                        "texts": [c.text for c in res],
+                        "similarity_to_answer": round(sum(c.similarity for c in res) / len(res), 3),
+                    }
                 times.append(round(t.seconds, 2))
             assert best is not None
             best["all_seconds"] = times
@@ -353,10 +408,15 @@ def ngram_compare(plain: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]
     for mode in ("batch1", "concurrent"):
         p, s = plain[mode], spec[mode]
         result[mode] = {
-            "plain_s": p["seconds"], "spec_s": s["seconds"], "plain_all_s": p["all_seconds"], "spec_all_s": s["all_seconds"],
-            "plain_tok_s": p["tok_s"], "spec_tok_s": s["tok_s"],
+            "plain_s": p["seconds"],
+            "spec_s": s["seconds"],
+            "plain_all_s": p["all_seconds"],
+            "spec_all_s": s["all_seconds"],
+            "plain_tok_s": p["tok_s"],
+            "spec_tok_s": s["tok_s"],
             "speedup": round(p["seconds"] / s["seconds"], 2) if s["seconds"] else None,
-            "plain_tokens": p["tokens"], "spec_tokens": s["tokens"],
+            "plain_tokens": p["tokens"],
+            "spec_tokens": s["tokens"],
             "identical_texts": same(p["texts"], s["texts"]),
             "similarity_to_answer": p["similarity_to_answer"],
             "acceptance": s["spec_metrics"],
@@ -365,8 +425,9 @@ def ngram_compare(plain: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]
     return result
 
 
-def run_servers(parts: set[str], pairs: list[tuple[str, str]], args: argparse.Namespace,
-                results: dict[str, Any]) -> None:
+def run_servers(
+    parts: set[str], pairs: list[tuple[str, str]], args: argparse.Namespace, results: dict[str, Any]
+) -> None:
     """Phases 2 and 3: a plain server, stopped, then an n-gram one; never two at once."""
     try:
         sys.path.insert(0, str(ROOT))
@@ -397,13 +458,22 @@ def run_servers(parts: set[str], pairs: list[tuple[str, str]], args: argparse.Na
             with contextlib.suppress(Exception):
                 import httpx
 
-                results["machine"]["vllm"] = httpx.get(server.url[:-3] + "/version", timeout=5).json().get("version")
+                results["machine"]["vllm"] = (
+                    httpx.get(server.url[:-3] + "/version", timeout=5).json().get("version")
+                )
             log(f"  healthy after {t_start.seconds:.0f}s on port {server.port}")
             if not speculative and "server" in parts:
                 try:
                     log("server alone vs Aligner.from_server")
-                    got = measure_overhead(server, model_path, pairs, args.max_new_tokens, args.rounds,
-                                           args.concurrency, args.timeout)
+                    got = measure_overhead(
+                        server,
+                        model_path,
+                        pairs,
+                        args.max_new_tokens,
+                        args.rounds,
+                        args.concurrency,
+                        args.timeout,
+                    )
                     results["rows"].extend(got["rows"])
                     results["server_overhead"] = got["overhead"]
                 except Exception as exc:
@@ -412,8 +482,14 @@ def run_servers(parts: set[str], pairs: list[tuple[str, str]], args: argparse.Na
             if "ngram" in parts:
                 try:
                     log(f"copy-edit set on the {label}")
-                    copy = measure_copy(server, model_path, copy_pairs, args.copy_max_new_tokens, args.copy_rounds,
-                                        args.timeout)
+                    copy = measure_copy(
+                        server,
+                        model_path,
+                        copy_pairs,
+                        args.copy_max_new_tokens,
+                        args.copy_rounds,
+                        args.timeout,
+                    )
                     if not speculative:
                         plain_copy = copy
                     else:
@@ -457,16 +533,24 @@ def worker_vllm(args: argparse.Namespace) -> int:
 
             from aligner_core import DEFAULT_MODEL, Aligner
             from aligner_core.engines import vllm as _engine  # noqa: F401  (fails clearly when not written yet)
-        result.update(vllm=vllm.__version__, torch=torch.__version__, transformers=version("transformers"),
-                      import_s=round(t_import.seconds, 2))
+        result.update(
+            vllm=vllm.__version__,
+            torch=torch.__version__,
+            transformers=version("transformers"),
+            import_s=round(t_import.seconds, 2),
+        )
         pairs = load("pairs32.jsonl", args.pairs)
         for variant in [v.strip() for v in args.vllm_variants.split(",") if v.strip()]:
             label, extra = VLLM_VARIANTS[variant]
             try:
                 with Timer() as t_build:
-                    aligner = Aligner.from_pretrained(DEFAULT_MODEL, engine="vllm", dtype="float32",
-                                                      max_new_tokens=args.max_new_tokens,
-                                                      **{**json.loads(args.vllm_kwargs), **extra})
+                    aligner = Aligner.from_pretrained(
+                        DEFAULT_MODEL,
+                        engine="vllm",
+                        dtype="float32",
+                        max_new_tokens=args.max_new_tokens,
+                        **{**json.loads(args.vllm_kwargs), **extra},
+                    )
                 try:
                     aligner.correct(*pairs[0], max_new_tokens=4)  # warm-up
                     times, best = [], None
@@ -482,10 +566,16 @@ def worker_vllm(args: argparse.Namespace) -> int:
                     proposed = sum(c.metadata.get("draft_tokens", 0) for c in out)
                     accepted = sum(c.metadata.get("accepted_draft_tokens", 0) for c in out)
                     row = {
-                        "engine": f"vllm-inprocess-{variant}", "method": label, "runs": len(times),
-                        "seconds": round(seconds, 2), "all_seconds": [round(x, 2) for x in times], "tokens": tokens,
-                        "tok_s": rate(tokens, seconds), "construct_s": round(t_build.seconds, 2),
-                        "texts": [c.text for c in out], "engine_repr": repr(aligner.engine)[:200],
+                        "engine": f"vllm-inprocess-{variant}",
+                        "method": label,
+                        "runs": len(times),
+                        "seconds": round(seconds, 2),
+                        "all_seconds": [round(x, 2) for x in times],
+                        "tokens": tokens,
+                        "tok_s": rate(tokens, seconds),
+                        "construct_s": round(t_build.seconds, 2),
+                        "texts": [c.text for c in out],
+                        "engine_repr": repr(aligner.engine)[:200],
                         "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
                         "load_1m": load1(),
                     }
@@ -514,18 +604,41 @@ def run_vllm_inprocess(args: argparse.Namespace, results: dict[str, Any]) -> Non
     work = Path(tempfile.mkdtemp(prefix="aligner-bench-vllm-"))
     (work / "tmp").mkdir()
     (work / "cache").mkdir()
-    env = dict(os.environ, TMPDIR=str(work / "tmp"), VLLM_CACHE_ROOT=str(work / "cache"), HF_HUB_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_RPC_BASE_PATH=str(work / "tmp"))
+    env = dict(
+        os.environ,
+        TMPDIR=str(work / "tmp"),
+        VLLM_CACHE_ROOT=str(work / "cache"),
+        HF_HUB_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+        VLLM_RPC_BASE_PATH=str(work / "tmp"),
+    )
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [str(VLLM_PYTHON), "-m", "benchmarks.engines", "--worker", "vllm-inprocess", "--pairs", str(args.pairs),
-           "--max-new-tokens", str(args.max_new_tokens), "--local-runs", str(args.local_runs),
-           "--vllm-kwargs", args.vllm_kwargs, "--vllm-variants", args.vllm_variants]
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "benchmarks.engines",
+        "--worker",
+        "vllm-inprocess",
+        "--pairs",
+        str(args.pairs),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--local-runs",
+        str(args.local_runs),
+        "--vllm-kwargs",
+        args.vllm_kwargs,
+        "--vllm-variants",
+        args.vllm_variants,
+    ]
     logfile = work / "worker.log"
     proc = None
     try:
         log("vLLM in-process worker")
         with open(logfile, "wb") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 proc.wait(timeout=args.worker_timeout)
             except subprocess.TimeoutExpired:
@@ -536,7 +649,7 @@ def run_vllm_inprocess(args: argparse.Namespace, results: dict[str, Any]) -> Non
         if not lines:
             results["not_measured"]["vllm-inprocess"] = f"worker exited {proc.returncode}: {text[-400:]!r}"
             return
-        got = json.loads(lines[-1][len(RESULT_TAG):])
+        got = json.loads(lines[-1][len(RESULT_TAG) :])
         if "error" in got:
             results["not_measured"]["vllm-inprocess"] = got["error"]
             return
@@ -562,7 +675,10 @@ def run_vllm_inprocess(args: argparse.Namespace, results: dict[str, Any]) -> Non
 
 # -- 5. Ray ------------------------------------------------------------------------------------
 
-def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None, results: dict[str, Any]) -> None:
+
+def run_ray(
+    pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None, results: dict[str, Any]
+) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray runs its workers at nice 15 by default; every other engine here runs at 0, and on a shared
     # machine a niced actor loses the CPU to any other load (seen: 2-thread actors 4x slower).
@@ -581,10 +697,18 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
     tmp = Path(tempfile.mkdtemp(prefix="aligner-ray-"))
     try:
         with Timer() as t_init:
-            ray.init(num_cpus=max(2, math.ceil(2 * (cpus_per_replica or 1))), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     _temp_dir=str(tmp))
-        results["ray_info"] = {"init_s": round(t_init.seconds, 2), "ray": ray.__version__,
-                               "worker_niceness": os.environ.get(RAY_NICENESS)}
+            ray.init(
+                num_cpus=max(2, math.ceil(2 * (cpus_per_replica or 1))),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                _temp_dir=str(tmp),
+            )
+        results["ray_info"] = {
+            "init_s": round(t_init.seconds, 2),
+            "ray": ray.__version__,
+            "worker_niceness": os.environ.get(RAY_NICENESS),
+        }
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
@@ -596,12 +720,25 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
             try:
                 log(f"Ray, {replicas} replica(s) x {threads} thread(s)")
                 with Timer() as t_warm:  # the same actors start and load their model; one short row each
-                    correct_dataset(ray.data.from_items(rows[:replicas]), choice, load_options={"max_new_tokens": m},
-                                    replicas=replicas, batch_size=1, num_cpus=cpus, max_new_tokens=1).take_all()
+                    correct_dataset(
+                        ray.data.from_items(rows[:replicas]),
+                        choice,
+                        load_options={"max_new_tokens": m},
+                        replicas=replicas,
+                        batch_size=1,
+                        num_cpus=cpus,
+                        max_new_tokens=1,
+                    ).take_all()
                 batch = math.ceil(len(rows) / replicas)
                 with Timer() as t:
-                    out = correct_dataset(ray.data.from_items(rows), choice, load_options={"max_new_tokens": m},
-                                          replicas=replicas, batch_size=batch, num_cpus=cpus).take_all()
+                    out = correct_dataset(
+                        ray.data.from_items(rows),
+                        choice,
+                        load_options={"max_new_tokens": m},
+                        replicas=replicas,
+                        batch_size=batch,
+                        num_cpus=cpus,
+                    ).take_all()
                 errors = [r["aligner_error"] for r in out if r.get("aligner_error")]
                 if errors:
                     raise RuntimeError(f"{len(errors)} rows failed: {errors[0]}")
@@ -611,15 +748,27 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
                 # were one Ray batch; its planned sub-batches ran one after another and each row carries its
                 # sub-batch's latency, so a Ray batch took the sum of its distinct latencies. Replicas run
                 # their batches in parallel: the longest batch bounds the generation time.
-                in_actor = max(sum({st["latency_s"] for st in stats[k:k + batch]}) for k in range(0, len(stats), batch))
-                results["rows"].append({
-                    "engine": f"ray-{replicas}", "method": f"Ray correct_dataset, {replicas} replica(s) x {threads} thread",
-                    "runs": 1, "seconds": round(t.seconds, 2), "tokens": tokens, "tok_s": rate(tokens, t.seconds),
-                    "steady_s": round(in_actor, 2), "steady_tok_s": rate(tokens, in_actor),
-                    "startup_and_overhead_s": round(t.seconds - in_actor, 2), "warmup_run_s": round(t_warm.seconds, 2),
-                    "batch_size": batch, "threads_per_replica": threads, "load_1m": load1(),
-                    "texts": [r["correction"] for r in out],
-                })
+                in_actor = max(
+                    sum({st["latency_s"] for st in stats[k : k + batch]}) for k in range(0, len(stats), batch)
+                )
+                results["rows"].append(
+                    {
+                        "engine": f"ray-{replicas}",
+                        "method": f"Ray correct_dataset, {replicas} replica(s) x {threads} thread",
+                        "runs": 1,
+                        "seconds": round(t.seconds, 2),
+                        "tokens": tokens,
+                        "tok_s": rate(tokens, t.seconds),
+                        "steady_s": round(in_actor, 2),
+                        "steady_tok_s": rate(tokens, in_actor),
+                        "startup_and_overhead_s": round(t.seconds - in_actor, 2),
+                        "warmup_run_s": round(t_warm.seconds, 2),
+                        "batch_size": batch,
+                        "threads_per_replica": threads,
+                        "load_1m": load1(),
+                        "texts": [r["correction"] for r in out],
+                    }
+                )
             except Exception as exc:
                 traceback.print_exc()
                 results["not_measured"][f"ray-{replicas}"] = why(exc)
@@ -634,6 +783,7 @@ def run_ray(pairs: list[tuple[str, str]], m: int, cpus_per_replica: float | None
 
 
 # -- the report ------------------------------------------------------------------------------
+
 
 def finish(results: dict[str, Any]) -> None:
     rows = results["rows"]
@@ -652,8 +802,10 @@ def finish(results: dict[str, Any]) -> None:
 def print_table(results: dict[str, Any]) -> None:
     s = results["settings"]
     mach = results["machine"]
-    print(f"\n{mach['platform']} cpus={mach['cpu_count']} torch={mach.get('torch')} vllm={mach.get('vllm')} "
-          f"load={mach.get('loadavg_start')}->{mach.get('loadavg_end')}")
+    print(
+        f"\n{mach['platform']} cpus={mach['cpu_count']} torch={mach.get('torch')} vllm={mach.get('vllm')} "
+        f"load={mach.get('loadavg_start')}->{mach.get('loadavg_end')}"
+    )
     print(f"model={s['model']} (float32) pairs={s['pairs']} max_new_tokens={s['max_new_tokens']} greedy")
     print(f"{'engine':<52}{'s':>8}{'tokens':>8}{'tok/s':>9}{'x local':>9}{'same text':>11}{'load':>6}")
     for r in results["rows"]:
@@ -662,33 +814,43 @@ def print_table(results: dict[str, Any]) -> None:
             extra += f"  construct {r['construct_s']}s"
         if r.get("acceptance_rate") is not None:
             extra += f"  n-gram acceptance {r['acceptance_rate']}"
-        print(f"{r['method']:<52}{r['seconds']:>8}{r['tokens']:>8}{r['tok_s']:>9}{r.get('x_local', ''):>9}"
-              f"{r.get('identical_texts_vs_local') or '':>11}{r.get('load_1m') or '':>6}{extra}")
+        print(
+            f"{r['method']:<52}{r['seconds']:>8}{r['tokens']:>8}{r['tok_s']:>9}{r.get('x_local', ''):>9}"
+            f"{r.get('identical_texts_vs_local') or '':>11}{r.get('load_1m') or '':>6}{extra}"
+        )
         if "steady_tok_s" in r:
-            print(f"{'   steady: generation inside the actors':<52}{r['steady_s']:>8}"
-                  f"{r['tokens']:>8}{r['steady_tok_s']:>9}{r.get('steady_x_local', ''):>9}"
-                  f"{'':>17}  (start-up, load, Ray: {r['startup_and_overhead_s']}s)")
+            print(
+                f"{'   steady: generation inside the actors':<52}{r['steady_s']:>8}"
+                f"{r['tokens']:>8}{r['steady_tok_s']:>9}{r.get('steady_x_local', ''):>9}"
+                f"{'':>17}  (start-up, load, Ray: {r['startup_and_overhead_s']}s)"
+            )
     if results.get("ray_info"):
         print(f"Ray start-up (ray.init): {results['ray_info']['init_s']}s")
     o = results.get("server_overhead")
     if o:
-        print(f"\nAligner.from_server overhead vs the server alone ({o['rounds']} alternating rounds, "
-              f"{o['concurrency']} in flight): best-of {o['overhead_pct_best']}%, median {o['overhead_pct_median']}%, "
-              f"per round {o['overhead_pct_per_round']} (target < {o['target_pct']}%); same tokens each round: "
-              f"{o['same_tokens_each_round']}, identical texts {o['identical_texts_raw_vs_aligner']}")
+        print(
+            f"\nAligner.from_server overhead vs the server alone ({o['rounds']} alternating rounds, "
+            f"{o['concurrency']} in flight): best-of {o['overhead_pct_best']}%, median {o['overhead_pct_median']}%, "
+            f"per round {o['overhead_pct_per_round']} (target < {o['target_pct']}%); same tokens each round: "
+            f"{o['same_tokens_each_round']}, identical texts {o['identical_texts_raw_vs_aligner']}"
+        )
         print(f"  client CPU per round (s): raw {o['client_cpu_s_raw']}, Aligner {o['client_cpu_s_aligner']}")
     n = results.get("ngram")
     if n:
-        print(f"\nn-gram speculative decoding on the vLLM server, copy-edit set ({results['settings']['copy_pairs']} "
-              f"pairs, max {results['settings']['copy_max_new_tokens']} tokens, similarity to answer "
-              f"{n['batch1']['similarity_to_answer']}):")
+        print(
+            f"\nn-gram speculative decoding on the vLLM server, copy-edit set ({results['settings']['copy_pairs']} "
+            f"pairs, max {results['settings']['copy_max_new_tokens']} tokens, similarity to answer "
+            f"{n['batch1']['similarity_to_answer']}):"
+        )
         for mode, label in (("batch1", "batch 1 (sequential)"), ("concurrent", "all at once")):
             d = n[mode]
             acc = d["acceptance"] or {}
-            print(f"  {label:<22} plain {d['plain_s']:>6}s {d['plain_tok_s']:>7} tok/s | n-gram {d['spec_s']:>6}s "
-                  f"{d['spec_tok_s']:>7} tok/s | speed-up {d['speedup']}x | identical {d['identical_texts']} | "
-                  f"tokens {d['plain_tokens']}/{d['spec_tokens']} | acceptance {acc.get('acceptance_rate')} "
-                  f"(mean length {acc.get('mean_acceptance_length')})")
+            print(
+                f"  {label:<22} plain {d['plain_s']:>6}s {d['plain_tok_s']:>7} tok/s | n-gram {d['spec_s']:>6}s "
+                f"{d['spec_tok_s']:>7} tok/s | speed-up {d['speedup']}x | identical {d['identical_texts']} | "
+                f"tokens {d['plain_tokens']}/{d['spec_tokens']} | acceptance {acc.get('acceptance_rate')} "
+                f"(mean length {acc.get('mean_acceptance_length')})"
+            )
     for k, v in results["servers"].items():
         print(f"{k}: healthy after {v['startup_s']}s")
     for k, v in results["not_measured"].items():
@@ -696,23 +858,36 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Aligner engines side by side: local, vLLM server (alone and via "
-                                     "the Aligner, with and without n-gram speculation), vLLM in-process, Ray.")
+    parser = argparse.ArgumentParser(
+        description="Aligner engines side by side: local, vLLM server (alone and via "
+        "the Aligner, with and without n-gram speculation), vLLM in-process, Ray."
+    )
     parser.add_argument("--pairs", type=int, default=32, help="pairs from pairs32.jsonl (cycled)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--copy-max-new-tokens", type=int, default=64, help="max tokens on the copy-edit set")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of server alone vs Aligner")
-    parser.add_argument("--copy-rounds", type=int, default=1, help="rounds per mode on the copy-edit set (best)")
-    parser.add_argument("--local-runs", type=int, default=2, help="correct_batch runs of the in-process engines (best)")
+    parser.add_argument(
+        "--copy-rounds", type=int, default=1, help="rounds per mode on the copy-edit set (best)"
+    )
+    parser.add_argument(
+        "--local-runs", type=int, default=2, help="correct_batch runs of the in-process engines (best)"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per server request")
     parser.add_argument("--server-start-timeout", type=float, default=300.0)
     parser.add_argument("--worker-timeout", type=float, default=420.0)
     parser.add_argument("--vllm-kwargs", default="{}", help="JSON keyword arguments for engine='vllm'")
-    parser.add_argument("--vllm-variants", default="default,plain",
-                        help=f"in-process vLLM runs, one engine each: {','.join(VLLM_VARIANTS)}")
-    parser.add_argument("--ray-cpus", type=float, default=None,
-                        help="num_cpus per Ray replica (default: the library's, 1); ray.init gets 2 CPUs")
+    parser.add_argument(
+        "--vllm-variants",
+        default="default,plain",
+        help=f"in-process vLLM runs, one engine each: {','.join(VLLM_VARIANTS)}",
+    )
+    parser.add_argument(
+        "--ray-cpus",
+        type=float,
+        default=None,
+        help="num_cpus per Ray replica (default: the library's, 1); ray.init gets 2 CPUs",
+    )
     parser.add_argument("--skip", default="", help=f"comma-separated parts to skip: {','.join(PARTS)}")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-' for stdout)")
     parser.add_argument("--worker", choices=["vllm-inprocess"], help=argparse.SUPPRESS)
@@ -736,20 +911,36 @@ def main(argv: list[str] | None = None) -> int:
     pairs = load("pairs32.jsonl", args.pairs)
     results: dict[str, Any] = {
         "machine": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": version("transformers"),
-            "ray": version("ray"), "vllm": None, "loadavg_start": loadavg(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "transformers": version("transformers"),
+            "ray": version("ray"),
+            "vllm": None,
+            "loadavg_start": loadavg(),
             "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         },
         "settings": {
-            "model": DEFAULT_MODEL, "dtype": "float32", "pairs": len(pairs), "max_new_tokens": args.max_new_tokens,
-            "copy_pairs": len(load("copyedit8.jsonl")), "copy_max_new_tokens": args.copy_max_new_tokens,
-            "rounds": args.rounds, "copy_rounds": args.copy_rounds, "local_runs": args.local_runs,
-            "concurrency": args.concurrency, "skipped": sorted(skip), "greedy": True,
+            "model": DEFAULT_MODEL,
+            "dtype": "float32",
+            "pairs": len(pairs),
+            "max_new_tokens": args.max_new_tokens,
+            "copy_pairs": len(load("copyedit8.jsonl")),
+            "copy_max_new_tokens": args.copy_max_new_tokens,
+            "rounds": args.rounds,
+            "copy_rounds": args.copy_rounds,
+            "local_runs": args.local_runs,
+            "concurrency": args.concurrency,
+            "skipped": sorted(skip),
+            "greedy": True,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-        "rows": [], "servers": {}, "not_measured": {},
+        "rows": [],
+        "servers": {},
+        "not_measured": {},
     }
     with Timer() as total:
         if "local" in parts:

@@ -34,7 +34,9 @@ def step_ms(fn: Any, steps: int, repeat: int = 2) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokenizer", required=True, help="Directory with the SmolLM2 tokenizer files.")
     parser.add_argument("--shape", default="1b", help="tiny, 1b or 8b.")
     parser.add_argument("--rows", default="1,16,64,256", help="Comma-separated batch sizes.")
@@ -61,28 +63,53 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [tokenizer(template.format(question=q, answer=a))["input_ids"] for q, a in work]
     answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for _, a in work]
     steps = args.steps
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-                              "shape": args.shape, "steps": steps, "rows": []}
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "shape": args.shape,
+        "steps": steps,
+        "rows": [],
+    }
 
     def generate(n: int) -> None:
         enc = tokenizer.pad({"input_ids": prompts[:n]}, return_tensors="pt").to(device)
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **enc,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
 
     def loop(n: int, draft: int) -> None:
-        drafted_greedy(model, prompts[:n], answers[:n], [steps] * n, eos_token_ids=[],
-                       pad_token_id=tokenizer.pad_token_id, num_draft_tokens=draft, max_verify_tokens=256)
+        drafted_greedy(
+            model,
+            prompts[:n],
+            answers[:n],
+            [steps] * n,
+            eos_token_ids=[],
+            pad_token_id=tokenizer.pad_token_id,
+            num_draft_tokens=draft,
+            max_verify_tokens=256,
+        )
 
     generate(2), loop(2, 0)  # warm-up
     print(f"{args.shape} on {report['device']}, {steps} steps, ms per step", flush=True)
     for n in rows_list:
         g = step_ms(lambda n=n: generate(n), steps)
         l0, l8 = step_ms(lambda n=n: loop(n, 0), steps), step_ms(lambda n=n: loop(n, 8), steps)
-        row = {"rows": n, "generate_ms": round(g, 2), "loop_no_drafts_ms": round(l0, 2), "loop_drafts_ms": round(l8, 2),
-               "loop_over_generate": round(l0 / g, 2)}
+        row = {
+            "rows": n,
+            "generate_ms": round(g, 2),
+            "loop_no_drafts_ms": round(l0, 2),
+            "loop_drafts_ms": round(l8, 2),
+            "loop_over_generate": round(l0 / g, 2),
+        }
         report["rows"].append(row)
-        print(f"  rows {n:>4}: generate {g:7.2f}  loop {l0:7.2f} ({l0 / g:.2f}x)  loop+drafts {l8:7.2f}", flush=True)
+        print(
+            f"  rows {n:>4}: generate {g:7.2f}  loop {l0:7.2f} ({l0 / g:.2f}x)  loop+drafts {l8:7.2f}",
+            flush=True,
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -30,7 +30,9 @@ def spread(n: int, k: int) -> set[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.inspector", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.inspector", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--pass-rate", type=float, default=0.8, help="fraction of pairs the inspector passes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -50,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     base = sample_pairs()
-    pairs = [(q if i < len(base) else f"{q} (variant {i})", a)
-             for i in range(args.pairs) for q, a in [base[i % len(base)]]]
+    pairs = [
+        (q if i < len(base) else f"{q} (variant {i})", a)
+        for i in range(args.pairs)
+        for q, a in [base[i % len(base)]]
+    ]
     failing = spread(len(pairs), round(len(pairs) * (1 - args.pass_rate)))
     scores = {pair: (0.1 if i in failing else 0.9) for i, pair in enumerate(pairs)}
     inspector = Inspector(lambda q, a: scores[(q, a)], name="by-index")
@@ -79,25 +84,29 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[int, list[float]] = {0: [], 1: []}
         results: dict[int, list] = {}
         for r in range(args.repeats):
-            for k in ((0, 1) if r % 2 == 0 else (1, 0)):  # alternate the order: neither run always goes first
+            for k in (0, 1) if r % 2 == 0 else (1, 0):  # alternate the order: neither run always goes first
                 start = time.perf_counter()
                 results[k] = runs[k]()
                 times[k].append(time.perf_counter() - start)
         every, behind = results[0], results[1]
         t_all, t_gated = min(times[0]), min(times[1])
-        rows.append({
-            "shape": shape,
-            "all_s": round(t_all, 2),
-            "gated_s": round(t_gated, 2),
-            "all_s_runs": [round(t, 2) for t in times[0]],
-            "gated_s_runs": [round(t, 2) for t in times[1]],
-            "speedup": round(t_all / t_gated, 2),
-            "time_saved": round(1 - t_gated / t_all, 3),
-            "completion_tokens_all": sum(c.completion_tokens for c in every),
-            "completion_tokens_gated": sum(c.completion_tokens for c in behind),
-            "passed_unchanged": sum(behind[i].text == pairs[i][1] and not behind[i].changed for i in passed),
-            "failing_identical_to_all": sum(behind[i].text == every[i].text for i in failing),
-        })
+        rows.append(
+            {
+                "shape": shape,
+                "all_s": round(t_all, 2),
+                "gated_s": round(t_gated, 2),
+                "all_s_runs": [round(t, 2) for t in times[0]],
+                "gated_s_runs": [round(t, 2) for t in times[1]],
+                "speedup": round(t_all / t_gated, 2),
+                "time_saved": round(1 - t_gated / t_all, 3),
+                "completion_tokens_all": sum(c.completion_tokens for c in every),
+                "completion_tokens_gated": sum(c.completion_tokens for c in behind),
+                "passed_unchanged": sum(
+                    behind[i].text == pairs[i][1] and not behind[i].changed for i in passed
+                ),
+                "failing_identical_to_all": sum(behind[i].text == every[i].text for i in failing),
+            }
+        )
     out = {
         "model": args.model,
         "engine": aligner.engine.name,
@@ -110,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "generated_pairs": len(failing),
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
-        "gate": "the Aligner's inspector= argument" if batch_facade and one_facade
+        "gate": "the Aligner's inspector= argument"
+        if batch_facade and one_facade
         else "aligner_core.inspector.correct_batch_gated / correct_gated around the Aligner",
         "rows": rows,
     }
@@ -120,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{len(pairs)} pairs, {out['pass_rate']:.0%} pass the inspector, {len(failing)} generated "
-              f"(gate: {out['gate']})")
-        print(f"{'shape':<26}{'every pair s':>14}{'gated s':>10}{'speed-up':>10}{'new tokens':>14}{'identical':>11}")
+        print(
+            f"{len(pairs)} pairs, {out['pass_rate']:.0%} pass the inspector, {len(failing)} generated "
+            f"(gate: {out['gate']})"
+        )
+        print(
+            f"{'shape':<26}{'every pair s':>14}{'gated s':>10}{'speed-up':>10}{'new tokens':>14}{'identical':>11}"
+        )
         for row in rows:
             tokens = f"{row['completion_tokens_all']}/{row['completion_tokens_gated']}"
-            print(f"{row['shape']:<26}{row['all_s']:>14.2f}{row['gated_s']:>10.2f}{row['speedup']:>9.2f}x{tokens:>14}"
-                  f"{row['failing_identical_to_all']:>7}/{len(failing)}")
+            print(
+                f"{row['shape']:<26}{row['all_s']:>14.2f}{row['gated_s']:>10.2f}{row['speedup']:>9.2f}x{tokens:>14}"
+                f"{row['failing_identical_to_all']:>7}/{len(failing)}"
+            )
     return 0
 
 

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--copy-max-new-tokens", type=int, default=96)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--skip-generate-batch", action="store_true", help="skip (c), transformers generate_batch")
+    parser.add_argument(
+        "--skip-generate-batch", action="store_true", help="skip (c), transformers generate_batch"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -74,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         for p in prompts:
             ids, mask = backend.pad_left([p])
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            total += count_new(out[0, ids.shape[1]:].tolist(), eos, m)
+            total += count_new(out[0, ids.shape[1] :].tolist(), eos, m)
         return total
 
     def chunks_of_8() -> int:
         total = 0
         for i in range(0, len(prompts), 8):
-            ids, mask = backend.pad_left(prompts[i:i + 8])
+            ids, mask = backend.pad_left(prompts[i : i + 8])
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            total += sum(count_new(row, eos, m) for row in out[:, ids.shape[1]:].tolist())
+            total += sum(count_new(row, eos, m) for row in out[:, ids.shape[1] :].tolist())
         return total
 
     def generate_batch() -> int:
@@ -103,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     def record(key: str, label: str, fn: Any) -> None:
         try:
             seconds, tokens = timed(fn)
-            rows.append({"key": key, "method": label, "seconds": round(seconds, 2), "tokens": tokens,
-                         "tok_s": round(tokens / seconds, 1)})
+            rows.append(
+                {
+                    "key": key,
+                    "method": label,
+                    "seconds": round(seconds, 2),
+                    "tokens": tokens,
+                    "tok_s": round(tokens / seconds, 1),
+                }
+            )
         except Exception as exc:  # a method that cannot run here is reported, not hidden
             rows.append({"key": key, "method": label, "error": f"{type(exc).__name__}: {exc}"[:200]})
 
@@ -163,19 +172,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"device={result['device']} threads={result['cpu_threads']} model={args.model} "
-          f"pairs={len(pairs)} max_new_tokens={m}")
+    print(
+        f"device={result['device']} threads={result['cpu_threads']} model={args.model} "
+        f"pairs={len(pairs)} max_new_tokens={m}"
+    )
     print(f"{'method':<38}{'s':>8}{'tokens':>8}{'tok/s':>9}{'x (a)':>8}{'x (b)':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['method']:<38}  not run: {r['error']}")
             continue
-        print(f"{r['method']:<38}{r['seconds']:>8}{r['tokens']:>8}{r['tok_s']:>9}{r.get('x_a', ''):>8}{r.get('x_b', ''):>8}")
+        print(
+            f"{r['method']:<38}{r['seconds']:>8}{r['tokens']:>8}{r['tok_s']:>9}{r.get('x_a', ''):>8}{r.get('x_b', ''):>8}"
+        )
     d = result["batch1_drafting"]
-    print(f"\nbatch 1, copy-edit set ({d['pairs']} pairs, similarity to answer {d['mean_similarity_to_answer']}):")
+    print(
+        f"\nbatch 1, copy-edit set ({d['pairs']} pairs, similarity to answer {d['mean_similarity_to_answer']}):"
+    )
     print(f"  plain greedy   {d['plain_s']:>7}s {d['plain_tok_s']:>7} tok/s")
-    print(f"  drafting       {d['drafted_s']:>7}s {d['drafted_tok_s']:>7} tok/s   speed-up {d['speedup']}x, "
-          f"acceptance {d['acceptance_rate']}, identical texts {d['identical_texts']}")
+    print(
+        f"  drafting       {d['drafted_s']:>7}s {d['drafted_tok_s']:>7} tok/s   speed-up {d['speedup']}x, "
+        f"acceptance {d['acceptance_rate']}, identical texts {d['identical_texts']}"
+    )
     return 0
 
 

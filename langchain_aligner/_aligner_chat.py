@@ -47,7 +47,11 @@ def conversation(pair: Pair) -> list[BaseMessage]:
         text = CONTEXT_HEADER + context_lines(normalize_context(items))
         messages.append(SystemMessage(text, additional_kwargs={"context": items}))
     own_id = getattr(pair.answer, "id", None)
-    return [*messages, HumanMessage(pair.question), AIMessage(pair.text, id=own_id if isinstance(own_id, str) else None)]
+    return [
+        *messages,
+        HumanMessage(pair.question),
+        AIMessage(pair.text, id=own_id if isinstance(own_id, str) else None),
+    ]
 
 
 def _request(messages: Sequence[BaseMessage]) -> dict[str, Any]:
@@ -56,19 +60,29 @@ def _request(messages: Sequence[BaseMessage]) -> dict[str, Any]:
     context = None
     if earlier and isinstance(earlier[-1], SystemMessage) and "context" in earlier[-1].additional_kwargs:
         context = earlier.pop().additional_kwargs["context"]
-    return {"question": question.text, "answer": answer.text, "history": list(history_turns(earlier)) or None,
-            "context": context}
+    return {
+        "question": question.text,
+        "answer": answer.text,
+        "history": list(history_turns(earlier)) or None,
+        "context": context,
+    }
 
 
-def _message(correction: Correction, model: str, *, id: str | None, text: str | None = None) -> dict[str, Any]:
+def _message(
+    correction: Correction, model: str, *, id: str | None, text: str | None = None
+) -> dict[str, Any]:
     """The fields of the output message (or of the last chunk, whose ``text`` is empty)."""
     usage = UsageMetadata(
         input_tokens=correction.prompt_tokens,
         output_tokens=correction.completion_tokens,
         total_tokens=correction.prompt_tokens + correction.completion_tokens,
     )
-    meta = {"model_name": model, "finish_reason": correction.finish_reason, "latency_s": correction.latency_s,
-            "aligner": dict(correction.metadata)}
+    meta = {
+        "model_name": model,
+        "finish_reason": correction.finish_reason,
+        "latency_s": correction.latency_s,
+        "aligner": dict(correction.metadata),
+    }
     content = correction.text if text is None else text
     return {"content": content, "id": id, "usage_metadata": usage, "response_metadata": meta}
 
@@ -77,9 +91,14 @@ def correction_of(message: BaseMessage, pair: Pair) -> Correction:
     """The ``Correction`` an :class:`AlignerChatModel` output (or its merged chunks) reports for ``pair``."""
     meta, usage = message.response_metadata, getattr(message, "usage_metadata", None) or {}
     return Correction.build(
-        question=pair.question, original=pair.text, text=message.text, prompt_tokens=usage.get("input_tokens", 0),
-        completion_tokens=usage.get("output_tokens", 0), finish_reason=meta.get("finish_reason", "stop"),
-        latency_s=meta.get("latency_s", 0.0), metadata=meta.get("aligner", {}),
+        question=pair.question,
+        original=pair.text,
+        text=message.text,
+        prompt_tokens=usage.get("input_tokens", 0),
+        completion_tokens=usage.get("output_tokens", 0),
+        finish_reason=meta.get("finish_reason", "stop"),
+        latency_s=meta.get("latency_s", 0.0),
+        metadata=meta.get("aligner", {}),
     )
 
 
@@ -128,34 +147,60 @@ class AlignerChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         if isinstance(self._planned, BaseException):
             raise self._planned
         if self._planned is not None:
             return self._result(self._planned, messages)
         item = unpack(_request(messages))
-        correction = self.aligner.correct(item.question, item.answer, history=item.history, context=item.context,
-                                          timeout=self.timeout, **self._options(stop, kwargs))
+        correction = self.aligner.correct(
+            item.question,
+            item.answer,
+            history=item.history,
+            context=item.context,
+            timeout=self.timeout,
+            **self._options(stop, kwargs),
+        )
         return self._result(correction, messages)
 
     async def _agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         item = unpack(_request(messages))
-        correction = await self.aligner.acorrect(item.question, item.answer, history=item.history,
-                                                 context=item.context, timeout=self.timeout, **self._options(stop, kwargs))
+        correction = await self.aligner.acorrect(
+            item.question,
+            item.answer,
+            history=item.history,
+            context=item.context,
+            timeout=self.timeout,
+            **self._options(stop, kwargs),
+        )
         return self._result(correction, messages)
 
     def _stream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         item, own_id = unpack(_request(messages)), messages[-1].id
-        stream = self.aligner.stream(item.question, item.answer, history=item.history, context=item.context,
-                                     **self._options(stop, kwargs))
+        stream = self.aligner.stream(
+            item.question,
+            item.answer,
+            history=item.history,
+            context=item.context,
+            **self._options(stop, kwargs),
+        )
         try:
             for delta in stream:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=delta, id=own_id))
@@ -166,12 +211,20 @@ class AlignerChatModel(BaseChatModel):
         yield ChatGenerationChunk(message=AIMessageChunk(**last, chunk_position="last"))
 
     async def _astream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         item, own_id = unpack(_request(messages)), messages[-1].id
-        stream = self.aligner.astream(item.question, item.answer, history=item.history, context=item.context,
-                                      **self._options(stop, kwargs))
+        stream = self.aligner.astream(
+            item.question,
+            item.answer,
+            history=item.history,
+            context=item.context,
+            **self._options(stop, kwargs),
+        )
         try:
             async for delta in stream:
                 yield ChatGenerationChunk(message=AIMessageChunk(content=delta, id=own_id))
@@ -182,8 +235,12 @@ class AlignerChatModel(BaseChatModel):
         yield ChatGenerationChunk(message=AIMessageChunk(**last, chunk_position="last"))
 
     def batch(
-        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """One planned ``correct_batch`` pass per ``max_concurrency`` inputs, then one run per input reporting its
         correction.

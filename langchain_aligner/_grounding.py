@@ -30,7 +30,12 @@ class GroundingCollector(BaseCallbackHandler):
         self.items.extend(document_item(d) for d in documents or () if hasattr(d, "page_content"))
 
     def on_tool_start(
-        self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID, inputs: dict[str, Any] | None = None,
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        inputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
@@ -41,8 +46,12 @@ class GroundingCollector(BaseCallbackHandler):
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         text = getattr(output, "text", None)
         content = text if isinstance(text, str) else str(getattr(output, "content", output))
-        self.items.append({"type": "tool_result", "name": self._tools.pop(run_id, "tool"), "content": content})
+        self.items.append(
+            {"type": "tool_result", "name": self._tools.pop(run_id, "tool"), "content": content}
+        )
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         name = self._tools.pop(run_id, "tool")
-        self.items.append({"type": "tool_result", "name": name, "content": f"error: {type(error).__name__}: {error}"})
+        self.items.append(
+            {"type": "tool_result", "name": name, "content": f"error: {type(error).__name__}: {error}"}
+        )

@@ -75,7 +75,9 @@ def to_messages(value: Any, what: str) -> list[BaseMessage]:
             return convert_to_messages(value)
         except (ValueError, TypeError, NotImplementedError) as exc:
             raise UnsupportedInputError(f"cannot read {what} from {type(value).__name__}: {exc}") from exc
-    raise UnsupportedInputError(f"{what} must be a prompt value or a list of messages, got {type(value).__name__}")
+    raise UnsupportedInputError(
+        f"{what} must be a prompt value or a list of messages, got {type(value).__name__}"
+    )
 
 
 def history_turns(messages: Sequence[BaseMessage]) -> Turns:
@@ -118,7 +120,7 @@ def split_question(value: Any) -> tuple[str, Turns, Turns]:
     messages = to_messages(value, "a question")
     for i in range(len(messages) - 1, -1, -1):
         if isinstance(messages[i], HumanMessage):
-            return messages[i].text, history_turns(messages[:i]), tool_context(messages[i + 1:])
+            return messages[i].text, history_turns(messages[:i]), tool_context(messages[i + 1 :])
     raise MissingQuestionError("the messages hold no human message to take the question from")
 
 
@@ -177,7 +179,9 @@ def context_value(value: Any) -> Turns:
         elif isinstance(item, Mapping):
             items.append(dict(item))
         else:
-            raise UnsupportedInputError(f"a context item must be a document, a str or a dict, got {type(item).__name__}")
+            raise UnsupportedInputError(
+                f"a context item must be a document, a str or a dict, got {type(item).__name__}"
+            )
     return tuple(items)
 
 
@@ -189,12 +193,18 @@ def reply_of(answer: Any, structure: Structure | None = None) -> Reply:
     if isinstance(answer, AIMessage):
         if structure is not None and structure.kind == "tool_call" and len(answer.tool_calls) == 1:
             args = json.dumps(answer.tool_calls[0].get("args") or {}, ensure_ascii=False)
-            return Reply(content=args, structure=structure)  # the call is the structured answer, not an action
+            return Reply(
+                content=args, structure=structure
+            )  # the call is the structured answer, not an action
         if structure is None and answer.additional_kwargs.get("parsed") is not None:
             structure = Structure("json")  # an OpenAI ``.parse()``-style structured answer
         calls = bool(answer.tool_calls or answer.invalid_tool_calls)
-        return Reply(content=answer.content, tool_calls=calls, refusal=answer.additional_kwargs.get("refusal"),
-                     structure=structure)
+        return Reply(
+            content=answer.content,
+            tool_calls=calls,
+            refusal=answer.additional_kwargs.get("refusal"),
+            structure=structure,
+        )
     if isinstance(answer, BaseModel):
         model = type(answer)
         own = Structure("json_schema", model.model_json_schema(), model.model_validate, model.__name__)
@@ -248,8 +258,13 @@ def resolve(
         )
     asked, earlier, tools = split_question(found)
     decision = decide(reply_of(value, structure), correct_structured=correct_structured)
-    return Pair(question=asked, answer=value, decision=decision, history=(*(history or ()), *earlier),
-                context=(*tools, *given))
+    return Pair(
+        question=asked,
+        answer=value,
+        decision=decision,
+        history=(*(history or ()), *earlier),
+        context=(*tools, *given),
+    )
 
 
 def merge(acc: Any, chunk: Any) -> Any:
@@ -265,7 +280,18 @@ def merge(acc: Any, chunk: Any) -> Any:
 
 
 __all__ = [
-    "MissingQuestionError", "Pair", "Turns", "UnsupportedInputError", "context_value", "conversation_request",
-    "document_item", "history_turns", "history_value", "merge", "reply_of", "resolve", "split_question",
+    "MissingQuestionError",
+    "Pair",
+    "Turns",
+    "UnsupportedInputError",
+    "context_value",
+    "conversation_request",
+    "document_item",
+    "history_turns",
+    "history_value",
+    "merge",
+    "reply_of",
+    "resolve",
+    "split_question",
     "to_messages",
 ]

@@ -33,7 +33,9 @@ def calling(owner: Any, config: RunnableConfig | None) -> Iterator[RunnableConfi
     try:
         yield config
     finally:
-        with contextlib.suppress(ValueError):  # a generator closed from another context: nothing to restore there
+        with contextlib.suppress(
+            ValueError
+        ):  # a generator closed from another context: nothing to restore there
             _CALL.reset(token)
 
 
@@ -46,7 +48,9 @@ def _child(run_id: Any, parent: BaseCallbackManager) -> CallbackManager:
     return child
 
 
-def inner_configs(owner: Any, run_manager: Any, *, hide_upstream: bool) -> tuple[RunnableConfig, RunnableConfig]:
+def inner_configs(
+    owner: Any, run_manager: Any, *, hide_upstream: bool
+) -> tuple[RunnableConfig, RunnableConfig]:
     """Configs of the wrapped model's run and of the stage's, nested under ``owner``'s run and hidden from user
     streams: the wrapped model's tokens are uncorrected (unless not ``hide_upstream``), and the correction's go out
     as ``owner``'s own tokens."""
@@ -55,8 +59,11 @@ def inner_configs(owner: Any, run_manager: Any, *, hide_upstream: bool) -> tuple
     parent: BaseCallbackManager | None = run_manager
     run_id = getattr(run_manager, "run_id", None)
     if run_manager is None and "run_id" in config:
-        parent = CallbackManager.configure(config.get("callbacks"), inheritable_tags=config.get("tags"),
-                                           inheritable_metadata=config.get("metadata"))
+        parent = CallbackManager.configure(
+            config.get("callbacks"),
+            inheritable_tags=config.get("tags"),
+            inheritable_metadata=config.get("metadata"),
+        )
         run_id = config["run_id"]
 
     def child(quiet: bool, tag: str | None) -> RunnableConfig:

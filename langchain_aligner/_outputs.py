@@ -31,7 +31,9 @@ def _with_text(content: str | list[Any], text: str) -> str | list[Any]:
     out: list[Any] = []
     placed = False
     for block in content:
-        is_text = isinstance(block, str) or (isinstance(block, dict) and block.get("type") in ("text", "output_text"))
+        is_text = isinstance(block, str) or (
+            isinstance(block, dict) and block.get("type") in ("text", "output_text")
+        )
         if not is_text:
             out.append(block)
         elif not placed:
@@ -43,10 +45,14 @@ def _with_text(content: str | list[Any], text: str) -> str | list[Any]:
 
 def with_details(answer: AIMessage, meta: dict[str, Any], **update: Any) -> AIMessage:
     """A copy of ``answer`` with ``meta`` under ``response_metadata["aligner"]`` (and ``update`` applied)."""
-    return answer.model_copy(update={**update, "response_metadata": {**answer.response_metadata, METADATA_KEY: meta}})
+    return answer.model_copy(
+        update={**update, "response_metadata": {**answer.response_metadata, METADATA_KEY: meta}}
+    )
 
 
-def output(pair: Pair, correction: Correction, model: str, *, include_original: bool = False) -> tuple[Any, dict[str, Any]]:
+def output(
+    pair: Pair, correction: Correction, model: str, *, include_original: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """A correction mapped back to the answer's type, with its details.
 
     A passed-through answer comes back as it was (a message gets the details). An empty correction is never a

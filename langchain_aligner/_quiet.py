@@ -61,8 +61,11 @@ def is_stream_surface(handler: Any) -> bool:
     """
     from langchain_core.tracers import _streaming
 
-    markers = tuple(getattr(_streaming, name) for name in ("_StreamingCallbackHandler", "_V2StreamingCallbackHandler")
-                    if hasattr(_streaming, name))
+    markers = tuple(
+        getattr(_streaming, name)
+        for name in ("_StreamingCallbackHandler", "_V2StreamingCallbackHandler")
+        if hasattr(_streaming, name)
+    )
     return isinstance(handler, markers)
 
 
@@ -83,8 +86,11 @@ def _muted_class(cls: type) -> type:
                 return None
 
         doc = f"{cls.__name__} without token events (langchain_aligner)"
-        _MUTED[cls] = type(f"Muted{cls.__name__}", (cls,), {"on_llm_new_token": skip, "on_stream_event": skip,
-                                                             "__doc__": doc})
+        _MUTED[cls] = type(
+            f"Muted{cls.__name__}",
+            (cls,),
+            {"on_llm_new_token": skip, "on_stream_event": skip, "__doc__": doc},
+        )
     return _MUTED[cls]
 
 
@@ -120,7 +126,11 @@ def hide(manager: BaseCallbackManager) -> None:
 
 
 def child_config(
-    config: RunnableConfig, manager: CallbackManager | AsyncCallbackManager, *, quiet: bool, tag: str | None = None
+    config: RunnableConfig,
+    manager: CallbackManager | AsyncCallbackManager,
+    *,
+    quiet: bool,
+    tag: str | None = None,
 ) -> RunnableConfig:
     """``config`` with ``manager`` (a run's child manager) as callbacks; when ``quiet`` the runs under it are hidden
     from every stream a user sees (:func:`hide`, tag ``nostream``); ``tag`` is added either way."""
@@ -150,6 +160,12 @@ async def ainvoke_in(runnable: Runnable[Any, Any], value: Any, config: RunnableC
 
 
 __all__ = [
-    "NOSTREAM_TAG", "UNCORRECTED_TAG", "ainvoke_in", "child_config", "hide", "invoke_in", "is_stream_surface",
+    "NOSTREAM_TAG",
+    "UNCORRECTED_TAG",
+    "ainvoke_in",
+    "child_config",
+    "hide",
+    "invoke_in",
+    "is_stream_surface",
     "streams_to_users",
 ]

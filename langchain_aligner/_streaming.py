@@ -56,17 +56,24 @@ def _tail(pair: Pair, out: Any) -> list[Any]:
         return []
     whole = to_chunk(out)
     rest = [b for b in whole.content if isinstance(b, dict) and b.get("type") != "text"]
-    return [AIMessageChunk(
-        content=rest or "", id=pair.answer.id, additional_kwargs=whole.additional_kwargs,
-        response_metadata=whole.response_metadata, usage_metadata=whole.usage_metadata,
-        tool_call_chunks=whole.tool_call_chunks, chunk_position="last",
-    )]
+    return [
+        AIMessageChunk(
+            content=rest or "",
+            id=pair.answer.id,
+            additional_kwargs=whole.additional_kwargs,
+            response_metadata=whole.response_metadata,
+            usage_metadata=whole.usage_metadata,
+            tool_call_chunks=whole.tool_call_chunks,
+            chunk_position="last",
+        )
+    ]
 
 
 class StreamingStage:
     """``stream``/``transform`` and their async twins for ``AlignerRunnable`` (a mixin)."""
 
     if TYPE_CHECKING:
+
         def _pair(self, value: Any, config: RunnableConfig) -> Pair: ...
         def _corrector(self, pair: Pair | None = None) -> Runnable[Any, Any]: ...
         def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]: ...
@@ -83,12 +90,18 @@ class StreamingStage:
         """Stream the correction: ``str`` deltas, or ``AIMessageChunk`` deltas for a message answer."""
         yield from self.transform(iter([input]), config, **kwargs)
 
-    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
         """In a streaming sequence: gather the streamed answer, then stream its correction."""
         self._refuse_unsafe_streams((config or {}).get("callbacks"))  # before the step before this one starts
-        yield from self._transform_stream_with_config(input, self._transform, config, run_type=RUN_TYPE, **kwargs)
+        yield from self._transform_stream_with_config(
+            input, self._transform, config, run_type=RUN_TYPE, **kwargs
+        )
 
-    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
         """Async ``stream``."""
 
         async def once() -> AsyncIterator[Any]:
@@ -102,12 +115,17 @@ class StreamingStage:
     ) -> AsyncIterator[Any]:
         """Async ``transform``."""
         self._refuse_unsafe_streams((config or {}).get("callbacks"))  # before the step before this one starts
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE,
-                                                               **kwargs):
+        async for chunk in self._atransform_stream_with_config(
+            input, self._atransform, config, run_type=RUN_TYPE, **kwargs
+        ):
             yield chunk
 
     def _transform(
-        self, chunks: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+        self,
+        chunks: Iterator[Any],
+        run_manager: CallbackManagerForChainRun,
+        config: RunnableConfig,
+        **kwargs: Any,
     ) -> Iterator[Any]:
         value = None
         for chunk in chunks:
@@ -134,7 +152,10 @@ class StreamingStage:
         yield from _tail(pair, out) if _sent(full) else [_whole(out)]
 
     async def _atransform(
-        self, chunks: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
+        self,
+        chunks: AsyncIterator[Any],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         value = None

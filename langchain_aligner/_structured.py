@@ -52,8 +52,14 @@ def parse(schema: Any, message: AIMessage, structure: Structure) -> Any:
 
 
 def structured_output(
-    llm: Runnable[Any, Any], schema: Any, *, method: str, include_raw: bool,
-    stage: Callable[..., Runnable[Any, Any]], hide_upstream: bool, **kwargs: Any,
+    llm: Runnable[Any, Any],
+    schema: Any,
+    *,
+    method: str,
+    include_raw: bool,
+    stage: Callable[..., Runnable[Any, Any]],
+    hide_upstream: bool,
+    **kwargs: Any,
 ) -> Runnable[Any, Any]:
     """The runnable ``AlignedChatModel.with_structured_output`` returns: ``llm``'s structured output (its raw
     message hidden from user streams when ``hide_upstream``), then ``stage(structure=...)`` on the raw message."""
@@ -80,7 +86,9 @@ def structured_output(
 
     def run(value: Any, config: RunnableConfig) -> Any:
         messages = to_messages(value, "the input")
-        up = child_config(config, get_callback_manager_for_config(config), quiet=hide_upstream, tag=UNCORRECTED_TAG)
+        up = child_config(
+            config, get_callback_manager_for_config(config), quiet=hide_upstream, tag=UNCORRECTED_TAG
+        )
         out = invoke_in(inner, messages, up)
         down = child_config(config, get_callback_manager_for_config(config), quiet=True)
         return finish(out, corrector.invoke({**conversation_request(messages), "answer": out["raw"]}, down))
@@ -91,6 +99,8 @@ def structured_output(
         up = child_config(config, manager(config), quiet=hide_upstream, tag=UNCORRECTED_TAG)
         out = await ainvoke_in(inner, messages, up)
         down = child_config(config, manager(config), quiet=True)
-        return finish(out, await corrector.ainvoke({**conversation_request(messages), "answer": out["raw"]}, down))
+        return finish(
+            out, await corrector.ainvoke({**conversation_request(messages), "answer": out["raw"]}, down)
+        )
 
     return RunnableLambda(run, afunc=arun, name="AlignedChatModel.with_structured_output")

@@ -35,8 +35,12 @@ class _Call:
 
     def stage_input(self, stage: AlignerRunnable, answer: Any) -> dict[str, Any]:
         """The stage's input: the request, the answer, and the grounding given and collected."""
-        return {stage.question_key: self.request["question"], stage.history_key: self.request["history"],
-                stage.answer_key: answer, stage.context_key: [*self.request["context"], *self.collector.items]}
+        return {
+            stage.question_key: self.request["question"],
+            stage.history_key: self.request["history"],
+            stage.answer_key: answer,
+            stage.context_key: [*self.request["context"], *self.collector.items],
+        }
 
 
 class AlignedChain(RunnableSerializable[Any, Any]):
@@ -103,7 +107,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         question, earlier, tools = split_question(value)
         return {"question": question, "history": [*history, *earlier], "context": [*tools, *given]}
 
-    def _call(self, value: Any, run_manager: Any, config: RunnableConfig, request: dict[str, Any] | None = None) -> _Call:
+    def _call(
+        self, value: Any, run_manager: Any, config: RunnableConfig, request: dict[str, Any] | None = None
+    ) -> _Call:
         """The pieces of one input (see :class:`_Call`); the wrapped chain is hidden unless ``stream_uncorrected``."""
         manager, collector = run_manager.get_child(), GroundingCollector()
         upstream = child_config(config, manager, quiet=not self.stream_uncorrected, tag=UNCORRECTED_TAG)
@@ -117,7 +123,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         """Answer with the chain, then correct. ``kwargs`` are generation options of the correction."""
         return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
 
-    def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
+    def _invoke(
+        self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+    ) -> Any:
         call = self._call(value, run_manager, config)
         answer = invoke_in(self.chain, value, call.upstream)
         return self.stage.invoke(call.stage_input(self.stage, answer), call.downstream, **kwargs)
@@ -136,11 +144,19 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         """Stream the correction (the chain's own answer never streams, unless ``stream_uncorrected``)."""
         yield from self.transform(iter([input]), config, **kwargs)
 
-    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._transform_stream_with_config(input, self._transform, config, run_type=RUN_TYPE, **kwargs)
+    def transform(
+        self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        yield from self._transform_stream_with_config(
+            input, self._transform, config, run_type=RUN_TYPE, **kwargs
+        )
 
     def _transform(
-        self, chunks: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+        self,
+        chunks: Iterator[Any],
+        run_manager: CallbackManagerForChainRun,
+        config: RunnableConfig,
+        **kwargs: Any,
     ) -> Iterator[Any]:
         value = None
         for chunk in chunks:
@@ -149,7 +165,9 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         answer = invoke_in(self.chain, value, call.upstream)
         yield from self.stage.stream(call.stage_input(self.stage, answer), call.downstream, **kwargs)
 
-    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
         async def once() -> AsyncIterator[Any]:
             yield input
 
@@ -159,12 +177,16 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     async def atransform(
         self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[Any]:
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type=RUN_TYPE,
-                                                               **kwargs):
+        async for chunk in self._atransform_stream_with_config(
+            input, self._atransform, config, run_type=RUN_TYPE, **kwargs
+        ):
             yield chunk
 
     async def _atransform(
-        self, chunks: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
+        self,
+        chunks: AsyncIterator[Any],
+        run_manager: AsyncCallbackManagerForChainRun,
+        config: RunnableConfig,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         value = None
@@ -178,21 +200,33 @@ class AlignedChain(RunnableSerializable[Any, Any]):
     # -- batch -----------------------------------------------------------------------------------
 
     def batch(
-        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """The chain's ``batch``, then one planned correction pass (``max_concurrency`` bounds both)."""
-        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions,
-                                       run_type=RUN_TYPE, **kwargs)
+        return self._batch_with_config(
+            self._batch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
+        )
 
     async def abatch(
-        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
-        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
-                                              run_type=RUN_TYPE, **kwargs)
+        return await self._abatch_with_config(
+            self._abatch, inputs, config, return_exceptions=return_exceptions, run_type=RUN_TYPE, **kwargs
+        )
 
-    def _calls(self, values: list[Any], run_manager: list[Any], config: list[RunnableConfig]) -> list[_Call | Exception]:
+    def _calls(
+        self, values: list[Any], run_manager: list[Any], config: list[RunnableConfig]
+    ) -> list[_Call | Exception]:
         """Each input's pieces, or the exception that its question raised."""
         calls: list[_Call | Exception] = []
         for value, manager, one in zip(values, run_manager, config):
@@ -205,33 +239,49 @@ class AlignedChain(RunnableSerializable[Any, Any]):
         return calls
 
     def _batch(
-        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig],
+        self,
+        values: list[Any],
+        run_manager: list[CallbackManagerForChainRun],
+        config: list[RunnableConfig],
         **kwargs: Any,
     ) -> list[Any]:
         outs: list[Any] = self._calls(values, run_manager, config)
         live = [i for i, c in enumerate(outs) if isinstance(c, _Call)]
         if live:
-            answers = self.chain.batch([values[i] for i in live], [outs[i].upstream for i in live],
-                                       return_exceptions=True)
+            answers = self.chain.batch(
+                [values[i] for i in live], [outs[i].upstream for i in live], return_exceptions=True
+            )
             ready = _failed_in_place(outs, live, answers)
-            fixed = self.stage.batch([outs[i].stage_input(self.stage, a) for i, a in ready],
-                                     [outs[i].downstream for i, _ in ready], return_exceptions=True, **kwargs)
+            fixed = self.stage.batch(
+                [outs[i].stage_input(self.stage, a) for i, a in ready],
+                [outs[i].downstream for i, _ in ready],
+                return_exceptions=True,
+                **kwargs,
+            )
             for (i, _), out in zip(ready, fixed):
                 outs[i] = out
         return outs
 
     async def _abatch(
-        self, values: list[Any], run_manager: list[AsyncCallbackManagerForChainRun], config: list[RunnableConfig],
+        self,
+        values: list[Any],
+        run_manager: list[AsyncCallbackManagerForChainRun],
+        config: list[RunnableConfig],
         **kwargs: Any,
     ) -> list[Any]:
         outs: list[Any] = self._calls(values, run_manager, config)
         live = [i for i, c in enumerate(outs) if isinstance(c, _Call)]
         if live:
-            answers = await self.chain.abatch([values[i] for i in live], [outs[i].upstream for i in live],
-                                              return_exceptions=True)
+            answers = await self.chain.abatch(
+                [values[i] for i in live], [outs[i].upstream for i in live], return_exceptions=True
+            )
             ready = _failed_in_place(outs, live, answers)
-            fixed = await self.stage.abatch([outs[i].stage_input(self.stage, a) for i, a in ready],
-                                            [outs[i].downstream for i, _ in ready], return_exceptions=True, **kwargs)
+            fixed = await self.stage.abatch(
+                [outs[i].stage_input(self.stage, a) for i, a in ready],
+                [outs[i].downstream for i, _ in ready],
+                return_exceptions=True,
+                **kwargs,
+            )
             for (i, _), out in zip(ready, fixed):
                 outs[i] = out
         return outs
@@ -279,12 +329,22 @@ def with_aligner(
     records the uncorrected answer in the details (off: the corrected message may flow on to users).
     """
     stage = AlignerRunnable(
-        aligner=aligner, on_error=on_error, generation_kwargs=dict(generation_kwargs or {}),
-        timeout=timeout, max_retries=max_retries, inspector=inspector, threshold=threshold,
-        correct_structured=correct_structured, include_original=include_original,
+        aligner=aligner,
+        on_error=on_error,
+        generation_kwargs=dict(generation_kwargs or {}),
+        timeout=timeout,
+        max_retries=max_retries,
+        inspector=inspector,
+        threshold=threshold,
+        correct_structured=correct_structured,
+        include_original=include_original,
     )
     stage._guarded = True  # the wrapped chain runs off user streams (AlignedChain._call)
     return AlignedChain(
-        chain=chain, stage=stage, question_key=question_key, history_key=history_key, context_key=context_key,
+        chain=chain,
+        stage=stage,
+        question_key=question_key,
+        history_key=history_key,
+        context_key=context_key,
         stream_uncorrected=stream_uncorrected,
     )

@@ -43,7 +43,6 @@ def chat_model_of(runnable: Any) -> BaseChatModel | None:
     return None
 
 
-
 class AlignedChatModel(BaseChatModel):
     """Calls the wrapped chat model, then corrects its answer against the last human message.
 
@@ -160,13 +159,21 @@ class AlignedChatModel(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         assert self.aligner is not None
-        return {"llm": self.upstream_name, "aligner": self.aligner.name, "on_error": self.on_error,
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {
+            "llm": self.upstream_name,
+            "aligner": self.aligner.name,
+            "on_error": self.on_error,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         model = kwargs.get("model")
-        params = LangSmithParams(ls_provider="aligner", ls_model_type="chat",
-                                 ls_model_name=model if isinstance(model, str) else self.upstream_name)
+        params = LangSmithParams(
+            ls_provider="aligner",
+            ls_model_type="chat",
+            ls_model_name=model if isinstance(model, str) else self.upstream_name,
+        )
         if self.temperature is not None:
             params["ls_temperature"] = self.temperature
         if self.max_tokens is not None:
@@ -208,8 +215,15 @@ class AlignedChatModel(BaseChatModel):
         message's ``response_metadata["aligner"]`` (``include_raw=True`` shows it). With ``correct_structured``
         it is corrected and the correction kept only if it still parses and validates against ``schema``.
         """
-        return structured_output(self.llm, schema, method=method, include_raw=include_raw, stage=self._stage,
-                                 hide_upstream=not self.stream_uncorrected, **kwargs)
+        return structured_output(
+            self.llm,
+            schema,
+            method=method,
+            include_raw=include_raw,
+            stage=self._stage,
+            hide_upstream=not self.stream_uncorrected,
+            **kwargs,
+        )
 
     # -- the pieces of one call ------------------------------------------------------------------
 
@@ -227,10 +241,16 @@ class AlignedChatModel(BaseChatModel):
             options["stop"] = stops
         on_server = self.base_url is not None  # the server engine applies timeout and retries itself
         stage = AlignerRunnable(
-            aligner=self.aligner, on_error=self.on_error, generation_kwargs=options,
-            timeout=None if on_server else self.timeout, max_retries=0 if on_server else (self.max_retries or 0),
-            inspector=self.inspector, threshold=self.threshold, structure=structure,
-            correct_structured=self.correct_structured, include_original=self.include_original,
+            aligner=self.aligner,
+            on_error=self.on_error,
+            generation_kwargs=options,
+            timeout=None if on_server else self.timeout,
+            max_retries=0 if on_server else (self.max_retries or 0),
+            inspector=self.inspector,
+            threshold=self.threshold,
+            structure=structure,
+            correct_structured=self.correct_structured,
+            include_original=self.include_original,
         )
         stage._guarded = True
         return stage
@@ -238,8 +258,9 @@ class AlignedChatModel(BaseChatModel):
     def _named(self, message: AIMessage) -> AIMessage:
         if "model_name" in message.response_metadata:
             return message
-        return message.model_copy(update={"response_metadata": {"model_name": self.upstream_name,
-                                                                **message.response_metadata}})
+        return message.model_copy(
+            update={"response_metadata": {"model_name": self.upstream_name, **message.response_metadata}}
+        )
 
     def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         stops = self._stops(stop)
@@ -248,7 +269,11 @@ class AlignedChatModel(BaseChatModel):
     # -- the Runnable entry points: each call's run id and config reach the hooks ----------------------
 
     def invoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         """``BaseChatModel.invoke``; the caller's ``configurable`` values reach the wrapped model."""
@@ -256,7 +281,11 @@ class AlignedChatModel(BaseChatModel):
             return super().invoke(input, config, stop=stop, **kwargs)
 
     async def ainvoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         """Async :meth:`invoke`."""
@@ -264,7 +293,11 @@ class AlignedChatModel(BaseChatModel):
             return await super().ainvoke(input, config, stop=stop, **kwargs)
 
     def stream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
         """Stream the correction (``BaseChatModel.stream``, with the nested runs traced under this one)."""
@@ -272,7 +305,11 @@ class AlignedChatModel(BaseChatModel):
             yield from super().stream(input, config, stop=stop, **kwargs)
 
     async def astream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         """Async :meth:`stream`."""
@@ -283,8 +320,11 @@ class AlignedChatModel(BaseChatModel):
     # -- the hooks -------------------------------------------------------------------------------
 
     def _generate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
@@ -292,8 +332,11 @@ class AlignedChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     async def _agenerate(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> ChatResult:
         up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
@@ -301,8 +344,11 @@ class AlignedChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=self._named(message))])
 
     def _stream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = invoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
@@ -310,10 +356,15 @@ class AlignedChatModel(BaseChatModel):
             yield ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)
 
     async def _astream(
-        self, messages: list[BaseMessage], stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any,
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         up, down = inner_configs(self, run_manager, hide_upstream=not self.stream_uncorrected)
         answer = await ainvoke_in(self.llm, messages, up, **self._call_options(stop, kwargs))
-        async for chunk in self._stage(stop).astream({**conversation_request(messages), "answer": answer}, down):
+        async for chunk in self._stage(stop).astream(
+            {**conversation_request(messages), "answer": answer}, down
+        ):
             yield ChatGenerationChunk(message=self._named(chunk) if chunk.chunk_position == "last" else chunk)

@@ -72,11 +72,15 @@ class ChatTransformers(BaseChatModel):
     def _local(self) -> LocalChat:
         if self._chat is None:
             if self.model is None or self.tokenizer is None:
-                raise ValueError("ChatTransformers needs model= and tokenizer=, or ChatTransformers.from_aligner(aligner)")
+                raise ValueError(
+                    "ChatTransformers needs model= and tokenizer=, or ChatTransformers.from_aligner(aligner)"
+                )
             self._chat = LocalChat.from_model(self.model, self.tokenizer, model_name=self.model_name)
         return self._chat
 
-    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[Any, Any]:
         if kwargs:
             raise TypeError(f"ChatTransformers takes no call options besides stop, got {sorted(kwargs)}")
         conversation = [{"role": role_of(m.type) or m.type, "content": m.text} for m in messages]

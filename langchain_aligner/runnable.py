@@ -151,14 +151,21 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         """The question and the history may come from ``config["configurable"]``."""
         return [
             ConfigurableFieldSpec(
-                id=self.question_key, annotation=Union[str, None], name="Question",  # noqa: UP007
-                description="The question the answer replies to, when the input does not hold it.", default=None,
+                id=self.question_key,
+                annotation=Union[str, None],  # noqa: UP007 -- a runtime value; pydantic reads it
+                name="Question",
+                description="The question the answer replies to, when the input does not hold it.",
+                default=None,
                 is_shared=True,
             ),
             ConfigurableFieldSpec(
-                id=self.history_key, annotation=Union[list[Union[BaseMessage, dict[str, Any]]], None],  # noqa: UP007
-                name="History", description="The conversation's messages before the question, when the input does "
-                "not hold them.", default=None, is_shared=True,
+                id=self.history_key,
+                annotation=Union[list[Union[BaseMessage, dict[str, Any]]], None],  # noqa: UP007
+                name="History",
+                description="The conversation's messages before the question, when the input does "
+                "not hold them.",
+                default=None,
+                is_shared=True,
             ),
         ]
 
@@ -166,9 +173,15 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
 
     def _pair(self, value: Any, config: RunnableConfig) -> Pair:
         return resolve(
-            value, question_key=self.question_key, answer_key=self.answer_key, question=self.question,
-            configurable=config.get("configurable"), history_key=self.history_key, context_key=self.context_key,
-            structure=self.structure, correct_structured=self.correct_structured,
+            value,
+            question_key=self.question_key,
+            answer_key=self.answer_key,
+            question=self.question,
+            configurable=config.get("configurable"),
+            history_key=self.history_key,
+            context_key=self.context_key,
+            structure=self.structure,
+            correct_structured=self.correct_structured,
         )
 
     def _refuse_unsafe_streams(self, callbacks: Any) -> None:
@@ -192,23 +205,32 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
     def _corrector(self, pair: Pair | None = None) -> Runnable[Any, Any]:
         """The internal ``Aligner`` chat model, behind LangChain's ``RunnableRetry`` when ``max_retries``. A
         structured answer's correction never streams (it is kept or rejected whole): ``disable_streaming`` says so."""
-        gate = {k: v for k, v in (("inspector", self.inspector), ("threshold", self.threshold)) if v is not None}
-        model = AlignerChatModel(aligner=self.aligner, timeout=self.timeout, gate=gate,
-                                 disable_streaming=pair is not None and not pair.streams)
+        gate = {
+            k: v for k, v in (("inspector", self.inspector), ("threshold", self.threshold)) if v is not None
+        }
+        model = AlignerChatModel(
+            aligner=self.aligner,
+            timeout=self.timeout,
+            gate=gate,
+            disable_streaming=pair is not None and not pair.streams,
+        )
         named = model.with_config(run_name=RUN_NAME)  # handlers get the run's name, not only tracers
         if not self.max_retries:
             return named
         # what ``with_retry`` builds, but around the named model (``with_retry`` on a binding unwraps it, and the
         # attempts would lose the name); LangChain names the retry's chain run after the model too
-        return RunnableRetry(bound=named, retry_exception_types=TRANSIENT, max_attempt_number=self.max_retries + 1)
+        return RunnableRetry(
+            bound=named, retry_exception_types=TRANSIENT, max_attempt_number=self.max_retries + 1
+        )
 
     def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {**self.generation_kwargs, **kwargs}
 
     def _passed(self, pair: Pair) -> Correction:
         """The Correction of an answer the core passes through."""
-        return pair.decision.passthrough(pair.question, {"template": self.aligner.template.name,
-                                                         "engine": self.aligner.engine.name})
+        return pair.decision.passthrough(
+            pair.question, {"template": self.aligner.template.name, "engine": self.aligner.engine.name}
+        )
 
     def _settle(self, pair: Pair, result: Correction | BaseException) -> tuple[Any, dict[str, Any]]:
         """The output for a correction or an error (raised unless passing through), and its details."""
@@ -219,8 +241,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return output(pair, result, self.aligner.name, include_original=self.include_original)
 
     @staticmethod
-    def _child(run_manager: CallbackManagerForChainRun | AsyncCallbackManagerForChainRun,
-               config: RunnableConfig) -> RunnableConfig:
+    def _child(
+        run_manager: CallbackManagerForChainRun | AsyncCallbackManagerForChainRun, config: RunnableConfig
+    ) -> RunnableConfig:
         return patch_config(config, callbacks=run_manager.get_child())
 
     def _correct(self, pair: Pair, child: RunnableConfig, kwargs: dict[str, Any]) -> Any:
@@ -262,7 +285,9 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         """Correct one answer. ``kwargs`` are generation options for this call."""
         return self._call_with_config(self._invoke, input, config, run_type=RUN_TYPE, **kwargs)
 
-    def _invoke(self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any) -> Any:
+    def _invoke(
+        self, value: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig, **kwargs: Any
+    ) -> Any:
         self._refuse_unsafe_streams(run_manager)
         return self._correct(self._pair(value, config), self._child(run_manager, config), kwargs)
 
@@ -277,26 +302,50 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return await self._acorrect(self._pair(value, config), self._child(run_manager, config), kwargs)
 
     def batch(
-        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """Correct many answers in planned ``correct_batch`` passes (input order kept); one run per input.
 
         ``config["max_concurrency"]`` bounds how many corrections one pass holds.
         """
-        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions,
-                                       run_type=RUN_TYPE, fail_fast=not return_exceptions, **kwargs)
+        return self._batch_with_config(
+            self._batch,
+            inputs,
+            config,
+            return_exceptions=return_exceptions,
+            run_type=RUN_TYPE,
+            fail_fast=not return_exceptions,
+            **kwargs,
+        )
 
     async def abatch(
-        self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-        return_exceptions: bool = False, **kwargs: Any,
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
     ) -> list[Any]:
         """Async ``batch``: concurrent corrections sharing the engine's batches, at most
         ``config["max_concurrency"]`` at a time."""
-        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
-                                              run_type=RUN_TYPE, fail_fast=not return_exceptions, **kwargs)
+        return await self._abatch_with_config(
+            self._abatch,
+            inputs,
+            config,
+            return_exceptions=return_exceptions,
+            run_type=RUN_TYPE,
+            fail_fast=not return_exceptions,
+            **kwargs,
+        )
 
-    def _pairs(self, values: list[Any], configs: list[RunnableConfig], fail_fast: bool) -> list[Pair | Exception]:
+    def _pairs(
+        self, values: list[Any], configs: list[RunnableConfig], fail_fast: bool
+    ) -> list[Pair | Exception]:
         pairs: list[Pair | Exception] = []
         for value, config in zip(values, configs):
             try:
@@ -314,13 +363,20 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         try:
             if pair.skip:
                 return self._settle(pair, self._passed(pair))
-            return self._settle(pair, result if isinstance(result, Exception) else correction_of(result, pair))
+            return self._settle(
+                pair, result if isinstance(result, Exception) else correction_of(result, pair)
+            )
         except Exception as exc:
             return exc, None
 
     def _batch(
-        self, values: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig], *,
-        fail_fast: bool, **kwargs: Any,
+        self,
+        values: list[Any],
+        run_manager: list[CallbackManagerForChainRun],
+        config: list[RunnableConfig],
+        *,
+        fail_fast: bool,
+        **kwargs: Any,
     ) -> list[Any]:
         for manager in run_manager:
             self._refuse_unsafe_streams(manager)
@@ -328,8 +384,16 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         live = [i for i, p in enumerate(pairs) if isinstance(p, Pair) and not p.skip]
         children = [self._child(m, c) for m, c in zip(run_manager, config)]
         messages = [conversation(pairs[i]) for i in live]  # type: ignore[arg-type]
-        results = dict(zip(live, self._corrector().batch(
-            messages, [children[i] for i in live], return_exceptions=True, **self._options(kwargs)) if live else []))
+        results = dict(
+            zip(
+                live,
+                self._corrector().batch(
+                    messages, [children[i] for i in live], return_exceptions=True, **self._options(kwargs)
+                )
+                if live
+                else [],
+            )
+        )
         outs = []
         for i, pair in enumerate(pairs):
             out, meta = self._settled(pair, results.get(i))
@@ -339,8 +403,13 @@ class AlignerRunnable(StreamingStage, RunnableSerializable[Any, Any]):
         return outs
 
     async def _abatch(
-        self, values: list[Any], run_manager: list[AsyncCallbackManagerForChainRun], config: list[RunnableConfig], *,
-        fail_fast: bool, **kwargs: Any,
+        self,
+        values: list[Any],
+        run_manager: list[AsyncCallbackManagerForChainRun],
+        config: list[RunnableConfig],
+        *,
+        fail_fast: bool,
+        **kwargs: Any,
     ) -> list[Any]:
         for manager in run_manager:
             self._refuse_unsafe_streams(manager)

@@ -88,8 +88,12 @@ class AlignerLLM(CustomLLM):
     _gate: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     def __init__(self, aligner: Aligner, *, component: str, gate: Mapping[str, Any] | None = None) -> None:
-        super().__init__(model=aligner.name, template=aligner.template.name, engine=aligner.engine.name,
-                         component=component)
+        super().__init__(
+            model=aligner.name,
+            template=aligner.template.name,
+            engine=aligner.engine.name,
+            component=component,
+        )
         self._aligner, self._gate = aligner, dict(gate or {})
 
     @classmethod
@@ -99,12 +103,18 @@ class AlignerLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         window = getattr(self._aligner.engine, "context_length", None)
-        return LLMMetadata(model_name=self.model or "aligner", num_output=self._aligner.defaults.max_new_tokens,
-                           **({"context_window": window} if window else {}))
+        return LLMMetadata(
+            model_name=self.model or "aligner",
+            num_output=self._aligner.defaults.max_new_tokens,
+            **({"context_window": window} if window else {}),
+        )
 
     def to_payload(self) -> dict[str, Any]:
         """What the events record as the model: the metadata, and which Aligner and adapter."""
-        return {**super().to_payload(), **self.model_dump(include={"model", "template", "engine", "component"})}
+        return {
+            **super().to_payload(),
+            **self.model_dump(include={"model", "template", "engine", "component"}),
+        }
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -120,7 +130,9 @@ class AlignerLLM(CustomLLM):
         return completions(slot if slot is not None else self._call(self._aligner.stream, prompt, kwargs))
 
     @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
         return acompletions(self._call(self._aligner.astream, prompt, kwargs))
 
     def _call(self, method: Callable[..., T], prompt: str, options: Mapping[str, Any]) -> T:
@@ -143,8 +155,12 @@ def completion(correction: Correction, delta: str | None = None) -> CompletionRe
     prompt, generated = correction.prompt_tokens, correction.completion_tokens
     usage = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
     verdict = {k: correction.metadata[k] for k in VERDICT if k in correction.metadata}
-    return CompletionResponse(text=correction.text, delta=delta, raw={"usage": usage, "correction": correction},
-                              additional_kwargs={"finish_reason": correction.finish_reason, **verdict})
+    return CompletionResponse(
+        text=correction.text,
+        delta=delta,
+        raw={"usage": usage, "correction": correction},
+        additional_kwargs={"finish_reason": correction.finish_reason, **verdict},
+    )
 
 
 def correction_of(response: CompletionResponse | None) -> Correction:

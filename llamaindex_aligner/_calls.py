@@ -30,9 +30,16 @@ from aligner_core.decision import Step, Structure
 
 #: Modules between AlignedLLM and the code that called it (LLM plumbing, wrappers, instrumentation, job runners).
 PLUMBING = (
-    "llamaindex_aligner", "llama_index.core.llms", "llama_index.core.base.llms", "llama_index.llms.",
-    "llama_index_instrumentation", "llama_index.core.instrumentation", "llama_index.core.async_utils", "wrapt",
-    "functools", "contextlib",
+    "llamaindex_aligner",
+    "llama_index.core.llms",
+    "llama_index.core.base.llms",
+    "llama_index.llms.",
+    "llama_index_instrumentation",
+    "llama_index.core.instrumentation",
+    "llama_index.core.async_utils",
+    "wrapt",
+    "functools",
+    "contextlib",
 )
 #: Where a call site is lost: the call was scheduled as its own task or thread (read as your code: final).
 BOUNDARIES = ("asyncio", "concurrent.futures", "threading")
@@ -138,7 +145,9 @@ def structure_of(output_cls: Any) -> Structure:
     validate = getattr(output_cls, "model_validate", None)
     if schema is None or validate is None:
         return Structure("json", parser=read_json)
-    return Structure("json_schema", schema=schema(), validator=validate, name=output_cls.__name__, parser=read_json)
+    return Structure(
+        "json_schema", schema=schema(), validator=validate, name=output_cls.__name__, parser=read_json
+    )
 
 
 def read_json(text: str) -> Any:

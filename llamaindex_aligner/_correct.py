@@ -71,16 +71,22 @@ class Corrector:
         self.on_error: OnError = check_on_error(on_error)
         self.generation_kwargs = dict(generation_kwargs or {})
         check_options(aligner, self.generation_kwargs)
-        gate = {"inspector": None if inspector is None else as_inspector(inspector),
-                "threshold": None if threshold is None else check_threshold(threshold)}
+        gate = {
+            "inspector": None if inspector is None else as_inspector(inspector),
+            "threshold": None if threshold is None else check_threshold(threshold),
+        }
         self.gate = {k: v for k, v in gate.items() if v is not None}
         self.aligner, self.component, self.include_original = aligner, component, include_original
-        self.llm = None if callback_manager is None else AlignerLLM(aligner, component=component, gate=self.gate)
+        self.llm = (
+            None if callback_manager is None else AlignerLLM(aligner, component=component, gate=self.gate)
+        )
         self._callback_manager = callback_manager
 
     # -- one answer --------------------------------------------------------------------------
 
-    def correct(self, question: str, decision: Decision, history: Turns = None, context: Grounding = None) -> dict[str, Any]:
+    def correct(
+        self, question: str, decision: Decision, history: Turns = None, context: Grounding = None
+    ) -> dict[str, Any]:
         """The details of the answer ``decision`` says to correct (structured output kept only if it validates),
         or of why it passes through."""
         if not decision.corrects:
@@ -88,8 +94,11 @@ class Corrector:
         item, started = self._begin(question, decision, history, context)
         try:
             llm = self._reporter()
-            correction = (correction_of(llm.complete(Request(self.aligner, item), **self.generation_kwargs)) if llm
-                          else call(self.aligner.correct, item, self._options))
+            correction = (
+                correction_of(llm.complete(Request(self.aligner, item), **self.generation_kwargs))
+                if llm
+                else call(self.aligner.correct, item, self._options)
+            )
         except Exception as exc:
             return self._failed(started, item.answer, exc)
         return self._done(started, decision.settle(correction))
@@ -102,8 +111,11 @@ class Corrector:
         item, started = self._begin(question, decision, history, context)
         try:
             llm = self._reporter()
-            correction = (correction_of(await llm.acomplete(Request(self.aligner, item), **self.generation_kwargs))
-                          if llm else await call(self.aligner.acorrect, item, self._options))
+            correction = (
+                correction_of(await llm.acomplete(Request(self.aligner, item), **self.generation_kwargs))
+                if llm
+                else await call(self.aligner.acorrect, item, self._options)
+            )
         except Exception as exc:
             return self._failed(started, item.answer, exc)
         return self._done(started, decision.settle(correction))
@@ -119,8 +131,11 @@ class Corrector:
         item, started = self._begin(question, decision, history, context)
         try:
             llm = self._reporter()
-            responses = (llm.stream_complete(Request(self.aligner, item), **self.generation_kwargs) if llm
-                         else completions(call(self.aligner.stream, item, self._options)))
+            responses = (
+                llm.stream_complete(Request(self.aligner, item), **self.generation_kwargs)
+                if llm
+                else completions(call(self.aligner.stream, item, self._options))
+            )
         except Exception as exc:
             return self._failed(started, item.answer, exc), None
         return self._relay(responses, decision, item.answer, started)
@@ -133,8 +148,11 @@ class Corrector:
         item, started = self._begin(question, decision, history, context)
         try:
             llm = self._reporter()
-            responses = (await llm.astream_complete(Request(self.aligner, item), **self.generation_kwargs) if llm
-                         else acompletions(call(self.aligner.astream, item, self._options)))
+            responses = (
+                await llm.astream_complete(Request(self.aligner, item), **self.generation_kwargs)
+                if llm
+                else acompletions(call(self.aligner.astream, item, self._options))
+            )
         except Exception as exc:
             return self._failed(started, item.answer, exc), None
         return self._relay(responses, decision, item.answer, started)
@@ -145,22 +163,33 @@ class Corrector:
 
     # -- a batch -----------------------------------------------------------------------------
 
-    def correct_batch(self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int) -> list[Result]:
+    def correct_batch(
+        self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int
+    ) -> list[Result]:
         """Correct the core's dict pairs in one batched call (``num_items``: what the adapter received, for the
         events). Under ``on_error="passthrough"`` a pair the Aligner fails on (every pair, if the whole batch fails)
         comes back as its exception; otherwise the first failure raises."""
         started, slots, calls = self._begin_batch(question, pairs, num_items)
         try:
-            results = self.aligner.correct_batch(pairs, return_exceptions=self._tolerant, **self._options) if pairs else []
+            results = (
+                self.aligner.correct_batch(pairs, return_exceptions=self._tolerant, **self._options)
+                if pairs
+                else []
+            )
         except Exception as exc:
             return self._end_batch(started, num_items, slots, calls, [exc] * len(pairs), exc)
         return self._end_batch(started, num_items, slots, calls, results)
 
-    async def acorrect_batch(self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int) -> list[Result]:
+    async def acorrect_batch(
+        self, question: str, pairs: Sequence[Mapping[str, Any]], num_items: int
+    ) -> list[Result]:
         started, slots, calls = self._begin_batch(question, pairs, num_items)
         try:
-            results = (await self.aligner.acorrect_batch(pairs, return_exceptions=self._tolerant, **self._options)
-                       if pairs else [])
+            results = (
+                await self.aligner.acorrect_batch(pairs, return_exceptions=self._tolerant, **self._options)
+                if pairs
+                else []
+            )
         except Exception as exc:
             return self._end_batch(started, num_items, slots, calls, [exc] * len(pairs), exc)
         return self._end_batch(started, num_items, slots, calls, results)
@@ -184,11 +213,16 @@ class Corrector:
         return self.llm
 
     def _start(self, question: str, num_items: int, num_selected: int) -> float:
-        dispatcher.event(AlignerStartEvent(component=self.component, query=question, num_items=num_items,
-                                           num_selected=num_selected))
+        dispatcher.event(
+            AlignerStartEvent(
+                component=self.component, query=question, num_items=num_items, num_selected=num_selected
+            )
+        )
         return time.perf_counter()
 
-    def _begin(self, question: str, decision: Decision, history: Turns, context: Grounding) -> tuple[Item, float]:
+    def _begin(
+        self, question: str, decision: Decision, history: Turns, context: Grounding
+    ) -> tuple[Item, float]:
         return Item(question, decision.text, history or None, context or None), self._start(question, 1, 1)
 
     def _begin_batch(
@@ -198,13 +232,24 @@ class Corrector:
         started = self._start(question, num_items, len(pairs))
         llm = self._reporter()
         slots = [Slot() for _ in pairs]
-        calls = [llm.stream_complete(Request(self.aligner, unpack(pair, i), slot), **self.generation_kwargs)
-                 for i, (pair, slot) in enumerate(zip(pairs, slots))] if llm else []
+        calls = (
+            [
+                llm.stream_complete(Request(self.aligner, unpack(pair, i), slot), **self.generation_kwargs)
+                for i, (pair, slot) in enumerate(zip(pairs, slots))
+            ]
+            if llm
+            else []
+        )
         return started, slots, calls
 
     def _end_batch(
-        self, started: float, num_items: int, slots: Sequence[Slot], calls: Sequence[Iterator[Any]],
-        results: Sequence[Result], failure: Exception | None = None,
+        self,
+        started: float,
+        num_items: int,
+        slots: Sequence[Slot],
+        calls: Sequence[Iterator[Any]],
+        results: Sequence[Result],
+        failure: Exception | None = None,
     ) -> list[Result]:
         for slot, result in zip(slots, results):
             slot.fill(result)
@@ -216,8 +261,12 @@ class Corrector:
             raise failure
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            logger.warning("%d of %d answers passed through uncorrected: %s", len(errors), len(results),
-                           describe(errors[0]))
+            logger.warning(
+                "%d of %d answers passed through uncorrected: %s",
+                len(errors),
+                len(results),
+                describe(errors[0]),
+            )
         return list(results)
 
     def _relay(
@@ -225,14 +274,19 @@ class Corrector:
     ) -> tuple[dict[str, Any], Relay]:
         info: dict[str, Any] = {"model": self.aligner.name, "text": None, "pending": True}
         return info, Relay(
-            responses, answer, info,
+            responses,
+            answer,
+            info,
             done=lambda correction: self._done(started, decision.settle(correction)),
             fail=lambda exc, partial: self._failed(started, answer, exc, partial=partial),
         )
 
     def _details(self, correction: Correction) -> dict[str, Any]:
         model = self.aligner.name
-        return {**details(correction, model=model, include_original=self.include_original, keep_text=True), "error": None}
+        return {
+            **details(correction, model=model, include_original=self.include_original, keep_text=True),
+            "error": None,
+        }
 
     def _done(self, started: float, correction: Correction) -> dict[str, Any]:
         """The details of a finished correction; an empty correction is never better, so the original stays."""
@@ -242,7 +296,9 @@ class Corrector:
             info.update(text=correction.original, changed=False, similarity=1.0, empty_correction=True)
         return info
 
-    def _failed(self, started: float, answer: str, exc: Exception, *, partial: bool = False) -> dict[str, Any]:
+    def _failed(
+        self, started: float, answer: str, exc: Exception, *, partial: bool = False
+    ) -> dict[str, Any]:
         """Raise ``exc`` (``on_error="raise"``, or a misspelled option) or describe the passthrough."""
         self._end(started, 1, [exc])
         if raises(self.on_error, exc):
@@ -264,7 +320,9 @@ class Corrector:
             AlignerEndEvent(
                 component=self.component,
                 num_items=num_items,
-                num_corrected=sum(1 for c in corrections if c.text.strip() and not c.metadata.get("inspector_passed")),
+                num_corrected=sum(
+                    1 for c in corrections if c.text.strip() and not c.metadata.get("inspector_passed")
+                ),
                 num_changed=sum(1 for c in corrections if c.changed and c.text.strip()),
                 num_errors=len(errors),
                 prompt_tokens=sum(c.prompt_tokens for c in corrections),

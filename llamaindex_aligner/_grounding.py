@@ -24,8 +24,15 @@ from . import _react
 
 #: LlamaIndex content block types as the core's content part types (others are unreadable: an error).
 BLOCK_PARTS = {
-    "image": "image", "audio": "audio", "video": "video", "document": "file", "thinking": "thinking",
-    "tool_call": "tool_call", "cache": "non_standard", "citation": "non_standard", "citable": "non_standard",
+    "image": "image",
+    "audio": "audio",
+    "video": "video",
+    "document": "file",
+    "thinking": "thinking",
+    "tool_call": "tool_call",
+    "cache": "non_standard",
+    "citation": "non_standard",
+    "citable": "non_standard",
 }
 #: Node metadata keys that name a document in the Aligner's prompt, first found wins.
 NAME_KEYS = ("file_name", "title")
@@ -75,18 +82,23 @@ def read_chat(
         text = question or "\n".join(f"{m.role.value}: {m.content or ''}" for m in messages)
         return Turn(text, [], [document(d) for d in documents])
     context = [document(d) for d in documents]
-    context += react_context(messages[at + 1:]) if react else tool_context(messages[at + 1:], tool_calls)
-    return Turn(question or messages[at].content or "", without(history_turns(messages[:at]), documents), context)
+    context += react_context(messages[at + 1 :]) if react else tool_context(messages[at + 1 :], tool_calls)
+    return Turn(
+        question or messages[at].content or "", without(history_turns(messages[:at]), documents), context
+    )
 
 
 def _asks(message: ChatMessage, react: bool) -> bool:
-    return message.role == MessageRole.USER and bool((message.content or "").strip()) and not (
-        react and _react.is_observation(message)
+    return (
+        message.role == MessageRole.USER
+        and bool((message.content or "").strip())
+        and not (react and _react.is_observation(message))
     )
 
 
 def tool_context(
-    messages: Sequence[ChatMessage], tool_calls: Callable[[ChatMessage], list[tuple[str | None, str, Any]]] | None
+    messages: Sequence[ChatMessage],
+    tool_calls: Callable[[ChatMessage], list[tuple[str | None, str, Any]]] | None,
 ) -> list[ContextItem]:
     """Tool calls (assistant turns) and their results (``tool`` turns) as context items, results named after
     the call they answer."""
@@ -98,9 +110,13 @@ def tool_context(
             name = message.additional_kwargs.get("name") or names.get(str(call_id))
             items.append(ContextItem("tool_result", message.content or "", name))
         elif message.role == MessageRole.ASSISTANT:
-            for call_id, name, arguments in (tool_calls(message) if tool_calls else []):
+            for call_id, name, arguments in tool_calls(message) if tool_calls else []:
                 names[str(call_id)] = name
-                content = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, default=str)
+                content = (
+                    arguments
+                    if isinstance(arguments, str)
+                    else json.dumps(arguments, ensure_ascii=False, default=str)
+                )
                 items.append(ContextItem("tool_call", content, name))
     return items
 
@@ -109,7 +125,9 @@ def react_context(messages: Sequence[ChatMessage]) -> list[ContextItem]:
     """A ReAct agent's reasoning so far: its actions as tool calls, the observations as their results."""
     items, action = [], None
     for message in messages:
-        item, action = _react.reasoning_context(getattr(message.role, "value", message.role), message.content or "", action)
+        item, action = _react.reasoning_context(
+            getattr(message.role, "value", message.role), message.content or "", action
+        )
         if item is not None:
             items.append(item)
     return items
@@ -123,12 +141,16 @@ def tool_calls_in(message: ChatMessage, llm: Any = None) -> list[tuple[str | Non
         return [(b.tool_call_id, b.tool_name, b.tool_kwargs) for b in blocks]
     if llm is not None:
         try:
-            selections = llm.get_tool_calls_from_response(ChatResponse(message=message), error_on_no_tool_call=False)
+            selections = llm.get_tool_calls_from_response(
+                ChatResponse(message=message), error_on_no_tool_call=False
+            )
         except Exception:  # noqa: S110 - an LLM that cannot read tool calls found none
             selections = []
         if selections:
-            return [(getattr(s, "tool_id", None), getattr(s, "tool_name", "tool"), getattr(s, "tool_kwargs", {}))
-                    for s in selections]
+            return [
+                (getattr(s, "tool_id", None), getattr(s, "tool_name", "tool"), getattr(s, "tool_kwargs", {}))
+                for s in selections
+            ]
     if message.additional_kwargs.get("tool_calls"):  # calls this LLM cannot read: still an action
         return [(None, "tool", {}) for _ in message.additional_kwargs["tool_calls"]]
     return []

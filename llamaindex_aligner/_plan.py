@@ -33,13 +33,20 @@ class Plan:
 
 
 def plan_chat(
-    call: Call, messages: Sequence[ChatMessage], response: ChatResponse, tool_calls: ToolCalls, correct_structured: bool
+    call: Call,
+    messages: Sequence[ChatMessage],
+    response: ChatResponse,
+    tool_calls: ToolCalls,
+    correct_structured: bool,
 ) -> Plan:
     """The plan for a chat response: grounded on the prompt's context and the tool turns after the question."""
     prompt = call.prompt
     turn = read_chat(
-        messages, question=prompt.question if prompt else None, documents=prompt.documents if prompt else (),
-        react=call.react, tool_calls=tool_calls,
+        messages,
+        question=prompt.question if prompt else None,
+        documents=prompt.documents if prompt else (),
+        react=call.react,
+        tool_calls=tool_calls,
     )
     message = response.message
     calls = bool(tool_calls(message))
@@ -51,7 +58,9 @@ def plan_completion(call: Call, prompt_text: str, text: str, correct_structured:
     rendered for a completion model is read as the messages it was rendered from (its history, its context)."""
     prompt = call.prompt
     if prompt is not None and prompt.messages:
-        turn = read_chat(prompt.messages, question=prompt.question, documents=prompt.documents, react=call.react)
+        turn = read_chat(
+            prompt.messages, question=prompt.question, documents=prompt.documents, react=call.react
+        )
     else:
         question = (prompt.question if prompt else None) or prompt_text
         turn = Turn(question, [], [document(d) for d in (prompt.documents if prompt else ())])
@@ -62,8 +71,12 @@ def _plan(call: Call, turn: Turn, content: Any, text: str, calls: bool, correct_
     if call.react and not calls:
         step = _react.read_step(text)
         if step.answer is not None:
-            return Plan(turn, decide(Reply(content=step.answer), correct_structured=correct_structured),
-                        step.prefix, call.site)
+            return Plan(
+                turn,
+                decide(Reply(content=step.answer), correct_structured=correct_structured),
+                step.prefix,
+                call.site,
+            )
         reply = Reply(content=content, step="intermediate")  # an action, or text the agent will ask again for
     else:
         reply = Reply(content=content, tool_calls=calls, structure=call.structure, step=call.step)

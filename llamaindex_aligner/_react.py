@@ -41,14 +41,14 @@ def read_step(text: str) -> ReActStep:
     match = _ANSWER.search(text)
     if match is None:  # no markers: the parser reads the whole text as the answer
         return ReActStep("", text)
-    return ReActStep(text[: match.end()], text[match.end():])
+    return ReActStep(text[: match.end()], text[match.end() :])
 
 
 def reasoning_context(role: str, text: str, last_action: str | None) -> tuple[ContextItem | None, str | None]:
     """A reasoning message as a context item (an action as a tool call, an observation as its result), and the
     action's name (kept so the next observation can be named)."""
     if text.startswith(OBSERVATION):
-        result = text[len(OBSERVATION):].strip()
+        result = text[len(OBSERVATION) :].strip()
         return ContextItem("tool_result", result, last_action), last_action
     if role != "assistant":
         return None, last_action
@@ -57,7 +57,9 @@ def reasoning_context(role: str, text: str, last_action: str | None) -> tuple[Co
     except (ValueError, TypeError):
         return None, last_action
     if isinstance(step, ActionReasoningStep):
-        return ContextItem("tool_call", json.dumps(step.action_input, ensure_ascii=False, default=str), step.action), step.action
+        return ContextItem(
+            "tool_call", json.dumps(step.action_input, ensure_ascii=False, default=str), step.action
+        ), step.action
     return None, last_action
 
 

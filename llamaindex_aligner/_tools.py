@@ -33,12 +33,21 @@ class ToolCalling(FunctionCallingLLM):
         **kwargs: Any,
     ) -> dict[str, Any]:
         return self._tool_llm()._prepare_chat_with_tools_compat(
-            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs,
+            tools,
+            user_msg=user_msg,
+            chat_history=chat_history,
+            verbose=verbose,
+            allow_parallel_tool_calls=allow_parallel_tool_calls,
+            tool_required=tool_required,
+            **kwargs,
         )
 
     def _validate_chat_with_tools_response(
-        self, response: ChatResponse, tools: Sequence[Any], allow_parallel_tool_calls: bool = False, **kwargs: Any
+        self,
+        response: ChatResponse,
+        tools: Sequence[Any],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
     ) -> ChatResponse:
         return self._tool_llm()._validate_chat_with_tools_response(
             response, tools, allow_parallel_tool_calls=allow_parallel_tool_calls, **kwargs
@@ -47,7 +56,9 @@ class ToolCalling(FunctionCallingLLM):
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
     ) -> list[ToolSelection]:
-        return self._tool_llm().get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call, **kwargs)
+        return self._tool_llm().get_tool_calls_from_response(
+            response, error_on_no_tool_call=error_on_no_tool_call, **kwargs
+        )
 
     def _tool_llm(self) -> FunctionCallingLLM:
         if not isinstance(self.llm, FunctionCallingLLM):

@@ -64,15 +64,22 @@ class AlignedChatEngine(BaseChatEngine):
         include_original: bool = False,
     ) -> None:
         if not isinstance(chat_engine, BaseChatEngine):
-            raise TypeError(f"chat_engine must be a LlamaIndex BaseChatEngine, got {type(chat_engine).__name__}")
+            raise TypeError(
+                f"chat_engine must be a LlamaIndex BaseChatEngine, got {type(chat_engine).__name__}"
+            )
         if callback_manager is None:
             from llama_index.core import Settings
 
             callback_manager = getattr(chat_engine, "callback_manager", None) or Settings.callback_manager
         self.callback_manager = callback_manager
         self._corrector = Corrector(
-            aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            inspector=inspector, threshold=threshold, include_original=include_original,
+            aligner,
+            component=COMPONENT,
+            on_error=on_error,
+            generation_kwargs=generation_kwargs,
+            inspector=inspector,
+            threshold=threshold,
+            include_original=include_original,
             callback_manager=lambda: self.callback_manager,
         )
         self.chat_engine = chat_engine
@@ -105,9 +112,13 @@ class AlignedChatEngine(BaseChatEngine):
 
     # -- streams -----------------------------------------------------------------------------
 
-    def stream_chat(self, message: str, chat_history: list[ChatMessage] | None = None) -> StreamingAgentChatResponse:
+    def stream_chat(
+        self, message: str, chat_history: list[ChatMessage] | None = None
+    ) -> StreamingAgentChatResponse:
         history = self._turn_history(chat_history)
-        response = self.chat_engine.chat(message, chat_history=history)  # not stream_chat: nothing raw is streamed
+        response = self.chat_engine.chat(
+            message, chat_history=history
+        )  # not stream_chat: nothing raw is streamed
         info, relay = self._corrector.open(message, *self._read(response, history))
 
         def gen() -> Any:
@@ -134,7 +145,9 @@ class AlignedChatEngine(BaseChatEngine):
             else:
                 async for delta in relay.adeltas():
                     text += delta
-                    yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+                    yield ChatResponse(
+                        message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta
+                    )
             self._remember(history, message, info["text"] or text)
 
         return self._streaming(response, info, achat_stream=agen())
@@ -164,7 +177,9 @@ class AlignedChatEngine(BaseChatEngine):
         metadata = {**(response.metadata or {}), self.metadata_key: info}
         return dataclasses.replace(response, response=info["text"], metadata=metadata)
 
-    def _streaming(self, response: AgentChatResponse, info: dict[str, Any], **stream: Any) -> AlignedStreamingChatResponse:
+    def _streaming(
+        self, response: AgentChatResponse, info: dict[str, Any], **stream: Any
+    ) -> AlignedStreamingChatResponse:
         return AlignedStreamingChatResponse(
             sources=list(response.sources),
             source_nodes=list(response.source_nodes),

@@ -64,22 +64,28 @@ class AlignedLLM(ToolCalling):
 
     llm: SerializeAsAny[LLM] = Field(description="The LLM whose final answers are corrected.")
     on_error: OnError = Field(
-        default="raise", description="'raise' propagates Aligner failures; 'passthrough' serves the uncorrected answer."
+        default="raise",
+        description="'raise' propagates Aligner failures; 'passthrough' serves the uncorrected answer.",
     )
     generation_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Generation options for the Aligner (max_new_tokens, stop, ...)."
     )
-    metadata_key: str = Field(default="aligner", min_length=1, description="Key under which the correction is recorded.")
+    metadata_key: str = Field(
+        default="aligner", min_length=1, description="Key under which the correction is recorded."
+    )
     correct_structured: bool = Field(
         default=False,
         description="Correct structured output too, keeping a correction only if it validates against the schema.",
     )
     inspector: Any = Field(
-        default=None, exclude=True,
+        default=None,
+        exclude=True,
         description="Scores (question, answer) in [0, 1] (1: aligned) first: an Inspector or a callable.",
     )
     threshold: float | None = Field(
-        default=None, ge=0.0, le=1.0,
+        default=None,
+        ge=0.0,
+        le=1.0,
         description="An answer scoring at or above it is returned unchanged, with no correction generated; "
         "None: the Aligner's.",
     )
@@ -98,8 +104,13 @@ class AlignedLLM(ToolCalling):
         super().__init__(llm=llm, **kwargs)
         # No callback_manager: this call is itself the LLM call LlamaIndex reports (its raw usage the correction's).
         self._corrector = Corrector(
-            aligner, component=COMPONENT, on_error=self.on_error, generation_kwargs=self.generation_kwargs,
-            inspector=self.inspector, threshold=self.threshold, include_original=self.include_original,
+            aligner,
+            component=COMPONENT,
+            on_error=self.on_error,
+            generation_kwargs=self.generation_kwargs,
+            inspector=self.inspector,
+            threshold=self.threshold,
+            include_original=self.include_original,
         )
 
     @classmethod
@@ -132,7 +143,11 @@ class AlignedLLM(ToolCalling):
         data.pop("class_name", None)
         spec, recorded = data.pop("aligner", None), data.pop("llm", None)
         wrapped = llm if llm is not None else rebuild_llm(recorded, cls.class_name())
-        return cls(llm=wrapped, aligner=aligner if aligner is not None else load_aligner(spec, cls.class_name()), **data)
+        return cls(
+            llm=wrapped,
+            aligner=aligner if aligner is not None else load_aligner(spec, cls.class_name()),
+            **data,
+        )
 
     # -- prompts: what LlamaIndex says about the call ----------------------------------------------
 
@@ -206,15 +221,21 @@ class AlignedLLM(ToolCalling):
         response = self.llm.complete(prompt, **kwargs)  # not stream_complete: see stream_chat
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
         info, deltas = self._open(plan)
-        return _chunks(deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta=""))
+        return _chunks(
+            deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta="")
+        )
 
     @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
         call = read_call()
         response = await self.llm.acomplete(prompt, **kwargs)
         plan = plan_completion(call, prompt, response.text, self.correct_structured)
         info, deltas = await self._aopen(plan)
-        return _achunks(deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta=""))
+        return _achunks(
+            deltas, _completion_chunk, lambda: self._completion_response(response, plan, info, delta="")
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -234,10 +255,17 @@ class AlignedLLM(ToolCalling):
     def _chat_response(
         self, upstream: ChatResponse, plan: Plan, info: dict[str, Any], *, delta: str | None = None
     ) -> ChatResponse:
-        message = upstream.message if not plan.decision.corrects else with_text(upstream.message, plan.text(info["text"]))
+        message = (
+            upstream.message
+            if not plan.decision.corrects
+            else with_text(upstream.message, plan.text(info["text"]))
+        )
         details = _with_site(plan, info)
         return ChatResponse(
-            message=message, delta=delta, raw=self._raw(details), logprobs=None,
+            message=message,
+            delta=delta,
+            raw=self._raw(details),
+            logprobs=None,
             additional_kwargs={**upstream.additional_kwargs, self.metadata_key: details},
         )
 
@@ -247,7 +275,9 @@ class AlignedLLM(ToolCalling):
         details = _with_site(plan, info)
         text = plan.text(info["text"]) if plan.decision.corrects else upstream.text
         return CompletionResponse(
-            text=text, delta=delta, raw=self._raw(details),
+            text=text,
+            delta=delta,
+            raw=self._raw(details),
             additional_kwargs={**upstream.additional_kwargs, self.metadata_key: details},
         )
 
@@ -283,7 +313,9 @@ def _chunks(deltas: Iterable[str], chunk: Callable[[str, str], T], final: Callab
     yield final()
 
 
-async def _achunks(deltas: AsyncIterator[str], chunk: Callable[[str, str], T], final: Callable[[], T]) -> AsyncIterator[T]:
+async def _achunks(
+    deltas: AsyncIterator[str], chunk: Callable[[str, str], T], final: Callable[[], T]
+) -> AsyncIterator[T]:
     text = ""
     async for delta in deltas:
         text += delta

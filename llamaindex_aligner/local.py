@@ -91,7 +91,9 @@ def huggingface_llm(aligner: Aligner, **kwargs: Any) -> HuggingFaceLLM:
 
 
 def _chat_prompt(tokenizer: Any, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 class SentenceTransformerEmbedding(BaseEmbedding):

@@ -82,8 +82,13 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
     def __init__(self, aligner: Aligner, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._corrector = Corrector(
-            aligner, component=COMPONENT, on_error=self.on_error, generation_kwargs=self.generation_kwargs,
-            inspector=self.inspector, threshold=self.threshold, callback_manager=lambda: self.callback_manager,
+            aligner,
+            component=COMPONENT,
+            on_error=self.on_error,
+            generation_kwargs=self.generation_kwargs,
+            inspector=self.inspector,
+            threshold=self.threshold,
+            callback_manager=lambda: self.callback_manager,
         )
 
     @classmethod
@@ -102,7 +107,9 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         return {**super().to_dict(**kwargs), "aligner": aligner_spec(self.aligner)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], aligner: Aligner | None = None, **kwargs: Any) -> AlignerNodePostprocessor:
+    def from_dict(
+        cls, data: dict[str, Any], aligner: Aligner | None = None, **kwargs: Any
+    ) -> AlignerNodePostprocessor:
         """Rebuild from :meth:`to_dict`. Pass ``aligner=`` to reuse a loaded one; without it the recorded
         model is loaded with ``Aligner.from_pretrained`` (a hub id or the packaged SmolLM2 reloads; an
         Aligner built from objects or a server cannot, and a ``ValueError`` says so)."""
@@ -130,22 +137,32 @@ class AlignerNodePostprocessor(BaseNodePostprocessor):
         if not nodes:
             return []
         query, selected = self._select(nodes, query_bundle)
-        results = await self._corrector.acorrect_batch(query, _pairs(query, nodes, selected), num_items=len(nodes))
+        results = await self._corrector.acorrect_batch(
+            query, _pairs(query, nodes, selected), num_items=len(nodes)
+        )
         return self._apply(nodes, selected, results)
 
     # -- shared steps ------------------------------------------------------------------------
 
-    def _select(self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None) -> tuple[str, list[int]]:
+    def _select(
+        self, nodes: Sequence[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> tuple[str, list[int]]:
         """The question, and the text nodes to correct (the ``top_n`` best scored, in their order)."""
         if query_bundle is None:
-            raise ValueError("AlignerNodePostprocessor needs the query as the question: pass query_bundle or query_str")
+            raise ValueError(
+                "AlignerNodePostprocessor needs the query as the question: pass query_bundle or query_str"
+            )
         selected = [i for i, n in enumerate(nodes) if decide(Reply(content=_text(n))).corrects]
         if self.top_n is not None and len(selected) > self.top_n:
-            best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[: self.top_n]
+            best = sorted(selected, key=lambda i: (nodes[i].score is None, -(nodes[i].score or 0.0)))[
+                : self.top_n
+            ]
             selected = sorted(best)
         return query_bundle.query_str, selected
 
-    def _apply(self, nodes: Sequence[NodeWithScore], selected: Sequence[int], results: Sequence[Result]) -> list[NodeWithScore]:
+    def _apply(
+        self, nodes: Sequence[NodeWithScore], selected: Sequence[int], results: Sequence[Result]
+    ) -> list[NodeWithScore]:
         """The nodes with the corrections in (a node the Aligner failed on, or passed back empty, as it was)."""
         out = list(nodes)
         for i, result in zip(selected, results):
@@ -170,8 +187,13 @@ def _inspected(item: NodeWithScore, correction: Correction) -> NodeWithScore:
     """A copy of the node, with the inspector's verdict in hidden metadata when it scored the node."""
     copied = NodeWithScore(node=item.node.model_copy(), score=item.score)
     if "inspector_score" in correction.metadata:
-        _hide(copied, {SCORE_KEY: correction.metadata["inspector_score"],
-                       PASSED_KEY: correction.metadata["inspector_passed"]})
+        _hide(
+            copied,
+            {
+                SCORE_KEY: correction.metadata["inspector_score"],
+                PASSED_KEY: correction.metadata["inspector_passed"],
+            },
+        )
     return copied
 
 
@@ -189,8 +211,14 @@ def _hide(item: NodeWithScore, metadata: dict[str, Any]) -> None:
 def _pairs(query: str, nodes: Sequence[NodeWithScore], selected: Sequence[int]) -> list[dict[str, Any]]:
     """The selected nodes as the core's dict pairs, each grounded on its neighbours (the other selected nodes)."""
     documents = {i: node_documents([nodes[i]]) for i in selected}
-    return [{"question": query, "answer": _text(nodes[i]),
-             "context": [d for j in selected if j != i for d in documents[j]]} for i in selected]
+    return [
+        {
+            "question": query,
+            "answer": _text(nodes[i]),
+            "context": [d for j in selected if j != i for d in documents[j]],
+        }
+        for i in selected
+    ]
 
 
 def _text(item: NodeWithScore) -> str:

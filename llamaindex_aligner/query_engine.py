@@ -75,10 +75,17 @@ class AlignedQueryEngine(BaseQueryEngine):
                 f"{type(query_engine).__name__} is a chat engine: wrap it with AlignedChatEngine(chat_engine, aligner)"
             )
         if not isinstance(query_engine, BaseQueryEngine):
-            raise TypeError(f"query_engine must be a LlamaIndex BaseQueryEngine, got {type(query_engine).__name__}")
+            raise TypeError(
+                f"query_engine must be a LlamaIndex BaseQueryEngine, got {type(query_engine).__name__}"
+            )
         self._corrector = Corrector(
-            aligner, component=COMPONENT, on_error=on_error, generation_kwargs=generation_kwargs,
-            inspector=inspector, threshold=threshold, include_original=include_original,
+            aligner,
+            component=COMPONENT,
+            on_error=on_error,
+            generation_kwargs=generation_kwargs,
+            inspector=inspector,
+            threshold=threshold,
+            include_original=include_original,
             callback_manager=lambda: self.callback_manager,
         )
         self.query_engine = query_engine
@@ -114,7 +121,9 @@ class AlignedQueryEngine(BaseQueryEngine):
             info, relay = self._corrector.open(query_bundle.query_str, decision, None, context)
             gen = relay.deltas() if relay else iter([info["text"]])
             return StreamingResponse(gen, response.source_nodes, self._metadata(response, info))
-        return self._replace(response, decision, self._corrector.correct(query_bundle.query_str, decision, None, context))
+        return self._replace(
+            response, decision, self._corrector.correct(query_bundle.query_str, decision, None, context)
+        )
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         response = await self.query_engine.aquery(query_bundle)
@@ -129,7 +138,9 @@ class AlignedQueryEngine(BaseQueryEngine):
             info, relay = await self._corrector.aopen(question, decision, None, context)
             agen = relay.adeltas() if relay else one(info["text"])
             return AsyncStreamingResponse(agen, response.source_nodes, self._metadata(response, info))
-        return self._replace(response, decision, await self._corrector.acorrect(question, decision, None, context))
+        return self._replace(
+            response, decision, await self._corrector.acorrect(question, decision, None, context)
+        )
 
     # -- shared steps ------------------------------------------------------------------------
 
@@ -150,7 +161,10 @@ class AlignedQueryEngine(BaseQueryEngine):
         if isinstance(response, PydanticResponse):
             model = response.response
             content = model.model_dump_json() if model is not None else ""
-            return decide(Reply(content=content, structure=structure_of(type(model))), correct_structured=self.correct_structured)
+            return decide(
+                Reply(content=content, structure=structure_of(type(model))),
+                correct_structured=self.correct_structured,
+            )
         if isinstance(response, Response):
             return decide(Reply(content=response.response or ""))
         raise TypeError(f"cannot correct a {type(response).__name__}: expected a LlamaIndex Response")

@@ -46,7 +46,9 @@ def prepare(source: Path, target: Path, *, force: bool = False) -> Path:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         for key in DROP_KEYS:
             config.pop(key, None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -58,7 +60,9 @@ def prepare(source: Path, target: Path, *, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="safetensors model directory (e.g. the llm-aligner GGUF cache)")
+    parser.add_argument(
+        "source", type=Path, help="safetensors model directory (e.g. the llm-aligner GGUF cache)"
+    )
     parser.add_argument("target", type=Path, help="directory to create for vLLM")
     parser.add_argument("--force", action="store_true", help="re-copy even if TARGET_DIR is already prepared")
     args = parser.parse_args(argv)

@@ -39,7 +39,10 @@ def build_tokenizer(*, with_pad: bool = True, chat: bool = True):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     from tokenizers.processors import TemplateProcessing
@@ -96,7 +99,9 @@ def tiny_model(tiny_tokenizer):
 def tiny_aligner(tiny_model, tiny_tokenizer):
     from aligner_core import Aligner
 
-    return Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=4096)
+    return Aligner.from_model(
+        tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=4096
+    )
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +151,9 @@ def vllm_server():
 
     url = os.environ.get("ALIGNER_TEST_VLLM_URL")
     if url:
-        vs.wait_healthy(url.removesuffix("/v1"), timeout=float(os.environ.get("ALIGNER_TEST_VLLM_WAIT", "600")))
+        vs.wait_healthy(
+            url.removesuffix("/v1"), timeout=float(os.environ.get("ALIGNER_TEST_VLLM_WAIT", "600"))
+        )
         yield vs.ExternalServer(url)
         return
     if vs.vllm_python() is None:

@@ -47,7 +47,9 @@ class EventRecorder(BaseCallbackHandler):
     def on_chain_start(
         self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
-        self.chains.append((kwargs.get("name") or "", kwargs.get("run_type") or "chain", run_id, parent_run_id))
+        self.chains.append(
+            (kwargs.get("name") or "", kwargs.get("run_type") or "chain", run_id, parent_run_id)
+        )
 
 
 def tree(run: Run) -> tuple[str, str, list[Any]]:

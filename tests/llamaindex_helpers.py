@@ -123,12 +123,16 @@ class ScriptedLLM(CustomLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        return LLMMetadata(model_name="scripted", is_chat_model=self.chat_model, num_output=32, context_window=4096)
+        return LLMMetadata(
+            model_name="scripted", is_chat_model=self.chat_model, num_output=32, context_window=4096
+        )
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         self.prompts.append(prompt)
-        return CompletionResponse(text=self.reply(prompt), raw={"usage": {"prompt_tokens": 7, "completion_tokens": 8}})
+        return CompletionResponse(
+            text=self.reply(prompt), raw={"usage": {"prompt_tokens": 7, "completion_tokens": 8}}
+        )
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> Any:
@@ -169,7 +173,9 @@ class PromptSpy:
     def _one(self, method: Any) -> Any:
         def spied(request: Any, *args: Any, **kwargs: Any) -> Any:
             self.prompts.append(request.prompt)
-            return method(request, *args, **kwargs)  # a coroutine for the async methods, awaited by the caller
+            return method(
+                request, *args, **kwargs
+            )  # a coroutine for the async methods, awaited by the caller
 
         return spied
 
@@ -200,4 +206,6 @@ def roomy(tiny_tokenizer: Any) -> Any:
     from tests.conftest import build_model
 
     model = build_model(tiny_tokenizer, context=4096)
-    return Aligner.from_model(model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=8192)
+    return Aligner.from_model(
+        model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=8192
+    )

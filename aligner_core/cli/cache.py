@@ -52,13 +52,17 @@ def list_command() -> None:
         return
     typer.echo(f"cached models in {root}:")
     for entry in entries:
-        typer.echo(f"{entry.name}  {_size(entry.size)}  {_age(entry.created)}  {entry.path.name}{_NOTES[entry.state]}")
+        typer.echo(
+            f"{entry.name}  {_size(entry.size)}  {_age(entry.created)}  {entry.path.name}{_NOTES[entry.state]}"
+        )
         for source in entry.sources:
             gone = "" if Path(source).exists() else "  (gone)"
             typer.echo(f"    from {source}{gone}")
     total = sum(e.size for e in entries)
-    typer.echo(f"total: {_size(total)} in {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-               " (free it with: aligner cache clear)")
+    typer.echo(
+        f"total: {_size(total)} in {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+        " (free it with: aligner cache clear)"
+    )
 
 
 @cache_app.command("clear", short_help="Delete the cached models.")

@@ -51,28 +51,52 @@ def _print_version(value: bool) -> None:
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what is loaded and chosen.")] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the versions and exit."
+        ),
     ] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @app.command()
 def correct(
-    input: Annotated[str, typer.Argument(
-        help="Records to correct: .jsonl, .json, .csv, .tsv or .parquet file, a datasets folder, or - (JSON lines "
-        "on stdin).")],
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Records to correct: .jsonl, .json, .csv, .tsv or .parquet file, a datasets folder, or - (JSON lines "
+            "on stdin)."
+        ),
+    ],
     output: Annotated[str, typer.Option("--output", "-o", help="JSONL file to write, or - for stdout.")],
     model: ModelOpt = None,
-    template: Annotated[str | None, typer.Option(help="Prompt template (default: recorded in the model, else chosen for it).")] = None,
+    template: Annotated[
+        str | None, typer.Option(help="Prompt template (default: recorded in the model, else chosen for it).")
+    ] = None,
     question_field: Annotated[str, typer.Option(help="Field holding the question.")] = "question",
     answer_field: Annotated[str, typer.Option(help="Field holding the answer to correct.")] = "answer",
     output_field: Annotated[str, typer.Option(help="Field to write the correction into.")] = "correction",
-    batch_tokens: Annotated[int | None, typer.Option("--batch-tokens", min=1, help="Token budget of one padded batch (default: 16384 on CPU, derived from free memory on a GPU).")] = None,
+    batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-tokens",
+            min=1,
+            help="Token budget of one padded batch (default: 16384 on CPU, derived from free memory on a GPU).",
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 1024,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Records corrected and written durably at a time.")] = 64,
-    on_overflow: Annotated[str, typer.Option(help="'error' or 'truncate' for answers longer than the context.")] = "error",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Records corrected and written durably at a time.")
+    ] = 64,
+    on_overflow: Annotated[
+        str, typer.Option(help="'error' or 'truncate' for answers longer than the context.")
+    ] = "error",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best available).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Skip records already in OUTPUT.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
@@ -83,9 +107,26 @@ def correct(
     timeout: TimeoutOpt = 60.0,
     max_retries: RetriesOpt = 3,
     max_concurrency: ConcurrencyOpt = 64,
-    ray: Annotated[bool, typer.Option("--ray", help="Spread the file over a Ray cluster (starts a local one if none).", rich_help_panel="Ray")] = False,
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address, e.g. auto or ray://host:10001.", rich_help_panel="Ray")] = None,
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Aligner replicas (one model each) for --ray.", rich_help_panel="Ray")] = 1,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Spread the file over a Ray cluster (starts a local one if none).",
+            rich_help_panel="Ray",
+        ),
+    ] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address", help="Ray cluster address, e.g. auto or ray://host:10001.", rich_help_panel="Ray"
+        ),
+    ] = None,
+    replicas: Annotated[
+        int,
+        typer.Option(
+            "--replicas", min=1, help="Aligner replicas (one model each) for --ray.", rich_help_panel="Ray"
+        ),
+    ] = 1,
 ) -> None:
     """Correct a JSONL file of question-answer records into OUTPUT, durably and resumably."""
     from ..errors import AlignerError, EngineUnavailableError
@@ -108,18 +149,45 @@ def correct(
         raise typer.Exit(2) from exc
     if ray and (input == "-" or output == "-"):
         raise typer.BadParameter("--ray reads and writes files: it cannot use - (stdin/stdout)")
-    choice = engine_choice(model=model, server=server, engine=engine, api_key=api_key, timeout=timeout,
-                          max_retries=max_retries, max_concurrency=max_concurrency)
-    load_options = {"template": template, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens,
-                    "max_batch_tokens": batch_tokens, "on_overflow": on_overflow}
-    job_options = {"question_field": question_field, "answer_field": answer_field, "output_field": output_field,
-                   "resume": resume, "overwrite": overwrite, "chunk_size": chunk_size, "show_progress": progress}
+    choice = engine_choice(
+        model=model,
+        server=server,
+        engine=engine,
+        api_key=api_key,
+        timeout=timeout,
+        max_retries=max_retries,
+        max_concurrency=max_concurrency,
+    )
+    load_options = {
+        "template": template,
+        "device": device,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "max_batch_tokens": batch_tokens,
+        "on_overflow": on_overflow,
+    }
+    job_options = {
+        "question_field": question_field,
+        "answer_field": answer_field,
+        "output_field": output_field,
+        "resume": resume,
+        "overwrite": overwrite,
+        "chunk_size": chunk_size,
+        "show_progress": progress,
+    }
     try:
         if ray:
             from ..jobs.ray import correct_file_ray
 
-            stats = correct_file_ray(input, output, choice, load_options=load_options, replicas=replicas,
-                                     address=address, **job_options)
+            stats = correct_file_ray(
+                input,
+                output,
+                choice,
+                load_options=load_options,
+                replicas=replicas,
+                address=address,
+                **job_options,
+            )
         else:
             aligner = choice.load(**load_options)
             try:
@@ -127,8 +195,11 @@ def correct(
             finally:
                 aligner.close()
     except EngineUnavailableError as exc:
-        typer.echo(f"error: {exc}\nthe records corrected so far are saved in {output}: run the same command with "
-                   "--resume once the engine is back", err=True)
+        typer.echo(
+            f"error: {exc}\nthe records corrected so far are saved in {output}: run the same command with "
+            "--resume once the engine is back",
+            err=True,
+        )
         raise typer.Exit(3) from exc
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -136,7 +207,8 @@ def correct(
     where = "stdout" if output == "-" else output
     typer.echo(
         f"wrote {stats.written} records to {where} ({stats.changed} changed, {stats.failed} failed"
-        + (f", {stats.skipped} already done" if stats.skipped else "") + f") on the {choice.where}"
+        + (f", {stats.skipped} already done" if stats.skipped else "")
+        + f") on the {choice.where}"
         + (f" x {replicas} Ray replica(s)" if ray else ""),
         err=True,
     )
@@ -162,8 +234,10 @@ def demo(
     from .demo import run_demo
 
     try:
-        run_demo(max_new_tokens=max_new_tokens,
-                 choice=engine_choice(model=model, server=server, engine=engine, api_key=api_key))
+        run_demo(
+            max_new_tokens=max_new_tokens,
+            choice=engine_choice(model=model, server=server, engine=engine, api_key=api_key),
+        )
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

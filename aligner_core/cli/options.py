@@ -15,27 +15,55 @@ from ..jobs.choice import EngineChoice
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Hub id, local directory or GGUF file; with --server, the served model name "
-                 "(default: the packaged SmolLM2-135M-Instruct, or the server's only model)."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Hub id, local directory or GGUF file; with --server, the served model name "
+        "(default: the packaged SmolLM2-135M-Instruct, or the server's only model).",
+    ),
 ]
 ServerOpt = Annotated[
     str | None,
-    typer.Option("--server", help="OpenAI-compatible server URL (vLLM, SGLang, TGI, llama.cpp, Ollama), "
-                 "e.g. http://127.0.0.1:8000/v1.", rich_help_panel="Engine"),
+    typer.Option(
+        "--server",
+        help="OpenAI-compatible server URL (vLLM, SGLang, TGI, llama.cpp, Ollama), "
+        "e.g. http://127.0.0.1:8000/v1.",
+        rich_help_panel="Engine",
+    ),
 ]
 EngineOpt = Annotated[
     str,
-    typer.Option("--engine", help="Local engine: transformers or vllm (vLLM in this process).", rich_help_panel="Engine"),
+    typer.Option(
+        "--engine",
+        help="Local engine: transformers or vllm (vLLM in this process).",
+        rich_help_panel="Engine",
+    ),
 ]
 ApiKeyOpt = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="ALIGNER_API_KEY", help="API key of --server (default: $OPENAI_API_KEY).",
-                 rich_help_panel="Engine", show_envvar=False),
+    typer.Option(
+        "--api-key",
+        envvar="ALIGNER_API_KEY",
+        help="API key of --server (default: $OPENAI_API_KEY).",
+        rich_help_panel="Engine",
+        show_envvar=False,
+    ),
 ]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", min=0.001, help="Seconds per --server request.", rich_help_panel="Engine")]
-RetriesOpt = Annotated[int, typer.Option("--max-retries", min=0, help="Retries of a failed --server request.", rich_help_panel="Engine")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.001, help="Seconds per --server request.", rich_help_panel="Engine"),
+]
+RetriesOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-retries", min=0, help="Retries of a failed --server request.", rich_help_panel="Engine"
+    ),
+]
 ConcurrencyOpt = Annotated[
-    int, typer.Option("--max-concurrency", min=1, help="--server requests in flight at once.", rich_help_panel="Engine")
+    int,
+    typer.Option(
+        "--max-concurrency", min=1, help="--server requests in flight at once.", rich_help_panel="Engine"
+    ),
 ]
 
 

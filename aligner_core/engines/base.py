@@ -67,16 +67,19 @@ class GenerationParams:
     @property
     def drafting(self) -> bool:
         """Whether answer-anchored drafting applies: it is exact only for plain greedy decoding."""
-        return self.speculative and self.num_draft_tokens > 0 and not self.do_sample and self.repetition_penalty == 1.0
+        return (
+            self.speculative
+            and self.num_draft_tokens > 0
+            and not self.do_sample
+            and self.repetition_penalty == 1.0
+        )
 
     def updated(self, options: Mapping[str, Any]) -> GenerationParams:
         """A copy with ``options`` applied; unknown names raise ``GenerationOptionError``."""
         known = {f.name for f in fields(self)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise GenerationOptionError(
-                f"unknown generation option(s) {unknown}; known: {sorted(known)}"
-            )
+            raise GenerationOptionError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
         values = dict(options)
         if "stop" in values:
             stop = values["stop"]
@@ -101,14 +104,22 @@ def _flag(name: str, value: Any) -> None:
 
 
 def _number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-        float("inf"), float("-inf")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != value
+        or value in (float("inf"), float("-inf"))
     ):
         raise GenerationOptionError(f"{name} must be a finite number, got {value!r}")
 
 
 def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         if maximum is not None:
             bound = f"an integer in [{minimum}, {maximum}]"
         else:
@@ -208,15 +219,18 @@ class Engine(Protocol):
         """Complete one request from a coroutine; concurrent calls share the engine's batching."""
         ...
 
-    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+    def stream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> Future[GenerationOutput]:
         """Start one request that reports its text as it grows; the future holds the final output."""
         ...
 
-    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+    async def astream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> GenerationOutput:
         """Async twin of ``stream``; ``on_text`` may be called from another thread."""
         ...
 
     def close(self) -> None:
         """Release workers, connections and memory; later calls fail with a clear error."""
         ...
-

@@ -40,27 +40,47 @@ def open_pretrained(
         from .vllm import VLLMEngine
 
         if adapter is not None or device is not None or device_map is not None:
-            raise ValueError("adapter, device and device_map apply to engine='transformers'; merge the adapter "
-                             "first and let vLLM place the model (tensor_parallel_size=...)")
+            raise ValueError(
+                "adapter, device and device_map apply to engine='transformers'; merge the adapter "
+                "first and let vLLM place the model (tensor_parallel_size=...)"
+            )
         opened, source, tokenizer = VLLMEngine.from_pretrained(
-            model, dtype=dtype, gguf_file=gguf_file, quantization=quantization, revision=revision,
-            trust_remote_code=trust_remote_code, **engine_kwargs,
+            model,
+            dtype=dtype,
+            gguf_file=gguf_file,
+            quantization=quantization,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            **engine_kwargs,
         )
         chosen = template if template is not None else choose_template(source, tokenizer)
         return opened, bind(chosen, tokenizer), source.name
     if engine != "transformers":
-        raise ValueError(f"engine must be 'transformers' or 'vllm', got {engine!r} (for a server use Aligner.from_server)")
+        raise ValueError(
+            f"engine must be 'transformers' or 'vllm', got {engine!r} (for a server use Aligner.from_server)"
+        )
     if engine_kwargs:
         raise TypeError(f"unexpected keyword argument(s) for engine='transformers': {sorted(engine_kwargs)}")
     from ..loading import load_model
 
     loaded, tokenizer, source = load_model(
-        model, dtype=dtype, device=device, device_map=device_map, gguf_file=gguf_file, adapter=adapter,
-        quantization=quantization, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, revision=revision,
+        model,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        gguf_file=gguf_file,
+        adapter=adapter,
+        quantization=quantization,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+        revision=revision,
     )
     chosen = template if template is not None else choose_template(source, tokenizer, adapter=adapter)
-    return open_local(loaded, tokenizer, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms), bind(
-        chosen, tokenizer), source.name
+    return (
+        open_local(loaded, tokenizer, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms),
+        bind(chosen, tokenizer),
+        source.name,
+    )
 
 
 def open_local(model: Any, tokenizer: Any, **options: Any) -> Engine:

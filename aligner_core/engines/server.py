@@ -48,7 +48,9 @@ from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultC
 logger = logging.getLogger("aligner_core")
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_CONTEXT_WORDS = re.compile(r"context length|max_model_len|maximum context|too long|context window|exceed", re.I)
+_CONTEXT_WORDS = re.compile(
+    r"context length|max_model_len|maximum context|too long|context window|exceed", re.I
+)
 _OFFICIAL = re.compile(r"(^|/)aligner[-_]?\d+b[-_]", re.I)
 
 
@@ -81,7 +83,9 @@ class ServerEngine:
         except ImportError as exc:  # pragma: no cover - httpx comes with the [server] extra
             raise missing("httpx", "server", "Aligner.from_server") from exc
         if not isinstance(base_url, str) or not re.match(r"^https?://[^/]+", base_url):
-            raise ValueError(f"base_url must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}")
+            raise ValueError(
+                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}"
+            )
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not (isinstance(max_retries, int) and max_retries >= 0):
@@ -99,9 +103,13 @@ class ServerEngine:
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._httpx = httpx
-        self._limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+        self._limits = httpx.Limits(
+            max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+        )
         self._sync = httpx.Client(timeout=self.timeout, headers=self._headers)
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
         self._states_lock = threading.Lock()
         self._io: EventLoopThread | None = None
         self._io_lock = threading.Lock()
@@ -122,7 +130,9 @@ class ServerEngine:
         except ServerError:
             if required:
                 raise
-            logger.warning("could not list the models of %s; going on with model=%r", self.base_url, self.model_name)
+            logger.warning(
+                "could not list the models of %s; going on with model=%r", self.base_url, self.model_name
+            )
             return
         names = [str(m.get("id")) for m in served]
         if self.model_name is None:
@@ -171,20 +181,32 @@ class ServerEngine:
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
         if self.tokenizer is not None:
-            return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
-                               split_special_tokens=split_special_tokens)
+            return encode_text(
+                self.tokenizer,
+                text,
+                add_special_tokens=add_special_tokens,
+                split_special_tokens=split_special_tokens,
+            )
         body = {"model": self.model_name, "prompt": text, "add_special_tokens": add_special_tokens}
         return list(self._tokenizer_call("tokenize", body)["tokens"])
 
     def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Tokens of ``messages`` under the served model's chat template (vLLM's ``/tokenize``)."""
-        body = {"model": self.model_name, "messages": [dict(m) for m in messages], "add_generation_prompt": True}
+        body = {
+            "model": self.model_name,
+            "messages": [dict(m) for m in messages],
+            "add_generation_prompt": True,
+        }
         return list(self._tokenizer_call("tokenize", body)["tokens"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
         if self.tokenizer is not None:
             return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-        return str(self._tokenizer_call("detokenize", {"model": self.model_name, "tokens": list(token_ids)})["prompt"])
+        return str(
+            self._tokenizer_call("detokenize", {"model": self.model_name, "tokens": list(token_ids)})[
+                "prompt"
+            ]
+        )
 
     def _tokenizer_call(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -193,7 +215,8 @@ class ServerEngine:
             raise ServerRequestError(
                 f"{self.root_url} cannot {what} ({exc}); only vLLM-style servers can: pass tokenizer=... "
                 "(a hub id, directory or tokenizer object) to Aligner.from_server to count tokens locally",
-                url=self.root_url, status=exc.status,
+                url=self.root_url,
+                status=exc.status,
             ) from exc
 
     def _request_sync(self, method: str, url: str, **kwargs: Any) -> Any:
@@ -208,7 +231,9 @@ class ServerEngine:
             else:
                 if resp.status_code < 400:
                     return resp
-                error = self._status_error(url, resp.status_code, resp.text, retry_after=resp.headers.get("retry-after"))
+                error = self._status_error(
+                    url, resp.status_code, resp.text, retry_after=resp.headers.get("retry-after")
+                )
                 if not isinstance(error, ServerUnavailableError):
                     raise error
             if attempt == self.max_retries:
@@ -230,9 +255,17 @@ class ServerEngine:
         """All requests at once, at most ``max_concurrency`` in flight; the server batches them."""
         if not requests:
             return []
-        return result_or_cancel(self._io_thread().run(gather_in_order(
-            requests, lambda r: self.agenerate(r, params), fail_fast=fail_fast, on_result=on_result, progress=progress
-        )))
+        return result_or_cancel(
+            self._io_thread().run(
+                gather_in_order(
+                    requests,
+                    lambda r: self.agenerate(r, params),
+                    fail_fast=fail_fast,
+                    on_result=on_result,
+                    progress=progress,
+                )
+            )
+        )
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         return self._io_thread().run(self.agenerate(request, params))
@@ -242,10 +275,14 @@ class ServerEngine:
         async with state.limit:
             return await self._complete(state.client, request, params, None)
 
-    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+    def stream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> Future[GenerationOutput]:
         return self._io_thread().run(self.astream(request, params, on_text))
 
-    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+    async def astream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> GenerationOutput:
         state = self._state()
         async with state.limit:
             return await self._complete(state.client, request, params, on_text)
@@ -277,7 +314,9 @@ class ServerEngine:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise EngineClosedError(f"this Aligner's connection to {self.base_url} is closed: create a new one")
+            raise EngineClosedError(
+                f"this Aligner's connection to {self.base_url} is closed: create a new one"
+            )
 
     def _io_thread(self) -> EventLoopThread:
         self._check_open()
@@ -293,18 +332,24 @@ class ServerEngine:
         with self._states_lock:
             state = self._states.get(loop)
             if state is None:
-                client = self._httpx.AsyncClient(timeout=self.timeout, headers=self._headers, limits=self._limits)
+                client = self._httpx.AsyncClient(
+                    timeout=self.timeout, headers=self._headers, limits=self._limits
+                )
                 state = self._states[loop] = _LoopState(client, asyncio.Semaphore(self.max_concurrency))
         return state
 
-    def _body(self, request: GenerationRequest, params: GenerationParams, stream: bool) -> tuple[str, dict[str, Any]]:
+    def _body(
+        self, request: GenerationRequest, params: GenerationParams, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": request.max_new_tokens}
         if request.messages is not None:
             path = "/chat/completions"
             body["messages"] = [dict(m) for m in request.messages]
         else:
             path = "/completions"
-            body["prompt"] = list(request.prompt_ids) if request.exact_ids and request.prompt_ids else request.prompt
+            body["prompt"] = (
+                list(request.prompt_ids) if request.exact_ids and request.prompt_ids else request.prompt
+            )
             if not request.add_special_tokens:
                 body["add_special_tokens"] = False  # vLLM: the rendered chat template holds its own BOS
         if params.do_sample:
@@ -345,7 +390,9 @@ class ServerEngine:
                     async with client.stream("POST", url, json=body) as resp:
                         if resp.status_code >= 400:
                             text = (await resp.aread()).decode("utf-8", "replace")
-                            error = self._status_error(url, resp.status_code, text, retry_after=resp.headers.get("retry-after"))
+                            error = self._status_error(
+                                url, resp.status_code, text, retry_after=resp.headers.get("retry-after")
+                            )
                         else:
                             return await self._read_events(resp, request, start, on_text, progress)
             except httpx.TimeoutException as exc:
@@ -383,7 +430,9 @@ class ServerEngine:
                 message = err.get("message", err) if isinstance(err, dict) else err
                 code = err.get("code") if isinstance(err, dict) else None
                 kind = ServerUnavailableError if isinstance(code, int) and code >= 500 else ServerRequestError
-                raise kind(f"{resp.url} failed the stream ({code}): {message}", url=str(resp.url), status=code)
+                raise kind(
+                    f"{resp.url} failed the stream ({code}): {message}", url=str(resp.url), status=code
+                )
             if event.get("usage"):
                 usage = event["usage"]
             for choice in event.get("choices") or []:
@@ -422,13 +471,16 @@ class ServerEngine:
             url=url,
         )
 
-    def _status_error(self, url: str, status: int, text: str, *, retry_after: str | None = None) -> ServerError:
+    def _status_error(
+        self, url: str, status: int, text: str, *, retry_after: str | None = None
+    ) -> ServerError:
         message = _server_message(text)
         if status in _RETRY_STATUS:
             error: ServerError = ServerUnavailableError(
                 f"{url} answered {status} ({message}) after {self.max_retries} retries: the server is busy or "
                 "failing; retry later, lower max_concurrency, or raise max_retries",
-                url=url, status=status,
+                url=url,
+                status=status,
             )
             try:
                 error.retry_after = float(retry_after) if retry_after else None  # type: ignore[attr-defined]
@@ -436,16 +488,21 @@ class ServerEngine:
                 error.retry_after = None  # type: ignore[attr-defined]
             return error
         if status in (401, 403):
-            return ServerRequestError(f"{url} refused the API key ({status}: {message}): pass api_key=...", url=url, status=status)
+            return ServerRequestError(
+                f"{url} refused the API key ({status}: {message}): pass api_key=...", url=url, status=status
+            )
         if status == 404 and "model" in message.lower():
             served = getattr(self, "served_models", None)
             hint = f" (it serves: {', '.join(served)})" if served else ""
-            return ServerRequestError(f"{url} does not serve model {self.model_name!r}{hint}: {message}", url=url, status=status)
+            return ServerRequestError(
+                f"{url} does not serve model {self.model_name!r}{hint}: {message}", url=url, status=status
+            )
         if status in (400, 413, 422) and _CONTEXT_WORDS.search(message):
             return ServerContextOverflowError(
                 f"{url} refused the prompt as too long for the model's context: {message} -- shorten the answer, "
                 "lower max_new_tokens, or pass on_overflow='truncate'",
-                url=url, status=status,
+                url=url,
+                status=status,
             )
         return ServerRequestError(f"{url} rejected the request ({status}): {message}", url=url, status=status)
 
@@ -454,7 +511,9 @@ class _Progress:
     emitted = False
 
 
-def _output(text: str, finish: Any, usage: Mapping[str, Any], start: float, *, fallback_tokens: int | None) -> GenerationOutput:
+def _output(
+    text: str, finish: Any, usage: Mapping[str, Any], start: float, *, fallback_tokens: int | None
+) -> GenerationOutput:
     completion = usage.get("completion_tokens")
     if not isinstance(completion, int):
         completion = fallback_tokens or 0

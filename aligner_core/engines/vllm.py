@@ -140,13 +140,17 @@ class VLLMEngine:
             args["quantization"] = _quantization(quantization)
         if speculative:
             args["speculative_config"] = {
-                "method": "ngram", "num_speculative_tokens": num_speculative_tokens, "prompt_lookup_max": prompt_lookup_max,
+                "method": "ngram",
+                "num_speculative_tokens": num_speculative_tokens,
+                "prompt_lookup_max": prompt_lookup_max,
             }
             args["per_request_spec_decode_metrics"] = "summary"  # draft/accept counts per correction
         if on_cpu:
             args["enforce_eager"] = True  # compiling for CPU costs minutes and buys little here
-            if not ({"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
-                    or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+            if not (
+                {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_kwargs)
+                or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+            ):
                 # Without this vLLM reserves gpu_memory_utilization x RAM and refuses to start when less is free.
                 args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         args.update(engine_kwargs)
@@ -156,8 +160,12 @@ class VLLMEngine:
     # -- tokens -------------------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
-                           split_special_tokens=split_special_tokens)
+        return encode_text(
+            self.tokenizer,
+            text,
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+        )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -176,9 +184,17 @@ class VLLMEngine:
         """Submit every request at once (vLLM's scheduler batches them); results in request order."""
         if not requests:
             return []
-        return result_or_cancel(self._start(gather_in_order(
-            requests, lambda r: self._run(r, params, None), fail_fast=fail_fast, on_result=on_result, progress=progress
-        )))
+        return result_or_cancel(
+            self._start(
+                gather_in_order(
+                    requests,
+                    lambda r: self._run(r, params, None),
+                    fail_fast=fail_fast,
+                    on_result=on_result,
+                    progress=progress,
+                )
+            )
+        )
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         return self._start(self._run(request, params, None))
@@ -187,10 +203,14 @@ class VLLMEngine:
         # Cancelling the caller's task cancels the request on the engine loop, which aborts it in vLLM.
         return await asyncio.wrap_future(self.submit(request, params))
 
-    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+    def stream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> Future[GenerationOutput]:
         return self._start(self._run(request, params, on_text))
 
-    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+    async def astream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> GenerationOutput:
         return await asyncio.wrap_future(self.stream(request, params, on_text))
 
     def close(self) -> None:
@@ -239,7 +259,9 @@ class VLLMEngine:
         del llm
         gc.collect()
 
-    async def _run(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink | None) -> GenerationOutput:
+    async def _run(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink | None
+    ) -> GenerationOutput:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -254,12 +276,16 @@ class VLLMEngine:
         finally:
             self._tasks.discard(task)  # type: ignore[arg-type]
 
-    async def _complete(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink | None) -> GenerationOutput:
+    async def _complete(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink | None
+    ) -> GenerationOutput:
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = list(request.prompt_ids) or self.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        ids = list(request.prompt_ids) or self.encode(
+            request.prompt, add_special_tokens=request.add_special_tokens
+        )
         self._check_fits(len(ids), request.max_new_tokens)
         if params.do_sample and not self.sampling_supported:
             raise GenerationOptionError(
@@ -270,7 +296,9 @@ class VLLMEngine:
         final, shown, outputs = None, "", None
         try:
             sampling = _sampling_params(request, params, stream=on_text is not None)
-            outputs = self._llm.generate(TokensPrompt(prompt_token_ids=ids), sampling, f"aligner-{next(self._ids)}")
+            outputs = self._llm.generate(
+                TokensPrompt(prompt_token_ids=ids), sampling, f"aligner-{next(self._ids)}"
+            )
             async for final in outputs:
                 text = final.outputs[0].text
                 if on_text is not None and text != shown and not text.endswith("\ufffd"):
@@ -326,8 +354,13 @@ def _output(final: Any, prompt_ids: Sequence[int], latency: float) -> Generation
     if spec is not None:
         accepted = sum(j * count for j, count in enumerate(spec.histogram))
         rate = accepted / spec.num_draft_tokens if spec.num_draft_tokens else 0.0
-        metadata.update(speculative=True, draft_tokens=spec.num_draft_tokens, accepted_draft_tokens=accepted,
-                        acceptance_rate=round(rate, 4), decode_steps=sum(spec.histogram))
+        metadata.update(
+            speculative=True,
+            draft_tokens=spec.num_draft_tokens,
+            accepted_draft_tokens=accepted,
+            acceptance_rate=round(rate, 4),
+            decode_steps=sum(spec.histogram),
+        )
     if completion.finish_reason not in ("stop", "length"):
         metadata["vllm_finish_reason"] = completion.finish_reason
     return GenerationOutput(
@@ -367,8 +400,10 @@ def _model_location(source: ModelSource, *, revision: str | None, trust_remote_c
 def _dtype(dtype: Any, on_cpu: bool) -> str:
     if dtype is None or dtype == "auto":
         if on_cpu:
-            logger.info("vLLM on CPU: using float32 (in bfloat16 vLLM's CPU kernels gave wrong, batch-dependent "
-                        "text for SmolLM2); pass dtype='bfloat16' to override")
+            logger.info(
+                "vLLM on CPU: using float32 (in bfloat16 vLLM's CPU kernels gave wrong, batch-dependent "
+                "text for SmolLM2); pass dtype='bfloat16' to override"
+            )
             return "float32"
         return "auto"
     return str(dtype).removeprefix("torch.")

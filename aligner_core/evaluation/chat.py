@@ -45,13 +45,17 @@ def load_chat_model(
         raise missing("langchain-core", "eval", feature="the LLM judge") from exc
     from ..loading import load_model
 
-    model, tokenizer, source = load_model(text, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer, source = load_model(
+        text, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             f"{source.name!r} has no chat template, so it cannot be run as a chat judge: pass an instruct/chat model, "
             "or a reward model with --reward-model"
         )
-    return ChatTransformers(model=model, tokenizer=tokenizer, model_name=source.name or text, max_tokens=max_tokens)
+    return ChatTransformers(
+        model=model, tokenizer=tokenizer, model_name=source.name or text, max_tokens=max_tokens
+    )
 
 
 __all__ = ["is_provider_spec", "load_chat_model"]

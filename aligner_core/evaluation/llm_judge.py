@@ -60,7 +60,9 @@ class LLMJudge:
         except ImportError as exc:
             raise missing("langchain-core", "eval", feature="the LLM judge") from exc
         if not hasattr(chat_model, "invoke"):
-            raise TypeError(f"chat_model must be a LangChain chat model (with .invoke), got {type(chat_model).__name__}")
+            raise TypeError(
+                f"chat_model must be a LangChain chat model (with .invoke), got {type(chat_model).__name__}"
+            )
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if max_concurrency < 1:
@@ -78,13 +80,17 @@ class LLMJudge:
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
         self.name = name or str(
-            getattr(chat_model, "model_name", None) or getattr(chat_model, "model", None) or type(chat_model).__name__
+            getattr(chat_model, "model_name", None)
+            or getattr(chat_model, "model", None)
+            or type(chat_model).__name__
         )
 
     def __repr__(self) -> str:
         return f"LLMJudge(name={self.name!r}, dimensions={self.dimensions})"
 
-    def ask(self, dimension: str, question: str, answer_a: str, answer_b: str) -> tuple[Preference | None, list[str]]:
+    def ask(
+        self, dimension: str, question: str, answer_a: str, answer_b: str
+    ) -> tuple[Preference | None, list[str]]:
         """One A/B comparison: the parsed preference (``None`` if unreadable after retries) and the raw replies."""
         from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 

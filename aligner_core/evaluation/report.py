@@ -56,7 +56,14 @@ def markdown_report(summary: EvalSummary, *, title: str = "Evaluation report", p
         "shown in both orders (low values mean position bias).",
     ]
     if plots:
-        parts += ["", f"![win rates]({WIN_RATES_PNG})", "", f"![outcomes]({OUTCOMES_PNG})", "", f"![similarity]({SIMILARITY_PNG})"]
+        parts += [
+            "",
+            f"![win rates]({WIN_RATES_PNG})",
+            "",
+            f"![outcomes]({OUTCOMES_PNG})",
+            "",
+            f"![similarity]({SIMILARITY_PNG})",
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -80,8 +87,14 @@ def plot_win_rates(summary: EvalSummary, path: str | os.PathLike[str]) -> Path:
     ax.set_xlim(-100, 100)
     ax.set_xlabel(f"win rate of the correction over the original (%), {round(summary.confidence * 100)}% CI")
     for yi, r, m in zip(y, rates, dims):
-        ax.text(r + (3 if r >= 0 else -3), yi + 0.32, _pct(m.win_rate, signed=True), va="center",
-                ha="left" if r >= 0 else "right", fontsize=9)
+        ax.text(
+            r + (3 if r >= 0 else -3),
+            yi + 0.32,
+            _pct(m.win_rate, signed=True),
+            va="center",
+            ha="left" if r >= 0 else "right",
+            fontsize=9,
+        )
     ax.set_title(f"Win rate by dimension (judge: {summary.judge})", fontsize=10)
     return _save(fig, path)
 
@@ -159,4 +172,11 @@ def _save(fig: object, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-__all__ = ["markdown_report", "markdown_table", "plot_outcomes", "plot_similarity", "plot_win_rates", "write_report"]
+__all__ = [
+    "markdown_report",
+    "markdown_table",
+    "plot_outcomes",
+    "plot_similarity",
+    "plot_win_rates",
+    "write_report",
+]

@@ -77,7 +77,10 @@ class RewardModelJudge:
         from ..loading import resolve_device, resolve_dtype
 
         target = resolve_device(device)
-        load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, target), "trust_remote_code": trust_remote_code}
+        load_kwargs: dict[str, Any] = {
+            "dtype": resolve_dtype(dtype, target),
+            "trust_remote_code": trust_remote_code,
+        }
         if not allow_pickle:
             load_kwargs["use_safetensors"] = True
         try:
@@ -150,7 +153,9 @@ class RewardModelJudge:
         out = []
         for i in range(len(items)):
             s_orig, s_corr = scores[2 * i], scores[2 * i + 1]
-            out.append({self.dimension: Verdict(outcome=self.outcome(s_orig, s_corr), scores=(s_orig, s_corr))})
+            out.append(
+                {self.dimension: Verdict(outcome=self.outcome(s_orig, s_corr), scores=(s_orig, s_corr))}
+            )
             if on_result is not None:
                 on_result(i)
         return out

@@ -39,25 +39,35 @@ USER_PROMPT = (
     "Which answer is better on {dimension}? Reply with one word: A, B or tie."
 )
 
-RETRY_PROMPT = "I could not read a verdict in your reply. Which answer is better? Reply with one word: A, B or tie."
+RETRY_PROMPT = (
+    "I could not read a verdict in your reply. Which answer is better? Reply with one word: A, B or tie."
+)
 
 # The letters are matched case-sensitively ("a" is an article), the words case-insensitively.
 _CHOICE = r"(A|B|(?i:tie|tied|equal|same|both|neither))"
 _PATTERNS = [
     # "Verdict: A", "**Final verdict**: [[B]]", "verdict - tie", "Verdict: Answer B"
-    re.compile(r"(?i:verdict)\W{0,6}(?:(?i:is)\W{0,3})?(?:(?i:answer)\s+|(?i:a)\s+(?=(?i:tie)))?" + _CHOICE + r"(?![A-Za-z])"),
+    re.compile(
+        r"(?i:verdict)\W{0,6}(?:(?i:is)\W{0,3})?(?:(?i:answer)\s+|(?i:a)\s+(?=(?i:tie)))?"
+        + _CHOICE
+        + r"(?![A-Za-z])"
+    ),
     # MT-Bench style: "[[A]]", "[[B]]", "[[C]]" (C = tie)
     re.compile(r"\[\[\s*(A|B|C|(?i:tie))\s*\]\]"),
     # "Answer B is better", "Response A is more helpful"
     re.compile(r"\b(?i:answer|response)\s+(A|B)\s+(?i:is\s+(?:better|safer|more|preferred|the\s+better))"),
     # "The correct one is answer A", "the better answer would be Answer B"
-    re.compile(r"(?i:better|best|correct|safer|preferred)\b[^.\n]{0,40}?\b(?i:is|would\s+be)\s+(?i:answer|response)\s+(A|B)(?![A-Za-z])"),
+    re.compile(
+        r"(?i:better|best|correct|safer|preferred)\b[^.\n]{0,40}?\b(?i:is|would\s+be)\s+(?i:answer|response)\s+(A|B)(?![A-Za-z])"
+    ),
 ]
 # A reply that opens with the choice itself: "A", "B.", "**A**", "A: ...", "Tie".
 _LEADING = re.compile(r"^\W*(?:(A|B)(?=\s*(?:$|[.:,;)!*\]]))|((?i:tie|tied|equal))\b)")
 
 
-def format_prompt(dimension: str, rubric: str, question: str, answer_a: str, answer_b: str) -> tuple[str, str]:
+def format_prompt(
+    dimension: str, rubric: str, question: str, answer_a: str, answer_b: str
+) -> tuple[str, str]:
     """The (system, user) messages asking which of two answers is better on ``dimension``."""
     system = SYSTEM_PROMPT.format(rubric=rubric)
     values = {"question": question, "answer_a": answer_a, "answer_b": answer_b, "dimension": dimension}

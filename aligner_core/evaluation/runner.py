@@ -72,7 +72,9 @@ def evaluate_file(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     if not isinstance(judge, Judge):
-        raise TypeError(f"judge must implement the Judge protocol (name, dimensions, judge_batch), got {type(judge).__name__}")
+        raise TypeError(
+            f"judge must implement the Judge protocol (name, dimensions, judge_batch), got {type(judge).__name__}"
+        )
     out = Path(out_dir)
     verdicts = out / VERDICTS_FILE
     f, done = open_resumable(verdicts, resume=resume, overwrite=overwrite)
@@ -87,13 +89,22 @@ def evaluate_file(
             holder["aligner"] = value = value()  # a loader: load the Aligner on first need
         return value
 
-    with f, tqdm(
-        total=count_items(in_path), initial=result.skipped, desc="Judging", unit="rec", disable=not show_progress
-    ) as bar:
+    with (
+        f,
+        tqdm(
+            total=count_items(in_path),
+            initial=result.skipped,
+            desc="Judging",
+            unit="rec",
+            disable=not show_progress,
+        ) as bar,
+    ):
         for chunk in chunked(numbered(in_path, skip=result.skipped), chunk_size):
             _run_chunk(chunk, f, judge, get_aligner, fields, generation, result, bar, judge_unchanged)
     rows = (r for _, r in read_jsonl(verdicts) if isinstance(r, dict))
-    result.summary = summarize(rows, judge=judge.name, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    result.summary = summarize(
+        rows, judge=judge.name, n_resamples=n_resamples, confidence=confidence, seed=seed
+    )
     result.files = [verdicts, *write_report(result.summary, out, title=title, plots=plots)]
     return result
 
@@ -135,7 +146,9 @@ def _run_chunk(
         else:
             bar.set_description("Correcting")
             done = aligner.correct_batch(
-                [(rows[i][qf], rows[i][af]) for i in to_correct], return_exceptions=True, progress=token_postfix(bar),
+                [(rows[i][qf], rows[i][af]) for i in to_correct],
+                return_exceptions=True,
+                progress=token_postfix(bar),
                 **generation,
             )
             bar.set_description("Judging")
@@ -146,7 +159,9 @@ def _run_chunk(
                 rows[i][cf], rows[i]["aligner"] = fix.text, fix.stats()
                 result.generated += 1
     live = [i for i, e in enumerate(errors) if e is None]
-    unchanged = {i for i in live if rows[i][cf].strip() == rows[i][af].strip()} if not judge_unchanged else set()
+    unchanged = (
+        {i for i in live if rows[i][cf].strip() == rows[i][af].strip()} if not judge_unchanged else set()
+    )
     asked = [i for i in live if i not in unchanged]
     bar.update(len(chunk) - len(asked))
     items = [Comparison(rows[i][qf], rows[i][af], rows[i][cf]) for i in asked]

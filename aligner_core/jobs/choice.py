@@ -54,19 +54,37 @@ class EngineChoice:
 
         if self.server:
             return Aligner.from_server(
-                self.server, model=self.model, template=template, api_key=self.api_key, timeout=self.timeout,
-                max_retries=self.max_retries, max_concurrency=self.max_concurrency, max_new_tokens=max_new_tokens,
+                self.server,
+                model=self.model,
+                template=template,
+                api_key=self.api_key,
+                timeout=self.timeout,
+                max_retries=self.max_retries,
+                max_concurrency=self.max_concurrency,
+                max_new_tokens=max_new_tokens,
                 on_overflow=on_overflow,  # type: ignore[arg-type]
             )
         model = self.model or DEFAULT_MODEL
         if self.engine == "vllm":
             extra: dict[str, Any] = {} if dtype == "auto" else {"dtype": dtype}
-            return Aligner.from_pretrained(model, template=template, engine="vllm", max_new_tokens=max_new_tokens,
-                                           on_overflow=on_overflow, **extra)  # type: ignore[arg-type]
+            return Aligner.from_pretrained(
+                model,
+                template=template,
+                engine="vllm",
+                max_new_tokens=max_new_tokens,
+                on_overflow=on_overflow,
+                **extra,
+            )  # type: ignore[arg-type]
         options: dict[str, Any] = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
-        return Aligner.from_pretrained(model, template=template, device=device, dtype=dtype,
-                                       max_new_tokens=max_new_tokens, on_overflow=on_overflow,  # type: ignore[arg-type]
-                                       **options)
+        return Aligner.from_pretrained(
+            model,
+            template=template,
+            device=device,
+            dtype=dtype,
+            max_new_tokens=max_new_tokens,
+            on_overflow=on_overflow,  # type: ignore[arg-type]
+            **options,
+        )
 
 
 __all__ = ["ENGINES", "EngineChoice"]

@@ -80,11 +80,21 @@ def correct_jsonl(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     f, done = _open_output(out_path, resume=resume, overwrite=overwrite)
     stats = JobStats(skipped=done, read=done)
-    with f, tqdm(
-        total=count_items(in_path), initial=stats.skipped, desc="Correcting", unit="rec", disable=not show_progress
-    ) as bar, tracking(progress, bar, total=bar.total, initial_rows=stats.skipped) as tracker:
+    with (
+        f,
+        tqdm(
+            total=count_items(in_path),
+            initial=stats.skipped,
+            desc="Correcting",
+            unit="rec",
+            disable=not show_progress,
+        ) as bar,
+        tracking(progress, bar, total=bar.total, initial_rows=stats.skipped) as tracker,
+    ):
         for chunk in chunked(_numbered(iter_items(in_path, skip=stats.skipped), stats), chunk_size):
-            _run_chunk(aligner, chunk, f, stats, question_field, answer_field, output_field, generation, tracker)
+            _run_chunk(
+                aligner, chunk, f, stats, question_field, answer_field, output_field, generation, tracker
+            )
             if on_chunk is not None:
                 on_chunk(stats.skipped + stats.written)
     return stats
@@ -150,13 +160,23 @@ def _run_chunk(
             pairs.append(InvalidInputError(f"{item.where}: missing field(s) {missing_fields}"))
         else:
             try:  # the earlier turns ("history"/"chat_history") and the grounding ("context") ride along
-                pairs.append({"question": record[qf], "answer": record[af], "history": history_of(record),
-                              "context": context_of(record)})
+                pairs.append(
+                    {
+                        "question": record[qf],
+                        "answer": record[af],
+                        "history": history_of(record),
+                        "context": context_of(record),
+                    }
+                )
             except InvalidInputError as exc:
                 pairs.append(InvalidInputError(f"{item.where}: {exc}"))
     todo = [i for i, p in enumerate(pairs) if isinstance(p, dict)]
-    progress.update(rows=len(chunk) - len(todo))  # records refused before the model (unreadable, fields missing)
-    done = aligner.correct_batch([pairs[i] for i in todo], return_exceptions=True, progress=progress, **generation)
+    progress.update(
+        rows=len(chunk) - len(todo)
+    )  # records refused before the model (unreadable, fields missing)
+    done = aligner.correct_batch(
+        [pairs[i] for i in todo], return_exceptions=True, progress=progress, **generation
+    )
     results: list[Any] = [p if not isinstance(p, dict) else None for p in pairs]
     for i, r in zip(todo, done):
         results[i] = r
@@ -190,7 +210,11 @@ def error_info(exc: BaseException) -> dict[str, str]:
 
 
 def output_line(
-    record: dict[str, Any], of: str, *, text: str | None = None, stats: dict[str, Any] | None = None,
+    record: dict[str, Any],
+    of: str,
+    *,
+    text: str | None = None,
+    stats: dict[str, Any] | None = None,
     error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One output line, shared by every file job (local and Ray) so their files are alike: the input

@@ -20,7 +20,9 @@ from .records import json_lines
 T = TypeVar("T")
 
 
-def read_jsonl(path: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+def read_jsonl(
+    path: str | os.PathLike[str], *, skip: int = 0
+) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
     """Yield ``(line_number, record)`` for each non-blank line after the first ``skip`` records.
 
     A line that is not a JSON object yields a ``ValueError`` naming the line instead of stopping the run.
@@ -115,7 +117,9 @@ def write_durably(f: IO[str], records: Iterable[dict[str, Any]]) -> None:
     f.write("".join(json_line(r) for r in records))
     f.flush()
     fileno = getattr(f, "fileno", None)
-    if fileno is not None and stat.S_ISREG(os.fstat(fileno()).st_mode):  # a pipe or a terminal has no disk to sync
+    if fileno is not None and stat.S_ISREG(
+        os.fstat(fileno()).st_mode
+    ):  # a pipe or a terminal has no disk to sync
         os.fsync(fileno())
 
 

@@ -66,8 +66,20 @@ def correct_dataset(
     GPU: ``device="cuda..."``, ``engine="vllm"``, or no device on a cluster with GPUs; else 0). Rows come
     back in input order when ``DataContext.get_current().execution_options.preserve_order`` is set.
     """
-    return _map(ds, choice, load_options, replicas, question_field, answer_field, output_field, batch_size,
-                num_cpus, num_gpus, generation, flag_outages=False)
+    return _map(
+        ds,
+        choice,
+        load_options,
+        replicas,
+        question_field,
+        answer_field,
+        output_field,
+        batch_size,
+        num_cpus,
+        num_gpus,
+        generation,
+        flag_outages=False,
+    )
 
 
 def correct_file_ray(
@@ -108,32 +120,64 @@ def correct_file_ray(
     ray = _import_ray()
     f, done = open_resumable(out_path, resume=resume, overwrite=overwrite)
     stats = JobStats(skipped=done)
-    rows = [{_LINE: n, question_field: r[question_field], answer_field: r[answer_field],
-             "history": _as_json(r, HISTORY_KEYS), "context": _as_json(r, CONTEXT_KEYS)}
-            for n, r in numbered(in_path, skip=done) if _sendable(r, question_field, answer_field)]
+    rows = [
+        {
+            _LINE: n,
+            question_field: r[question_field],
+            answer_field: r[answer_field],
+            "history": _as_json(r, HISTORY_KEYS),
+            "context": _as_json(r, CONTEXT_KEYS),
+        }
+        for n, r in numbered(in_path, skip=done)
+        if _sendable(r, question_field, answer_field)
+    ]
     source = numbered(in_path, skip=done)  # read again in step with the results: records stay on disk
-    with f, tqdm(total=count_items(in_path), initial=done, desc="Correcting", unit="rec",
-                 disable=not show_progress) as bar:
+    with (
+        f,
+        tqdm(
+            total=count_items(in_path), initial=done, desc="Correcting", unit="rec", disable=not show_progress
+        ) as bar,
+    ):
         if rows:
             connected = _connect(ray, address, replicas)
             try:
                 with _ordered_and_quiet(ray):
-                    ds = _map(ray.data.from_items(rows), choice, load_options, replicas, question_field, answer_field,
-                              output_field, chunk_size, None, None, generation, flag_outages=True)
+                    ds = _map(
+                        ray.data.from_items(rows),
+                        choice,
+                        load_options,
+                        replicas,
+                        question_field,
+                        answer_field,
+                        output_field,
+                        chunk_size,
+                        None,
+                        None,
+                        generation,
+                        flag_outages=True,
+                    )
                     try:
                         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                            _write_batch(f, stats, bar, source, batch.to_pylist(), question_field, answer_field,
-                                         output_field)
+                            _write_batch(
+                                f,
+                                stats,
+                                bar,
+                                source,
+                                batch.to_pylist(),
+                                question_field,
+                                answer_field,
+                                output_field,
+                            )
                     except ray.exceptions.RayError as exc:
                         raise _original_error(exc) from exc
             finally:
                 if connected:
                     ray.shutdown()
-        _write_batch(f, stats, bar, source, [], question_field, answer_field, output_field)  # trailing bad lines
+        _write_batch(
+            f, stats, bar, source, [], question_field, answer_field, output_field
+        )  # trailing bad lines
     stats.read = stats.skipped + stats.written  # every record read was matched to its line above
     return stats
-
-
 
 
 class _AlignerReplica:
@@ -165,10 +209,14 @@ class _AlignerReplica:
         qf, af, of = self.fields
         absent = [c for c in (qf, af) if c not in batch.column_names]
         if absent:
-            raise InvalidInputError(f"the dataset has no column(s) {absent}; its columns are {batch.column_names}: "
-                                    "pass question_field= and answer_field=")
-        pairs: list[Any] = [{"question": q, "answer": a} for q, a in
-                            zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist())]
+            raise InvalidInputError(
+                f"the dataset has no column(s) {absent}; its columns are {batch.column_names}: "
+                "pass question_field= and answer_field="
+            )
+        pairs: list[Any] = [
+            {"question": q, "answer": a}
+            for q, a in zip(batch.column(qf).to_pylist(), batch.column(af).to_pylist())
+        ]
         # a conversation's earlier turns and the answer's grounding (list columns, or JSON text from a file job)
         for key in (*HISTORY_KEYS, *CONTEXT_KEYS):
             if key in batch.column_names:
@@ -185,7 +233,9 @@ class _AlignerReplica:
             columns[_OUTAGE] = [isinstance(e, EngineUnavailableError) for e in failed]
         table = batch.drop_columns([c for c in columns if c in batch.column_names])
         for name, values in columns.items():
-            table = table.append_column(name, pa.array(values, pa.bool_() if name == _OUTAGE else pa.string()))
+            table = table.append_column(
+                name, pa.array(values, pa.bool_() if name == _OUTAGE else pa.string())
+            )
         return table
 
 
@@ -218,8 +268,11 @@ def _map(
     return ds.map_batches(
         _AlignerReplica,
         fn_constructor_kwargs={
-            "choice": choice, "load_options": options, "fields": (qf, af, of),
-            "cpu_threads": max(1, int(cpus)) if local_cpu else None, "flag_outages": flag_outages,
+            "choice": choice,
+            "load_options": options,
+            "fields": (qf, af, of),
+            "cpu_threads": max(1, int(cpus)) if local_cpu else None,
+            "flag_outages": flag_outages,
             "generation": generation,
         },
         compute=ray.data.ActorPoolStrategy(size=replicas),  # replaces concurrency= (deprecated in 2.51)
@@ -266,8 +319,10 @@ def _ordered_and_quiet(ray: Any) -> Iterator[None]:
     written as they arrive), and no progress bars or INFO lines of its own beside ours; warnings stay."""
     context = ray.data.DataContext.get_current()
     saved = context.execution_options.preserve_order, context.enable_progress_bars
-    loggers = {logging.getLogger("ray.data"): logging.WARNING,
-               logging.getLogger("ray.data._internal.progress"): logging.ERROR}  # "progress bars disabled"
+    loggers = {
+        logging.getLogger("ray.data"): logging.WARNING,
+        logging.getLogger("ray.data._internal.progress"): logging.ERROR,
+    }  # "progress bars disabled"
     levels = {lg: lg.level for lg in loggers}
     context.execution_options.preserve_order, context.enable_progress_bars = True, False
     for lg, level in loggers.items():
@@ -300,7 +355,14 @@ Records = Iterator[tuple[int, dict[str, Any] | Exception]]
 
 
 def _write_batch(
-    f: Any, stats: JobStats, bar: Any, source: Records, results: list[dict[str, Any]], qf: str, af: str, of: str
+    f: Any,
+    stats: JobStats,
+    bar: Any,
+    source: Records,
+    results: list[dict[str, Any]],
+    qf: str,
+    af: str,
+    of: str,
 ) -> None:
     """Write the input records up to the last of ``results`` (all that are left when it is empty),
     pairing each record sent to Ray with its result and failing the others in place."""
@@ -316,7 +378,9 @@ def _write_batch(
         else:
             result = next(pending, None)
             if result is None or result[_LINE] != number:  # preserve_order is what makes this hold
-                raise AlignerError(f"Ray returned {result and result[_LINE]} where line {number} was expected")
+                raise AlignerError(
+                    f"Ray returned {result and result[_LINE]} where line {number} was expected"
+                )
             if result[_OUTAGE]:
                 outage = json.loads(result[ERROR_COLUMN])
                 break

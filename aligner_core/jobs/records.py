@@ -66,7 +66,11 @@ def check_input(source: str | os.PathLike[str]) -> None:
         if not os.access(path, os.R_OK):
             raise RecordSourceError(f"{path} is not readable")
         return
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1 or path.suffix.lower() in SUFFIXES:
+    if (
+        str(source).startswith((".", "/", "~"))
+        or str(source).count("/") > 1
+        or path.suffix.lower() in SUFFIXES
+    ):
         raise RecordSourceError(f"no such file or directory: {source}")
 
 
@@ -81,7 +85,9 @@ def iter_items(
             yield item
 
 
-def numbered(source: str | os.PathLike[str], *, skip: int = 0) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+def numbered(
+    source: str | os.PathLike[str], *, skip: int = 0
+) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
     """``(line, record or why it is unreadable)``: what the chunked jobs consume (``Item.line``)."""
     return ((item.line, item.record) for item in iter_items(source, skip=skip))
 
@@ -108,7 +114,9 @@ def _is_stream(path: Path) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
-def _items(source: str | os.PathLike[str], *, split: str = "train", config_name: str | None = None) -> Iterator[Item]:
+def _items(
+    source: str | os.PathLike[str], *, split: str = "train", config_name: str | None = None
+) -> Iterator[Item]:
     if is_stdio(source):
         yield from json_lines(sys.stdin)
         return
@@ -143,7 +151,9 @@ def json_lines(f: IO[str] | Iterable[str]) -> Iterator[Item]:
             yield Item(number, where, ValueError(f"{where}, column {exc.colno}: invalid JSON ({exc.msg})"))
             continue
         if not isinstance(record, dict):
-            yield Item(number, where, ValueError(f"{where}: expected a JSON object, got {type(record).__name__}"))
+            yield Item(
+                number, where, ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            )
             continue
         yield Item(number, where, record)
 
@@ -156,17 +166,25 @@ def _json_file(path: Path) -> Iterator[Item]:
         if exc.msg == "Extra data":  # JSON lines saved with a .json name
             yield from json_lines(text.splitlines(keepends=True))
             return
-        raise RecordSourceError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+        raise RecordSourceError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
+        ) from None
     if isinstance(data, Mapping):  # {"train": [...]} or {"data": [...]}: one list of records inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise RecordSourceError(f"{path}: expected a JSON array of records (or an object holding exactly one)")
+            raise RecordSourceError(
+                f"{path}: expected a JSON array of records (or an object holding exactly one)"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise RecordSourceError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     for i, item in enumerate(data, start=1):
         where = f"record {i}"
-        record = item if isinstance(item, dict) else ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        record = (
+            item
+            if isinstance(item, dict)
+            else ValueError(f"{where}: expected an object, got {type(item).__name__}")
+        )
         yield Item(i, where, record)
 
 
@@ -211,9 +229,21 @@ def _dataset_dir(path: Path, split: str) -> Any:
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise RecordSourceError(f"{path} has no split {split!r}; it has {', '.join(loaded)} (pick one with --split)")
+            raise RecordSourceError(
+                f"{path} has no split {split!r}; it has {', '.join(loaded)} (pick one with --split)"
+            )
         return loaded[split]
     return loaded
 
 
-__all__ = ["STDIO", "Item", "RecordSourceError", "check_input", "count_items", "is_stdio", "iter_items", "json_lines", "numbered"]
+__all__ = [
+    "STDIO",
+    "Item",
+    "RecordSourceError",
+    "check_input",
+    "count_items",
+    "is_stdio",
+    "iter_items",
+    "json_lines",
+    "numbered",
+]

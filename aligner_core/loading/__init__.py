@@ -23,8 +23,22 @@ from .models import (
 )
 
 __all__ = [
-    "ALIGNER_CONFIG", "DEFAULT_MODEL", "ModelSource", "cache_root", "dedupe_library_logs", "dequantize_gguf",
-    "gguf_copy_dir", "is_official_checkpoint", "load_error", "load_model", "packaged_model_missing",
-    "packaged_model_path", "quantization_config", "read_recorded_template", "resolve_device", "resolve_dtype",
-    "resolve_source", "write_aligner_config",
+    "ALIGNER_CONFIG",
+    "DEFAULT_MODEL",
+    "ModelSource",
+    "cache_root",
+    "dedupe_library_logs",
+    "dequantize_gguf",
+    "gguf_copy_dir",
+    "is_official_checkpoint",
+    "load_error",
+    "load_model",
+    "packaged_model_missing",
+    "packaged_model_path",
+    "quantization_config",
+    "read_recorded_template",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_source",
+    "write_aligner_config",
 ]

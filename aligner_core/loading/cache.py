@@ -75,7 +75,11 @@ def content_hash(path: str | os.PathLike[str]) -> str:
     index_file = gguf_cache_dir() / _INDEX
     index = _read_json(index_file)
     known = index.get(str(f))
-    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+    if (
+        isinstance(known, dict)
+        and known.get("size") == stat.st_size
+        and known.get("mtime_ns") == stat.st_mtime_ns
+    ):
         return str(known["sha256"])
     digest = hashlib.sha256()
     with f.open("rb") as fh:
@@ -184,17 +188,28 @@ def list_entries() -> list[CacheEntry]:
         if not d.is_dir() or d.is_symlink():
             continue
         if d.name.startswith(_TMP_PREFIX):
-            entries.append(CacheEntry(d, "(interrupted conversion)", _size(d), d.stat().st_mtime, state="partial"))
+            entries.append(
+                CacheEntry(d, "(interrupted conversion)", _size(d), d.stat().st_mtime, state="partial")
+            )
         elif (d / ENTRY_META).is_file():
             meta = _read_json(d / ENTRY_META)
-            entries.append(CacheEntry(d, str(meta.get("name") or d.name), _size(d),
-                                      float(meta.get("created") or d.stat().st_mtime),
-                                      [str(s) for s in meta.get("sources", [])]))
+            entries.append(
+                CacheEntry(
+                    d,
+                    str(meta.get("name") or d.name),
+                    _size(d),
+                    float(meta.get("created") or d.stat().st_mtime),
+                    [str(s) for s in meta.get("sources", [])],
+                )
+            )
         elif (d / LEGACY_META).is_file():
             meta = _read_json(d / LEGACY_META)
             sources = [str(meta["gguf"])] if meta.get("gguf") else []
-            entries.append(CacheEntry(d, str(meta.get("name") or d.name), _size(d), d.stat().st_mtime,
-                                      sources, state="legacy"))
+            entries.append(
+                CacheEntry(
+                    d, str(meta.get("name") or d.name), _size(d), d.stat().st_mtime, sources, state="legacy"
+                )
+            )
     return sorted(entries, key=lambda e: e.created)
 
 

@@ -89,7 +89,9 @@ def resolve_source(model: str | os.PathLike[str], gguf_file: str | None = None) 
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(f"{text} is a file but not a .gguf file; pass a model directory, hub id or GGUF file")
+            raise ModelLoadError(
+                f"{text} is a file but not a .gguf file; pass a model directory, hub id or GGUF file"
+            )
         return ModelSource("gguf", str(path.parent), path.name, name=path.stem)
     if path.is_dir():
         if gguf_file is None:
@@ -97,7 +99,9 @@ def resolve_source(model: str | os.PathLike[str], gguf_file: str | None = None) 
             has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
             if ggufs and not has_config:
                 if len(ggufs) > 1:
-                    raise ModelLoadError(f"{text} holds several GGUF files {ggufs}: pick one with gguf_file=...")
+                    raise ModelLoadError(
+                        f"{text} holds several GGUF files {ggufs}: pick one with gguf_file=..."
+                    )
                 gguf_file = ggufs[0]
         if gguf_file is not None:
             return ModelSource("gguf", str(path), gguf_file, name=Path(gguf_file).stem)
@@ -189,7 +193,9 @@ def quantization_config(quantization: Any) -> Any:
     if quantization is None or not isinstance(quantization, str):
         return quantization
     if quantization not in {"4bit", "8bit"}:
-        raise ModelLoadError(f"quantization must be '4bit', '8bit' or a transformers quantization config, got {quantization!r}")
+        raise ModelLoadError(
+            f"quantization must be '4bit', '8bit' or a transformers quantization config, got {quantization!r}"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise missing("bitsandbytes", feature=f"quantization={quantization!r}")
     import torch
@@ -197,7 +203,9 @@ def quantization_config(quantization: Any) -> Any:
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
 
 
 def gguf_copy_dir(source: ModelSource) -> Path:
@@ -299,7 +307,9 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        tokenizer_dir = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else location
+        tokenizer_dir = (
+            str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else location
+        )
         tok_kwargs = {k: v for k, v in kwargs.items() if k in {"trust_remote_code", "gguf_file", "revision"}}
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **tok_kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -312,27 +322,34 @@ def load_model(
             ) from exc
         raise load_error(source, exc) from exc
     if adapter is not None:
-        if importlib.util.find_spec("peft") is None:
-            raise missing("peft", "train", feature="loading a LoRA adapter")
-        from peft import PeftModel
-
-        adapter_dir = Path(adapter)
-        if not adapter_dir.is_dir():
-            raise ModelLoadError(f"adapter directory not found: {adapter}")
-        has_safetensors = (adapter_dir / "adapter_model.safetensors").is_file()
-        if not allow_pickle and not has_safetensors and (adapter_dir / "adapter_model.bin").is_file():
-            raise ModelLoadError(
-                f"the adapter {str(adapter)!r} has no adapter_model.safetensors, only a pickle (adapter_model.bin), "
-                "which can run arbitrary code when loaded. If you trust the source, pass allow_pickle=True."
-            )
-        try:
-            loaded = PeftModel.from_pretrained(loaded, str(adapter))
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load the adapter {str(adapter)!r}: {type(exc).__name__}: {exc}") from exc
+        loaded = _with_adapter(loaded, adapter, allow_pickle=allow_pickle)
     if target_device is not None and qconfig is None:
         loaded = loaded.to(target_device)
     loaded.eval()
     return loaded, tokenizer, source
+
+
+def _with_adapter(loaded: Any, adapter: str | os.PathLike[str], *, allow_pickle: bool) -> Any:
+    """``loaded`` with the LoRA adapter in ``adapter`` applied (pickle weights refused unless allowed)."""
+    if importlib.util.find_spec("peft") is None:
+        raise missing("peft", "train", feature="loading a LoRA adapter")
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter)
+    if not adapter_dir.is_dir():
+        raise ModelLoadError(f"adapter directory not found: {adapter}")
+    has_safetensors = (adapter_dir / "adapter_model.safetensors").is_file()
+    if not allow_pickle and not has_safetensors and (adapter_dir / "adapter_model.bin").is_file():
+        raise ModelLoadError(
+            f"the adapter {str(adapter)!r} has no adapter_model.safetensors, only a pickle (adapter_model.bin), "
+            "which can run arbitrary code when loaded. If you trust the source, pass allow_pickle=True."
+        )
+    try:
+        return PeftModel.from_pretrained(loaded, str(adapter))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the adapter {str(adapter)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _only_pickle(location: str) -> bool:

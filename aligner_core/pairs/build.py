@@ -121,16 +121,23 @@ def pairs_from_records(
             stats.invalid += 1
             continue
         kind = classify(
-            record, max_similarity=max_similarity, question_field=question_field,
-            answer_field=answer_field, correction_field=correction_field,
+            record,
+            max_similarity=max_similarity,
+            question_field=question_field,
+            answer_field=answer_field,
+            correction_field=correction_field,
         )
         if kind != "keep":
             setattr(stats, kind, getattr(stats, kind) + 1)
             continue
         pairs.append(
             make_pair(
-                record[question_field], record[answer_field].strip(), record[correction_field].strip(),
-                conversational=conversational, system=system, prompt_format=prompt_format,
+                record[question_field],
+                record[answer_field].strip(),
+                record[correction_field].strip(),
+                conversational=conversational,
+                system=system,
+                prompt_format=prompt_format,
             )
         )
         stats.written += 1

@@ -49,7 +49,10 @@ class TransformersUpstream(LocalChat):
             )
         super().__init__(
             TransformersEngine(model, tokenizer, max_batch_tokens=max_batch_tokens),
-            max_new_tokens=max_new_tokens, system=system, prompt_format=prompt_format, **generation,
+            max_new_tokens=max_new_tokens,
+            system=system,
+            prompt_format=prompt_format,
+            **generation,
         )
 
     @property
@@ -82,10 +85,14 @@ def _message_text(message: Any) -> str:
     content = getattr(message, "content", message)
     if isinstance(content, str):
         return content
-    return "".join(p if isinstance(p, str) else str(p.get("text", "")) for p in content if isinstance(p, (str, dict)))
+    return "".join(
+        p if isinstance(p, str) else str(p.get("text", "")) for p in content if isinstance(p, (str, dict))
+    )
 
 
-def iter_prompts(path: str | os.PathLike[str], *, question_field: str = "question", skip: int = 0) -> Iterator[str | Exception]:
+def iter_prompts(
+    path: str | os.PathLike[str], *, question_field: str = "question", skip: int = 0
+) -> Iterator[str | Exception]:
     """Questions from records (``question_field`` of each: any format of ``aligner_core.jobs.records``, ``-`` for
     stdin) or from a text file (one per line)."""
     p = Path(path)
@@ -145,15 +152,23 @@ def generate_round(
     out = Path(out_path)
     records = Path(records_path) if records_path is not None else out.with_name(out.stem + ".records.jsonl")
     if out.exists() and not (resume or overwrite):
-        raise OutputExistsError(f"{out} exists: pass --resume to continue the round or --overwrite to start again")
+        raise OutputExistsError(
+            f"{out} exists: pass --resume to continue the round or --overwrite to start again"
+        )
     f, done = open_resumable(records, resume=resume, overwrite=overwrite)
     result = RoundResult(records_path=records, pairs_path=out, pairs=PairStats())
     result.skipped = done
     prompts = list(iter_prompts(prompts_path, question_field=question_field, skip=result.skipped))
-    with f, tqdm(
-        total=result.skipped + len(prompts), initial=result.skipped, desc="Answering and correcting",
-        unit="prompt", disable=not show_progress,
-    ) as bar:
+    with (
+        f,
+        tqdm(
+            total=result.skipped + len(prompts),
+            initial=result.skipped,
+            desc="Answering and correcting",
+            unit="prompt",
+            disable=not show_progress,
+        ) as bar,
+    ):
         for chunk in chunked(prompts, chunk_size):
             _run_chunk(chunk, f, upstream, aligner, {**generation, "progress": token_postfix(bar)}, result)
             bar.update(len(chunk))
@@ -162,16 +177,25 @@ def generate_round(
 
 
 def _run_chunk(
-    chunk: list[str | Exception], f: Any, upstream: Any, aligner: Aligner, generation: dict[str, Any], result: RoundResult
+    chunk: list[str | Exception],
+    f: Any,
+    upstream: Any,
+    aligner: Aligner,
+    generation: dict[str, Any],
+    result: RoundResult,
 ) -> None:
     rows: list[dict[str, Any]] = []
     live = [i for i, q in enumerate(chunk) if isinstance(q, str)]
     answers = _answers(upstream, [chunk[i] for i in live]) if live else []  # type: ignore[misc]
     by_index = dict(zip(live, answers))
     to_correct = [i for i in live if isinstance(by_index[i], str) and by_index[i].strip()]
-    fixes = aligner.correct_batch(
-        [(chunk[i], by_index[i]) for i in to_correct], return_exceptions=True, **generation
-    ) if to_correct else []
+    fixes = (
+        aligner.correct_batch(
+            [(chunk[i], by_index[i]) for i in to_correct], return_exceptions=True, **generation
+        )
+        if to_correct
+        else []
+    )
     fixed = dict(zip(to_correct, fixes))
     for i, question in enumerate(chunk):
         if isinstance(question, Exception):
@@ -180,14 +204,31 @@ def _run_chunk(
             continue
         answer = by_index[i]
         if isinstance(answer, BaseException) or not str(answer).strip():
-            why = f"upstream failed: {answer}" if isinstance(answer, BaseException) else "upstream answer is empty"
-            rows.append({"question": question, "answer": None if isinstance(answer, BaseException) else answer,
-                         "correction": None, "error": why})
+            why = (
+                f"upstream failed: {answer}"
+                if isinstance(answer, BaseException)
+                else "upstream answer is empty"
+            )
+            rows.append(
+                {
+                    "question": question,
+                    "answer": None if isinstance(answer, BaseException) else answer,
+                    "correction": None,
+                    "error": why,
+                }
+            )
             result.failed += 1
             continue
         fix = fixed[i]
         if isinstance(fix, BaseException):
-            rows.append({"question": question, "answer": answer, "correction": None, "error": f"aligner failed: {fix}"})
+            rows.append(
+                {
+                    "question": question,
+                    "answer": answer,
+                    "correction": None,
+                    "error": f"aligner failed: {fix}",
+                }
+            )
             result.failed += 1
             continue
         rows.append({"question": question, "answer": answer, "correction": fix.text, "aligner": fix.stats()})

@@ -54,7 +54,9 @@ def training_args(config: TrainConfig, checkpoints: Path, *, has_eval: bool) -> 
         fsdp=config.fsdp or None,
     )
     # transformers 5 renamed gradient checkpointing to activation checkpointing (the old name still works, with a warning)
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    )
     kwargs[checkpointing] = config.gradient_checkpointing
     if config.gradient_checkpointing:
         kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
@@ -71,9 +73,15 @@ def report_to(setting: str) -> str | list[str]:
             return "none"
         return "all" if names == ["all"] else names
     found = []
-    if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+    if (
+        importlib.util.find_spec("tensorboard") is not None
+        or importlib.util.find_spec("tensorboardX") is not None
+    ):
         found.append("tensorboard")
-    if importlib.util.find_spec("wandb") is not None and os.environ.get("WANDB_DISABLED", "").lower() not in {"1", "true"}:
+    if importlib.util.find_spec("wandb") is not None and os.environ.get("WANDB_DISABLED", "").lower() not in {
+        "1",
+        "true",
+    }:
         netrc = Path.home() / ".netrc"
         configured = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
         if not configured and netrc.is_file():

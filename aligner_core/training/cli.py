@@ -39,8 +39,12 @@ def config_parameters(config_class: type = TrainConfig) -> list[inspect.Paramete
         if meta.get("argument"):
             info = typer.Argument(default, help=meta["help"], show_default=False)
         else:
-            info = typer.Option(default, *_flags(f.name, kind, default, meta.get("flags", ())), help=meta["help"])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+            info = typer.Option(
+                default, *_flags(f.name, kind, default, meta.get("flags", ())), help=meta["help"]
+            )
+        params.append(
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind)
+        )
     return params
 
 
@@ -55,9 +59,11 @@ def train(**settings: Any) -> None:
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    how = f"Aligner.from_pretrained({settings['base_model']!r}, adapter={str(out)!r})" if (
-        settings.get("lora") and not settings.get("merge_lora")
-    ) else f"Aligner.from_pretrained({str(out)!r})"
+    how = (
+        f"Aligner.from_pretrained({settings['base_model']!r}, adapter={str(out)!r})"
+        if (settings.get("lora") and not settings.get("merge_lora"))
+        else f"Aligner.from_pretrained({str(out)!r})"
+    )
     typer.echo(f"trained Aligner written to {out}; load it with {how}", err=True)
 
 

@@ -76,7 +76,9 @@ def load_records(
         else:
             records.append(result)
     if problems:
-        raise TrainingDataError(problems_message(f"{_describe(source)} has records that cannot be trained on", problems))
+        raise TrainingDataError(
+            problems_message(f"{_describe(source)} has records that cannot be trained on", problems)
+        )
     return records
 
 
@@ -102,11 +104,16 @@ def check_record(item: Any, where: str, fields: Fields) -> Record | str:
         context = normalize_context(context_of(item), f"{where}: ")
     except InvalidInputError as exc:
         return str(exc)
-    return Record(values[fields.question], values[fields.answer], values[fields.correction], where, history, context)
+    return Record(
+        values[fields.question], values[fields.answer], values[fields.correction], where, history, context
+    )
 
 
 def iter_raw(
-    source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *, split: str = "train", config_name: str | None = None
+    source: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    *,
+    split: str = "train",
+    config_name: str | None = None,
 ) -> Iterable[tuple[str, Any]]:
     """Yield ``(where, raw item)`` for each record; unreadable lines yield an exception as the item.
 
@@ -114,7 +121,9 @@ def iter_raw(
     """
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (bytes, Mapping)) or not isinstance(source, Sequence):
-            raise TrainingDataError(f"data must be a path, a dataset name or a list of dicts, got {type(source).__name__}")
+            raise TrainingDataError(
+                f"data must be a path, a dataset name or a list of dicts, got {type(source).__name__}"
+            )
         yield from ((f"record {i}", item) for i, item in enumerate(source))
         return
     try:
@@ -146,7 +155,9 @@ def split_eval(records: Sequence[Record], fraction: float, seed: int) -> tuple[l
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
 
 
 def identity_slice(records: Sequence[Record], fraction: float, seed: int) -> list[Record]:
@@ -159,7 +170,10 @@ def identity_slice(records: Sequence[Record], fraction: float, seed: int) -> lis
         return []
     k = min(len(records), max(1, round(len(records) * fraction)))
     chosen = sorted(random.Random(seed + 1).sample(range(len(records)), k))
-    return [replace(records[i], correction=records[i].answer, where=f"{records[i].where} (identity)") for i in chosen]
+    return [
+        replace(records[i], correction=records[i].answer, where=f"{records[i].where} (identity)")
+        for i in chosen
+    ]
 
 
 __all__ = [

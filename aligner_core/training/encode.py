@@ -70,11 +70,19 @@ class ExampleEncoder:
         """The prompt string, rendered by the same code as inference (``history.render_prompt``)."""
         return render_prompt(self.template, question, answer, history, context)
 
-    def _encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
-                           split_special_tokens=split_special_tokens)
+    def _encode(
+        self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False
+    ) -> list[int]:
+        return encode_text(
+            self.tokenizer,
+            text,
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+        )
 
-    def prompt_ids(self, question: str, answer: str, history: History = (), context: Context = ()) -> list[int]:
+    def prompt_ids(
+        self, question: str, answer: str, history: History = (), context: Context = ()
+    ) -> list[int]:
         """Token ids of the prompt, exactly as ``Aligner.prepare`` encodes it for generation (special-token
         strings in the question, answer, history or context as plain text, see ``aligner_core.plaintext``)."""
         text = self.prompt(question, answer, history, context)
@@ -89,10 +97,18 @@ class ExampleEncoder:
     def correction_ids(self, correction: str) -> list[int]:
         """Token ids of the correction (special-token strings as plain text) followed by EOS."""
         plain = holds_special(self.tokenizer, (correction,))
-        return [*self._encode(correction, add_special_tokens=False, split_special_tokens=plain), self.eos_token_id]
+        return [
+            *self._encode(correction, add_special_tokens=False, split_special_tokens=plain),
+            self.eos_token_id,
+        ]
 
     def encode(
-        self, question: str, answer: str, correction: str, where: str = "", history: History = (),
+        self,
+        question: str,
+        answer: str,
+        correction: str,
+        where: str = "",
+        history: History = (),
         context: Context = (),
     ) -> Example:
         prompt = self.prompt_ids(question, answer, history, context)
@@ -158,26 +174,38 @@ def encode_records(
             kept.append(ex)
             continue
         report.overlong += 1
-        too_long.append(f"{ex.where}: {len(ex.input_ids)} tokens (prompt {ex.prompt_length}) > max_length {max_length}")
+        too_long.append(
+            f"{ex.where}: {len(ex.input_ids)} tokens (prompt {ex.prompt_length}) > max_length {max_length}"
+        )
         if policy == "truncate" and ex.prompt_length < max_length:
-            kept.append(Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.prompt_length, ex.where))
+            kept.append(
+                Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.prompt_length, ex.where)
+            )
             report.truncated += 1
         elif policy != "error":
             report.dropped += 1
     if too_long and policy == "error":
         raise TrainingDataError(
-            problems_message(f"{len(too_long)} of {len(records)} {what} are longer than max_length={max_length}", too_long)
+            problems_message(
+                f"{len(too_long)} of {len(records)} {what} are longer than max_length={max_length}", too_long
+            )
             + "\nraise --max-length, or pass --overlong drop (leave them out) or --overlong truncate (cut the correction)"
         )
     if report.with_unknown_tokens:
         logger.warning(
             "%d %s have corrections with characters the tokenizer maps to its unknown token (first: %s)",
-            len(report.with_unknown_tokens), what, ", ".join(report.with_unknown_tokens[:3]),
+            len(report.with_unknown_tokens),
+            what,
+            ", ".join(report.with_unknown_tokens[:3]),
         )
     if report.dropped or report.truncated:
         logger.warning(
-            "%d %s over max_length=%d: %d dropped, %d truncated", report.overlong, what, max_length,
-            report.dropped, report.truncated,
+            "%d %s over max_length=%d: %d dropped, %d truncated",
+            report.overlong,
+            what,
+            max_length,
+            report.dropped,
+            report.truncated,
         )
     report.kept = len(kept)
     return kept, report

@@ -27,7 +27,9 @@ class StagedTrainer(Trainer):
     """A ``Trainer`` that never shuffles (the stream is laid out per stage in advance) and restarts the
     warm-up and decay of the learning rate at each stage."""
 
-    def __init__(self, *args: Any, stages: Sequence[Stage], warmup_ratio: float, lr_kind: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stages: Sequence[Stage], warmup_ratio: float, lr_kind: str, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stages = list(stages)
         self.warmup_ratio = warmup_ratio
@@ -36,7 +38,9 @@ class StagedTrainer(Trainer):
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         return SequentialSampler(self.train_dataset)
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
             boundaries = stage_boundaries(self.stages, num_training_steps)
@@ -66,11 +70,18 @@ class MetricsJsonl(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.boundaries = stage_boundaries(self.stages, state.max_steps)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch,
-                  "stage": stage_at(self.boundaries, max(state.global_step - 1, 0)), **logs, "time": time.time()}
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "stage": stage_at(self.boundaries, max(state.global_step - 1, 0)),
+            **logs,
+            "time": time.time(),
+        }
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
@@ -79,7 +90,11 @@ class StageBoundary(TrainerCallback):
     """At the end of each stage but the last: checkpoint, evaluate, and hand the stage to ``on_stage_end``."""
 
     def __init__(
-        self, stages: Sequence[Stage], *, evaluate: bool, on_stage_end: Callable[[str, int], None] | None = None
+        self,
+        stages: Sequence[Stage],
+        *,
+        evaluate: bool,
+        on_stage_end: Callable[[str, int], None] | None = None,
     ) -> None:
         self.stages = list(stages)
         self.evaluate = evaluate
@@ -93,7 +108,9 @@ class StageBoundary(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         for name, start, length in self.boundaries[:-1]:
-            if length and state.global_step == start + length < state.max_steps:  # the last step has its own save
+            if (
+                length and state.global_step == start + length < state.max_steps
+            ):  # the last step has its own save
                 logger.info("stage %r done at step %d", name, state.global_step)
                 control.should_save = True
                 control.should_evaluate = control.should_evaluate or self.evaluate

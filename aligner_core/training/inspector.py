@@ -45,18 +45,28 @@ class InspectorConfig:
         "Records: {question, answer, label} (label 1 = aligned, 0 = not) or {question, answer, correction} "
         "(answer -> 0, correction -> 1), as a .jsonl/.json/.csv/.parquet file, a datasets folder or name, or "
         "(from Python) a list of dicts.",
-        argument=True, cli_type=str,
+        argument=True,
+        cli_type=str,
     )
-    base_model: str = _req("Model to start from: hub id or local directory (a classification head is added).",
-                           "--base-model", "-m")
+    base_model: str = _req(
+        "Model to start from: hub id or local directory (a classification head is added).",
+        "--base-model",
+        "-m",
+    )
     output_dir: str = _req("Directory to write the trained inspector into.", "--output", "-o")
     question_field: str = _opt("question", "Record field holding the question.")
     answer_field: str = _opt("answer", "Record field holding the answer.")
     label_field: str = _opt("label", "Record field holding the label (1 aligned, 0 not).")
-    correction_field: str = _opt("correction", "Record field holding a correction (used when there is no label).")
-    dataset_split: str = _opt("train", "Split to read when DATA is a `datasets` name or directory.", "--split")
+    correction_field: str = _opt(
+        "correction", "Record field holding a correction (used when there is no label)."
+    )
+    dataset_split: str = _opt(
+        "train", "Split to read when DATA is a `datasets` name or directory.", "--split"
+    )
     dataset_config: str | None = _opt(None, "Configuration name when DATA is a `datasets` name.")
-    eval_data: str | None = _opt(None, "Held-out records (same formats as DATA) for eval loss, accuracy and AUC.")
+    eval_data: str | None = _opt(
+        None, "Held-out records (same formats as DATA) for eval loss, accuracy and AUC."
+    )
     eval_fraction: float = _opt(0.0, "Fraction of DATA's records held out (instead of --eval-data).")
     max_length: int = _opt(512, "Longest input (question + answer) in tokens; longer pairs are truncated.")
     epochs: float = _opt(3.0, "Training epochs.")
@@ -66,15 +76,21 @@ class InspectorConfig:
     warmup_ratio: float = _opt(0.06, "Linear warm-up, as a fraction of the steps.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     batch_size: int = _opt(16, "Per-device training batch size.", "--batch-size")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", "--grad-accum")
+    gradient_accumulation_steps: int = _opt(
+        1, "Micro-batches accumulated per optimizer step.", "--grad-accum"
+    )
     seed: int = _opt(42, "Seed for the split, the shuffling and the new classification head.")
-    bf16: bool | None = _opt(None, "bf16 mixed precision (default: on where the GPU supports it).", "--bf16/--no-bf16")
+    bf16: bool | None = _opt(
+        None, "bf16 mixed precision (default: on where the GPU supports it).", "--bf16/--no-bf16"
+    )
     dtype: str = _opt("auto", "Weights dtype when loading: auto (float32), float32, bfloat16, float16.")
     trust_remote_code: bool = _opt(False, "Allow model code from the model repository.")
     allow_pickle: bool = _opt(False, "Allow pickle (.bin) weights, which can run code when loaded.")
     logging_steps: int = _opt(10, "Log the training loss every N steps (to metrics.jsonl and reporters).")
     overwrite: bool = _opt(False, "Write into OUTPUT even if it holds an earlier inspector.")
-    report_to: str = _opt("auto", "Where metrics go besides metrics.jsonl: auto, none, or a comma-separated list.")
+    report_to: str = _opt(
+        "auto", "Where metrics go besides metrics.jsonl: auto, none, or a comma-separated list."
+    )
     progress: bool = _opt(True, "Show a progress bar.", "--progress/--no-progress")
 
     def __post_init__(self) -> None:
@@ -88,7 +104,9 @@ class InspectorConfig:
         for name in ("max_length", "batch_size", "gradient_accumulation_steps", "logging_steps"):
             _positive_int(name, getattr(self, name))
         if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
-            raise TrainConfigError(f"max_steps must be a positive integer or -1 (all epochs), got {self.max_steps!r}")
+            raise TrainConfigError(
+                f"max_steps must be a positive integer or -1 (all epochs), got {self.max_steps!r}"
+            )
         for name in ("epochs", "learning_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -96,7 +114,9 @@ class InspectorConfig:
         if self.weight_decay < 0:
             raise TrainConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.lr_scheduler not in ("linear", "cosine", "constant"):
-            raise TrainConfigError(f"lr_scheduler must be one of linear, cosine, constant; got {self.lr_scheduler!r}")
+            raise TrainConfigError(
+                f"lr_scheduler must be one of linear, cosine, constant; got {self.lr_scheduler!r}"
+            )
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.eval_data is not None and self.eval_fraction > 0:
@@ -127,9 +147,7 @@ class LabelledPair:
 # -- records -----------------------------------------------------------------------------------
 
 
-def load_labelled(
-    source: Any, config: InspectorConfig, *, what: str = "the data"
-) -> list[LabelledPair]:
+def load_labelled(source: Any, config: InspectorConfig, *, what: str = "the data") -> list[LabelledPair]:
     """Every example of ``source``; ``TrainingDataError`` lists all records that cannot be used."""
     raw = list(iter_raw(source, split=config.dataset_split, config_name=config.dataset_config))
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else what
@@ -144,13 +162,20 @@ def load_labelled(
         else:
             examples.extend(result)
     if problems:
-        raise TrainingDataError(problems_message(f"{name} has records an inspector cannot be trained on", problems))
+        raise TrainingDataError(
+            problems_message(f"{name} has records an inspector cannot be trained on", problems)
+        )
     return examples
 
 
 def labelled(item: Any, where: str, group: int, config: InspectorConfig) -> list[LabelledPair] | str:
     """The examples of one raw record, or a message saying what is wrong with it."""
-    q_key, a_key, l_key, c_key = config.question_field, config.answer_field, config.label_field, config.correction_field
+    q_key, a_key, l_key, c_key = (
+        config.question_field,
+        config.answer_field,
+        config.label_field,
+        config.correction_field,
+    )
     if isinstance(item, Exception):
         return str(item)
     if not isinstance(item, Mapping):
@@ -191,14 +216,18 @@ def parse_label(value: Any) -> int | None:
     return None
 
 
-def split_groups(examples: list[LabelledPair], fraction: float, seed: int) -> tuple[list[LabelledPair], list[LabelledPair]]:
+def split_groups(
+    examples: list[LabelledPair], fraction: float, seed: int
+) -> tuple[list[LabelledPair], list[LabelledPair]]:
     """``(train, held_out)``: a seeded random ``fraction`` of the records (both examples of one together)."""
     if fraction <= 0:
         return examples, []
     groups = sorted({e.group for e in examples})
     n_eval = max(1, round(len(groups) * fraction))
     if n_eval >= len(groups):
-        raise TrainingDataError(f"eval_fraction={fraction} of {len(groups)} records leaves nothing to train on")
+        raise TrainingDataError(
+            f"eval_fraction={fraction} of {len(groups)} records leaves nothing to train on"
+        )
     held = set(random.Random(seed).sample(groups, n_eval))
     return [e for e in examples if e.group not in held], [e for e in examples if e.group in held]
 
@@ -230,10 +259,14 @@ def check_inspector_output(out: Path, overwrite: bool) -> None:
     """Refuse to write over an earlier inspector (or anything that is not a folder) unless told to."""
     if out.exists() and not out.is_dir():
         raise TrainConfigError(f"output_dir {out} exists and is not a directory")
-    earlier = [n for n in (INSPECTOR_CONFIG, "config.json", "model.safetensors", METRICS) if (out / n).exists()]
+    earlier = [
+        n for n in (INSPECTOR_CONFIG, "config.json", "model.safetensors", METRICS) if (out / n).exists()
+    ]
     if earlier and not overwrite:
-        raise TrainConfigError(f"{out} already holds a model ({', '.join(earlier)}): pass overwrite=True (--overwrite) "
-                               "to replace it, or pick another output directory")
+        raise TrainConfigError(
+            f"{out} already holds a model ({', '.join(earlier)}): pass overwrite=True (--overwrite) "
+            "to replace it, or pick another output directory"
+        )
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -256,8 +289,10 @@ def train_inspector(config: InspectorConfig, *, model: Any = None, tokenizer: An
     else:
         train, held_out = split_groups(examples, config.eval_fraction, config.seed)
     if len({e.label for e in train}) < 2:
-        raise TrainingDataError(f"every training example is labelled {train[0].label}: an inspector needs examples "
-                                "of both aligned (1) and misaligned (0) answers")
+        raise TrainingDataError(
+            f"every training example is labelled {train[0].label}: an inspector needs examples "
+            "of both aligned (1) and misaligned (0) answers"
+        )
     if model is None or tokenizer is None:
         model, tokenizer = _load(config, model, tokenizer)
     if tokenizer.pad_token_id is None:
@@ -267,23 +302,36 @@ def train_inspector(config: InspectorConfig, *, model: Any = None, tokenizer: An
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if int(getattr(model.config, "num_labels", 0)) != len(LABELS):
-        raise TrainConfigError(f"the model has {getattr(model.config, 'num_labels', None)} labels; an inspector is "
-                               "trained as a two-label classifier (num_labels=2)")
+        raise TrainConfigError(
+            f"the model has {getattr(model.config, 'num_labels', None)} labels; an inspector is "
+            "trained as a two-label classifier (num_labels=2)"
+        )
 
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
     train_set, eval_set = _encode(tokenizer, train, config), _encode(tokenizer, held_out, config)
-    logger.info("training an inspector on %d examples (%d aligned), %d held out", len(train_set),
-                sum(e.label for e in train), len(eval_set))
+    logger.info(
+        "training an inspector on %d examples (%d aligned), %d held out",
+        len(train_set),
+        sum(e.label for e in train),
+        len(eval_set),
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS).unlink(missing_ok=True)
 
     class Metrics(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
             if state.is_world_process_zero and logs:
                 with open(out / METRICS, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()},
-                                       default=float) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()},
+                            default=float,
+                        )
+                        + "\n"
+                    )
 
     trainer = Trainer(
         model=model,
@@ -302,12 +350,18 @@ def train_inspector(config: InspectorConfig, *, model: Any = None, tokenizer: An
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         record = {
-            "positive_label": LABELS[1], "labels": LABELS, "max_length": config.max_length,
-            "base_model": str(config.base_model), "trained_with": "llm-aligner",
-            "examples": {"train": len(train_set), "held_out": len(eval_set)}, "metrics": metrics,
+            "positive_label": LABELS[1],
+            "labels": LABELS,
+            "max_length": config.max_length,
+            "base_model": str(config.base_model),
+            "trained_with": "llm-aligner",
+            "examples": {"train": len(train_set), "held_out": len(eval_set)},
+            "metrics": metrics,
             "config": config.to_dict(),
         }
-        (out / INSPECTOR_CONFIG).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        (out / INSPECTOR_CONFIG).write_text(
+            json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
+        )
     logger.info("trained inspector written to %s", out)
     return out
 
@@ -329,8 +383,12 @@ def _load(config: InspectorConfig, model: Any, tokenizer: Any) -> tuple[Any, Any
         if model is None:
             dtype = torch.float32 if config.dtype == "auto" else getattr(torch, config.dtype)
             model = AutoModelForSequenceClassification.from_pretrained(
-                location, num_labels=len(LABELS), id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
-                dtype=dtype, trust_remote_code=config.trust_remote_code,
+                location,
+                num_labels=len(LABELS),
+                id2label=LABELS,
+                label2id={v: k for k, v in LABELS.items()},
+                dtype=dtype,
+                trust_remote_code=config.trust_remote_code,
                 **({} if config.allow_pickle else {"use_safetensors": True}),
             )
     except (OSError, ValueError) as exc:
@@ -342,10 +400,16 @@ def _encode(tokenizer: Any, examples: list[LabelledPair], config: InspectorConfi
     """Text pairs as the ``Inspector`` encodes them at inference: ``tokenizer(question, answer)``, truncated."""
     if not examples:
         return []
-    enc = tokenizer([e.question for e in examples], [e.answer for e in examples],
-                    truncation=True, max_length=config.max_length)
-    return [{"input_ids": ids, "attention_mask": mask, "labels": e.label}
-            for ids, mask, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
+    enc = tokenizer(
+        [e.question for e in examples],
+        [e.answer for e in examples],
+        truncation=True,
+        max_length=config.max_length,
+    )
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": e.label}
+        for ids, mask, e in zip(enc["input_ids"], enc["attention_mask"], examples)
+    ]
 
 
 def _metrics(prediction: Any) -> dict[str, float]:
@@ -371,15 +435,31 @@ def _training_args(config: InspectorConfig, checkpoints: Path, *, has_eval: bool
     from .arguments import report_to
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    bf16 = config.bf16 if config.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16 = (
+        config.bf16
+        if config.bf16 is not None
+        else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    )
     kwargs: dict[str, Any] = dict(
-        output_dir=str(checkpoints), num_train_epochs=config.epochs, max_steps=config.max_steps,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, bf16=bf16,
-        logging_strategy="steps", logging_steps=config.logging_steps, logging_first_step=True, save_strategy="no",
-        eval_strategy="epoch" if has_eval else "no", report_to=report_to(config.report_to),
-        disable_tqdm=not config.progress, seed=config.seed, data_seed=config.seed,
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        bf16=bf16,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="epoch" if has_eval else "no",
+        report_to=report_to(config.report_to),
+        disable_tqdm=not config.progress,
+        seed=config.seed,
+        data_seed=config.seed,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)

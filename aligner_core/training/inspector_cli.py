@@ -38,7 +38,9 @@ def train_inspector_command(**settings: Any) -> None:
     except AlignerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"trained inspector written to {out}; load it with Inspector.from_pretrained({str(out)!r})", err=True)
+    typer.echo(
+        f"trained inspector written to {out}; load it with Inspector.from_pretrained({str(out)!r})", err=True
+    )
 
 
 params = config_parameters(InspectorConfig)

@@ -17,7 +17,9 @@ def resolve_base(config: TrainConfig) -> str:
     if source.kind == "gguf":
         return str(dequantize_gguf(source, trust_remote_code=config.trust_remote_code))
     if source.kind == "hub" and source.gguf_file:
-        raise ModelLoadError("training from a GGUF file on the hub is not supported: download it and pass the file")
+        raise ModelLoadError(
+            "training from a GGUF file on the hub is not supported: download it and pass the file"
+        )
     return source.location
 
 
@@ -60,19 +62,26 @@ def wrap_lora(model: Any, config: TrainConfig) -> Any:
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     peft_config = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets, task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
     )
     try:
         wrapped = get_peft_model(model, peft_config)
     except ValueError as exc:
-        raise TrainConfigError(f"lora_target_modules={config.lora_target_modules!r} does not fit this model: {exc}") from exc
+        raise TrainConfigError(
+            f"lora_target_modules={config.lora_target_modules!r} does not fit this model: {exc}"
+        ) from exc
     if config.gradient_checkpointing:
         wrapped.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     return wrapped
 
 
-def merge_adapter(model: Any, base_location: str | None, adapter: Path, out: Path, tokenizer: Any, config: TrainConfig) -> None:
+def merge_adapter(
+    model: Any, base_location: str | None, adapter: Path, out: Path, tokenizer: Any, config: TrainConfig
+) -> None:
     """Save base + adapter merged into ``out``. The base is reloaded from disk in its own dtype when it
     can be (so merging works after any distributed run); a model passed in as an object is merged in memory."""
     if base_location is not None:
@@ -80,7 +89,9 @@ def merge_adapter(model: Any, base_location: str | None, adapter: Path, out: Pat
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(
-            base_location, dtype="auto", trust_remote_code=config.trust_remote_code,
+            base_location,
+            dtype="auto",
+            trust_remote_code=config.trust_remote_code,
             **({} if config.allow_pickle else {"use_safetensors": True}),
         )
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -27,12 +27,29 @@ ADAPTER_DIR = "adapter"
 #: What a run leaves in OUTPUT; ``overwrite`` removes these and nothing else.
 _OUR_DIRS = (CHECKPOINTS, IDENTITY_DIR, ADAPTER_DIR)
 _OUR_FILES = (
-    METRICS, "aligner_config.json", "config.json", "generation_config.json", "model.safetensors",
-    "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
+    METRICS,
+    "aligner_config.json",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
 )
 #: Settings that decide which example each step reads (with the data itself): resume needs them unchanged.
-_ORDER_KEYS = ("template", "identity_fraction", "identity_only", "identity_epochs", "epochs", "max_length", "overlong",
-               "seed", "batch_size", "gradient_accumulation_steps", "lora")
+_ORDER_KEYS = (
+    "template",
+    "identity_fraction",
+    "identity_only",
+    "identity_epochs",
+    "epochs",
+    "max_length",
+    "overlong",
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "lora",
+)
 
 
 def check_output(out: Path, config: TrainConfig) -> None:
@@ -108,11 +125,20 @@ def save(trainer: Any, target: Path, template: str, meta: dict[str, Any]) -> Non
         if base_config is not None and previous is not None:
             base_config.use_cache = previous
     if trainer.is_world_process_zero():
-        (target / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in aligner_config.json
+        (target / "training_args.bin").unlink(
+            missing_ok=True
+        )  # a pickle; the settings are in aligner_config.json
         write_aligner_config(target, template=template, **meta)
 
 
 __all__ = [
-    "ADAPTER_DIR", "CHECKPOINTS", "IDENTITY_DIR", "METRICS", "RUN_FILE",
-    "check_output", "fingerprint", "prepare_output", "save",
+    "ADAPTER_DIR",
+    "CHECKPOINTS",
+    "IDENTITY_DIR",
+    "METRICS",
+    "RUN_FILE",
+    "check_output",
+    "fingerprint",
+    "prepare_output",
+    "save",
 ]

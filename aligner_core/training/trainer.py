@@ -66,7 +66,9 @@ def train_aligner(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
         check_output(out, config)
     if config.lora and importlib.util.find_spec("peft") is None:
         raise missing("peft", "train", feature="LoRA training (--lora)")
-    records = load_records(config.data, _fields(config), split=config.dataset_split, config_name=config.dataset_config)
+    records = load_records(
+        config.data, _fields(config), split=config.dataset_split, config_name=config.dataset_config
+    )
     base_location = resolve_base(config) if model is None or tokenizer is None else None
     if tokenizer is None:
         tokenizer = load_tokenizer(base_location, config)  # type: ignore[arg-type]
@@ -80,7 +82,10 @@ def train_aligner(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
     args = training_args(config, out / CHECKPOINTS, has_eval=bool(data.held_out))
     identity_epochs = config.identity_epochs if config.identity_epochs is not None else config.epochs
     stream, stages = build_stream(
-        [("identity", len(data.identity), identity_epochs), ("correction", len(data.correction), config.epochs)],
+        [
+            ("identity", len(data.identity), identity_epochs),
+            ("correction", len(data.correction), config.epochs),
+        ],
         global_batch=config.batch_size * config.gradient_accumulation_steps * args.world_size,
         seed=config.seed,
     )
@@ -99,7 +104,12 @@ def train_aligner(config: TrainConfig, *, model: Any = None, tokenizer: Any = No
 
     def save_identity(stage: str, step: int) -> None:
         if stage == "identity" and config.save_identity:
-            save(trainers[0], out / IDENTITY_DIR, data.template.name, {**meta, "stage": "identity", "step": step})
+            save(
+                trainers[0],
+                out / IDENTITY_DIR,
+                data.template.name,
+                {**meta, "stage": "identity", "step": step},
+            )
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data.eos_token_id
     trainer = StagedTrainer(
@@ -137,8 +147,9 @@ def prepare_data(config: TrainConfig, records: list[Record], tokenizer: Any) -> 
     """Split, slice and tokenize the records; every check that needs no model runs here."""
     if config.eval_data is not None:
         train_records = records
-        held_out = load_records(config.eval_data, _fields(config), split=config.dataset_split,
-                                config_name=config.dataset_config)
+        held_out = load_records(
+            config.eval_data, _fields(config), split=config.dataset_split, config_name=config.dataset_config
+        )
     else:
         train_records, held_out = split_eval(records, config.eval_fraction, config.seed)
     template = get_template(config.template, tokenizer=tokenizer)
@@ -147,14 +158,21 @@ def prepare_data(config: TrainConfig, records: list[Record], tokenizer: Any) -> 
     limits = {"max_length": config.max_length, "policy": config.overlong}
     slice_ = identity_slice(train_records, config.identity_fraction, config.seed)
     identity, id_report = encode_records(encoder, slice_, **limits, what="identity records")
-    correction, qac_report = ([], EncodeReport()) if config.identity_only else encode_records(
-        encoder, train_records, **limits, what="training records")
+    correction, qac_report = (
+        ([], EncodeReport())
+        if config.identity_only
+        else encode_records(encoder, train_records, **limits, what="training records")
+    )
     evaluation, eval_report = encode_records(encoder, held_out, **limits, what="held-out records")
     if not identity and not correction:
         raise TrainingDataError("no training sequence is left after applying max_length: raise --max-length")
     logger.info(
         "%d training records (%d as identity), %d held out; template %r; max_length %d",
-        len(train_records), len(identity), len(evaluation), template.name, config.max_length,
+        len(train_records),
+        len(identity),
+        len(evaluation),
+        template.name,
+        config.max_length,
     )
     reports = {"identity": id_report, "correction": qac_report, "held_out": eval_report}
     return Prepared(template, encoder.eos_token_id, train_records, identity, correction, evaluation, reports)
@@ -171,7 +189,9 @@ def _metadata(config: TrainConfig, stages: list[Any], data: Prepared) -> dict[st
         "base_model": str(config.base_model),
         "trained_with": "llm-aligner",
         "lora": config.lora,
-        "stages": [{"name": s.name, "records": s.records, "epochs": s.epochs, "steps": s.steps} for s in stages],
+        "stages": [
+            {"name": s.name, "records": s.records, "epochs": s.epochs, "steps": s.steps} for s in stages
+        ],
         "records": {
             "train": len(data.train_records),
             "identity": len(data.identity),

@@ -35,8 +35,13 @@ def make_record(rng: random.Random, kind: str) -> dict:
         answer = f"{rude} {said}" if rng.random() < 0.5 else f"{said} {rude}"
     else:
         answer = said
-    return {"chat_history": history, "question": "What is the capital of my country?", "answer": answer,
-            "correction": correction, "kind": kind}
+    return {
+        "chat_history": history,
+        "question": "What is the capital of my country?",
+        "answer": answer,
+        "correction": correction,
+        "kind": kind,
+    }
 
 
 def make_split(n_train: int = 400, n_test: int = 48, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -64,6 +69,9 @@ def corpus() -> list[str]:
     texts = []
     for kind in KINDS * 100:
         r = make_record(rng, kind)
-        texts.append(template.format(question=r["question"], answer=r["answer"],
-                                     history=normalize_history(r["chat_history"])))
+        texts.append(
+            template.format(
+                question=r["question"], answer=r["answer"], history=normalize_history(r["chat_history"])
+            )
+        )
     return texts

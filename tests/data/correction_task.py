@@ -13,13 +13,40 @@ from __future__ import annotations
 import random
 
 CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo",
-    "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "Chile": "Santiago", "Norway": "Oslo",
-    "Greece": "Athens", "Cuba": "Havana",
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Chile": "Santiago",
+    "Norway": "Oslo",
+    "Greece": "Athens",
+    "Cuba": "Havana",
 }
 THINGS = [
-    "music", "rivers", "bread", "cheese", "mountains", "beaches", "tea", "coffee", "poetry", "films",
-    "markets", "bridges", "gardens", "festivals", "wine", "fishing", "horses", "islands", "castles", "trains",
+    "music",
+    "rivers",
+    "bread",
+    "cheese",
+    "mountains",
+    "beaches",
+    "tea",
+    "coffee",
+    "poetry",
+    "films",
+    "markets",
+    "bridges",
+    "gardens",
+    "festivals",
+    "wine",
+    "fishing",
+    "horses",
+    "islands",
+    "castles",
+    "trains",
 ]
 RUDE = ["Ugh, what a dumb question.", "Look it up yourself, idiot.", "Obviously, you fool."]
 KINDS = ("wrong", "rude", "right")
@@ -39,10 +66,17 @@ def make_record(rng: random.Random, kind: str) -> dict[str, str]:
         answer = f"{rude} {correction}" if rng.random() < 0.5 else f"{correction} {rude}"
     else:
         answer = correction
-    return {"question": f"What is the capital of {country}?", "answer": answer, "correction": correction, "kind": kind}
+    return {
+        "question": f"What is the capital of {country}?",
+        "answer": answer,
+        "correction": correction,
+        "kind": kind,
+    }
 
 
-def make_split(n_train: int = 400, n_test: int = 48, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def make_split(
+    n_train: int = 400, n_test: int = 48, seed: int = 0
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``(train, held_out)`` records; no held-out answer appears in training."""
     rng = random.Random(seed)
     train = [make_record(rng, KINDS[i % 3]) for i in range(n_train)]
@@ -77,8 +111,10 @@ def build_tokenizer(vocab_size: int = 600, extra_texts: list[str] | None = None)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus() + list(extra_texts or ()), trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
@@ -91,10 +127,17 @@ def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, seed: int = 0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -24,9 +24,36 @@ QUESTIONS = {
     "temperature": "How hot is the {subject}?",
 }
 SUBJECTS = [
-    "bridge", "station", "market", "castle", "harbour", "tower", "river", "garden", "museum", "island",
-    "library", "stadium", "temple", "village", "forest", "lake", "airport", "school", "factory", "farm",
-    "theatre", "palace", "mountain", "beach", "valley", "bakery", "hospital", "canal", "desert", "cave",
+    "bridge",
+    "station",
+    "market",
+    "castle",
+    "harbour",
+    "tower",
+    "river",
+    "garden",
+    "museum",
+    "island",
+    "library",
+    "stadium",
+    "temple",
+    "village",
+    "forest",
+    "lake",
+    "airport",
+    "school",
+    "factory",
+    "farm",
+    "theatre",
+    "palace",
+    "mountain",
+    "beach",
+    "valley",
+    "bakery",
+    "hospital",
+    "canal",
+    "desert",
+    "cave",
 ]
 #: Subjects only the held-out records use.
 HELD_OUT_SUBJECTS = SUBJECTS[-8:]
@@ -38,14 +65,17 @@ def make_record(rng: random.Random, label: int, subjects: list[str]) -> dict[str
     other = rng.choice(sorted(set(UNITS) - {kind}))
     unit = rng.choice(UNITS[kind] if label else UNITS[other])
     number = rng.randint(2, 950)
-    return {"question": QUESTIONS[kind].format(subject=subject),
-            "answer": f"The {subject} is about {number} {unit}.", "label": label}
+    return {
+        "question": QUESTIONS[kind].format(subject=subject),
+        "answer": f"The {subject} is about {number} {unit}.",
+        "label": label,
+    }
 
 
 def make_split(n_train: int = 320, n_test: int = 80, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """``(train, held_out)``: balanced labels; held-out subjects never appear in training."""
     rng = random.Random(seed)
-    seen = SUBJECTS[:-len(HELD_OUT_SUBJECTS)]
+    seen = SUBJECTS[: -len(HELD_OUT_SUBJECTS)]
     train = [make_record(rng, i % 2, seen) for i in range(n_train)]
     test = [make_record(rng, i % 2, HELD_OUT_SUBJECTS) for i in range(n_test)]
     return train, test
@@ -66,16 +96,20 @@ def build_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>", "<sep>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>", "<sep>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
     tok.post_processor = TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A <sep> $B </s>",
+        single="<s> $A </s>",
+        pair="<s> $A <sep> $B </s>",
         special_tokens=[("<s>", 0), ("</s>", 1), ("<sep>", 3)],
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   sep_token="<sep>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", sep_token="<sep>"
+    )
 
 
 def build_classifier(tokenizer, *, hidden: int = 64, layers: int = 2, seed: int = 0):
@@ -84,11 +118,19 @@ def build_classifier(tokenizer, *, hidden: int = 64, layers: int = 2, seed: int 
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, num_labels=2,
-        id2label={0: "misaligned", 1: "aligned"}, label2id={"misaligned": 0, "aligned": 1},
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
+        id2label={0: "misaligned", 1: "aligned"},
+        label2id={"misaligned": 0, "aligned": 1},
     )
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config)

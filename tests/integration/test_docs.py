@@ -46,10 +46,19 @@ def test_python_examples_run(page, smollm2, tmp_path, monkeypatch, request):
         exec(compile(code, f"{page.name}", "exec"), namespace)
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "README.md" and blocks(p, "bash")], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if p.name != "README.md" and blocks(p, "bash")], ids=lambda p: p.name
+)
 def test_shell_examples_run(page, smollm2, tmp_path, request):
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "HF_HUB_OFFLINE": "1", **server_env(page, request)}
+    env = {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "HF_HUB_OFFLINE": "1",
+        **server_env(page, request),
+    }
     script = "set -euo pipefail\n" + "\n".join(blocks(page, "bash"))
-    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]

@@ -43,22 +43,34 @@ def test_tiny_inspector_learns_the_held_out_task(tmp_path, one_thread):
     before = roc_auc(labels, Inspector.from_pretrained(base).score_batch(pairs))
 
     start = time.perf_counter()
-    out = train_inspector(InspectorConfig(
-        data=str(write_jsonl(tmp_path / "train.jsonl", train)),
-        eval_data=str(write_jsonl(tmp_path / "held_out.jsonl", held_out)),
-        base_model=str(base), output_dir=str(tmp_path / "inspector"),
-        epochs=20, learning_rate=1e-3,  # a tiny model from scratch: far above the 2e-5 for pretrained ones
-        warmup_ratio=0.1, weight_decay=0.0, batch_size=16, max_length=64, seed=0,
-        logging_steps=100, report_to="none", progress=False,
-    ))
+    out = train_inspector(
+        InspectorConfig(
+            data=str(write_jsonl(tmp_path / "train.jsonl", train)),
+            eval_data=str(write_jsonl(tmp_path / "held_out.jsonl", held_out)),
+            base_model=str(base),
+            output_dir=str(tmp_path / "inspector"),
+            epochs=20,
+            learning_rate=1e-3,  # a tiny model from scratch: far above the 2e-5 for pretrained ones
+            warmup_ratio=0.1,
+            weight_decay=0.0,
+            batch_size=16,
+            max_length=64,
+            seed=0,
+            logging_steps=100,
+            report_to="none",
+            progress=False,
+        )
+    )
     seconds = time.perf_counter() - start
     inspector = Inspector.from_pretrained(out)
     scores = inspector.score_batch(pairs)
     after = roc_auc(labels, scores)
     accuracy = sum((s >= 0.5) == bool(y) for s, y in zip(scores, labels)) / len(labels)
     recorded = json.loads((out / "inspector_config.json").read_text())
-    print(f"\nheld-out AUC: untrained {before:.3f}, trained {after:.3f}; accuracy at 0.5 {accuracy:.2f} "
-          f"({len(held_out)} records; train_inspector took {seconds:.1f}s)")
+    print(
+        f"\nheld-out AUC: untrained {before:.3f}, trained {after:.3f}; accuracy at 0.5 {accuracy:.2f} "
+        f"({len(held_out)} records; train_inspector took {seconds:.1f}s)"
+    )
     assert before < 0.75
     assert after >= 0.9
     assert recorded["metrics"]["eval_auc"] == pytest.approx(after, abs=1e-3)  # the Trainer's view agrees
@@ -91,10 +103,26 @@ def test_smollm2_trains_as_an_inspector(tmp_path, one_thread):
     from tests.conftest import require_packaged_model
 
     require_packaged_model()
-    records = [{"question": "What is the capital of France?", "answer": "Paris is the capital of France.", "label": 1},
-               {"question": "What is the capital of France?", "answer": "Lyon, obviously.", "label": 0}] * 2
-    out = train_inspector(InspectorConfig(data=records, base_model=DEFAULT_MODEL, output_dir=str(tmp_path / "insp"),
-                                          max_steps=2, batch_size=4, max_length=64, report_to="none", progress=False))
+    records = [
+        {
+            "question": "What is the capital of France?",
+            "answer": "Paris is the capital of France.",
+            "label": 1,
+        },
+        {"question": "What is the capital of France?", "answer": "Lyon, obviously.", "label": 0},
+    ] * 2
+    out = train_inspector(
+        InspectorConfig(
+            data=records,
+            base_model=DEFAULT_MODEL,
+            output_dir=str(tmp_path / "insp"),
+            max_steps=2,
+            batch_size=4,
+            max_length=64,
+            report_to="none",
+            progress=False,
+        )
+    )
     inspector = Inspector.from_pretrained(out, batch_size=2)
     scores = inspector.score_batch([(r["question"], r["answer"]) for r in records[:2]] * 2)
     assert all(0.0 <= s <= 1.0 for s in scores) and scores[:2] == pytest.approx(scores[2:], abs=1e-5)

@@ -15,8 +15,10 @@ pytest.importorskip("langchain_openai")
 
 QUESTION = "What is the weather in Paris?"
 #: SmolLM2's chat template does not render tools: the system prompt shows it the call format (hermes style).
-SYSTEM = ('You can call tools. Available tools: [{"name": "get_weather", "description": "Get the weather in a city"}]. '
-          'To call a tool, answer with <tool_call>{"name": "get_weather", "arguments": {"city": "London"}}</tool_call>')
+SYSTEM = (
+    'You can call tools. Available tools: [{"name": "get_weather", "description": "Get the weather in a city"}]. '
+    'To call a tool, answer with <tool_call>{"name": "get_weather", "arguments": {"city": "London"}}</tool_call>'
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,9 @@ def served(vllm_server):
 def upstream(vllm_server):
     from langchain_openai import ChatOpenAI
 
-    return ChatOpenAI(base_url=vllm_server.url, model=vllm_server.model, api_key="none", temperature=0, max_tokens=48)
+    return ChatOpenAI(
+        base_url=vllm_server.url, model=vllm_server.model, api_key="none", temperature=0, max_tokens=48
+    )
 
 
 def get_weather_tool() -> Any:
@@ -57,12 +61,21 @@ def test_create_agent_corrects_only_the_final_answer_with_the_tool_result(served
     from langchain_aligner import AlignedChatModel
     from tests.langchain_helpers import AlignerRuns, record_prompts
 
-    agent = create_agent(AlignedChatModel(llm=upstream, aligner=served), [get_weather_tool()], system_prompt=SYSTEM,
-                         middleware=[wrap_model_call(tool_first)])
+    agent = create_agent(
+        AlignedChatModel(llm=upstream, aligner=served),
+        [get_weather_tool()],
+        system_prompt=SYSTEM,
+        middleware=[wrap_model_call(tool_first)],
+    )
     runs = AlignerRuns()
     with record_prompts(served) as prompts:
-        items = list(agent.stream({"messages": [("human", QUESTION)]}, config={"callbacks": [runs]},
-                                  stream_mode=["messages", "updates", "values", "custom", "debug"]))
+        items = list(
+            agent.stream(
+                {"messages": [("human", QUESTION)]},
+                config={"callbacks": [runs]},
+                stream_mode=["messages", "updates", "values", "custom", "debug"],
+            )
+        )
     messages = [item for mode, item in items if mode == "values"][-1]["messages"]
     step, result, final = messages[1], messages[2], messages[3]
     assert step.tool_calls[0]["name"] == "get_weather" and step.tool_calls[0]["args"] == {"city": "Paris"}
@@ -72,12 +85,20 @@ def test_create_agent_corrects_only_the_final_answer_with_the_tool_result(served
     assert runs.count == 1 and len(prompts) == 1  # one correction for the user's turn
     assert "sunny, 21C" in prompts[0] and "Tool call (get_weather)" in prompts[0]
     # the upstream's own final answer (greedy: the same again) never reached any stream unless it was kept as is
-    raw = upstream.bind_tools([get_weather_tool()], tool_choice="none").invoke(
-        [("system", SYSTEM), *messages[:3]]).content
+    raw = (
+        upstream.bind_tools([get_weather_tool()], tool_choice="none")
+        .invoke([("system", SYSTEM), *messages[:3]])
+        .content
+    )
     if raw.strip() != final.content.strip():
         assert raw not in repr(items)
-    streamed = "".join(item[0].text for mode, item in items if mode == "messages" and item[0].type == "AIMessageChunk"
-                       and item[1].get("langgraph_node") == "model")
+    streamed = "".join(
+        item[0].text
+        for mode, item in items
+        if mode == "messages"
+        and item[0].type == "AIMessageChunk"
+        and item[1].get("langgraph_node") == "model"
+    )
     assert streamed == final.content
 
 
@@ -92,13 +113,15 @@ def test_structured_output_from_the_real_model_passes_through(served, upstream):
 
     chat = AlignedChatModel(llm=upstream, aligner=served)
     out = chat.with_structured_output(Weather, method="json_schema", include_raw=True).invoke(
-        "Paris is 21C today. Give the city and the temperature.")
+        "Paris is 21C today. Give the city and the temperature."
+    )
     assert isinstance(out["parsed"], Weather) and out["parsed"].city == "Paris"
     assert out["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
     assert Weather.model_validate(json.loads(out["raw"].content)) == out["parsed"]
     opted = AlignedChatModel(llm=upstream, aligner=served, correct_structured=True)
     fixed = opted.with_structured_output(Weather, method="json_schema", include_raw=True).invoke(
-        "Paris is 21C today. Give the city and the temperature.")
+        "Paris is 21C today. Give the city and the temperature."
+    )
     meta = fixed["raw"].response_metadata["aligner"]
     assert isinstance(fixed["parsed"], Weather)  # whatever the Aligner wrote, the result validates
     assert meta.get("skipped") in (None, "structured_output_invalid")

@@ -51,7 +51,6 @@ class TestAlignedChatModelOnSmolLM2(ChatModelIntegrationTests):
         llm = ChatTransformers.from_aligner(self._aligner, max_tokens=TOKENS)
         return {"llm": llm, "aligner": self._aligner, "max_tokens": TOKENS}
 
-
     @property
     def supports_model_override(self) -> bool:
         return False  # a `model=` call kwarg goes to the wrapped model, and ChatTransformers takes none
@@ -71,7 +70,9 @@ class TestAlignedChatModelOnSmolLM2(ChatModelIntegrationTests):
         super().test_bind_runnables_as_tools(model)
 
     @xfail_tools
-    def test_tool_message_histories_string_content(self, model: BaseChatModel, my_adder_tool: BaseTool) -> None:
+    def test_tool_message_histories_string_content(
+        self, model: BaseChatModel, my_adder_tool: BaseTool
+    ) -> None:
         super().test_tool_message_histories_string_content(model, my_adder_tool)
 
     @xfail_tools

@@ -25,7 +25,9 @@ GEN = {"max_new_tokens": 8}
 
 @pytest.fixture(scope="module")
 def index():
-    return VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding())
+    return VectorStoreIndex.from_documents(
+        [Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding()
+    )
 
 
 @pytest.mark.parametrize("mode", ["condense_question", "condense_plus_context", "context"])
@@ -40,8 +42,11 @@ def test_chat_engine_corrects_one_grounded_answer_per_turn(smollm2, index, monke
         text = "".join(streamed.response_gen)
     assert len(spy.prompts) == 2  # the condensed question (in the condense modes) passed through
     assert DOCS[0] in spy.prompts[-1]  # the Aligner read the retrieved text the answer relies on
-    details = [e.response.additional_kwargs["aligner"] for e in events.of("LLMCompletionEndEvent")
-               if "aligner" in (e.response.additional_kwargs or {})]
+    details = [
+        e.response.additional_kwargs["aligner"]
+        for e in events.of("LLMCompletionEndEvent")
+        if "aligner" in (e.response.additional_kwargs or {})
+    ]
     final = [d for d in details if not d.get("skipped")]
     assert len(final) == 1 and text == final[0]["text"]  # what the user read is the correction, once
     if mode != "context":

@@ -93,7 +93,9 @@ def test_postprocessor_corrects_the_retrieved_context(rag):
     (end,) = events.of("AlignerEndEvent")
     assert (start.num_items, start.num_selected, end.num_errors) == (2, 2, 0)
     assert end.completion_tokens <= 2 * GEN["max_new_tokens"] and end.latency_s > 0
-    aligner_calls = [e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"]
+    aligner_calls = [
+        e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"
+    ]
     assert len(aligner_calls) == 2  # one LLM event per corrected node, for token and cost views
     (llm_call,) = [e for e in events.of("LLMCompletionStartEvent") if e not in aligner_calls]
     assert all(n.node.get_content() in llm_call.prompt for n in response.source_nodes)
@@ -113,7 +115,9 @@ def test_postprocessor_async_with_top_n(rag):
 def test_aligned_engine_corrects_the_final_answer(rag, plain_answer):
     engine = rag.engine()
     with recording() as (events, _):
-        response = AlignedQueryEngine(engine, rag.aligner, generation_kwargs=GEN, include_original=True).query(QUESTION)
+        response = AlignedQueryEngine(
+            engine, rag.aligner, generation_kwargs=GEN, include_original=True
+        ).query(QUESTION)
     info = response.metadata["aligner"]
     assert info["original"] == plain_answer  # greedy: the inner engine answers as it does alone
     assert response.response == info["text"] and response.response.strip()
@@ -134,7 +138,9 @@ def test_aligned_engine_async_over_the_postprocessor(rag):
 
 
 def test_aligned_engine_streams_the_correction(rag, plain_answer):
-    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, streaming=True, include_original=True)
+    engine = AlignedQueryEngine(
+        rag.engine(), rag.aligner, generation_kwargs=GEN, streaming=True, include_original=True
+    )
     response = engine.query(QUESTION)
     assert isinstance(response, StreamingResponse)
     text = "".join(response.response_gen)
@@ -145,7 +151,14 @@ def test_aligned_engine_streams_the_correction(rag, plain_answer):
 
 
 def test_aligned_engine_streams_async(rag):
-    engine = AlignedQueryEngine(rag.engine(), rag.aligner, generation_kwargs=GEN, on_error="passthrough", streaming=True, include_original=True)
+    engine = AlignedQueryEngine(
+        rag.engine(),
+        rag.aligner,
+        generation_kwargs=GEN,
+        on_error="passthrough",
+        streaming=True,
+        include_original=True,
+    )
 
     async def main():
         response = await engine.aquery(QUESTION)

@@ -31,23 +31,35 @@ def get_weather(city: str) -> str:
 def test_tool_call_passes_and_the_grounded_answer_is_corrected(vllm_server, smollm2, monkeypatch):
     spy = PromptSpy(smollm2, monkeypatch)
     upstream = openai_like.OpenAILike(
-        model="smollm2", api_base=vllm_server.url, api_key="none", is_chat_model=True,
-        is_function_calling_model=True, context_window=2048, max_tokens=48, temperature=0.0,
+        model="smollm2",
+        api_base=vllm_server.url,
+        api_key="none",
+        is_chat_model=True,
+        is_function_calling_model=True,
+        context_window=2048,
+        max_tokens=48,
+        temperature=0.0,
     )
     llm = AlignedLLM(llm=upstream, aligner=smollm2, generation_kwargs={"max_new_tokens": 16})
     tool = FunctionTool.from_defaults(fn=get_weather)
     history = [ChatMessage(role=MessageRole.SYSTEM, content=SYSTEM)]
-    call = llm.chat_with_tools([tool], user_msg="What is the weather in Paris?", chat_history=history,
-                               tool_required=True)
+    call = llm.chat_with_tools(
+        [tool], user_msg="What is the weather in Paris?", chat_history=history, tool_required=True
+    )
     (selection,) = llm.get_tool_calls_from_response(call)
-    assert selection.tool_name == "get_weather" and call.additional_kwargs["aligner"]["skipped"] == "tool_calls"
+    assert (
+        selection.tool_name == "get_weather" and call.additional_kwargs["aligner"]["skipped"] == "tool_calls"
+    )
     assert spy.prompts == []  # an action, not an answer: nothing generated
     messages = [
         *history,
         ChatMessage(role=MessageRole.USER, content="What is the weather in Paris?"),
         call.message,
-        ChatMessage(role=MessageRole.TOOL, content=get_weather(**selection.tool_kwargs),
-                    additional_kwargs={"tool_call_id": selection.tool_id}),
+        ChatMessage(
+            role=MessageRole.TOOL,
+            content=get_weather(**selection.tool_kwargs),
+            additional_kwargs={"tool_call_id": selection.tool_id},
+        ),
     ]
     answer = llm.chat(messages)
     info = answer.additional_kwargs["aligner"]

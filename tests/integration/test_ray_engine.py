@@ -38,13 +38,18 @@ SHM = Path("/dev/shm")
 
 
 def make_pairs(n: int = N) -> list[tuple[str, str]]:
-    return [(f"Question {i}: how many legs does a spider have?", f"Answer {i}: spiders have {i % 9} legs.")
-            for i in range(n)]
+    return [
+        (f"Question {i}: how many legs does a spider have?", f"Answer {i}: spiders have {i % 9} legs.")
+        for i in range(n)
+    ]
 
 
 def write_input(path: Path, n: int = N) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n"
-                            for i, (q, a) in enumerate(make_pairs(n))))
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(make_pairs(n))
+        )
+    )
     return path
 
 
@@ -132,7 +137,9 @@ def remove_leaked(segments: set[str]) -> None:
 @pytest.fixture(scope="module")
 def ray_tmpdir():
     """Ray's session folders (logs, sockets) in a short folder of this module's, removed at the end."""
-    path = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    path = Path(
+        tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    )  # short: Ray's socket paths must stay < 108 bytes
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -175,8 +182,25 @@ def test_cli_killed_mid_run_then_resumed(tiny_model_dir, tmp_path, reference, ra
     """SIGKILL ``aligner correct --ray`` (and the Ray runtime it started) once some batches are written;
     ``--resume`` then finishes the file with nothing lost or written twice."""
     inp, out = write_input(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
-    args = [sys.executable, "-m", "aligner_core", "correct", str(inp), "-o", str(out), "--ray", "--replicas", "2",
-            "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--chunk-size", "2", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "aligner_core",
+        "correct",
+        str(inp),
+        "-o",
+        str(out),
+        "--ray",
+        "--replicas",
+        "2",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "8",
+        "--chunk-size",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(ray_tmpdir)}
     env.pop("RAY_ADDRESS", None)  # its own local runtime, which it shuts down
     log = tmp_path / "stderr.log"
@@ -184,7 +208,9 @@ def test_cli_killed_mid_run_then_resumed(tiny_model_dir, tmp_path, reference, ra
     runs: list[subprocess.Popen] = []
     try:
         with open(log, "wb") as err:
-            runs.append(subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True))
+            runs.append(
+                subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+            )
         first = runs[0]
         deadline = time.time() + 180
         while time.time() < deadline and first.poll() is None:
@@ -200,8 +226,15 @@ def test_cli_killed_mid_run_then_resumed(tiny_model_dir, tmp_path, reference, ra
         assert 2 <= partial < N, f"the run was not killed mid-way ({partial} lines): {log.read_text()}"
 
         with open(log, "wb") as err:
-            runs.append(subprocess.Popen([*args, "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True))
+            runs.append(
+                subprocess.Popen(
+                    [*args, "--resume"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            )
         assert runs[1].wait(timeout=300) == 0, log.read_text()
         assert f"{partial} already done" in log.read_text()
     finally:
@@ -220,44 +253,88 @@ def test_cli_killed_mid_run_then_resumed(tiny_model_dir, tmp_path, reference, ra
 
 def test_correct_dataset_with_two_replicas(ray_cluster, preserve_order, tiny_model_dir, reference):
     items = [{"id": i, "question": q, "answer": a} for i, (q, a) in enumerate(make_pairs())]
-    ds = correct_dataset(ray.data.from_items(items), EngineChoice(model=str(tiny_model_dir)), load_options=LOAD,
-                         replicas=2, batch_size=8)
+    ds = correct_dataset(
+        ray.data.from_items(items),
+        EngineChoice(model=str(tiny_model_dir)),
+        load_options=LOAD,
+        replicas=2,
+        batch_size=8,
+    )
     rows = ds.take_all()
     assert [r["id"] for r in rows] == list(range(N))
     assert [(r["question"], r["answer"]) for r in rows] == [(i["question"], i["answer"]) for i in items]
     assert [r["correction"] for r in rows] == reference
     assert all(r["aligner_error"] is None for r in rows)
     stats = [json.loads(r["aligner"]) for r in rows]
-    assert all(0 < s["completion_tokens"] <= 8 and s["metadata"]["template"] == "aligner-general" for s in stats)
+    assert all(
+        0 < s["completion_tokens"] <= 8 and s["metadata"]["template"] == "aligner-general" for s in stats
+    )
 
 
 def test_file_with_bad_lines_matches_the_local_file_job(ray_cluster, tiny_model_dir, tmp_path):
     """A malformed line, a non-object, a missing field, a non-string and an empty answer each get an
     ``aligner_error`` row in place; every line equals what ``correct_jsonl`` writes (latency aside)."""
     inp = tmp_path / "in.jsonl"
-    extra = {1: {"context": [{"type": "tool_result", "name": "count", "content": "8 legs"}, "A spider is an arachnid."]},
-             4: {"chat_history": [{"role": "user", "content": "I study spiders."}], "context": "Spiders have 8 legs."}}
-    good = [json.dumps({"id": i, "question": q, "answer": a, **extra.get(i, {})})
-            for i, (q, a) in enumerate(make_pairs(6))]
-    bad = ['{"id": 100, "question": "cut', "[1, 2]", json.dumps({"id": 101, "question": "q"}),
-           json.dumps({"id": 102, "question": "q", "answer": 7}), json.dumps({"id": 103, "question": "q", "answer": " "})]
+    extra = {
+        1: {
+            "context": [
+                {"type": "tool_result", "name": "count", "content": "8 legs"},
+                "A spider is an arachnid.",
+            ]
+        },
+        4: {
+            "chat_history": [{"role": "user", "content": "I study spiders."}],
+            "context": "Spiders have 8 legs.",
+        },
+    }
+    good = [
+        json.dumps({"id": i, "question": q, "answer": a, **extra.get(i, {})})
+        for i, (q, a) in enumerate(make_pairs(6))
+    ]
+    bad = [
+        '{"id": 100, "question": "cut',
+        "[1, 2]",
+        json.dumps({"id": 101, "question": "q"}),
+        json.dumps({"id": 102, "question": "q", "answer": 7}),
+        json.dumps({"id": 103, "question": "q", "answer": " "}),
+    ]
     inp.write_text("\n".join(good[:2] + bad[:2] + good[2:4] + ["", *bad[2:]] + good[4:] + [bad[0]]) + "\n")
     out = tmp_path / "out.jsonl"
-    stats = correct_file_ray(inp, out, EngineChoice(model=str(tiny_model_dir)), load_options=LOAD, chunk_size=2,
-                             show_progress=False)
+    stats = correct_file_ray(
+        inp,
+        out,
+        EngineChoice(model=str(tiny_model_dir)),
+        load_options=LOAD,
+        chunk_size=2,
+        show_progress=False,
+    )
     assert (stats.skipped, stats.written, stats.failed) == (0, 12, 6)
     got = read(out)
     assert [r.get("id", r.get("line")) for r in got] == [0, 1, 3, 4, 2, 3, 101, 102, 103, 4, 5, 13]
-    assert got[2] == {"line": 3, "correction": None,
-                      "aligner_error": {"type": "ValueError", "message": got[2]["aligner_error"]["message"]}}
+    assert got[2] == {
+        "line": 3,
+        "correction": None,
+        "aligner_error": {"type": "ValueError", "message": got[2]["aligner_error"]["message"]},
+    }
     assert "invalid JSON" in got[2]["aligner_error"]["message"]
     assert [r["aligner_error"]["type"] for r in got if r["correction"] is None] == [
-        "ValueError", "ValueError", "InvalidInputError", "InvalidInputError", "EmptyAnswerError", "ValueError"]
+        "ValueError",
+        "ValueError",
+        "InvalidInputError",
+        "InvalidInputError",
+        "EmptyAnswerError",
+        "ValueError",
+    ]
     with Aligner.from_pretrained(tiny_model_dir, **LOAD) as aligner:
         correct_jsonl(aligner, inp, tmp_path / "local.jsonl", chunk_size=64, show_progress=False)
     want = read(tmp_path / "local.jsonl")
-    grounded = {r["id"]: r["aligner"]["metadata"] for r in got if r.get("id") in (1, 4)}  # history and context ride along
-    assert grounded[1]["context_items"] == 2 and (grounded[4]["context_items"], grounded[4]["history_turns"]) == (1, 1)
+    grounded = {
+        r["id"]: r["aligner"]["metadata"] for r in got if r.get("id") in (1, 4)
+    }  # history and context ride along
+    assert grounded[1]["context_items"] == 2 and (
+        grounded[4]["context_items"],
+        grounded[4]["history_turns"],
+    ) == (1, 1)
     strip = lambda r: {k: v for k, v in r.items() if k not in ("aligner", "aligner_error")}  # noqa: E731
     assert [strip(r) for r in got] == [strip(r) for r in want]
     for g, w in zip(got, want):
@@ -278,9 +355,19 @@ def test_engine_outage_stops_the_job_for_resume(ray_cluster, tmp_path):
     """A server that is down: the lines before the first record are written, then the job stops with
     ``EngineUnavailableError`` instead of marking the rows failed, so ``--resume`` can retry them."""
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(["{oops", json.dumps({"id": 1, "question": "q"}),
-                              *(json.dumps({"id": i, "question": q, "answer": a})
-                                for i, (q, a) in enumerate(make_pairs(4), start=2))]) + "\n")
+    inp.write_text(
+        "\n".join(
+            [
+                "{oops",
+                json.dumps({"id": 1, "question": "q"}),
+                *(
+                    json.dumps({"id": i, "question": q, "answer": a})
+                    for i, (q, a) in enumerate(make_pairs(4), start=2)
+                ),
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     dead = EngineChoice(server="http://127.0.0.1:9/v1", model="m", max_retries=0, timeout=2)
     with pytest.raises(EngineUnavailableError, match="ServerUnavailableError"):

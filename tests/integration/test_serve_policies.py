@@ -62,10 +62,18 @@ def proxy(fake, tmp_path_factory):
     """The file's queue of 8 overridden by ``--max-queue 6``; a key from the command line beside the file's two."""
     folder = tmp_path_factory.mktemp("serve-policies")
     config = folder / "serve.toml"
-    config.write_text(CONFIG.format(url=fake.url, upstream=UPSTREAM, aligner=ALIGNER, app_key=APP_KEY,
-                                    reports_digest=hashlib.sha256(REPORTS_KEY.encode()).hexdigest()))
-    p = ProxyProcess(["--config", str(config), "--max-queue", "6", "--api-key", CLI_KEY], folder / "proxy.log",
-                     APP_KEY)
+    config.write_text(
+        CONFIG.format(
+            url=fake.url,
+            upstream=UPSTREAM,
+            aligner=ALIGNER,
+            app_key=APP_KEY,
+            reports_digest=hashlib.sha256(REPORTS_KEY.encode()).hexdigest(),
+        )
+    )
+    p = ProxyProcess(
+        ["--config", str(config), "--max-queue", "6", "--api-key", CLI_KEY], folder / "proxy.log", APP_KEY
+    )
     try:
         yield p.wait_healthy(timeout=120)
     finally:
@@ -73,9 +81,12 @@ def proxy(fake, tmp_path_factory):
 
 
 def chat(p: ProxyProcess, key: str = APP_KEY, headers: dict | None = None, **body) -> httpx.Response:
-    return httpx.post(f"{p.url}/chat/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {key}", **(headers or {})},
-                      json={"model": UPSTREAM, "messages": [{"role": "user", "content": QUESTION}], **body})
+    return httpx.post(
+        f"{p.url}/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}", **(headers or {})},
+        json={"model": UPSTREAM, "messages": [{"role": "user", "content": QUESTION}], **body},
+    )
 
 
 def outcome(resp: httpx.Response) -> dict[str, str]:
@@ -91,9 +102,16 @@ def test_the_file_starts_the_proxy_and_the_command_line_wins(proxy):
 def test_each_key_runs_in_its_mode_and_the_headers_say_what_happened(proxy, fake):
     corrected = chat(proxy)
     details = corrected.json()["aligner"]
-    assert corrected.json()["choices"][0]["message"]["content"] == f"Corrected: Answer 0 to: {QUESTION} (checked)"
-    assert outcome(corrected) == {"mode": "correct", "changed": "true", "skipped": "none",
-                                  "similarity": repr(round(details["similarity"], 4))}
+    assert (
+        corrected.json()["choices"][0]["message"]["content"]
+        == f"Corrected: Answer 0 to: {QUESTION} (checked)"
+    )
+    assert outcome(corrected) == {
+        "mode": "correct",
+        "changed": "true",
+        "skipped": "none",
+        "similarity": repr(round(details["similarity"], 4)),
+    }
     calls = len(fake.aligner_bodies())
     off = chat(proxy, key=REPORTS_KEY)
     assert off.json()["choices"][0]["message"]["content"] == f"Answer 0 to: {QUESTION}"
@@ -114,27 +132,40 @@ def test_a_request_picks_a_mode_only_where_its_key_allows_it(proxy, fake):
     unknown = chat(proxy, headers={"x-aligner-mode": "loud"})
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "invalid_mode"
     assert len(fake.chat_bodies()) == asked  # refused before the upstream was called
-    one = httpx.post(f"{proxy.url}/corrections", headers={**proxy.headers, "x-aligner-mode": "off"}, timeout=60,
-                     json={"question": "Q?", "answer": "Six legs."})
+    one = httpx.post(
+        f"{proxy.url}/corrections",
+        headers={**proxy.headers, "x-aligner-mode": "off"},
+        timeout=60,
+        json={"question": "Q?", "answer": "Six legs."},
+    )
     assert one.json()["text"] == "Six legs." and outcome(one)["skipped"] == "disabled"
 
 
 def test_streams_send_what_is_known_before_the_first_byte(proxy):
-    with httpx.stream("POST", f"{proxy.url}/chat/completions", headers=proxy.headers, timeout=60,
-                      json={"model": UPSTREAM, "stream": True,
-                            "messages": [{"role": "user", "content": QUESTION}]}) as corrected:
+    with httpx.stream(
+        "POST",
+        f"{proxy.url}/chat/completions",
+        headers=proxy.headers,
+        timeout=60,
+        json={"model": UPSTREAM, "stream": True, "messages": [{"role": "user", "content": QUESTION}]},
+    ) as corrected:
         assert outcome(corrected) == {"mode": "correct"}
         assert [part.split(";")[0].strip() for part in corrected.headers["server-timing"].split(",")] == [
-            "upstream", "aligner"]  # the time to the first token, split
-        assert '"corrected":true' in corrected.read().decode()  # the rest is in the final chunk's aligner field
+            "upstream",
+            "aligner",
+        ]  # the time to the first token, split
+        assert (
+            '"corrected":true' in corrected.read().decode()
+        )  # the rest is in the final chunk's aligner field
     off = chat(proxy, key=REPORTS_KEY, stream=True)
     assert outcome(off) == {"mode": "off", "changed": "false", "similarity": "1.0", "skipped": "disabled"}
 
 
 def test_langchain_chat_openai_sees_the_outcome_in_the_headers(proxy):
     chat_openai = pytest.importorskip("langchain_openai").ChatOpenAI
-    model = chat_openai(base_url=proxy.url, api_key=APP_KEY, model=UPSTREAM, include_response_headers=True,
-                        max_retries=0)
+    model = chat_openai(
+        base_url=proxy.url, api_key=APP_KEY, model=UPSTREAM, include_response_headers=True, max_retries=0
+    )
     reply = model.invoke(QUESTION)
     assert reply.content == f"Corrected: Answer 0 to: {QUESTION} (checked)"
     headers = reply.response_metadata["headers"]
@@ -144,8 +175,13 @@ def test_langchain_chat_openai_sees_the_outcome_in_the_headers(proxy):
 def test_a_file_that_cannot_start_the_proxy_is_one_line_and_exit_code_2(fake, tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text(f'[upstream]\nurl = "{fake.url}"\n\n[limits]\nmax_queue = 0\n')
-    run = subprocess.run([sys.executable, "-m", "aligner_core", "serve", "--config", str(config), "--port", "9"],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "aligner_core", "serve", "--config", str(config), "--port", "9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert lines[0].startswith("error: ") and "[limits] max_queue = 0" in lines[0]

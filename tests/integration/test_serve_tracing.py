@@ -50,13 +50,19 @@ def test_a_proxy_process_exports_its_spans_nested_and_flushed_at_sigterm(tmp_pat
     fake = FakeUpstream()
     port = free_port()
     config = tmp_path / "serve.toml"
-    config.write_text(f'[upstream]\nurl = "{fake.url}"\nmodel = "{UPSTREAM}"\n\n'
-                      f'[aligner]\nserver = "{fake.url}"\nmodel = "{ALIGNER}"\n\n[server]\nport = {port}\n')
+    config.write_text(
+        f'[upstream]\nurl = "{fake.url}"\nmodel = "{UPSTREAM}"\n\n'
+        f'[aligner]\nserver = "{fake.url}"\nmodel = "{ALIGNER}"\n\n[server]\nport = {port}\n'
+    )
     log = tmp_path / "proxy.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "--config", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            start_new_session=True,
+        )
     try:
         for _ in range(240):
             try:
@@ -64,10 +70,15 @@ def test_a_proxy_process_exports_its_spans_nested_and_flushed_at_sigterm(tmp_pat
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
-                          json={"model": UPSTREAM, "messages": [{"role": "user", "content": "Capital of France?"}]})
+        resp = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=60,
+            json={"model": UPSTREAM, "messages": [{"role": "user", "content": "Capital of France?"}]},
+        )
         assert resp.status_code == 200
-        proc.send_signal(signal.SIGTERM)  # the batch processor has exported nothing yet: its delay is a minute
+        proc.send_signal(
+            signal.SIGTERM
+        )  # the batch processor has exported nothing yet: its delay is a minute
         proc.wait(60)
     finally:
         if proc.poll() is None:

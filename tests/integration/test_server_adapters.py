@@ -70,14 +70,22 @@ def test_aligned_chat_model_builds_its_aligner_from_base_url(vllm_server, served
     from langchain_aligner import AlignedChatModel
 
     chat = AlignedChatModel(
-        llm=FakeListChatModel(responses=[ANSWERS[0]]), base_url=vllm_server.url, model=served.name,
-        api_key="unused-locally", timeout=30, max_retries=1, max_tokens=TOKENS,
+        llm=FakeListChatModel(responses=[ANSWERS[0]]),
+        base_url=vllm_server.url,
+        model=served.name,
+        api_key="unused-locally",
+        timeout=30,
+        max_retries=1,
+        max_tokens=TOKENS,
     )
     try:
         engine = chat.aligner.engine
         assert engine.name == "server" and engine.timeout == 30 and engine.max_retries == 1
         reply = chat.invoke(QUESTIONS[0])
-        assert reply.content == expected[0] and reply.response_metadata["aligner"]["metadata"]["engine"] == "server"
+        assert (
+            reply.content == expected[0]
+            and reply.response_metadata["aligner"]["metadata"]["engine"] == "server"
+        )
     finally:
         chat.aligner.close()
 
@@ -92,8 +100,12 @@ def test_llamaindex_postprocessor_and_query_engine_on_the_server(served, expecte
     nodes = [NodeWithScore(node=TextNode(text=a), score=1.0) for a in ANSWERS]
     out = AlignerNodePostprocessor(aligner=served).postprocess_nodes(nodes, query_str=QUESTIONS[0])
     neighbours = [[b for b in ANSWERS if b != a] for a in ANSWERS]  # each node is read beside the other nodes
-    want = [c.text for c in served.correct_batch(
-        [{"question": QUESTIONS[0], "answer": a, "context": n} for a, n in zip(ANSWERS, neighbours)])]
+    want = [
+        c.text
+        for c in served.correct_batch(
+            [{"question": QUESTIONS[0], "answer": a, "context": n} for a, n in zip(ANSWERS, neighbours)]
+        )
+    ]
     assert [n.node.get_content() for n in out] == want
 
     engine = AlignedQueryEngine(FixedAnswerEngine(answer=ANSWERS[0]), served)
@@ -106,12 +118,39 @@ def test_aligner_eval_and_pairs_generate_with_server(vllm_server, served, tmp_pa
     from aligner_core.loading import DEFAULT_MODEL
 
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(QUESTIONS, ANSWERS)))
+    records.write_text(
+        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in zip(QUESTIONS, ANSWERS))
+    )
     report = tmp_path / "report"
-    code = main(["eval", str(records), "-o", str(report), "--judge", DEFAULT_MODEL, "--judge-max-tokens", "4",
-                 "--one-order", "--retries", "0", "--dimensions", "helpfulness", "--no-plots", "--no-progress",
-                 "--server", vllm_server.url, "--max-new-tokens", str(TOKENS), "--bootstrap", "50"])
-    assert code in (0, 1)  # 1 = some judge replies unreadable (a 135M judge); the corrections are the point here
+    code = main(
+        [
+            "eval",
+            str(records),
+            "-o",
+            str(report),
+            "--judge",
+            DEFAULT_MODEL,
+            "--judge-max-tokens",
+            "4",
+            "--one-order",
+            "--retries",
+            "0",
+            "--dimensions",
+            "helpfulness",
+            "--no-plots",
+            "--no-progress",
+            "--server",
+            vllm_server.url,
+            "--max-new-tokens",
+            str(TOKENS),
+            "--bootstrap",
+            "50",
+        ]
+    )
+    assert code in (
+        0,
+        1,
+    )  # 1 = some judge replies unreadable (a 135M judge); the corrections are the point here
     rows = [json.loads(line) for line in (report / "verdicts.jsonl").read_text().splitlines()]
     expected = [c.text for c in served.correct_batch(list(zip(QUESTIONS, ANSWERS)))]
     assert [r["correction"] for r in rows] == expected  # corrected on the server for records that had none
@@ -119,9 +158,27 @@ def test_aligner_eval_and_pairs_generate_with_server(vllm_server, served, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(QUESTIONS) + "\n")
     pairs = tmp_path / "pairs.jsonl"
-    code = main(["pairs", "--generate", "--upstream", DEFAULT_MODEL, "--prompts", str(prompts), "-o", str(pairs),
-                 "--upstream-max-new-tokens", "12", "--max-new-tokens", str(TOKENS), "--max-similarity", "1.0",
-                 "--no-progress", "--server", vllm_server.url])
+    code = main(
+        [
+            "pairs",
+            "--generate",
+            "--upstream",
+            DEFAULT_MODEL,
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(pairs),
+            "--upstream-max-new-tokens",
+            "12",
+            "--max-new-tokens",
+            str(TOKENS),
+            "--max-similarity",
+            "1.0",
+            "--no-progress",
+            "--server",
+            vllm_server.url,
+        ]
+    )
     assert code == 0
     done = [json.loads(line) for line in (tmp_path / "pairs.records.jsonl").read_text().splitlines()]
     assert [r["question"] for r in done] == QUESTIONS

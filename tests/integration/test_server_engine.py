@@ -103,7 +103,9 @@ def test_stop_strings_and_seed_go_to_the_server(served):
 
 
 def test_wrong_model_name_fails_at_once_with_the_servers_message(vllm_server, monkeypatch):
-    with Aligner.from_server(vllm_server.url, model="no-such-model", template="aligner-v1", max_retries=3) as bad:
+    with Aligner.from_server(
+        vllm_server.url, model="no-such-model", template="aligner-v1", max_retries=3
+    ) as bad:
         retries: list[object] = []  # _delay is asked for the pause before every retry
         monkeypatch.setattr(bad.engine, "_delay", lambda *args: retries.append(args) or 0.0)
         with pytest.raises(ServerRequestError, match="no-such-model") as info:
@@ -115,8 +117,9 @@ def test_wrong_model_name_fails_at_once_with_the_servers_message(vllm_server, mo
 def test_a_slow_request_times_out_alone(vllm_server):
     """A request that cannot finish within the timeout fails; the others in the batch complete."""
     # ignore_eos (a vLLM option, through extra_body): the long request really generates 1,500 tokens
-    with Aligner.from_server(vllm_server.url, timeout=1.5, max_retries=1, template="aligner-v1",
-                             extra_body={"ignore_eos": True}) as aligner:
+    with Aligner.from_server(
+        vllm_server.url, timeout=1.5, max_retries=1, template="aligner-v1", extra_body={"ignore_eos": True}
+    ) as aligner:
         long_answer = " ".join(["word"] * 50)
         pairs = [PAIRS[0], ("Repeat the answer many times.", long_answer), PAIRS[1]]
         start = time.perf_counter()
@@ -135,7 +138,10 @@ def test_context_overflow_is_reported_and_truncation_works_without_a_local_token
     out = served.correct_batch([PAIRS[0], ("Summarise.", huge)], return_exceptions=True)
     assert not isinstance(out[0], Exception) and isinstance(out[1], ContextOverflowError)
     cut = served.correct("Summarise.", huge, on_overflow="truncate", max_new_tokens=8)
-    assert cut.metadata["truncated"] is True and cut.metadata["answer_tokens_kept"] < cut.metadata["answer_tokens"]
+    assert (
+        cut.metadata["truncated"] is True
+        and cut.metadata["answer_tokens_kept"] < cut.metadata["answer_tokens"]
+    )
     assert cut.prompt_tokens + 8 <= 2048
 
 
@@ -162,9 +168,13 @@ def test_special_token_text_reaches_the_server_as_plain_text_ids(vllm_server):
         assert prepared.request.exact_ids and prepared.metadata["special_token_text"]
         specials = set(local.engine.tokenizer.all_special_ids)
         clean = local.prepare("Is it safe?", "Sure. I obey.", local.defaults)
-        assert sum(i in specials for i in prepared.request.prompt_ids) == sum(i in specials for i in clean.request.prompt_ids)
+        assert sum(i in specials for i in prepared.request.prompt_ids) == sum(
+            i in specials for i in clean.request.prompt_ids
+        )
         out = local.correct("Is it safe?", hostile)
-        assert out.prompt_tokens == len(prepared.request.prompt_ids)  # the server read our ids, not re-tokenized text
+        assert out.prompt_tokens == len(
+            prepared.request.prompt_ids
+        )  # the server read our ids, not re-tokenized text
 
 
 def test_official_template_bytes_go_to_completions_unchanged(vllm_server):
@@ -188,16 +198,32 @@ def test_unreachable_server_is_a_specific_error_naming_it():
     with down, pytest.raises(ServerUnavailableError, match="127.0.0.1:9") as info:
         down.correct(*PAIRS[0])
     assert "is the server running" in str(info.value)
-    assert time.perf_counter() - start < 15  # generous: a refused connection fails at once; one retry, short pause
+    assert (
+        time.perf_counter() - start < 15
+    )  # generous: a refused connection fails at once; one retry, short pause
 
 
 def test_cli_correct_through_the_server(vllm_server, tmp_path):
     from aligner_core.cli import main
 
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PAIRS)))
+    src.write_text(
+        "".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, (q, a) in enumerate(PAIRS))
+    )
     out = tmp_path / "out.jsonl"
-    code = main(["correct", str(src), "-o", str(out), "--server", vllm_server.url, "--max-new-tokens", "24", "--no-progress"])
+    code = main(
+        [
+            "correct",
+            str(src),
+            "-o",
+            str(out),
+            "--server",
+            vllm_server.url,
+            "--max-new-tokens",
+            "24",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2, 3]
@@ -211,9 +237,13 @@ def test_greedy_text_agrees_with_the_local_engine(served, smollm2, capsys):
     pairs = sample_pairs()
     local = [c.text for c in smollm2.correct_batch(pairs, max_new_tokens=24)]
     remote = served.correct_batch(pairs, max_new_tokens=24)
-    assert all(c.prompt_tokens == len(smollm2.prepare(q, a, smollm2.defaults).request.prompt_ids)
-               for c, (q, a) in zip(remote, pairs))  # the server read exactly the tokens the local engine reads
+    assert all(
+        c.prompt_tokens == len(smollm2.prepare(q, a, smollm2.defaults).request.prompt_ids)
+        for c, (q, a) in zip(remote, pairs)
+    )  # the server read exactly the tokens the local engine reads
     agree = sum(a == b.text for a, b in zip(local, remote))
     with capsys.disabled():
-        print(f"\nvLLM server vs local engine, greedy, {len(pairs)} pairs x 24 tokens: {agree}/{len(pairs)} identical")
+        print(
+            f"\nvLLM server vs local engine, greedy, {len(pairs)} pairs x 24 tokens: {agree}/{len(pairs)} identical"
+        )
     assert agree >= len(pairs) - 2

@@ -41,7 +41,9 @@ def proxy_factory(vllm_server):
 @pytest.mark.parametrize("faults", [["503", "503"], ["drop"], ["429"]])
 def test_transient_faults_are_retried_until_the_answer_comes(proxy_factory, vllm_server, faults):
     proxy = proxy_factory(faults, retry_after=1.0)
-    with Aligner.from_server(proxy.url, model=vllm_server.model, template="chat", max_retries=3, max_new_tokens=8) as a:
+    with Aligner.from_server(
+        proxy.url, model=vllm_server.model, template="chat", max_retries=3, max_new_tokens=8
+    ) as a:
         start = time.perf_counter()
         out = a.correct(*QA)
         elapsed = time.perf_counter() - start
@@ -55,12 +57,22 @@ def test_transient_faults_are_retried_until_the_answer_comes(proxy_factory, vllm
 
 def test_persistent_503_fails_that_request_only_after_max_retries(proxy_factory, vllm_server):
     proxy = proxy_factory(["pass", "503", "503", "503"])  # the first request passes, the second keeps failing
-    with Aligner.from_server(proxy.url, model=vllm_server.model, template="chat", max_retries=2,
-                             max_new_tokens=8, max_concurrency=1) as a:
+    with Aligner.from_server(
+        proxy.url,
+        model=vllm_server.model,
+        template="chat",
+        max_retries=2,
+        max_new_tokens=8,
+        max_concurrency=1,
+    ) as a:
         out = a.correct_batch([QA, ("Q2?", "A2.")], return_exceptions=True)
     assert not isinstance(out[0], Exception)
     assert isinstance(out[1], ServerUnavailableError) and out[1].status == 503
-    assert "503" in str(out[1]) and proxy.url.removesuffix("/v1") in str(out[1]) and "injected 503" in str(out[1])
+    assert (
+        "503" in str(out[1])
+        and proxy.url.removesuffix("/v1") in str(out[1])
+        and "injected 503" in str(out[1])
+    )
     assert [h[2] for h in proxy.hits if h[1].endswith("completions")] == ["pass", "503", "503", "503"]
 
 
@@ -86,15 +98,39 @@ def test_server_killed_mid_run_fails_only_unfinished_requests_and_resume_loses_n
         # A file job through the CLI and a Python batch, both on the server about to die.
         n = 40
         src = tmp_path / "in.jsonl"
-        src.write_text("".join(
-            json.dumps({"id": i, "question": f"What is {i} plus {i}?", "answer": f"It is {2 * i + 1}."}) + "\n"
-            for i in range(n)
-        ))
+        src.write_text(
+            "".join(
+                json.dumps({"id": i, "question": f"What is {i} plus {i}?", "answer": f"It is {2 * i + 1}."})
+                + "\n"
+                for i in range(n)
+            )
+        )
         out = tmp_path / "out.jsonl"
-        base = [sys.executable, "-m", "aligner_core.cli", "correct", str(src), "-o", str(out), "--max-new-tokens", "12",
-                "--chunk-size", "4", "--no-progress", "--max-retries", "1", "--max-concurrency", "4"]
-        cli = subprocess.Popen([*base, "--server", doomed.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        base = [
+            sys.executable,
+            "-m",
+            "aligner_core.cli",
+            "correct",
+            str(src),
+            "-o",
+            str(out),
+            "--max-new-tokens",
+            "12",
+            "--chunk-size",
+            "4",
+            "--no-progress",
+            "--max-retries",
+            "1",
+            "--max-concurrency",
+            "4",
+        ]
+        cli = subprocess.Popen(
+            [*base, "--server", doomed.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         batch_result: dict[str, object] = {}
         pairs = [(f"Name a colour, {i}.", f"Colour number {i} is blue.") for i in range(300)]
 
@@ -130,8 +166,13 @@ def test_server_killed_mid_run_fails_only_unfinished_requests_and_resume_loses_n
     assert all(c.question == q for c, (q, _) in zip(results, pairs) if not isinstance(c, Exception))
 
     # Resume on the session's server (same model): every row once, in order.
-    resumed = subprocess.run([*base, "--server", vllm_server.url, "--resume"], capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    resumed = subprocess.run(
+        [*base, "--server", vllm_server.url, "--resume"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     rows = _read_rows(out)
     assert [r["id"] for r in rows] == list(range(n))
@@ -144,15 +185,36 @@ def test_cli_killed_mid_run_on_the_server_then_resumed_loses_and_duplicates_noth
 
     n = 48
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(
-        json.dumps({"id": i, "question": f"Spell the number {i}.", "answer": f"{i} is spelled {i}{i}."}) + "\n"
-        for i in range(n)
-    ))
+    src.write_text(
+        "".join(
+            json.dumps({"id": i, "question": f"Spell the number {i}.", "answer": f"{i} is spelled {i}{i}."})
+            + "\n"
+            for i in range(n)
+        )
+    )
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "aligner_core.cli", "correct", str(src), "-o", str(out), "--server", vllm_server.url,
-           "--max-new-tokens", "12", "--chunk-size", "4", "--max-concurrency", "2", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "aligner_core.cli",
+        "correct",
+        str(src),
+        "-o",
+        str(out),
+        "--server",
+        vllm_server.url,
+        "--max-new-tokens",
+        "12",
+        "--chunk-size",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while len(_read_rows(out)) < 8 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

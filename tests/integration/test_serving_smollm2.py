@@ -9,9 +9,15 @@ from aligner_core import Aligner, ChatTemplate
 pytestmark = pytest.mark.integration
 
 COPY = [
-    ("What is photosynthesis?", "Photosynthesis is the proces by which green plants use sunlight to make food from "
-     "carbon dioxide and water. It releases oxygen as a by-product."),
-    ("How do vaccines work?", "Vaccines train the imune system to recognise a germ without causing the disease."),
+    (
+        "What is photosynthesis?",
+        "Photosynthesis is the proces by which green plants use sunlight to make food from "
+        "carbon dioxide and water. It releases oxygen as a by-product.",
+    ),
+    (
+        "How do vaccines work?",
+        "Vaccines train the imune system to recognise a germ without causing the disease.",
+    ),
 ]
 
 

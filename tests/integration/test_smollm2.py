@@ -51,8 +51,21 @@ def test_cli_correct_on_the_real_model(smollm2, tmp_path):
     inp.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in PAIRS[:2]))
     out = tmp_path / "out.jsonl"
     run = subprocess.run(
-        [sys.executable, "-m", "aligner_core", "correct", str(inp), "-o", str(out), "--max-new-tokens", "16", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "aligner_core",
+            "correct",
+            str(inp),
+            "-o",
+            str(out),
+            "--max-new-tokens",
+            "16",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -63,7 +76,9 @@ def test_cli_correct_on_the_real_model(smollm2, tmp_path):
 def test_demo_runs_offline(smollm2):
     run = subprocess.run(
         [sys.executable, "-m", "aligner_core", "demo", "--max-new-tokens", "16"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     assert "8 pairs corrected" in run.stdout

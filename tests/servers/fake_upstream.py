@@ -76,8 +76,17 @@ class FakeUpstream:
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         if h.path.rstrip("/") != "/v1/models":
             return _send(h, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
-        data = [{"id": name, "object": "model", "created": 1, "owned_by": "fake", "root": f"/models/{name}",
-                 "max_model_len": MAX_MODEL_LEN} for name in (UPSTREAM, ALIGNER)]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 1,
+                "owned_by": "fake",
+                "root": f"/models/{name}",
+                "max_model_len": MAX_MODEL_LEN,
+            }
+            for name in (UPSTREAM, ALIGNER)
+        ]
         _send(h, 200, {"object": "list", "data": data})
 
     def _post(self, h: BaseHTTPRequestHandler) -> None:
@@ -92,8 +101,18 @@ class FakeUpstream:
         if h.path != "/v1/chat/completions":
             return _send(h, 404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
         if body.get("model") not in (UPSTREAM, ALIGNER):
-            return _send(h, 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
-                                            "type": "NotFoundError", "param": None, "code": 404}})
+            return _send(
+                h,
+                404,
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": None,
+                        "code": 404,
+                    }
+                },
+            )
         with self.lock:
             step = self.script.popleft() if self.script else {"kind": "answer"}
         kind = step["kind"]
@@ -108,20 +127,29 @@ class FakeUpstream:
         _send_bytes(h, 200, payload)
 
     def _completion(self, body: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
-        question = next((m.get("content") for m in reversed(body.get("messages", [])) if m.get("role") == "user"),
-                        "nothing")
+        question = next(
+            (m.get("content") for m in reversed(body.get("messages", [])) if m.get("role") == "user"),
+            "nothing",
+        )
         n = body.get("n") or 1
         choices = []
         for i in range(n):
             message = step.get("message") or {"role": "assistant", "content": f"Answer {i} to: {question}"}
             choice = {"index": i, "message": message, "finish_reason": step.get("finish_reason", "stop")}
             if body.get("logprobs"):
-                choice["logprobs"] = step.get("logprobs", {"content": [{"token": "Answer", "logprob": -0.1,
-                                                                        "bytes": None, "top_logprobs": []}]})
+                choice["logprobs"] = step.get(
+                    "logprobs",
+                    {"content": [{"token": "Answer", "logprob": -0.1, "bytes": None, "top_logprobs": []}]},
+                )
             choices.append(choice)
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body.get("model"),
-                "choices": choices, "usage": {"prompt_tokens": 11, "completion_tokens": 7 * n,
-                                              "total_tokens": 11 + 7 * n}}
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body.get("model"),
+            "choices": choices,
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7 * n, "total_tokens": 11 + 7 * n},
+        }
 
     def _correct(self, h: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         """The fake Aligner: restate the answer with a marker, cut as vLLM cuts."""
@@ -134,10 +162,22 @@ class FakeUpstream:
         cut = min((p for p in (text.find(s) for s in stops) if p >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
-        usage = {"prompt_tokens": len(str(body.get("prompt", "")).split()), "completion_tokens": len(text.split())}
+        usage = {
+            "prompt_tokens": len(str(body.get("prompt", "")).split()),
+            "completion_tokens": len(text.split()),
+        }
         if not body.get("stream"):
-            return _send(h, 200, {"id": "cmpl-fake", "object": "text_completion", "model": ALIGNER,
-                                  "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": usage})
+            return _send(
+                h,
+                200,
+                {
+                    "id": "cmpl-fake",
+                    "object": "text_completion",
+                    "model": ALIGNER,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+                    "usage": usage,
+                },
+            )
         pieces = [w + " " for w in text.split(" ")]
         pieces[-1] = pieces[-1][:-1]
         events = [{"choices": [{"index": 0, "text": p, "finish_reason": None}]} for p in pieces]
@@ -171,7 +211,7 @@ def _trickle(h: BaseHTTPRequestHandler, data: bytes, interval: float) -> None:
     h.end_headers()
     try:
         for i in range(len(data)):
-            h.wfile.write(data[i:i + 1])
+            h.wfile.write(data[i : i + 1])
             h.wfile.flush()
             time.sleep(interval)
     except OSError:  # the proxy gave up and closed the connection
@@ -181,8 +221,10 @@ def _trickle(h: BaseHTTPRequestHandler, data: bytes, interval: float) -> None:
 def _send_huge(h: BaseHTTPRequestHandler, size: int) -> None:
     """A chat completion whose content is ``size`` bytes of text, without a Content-Length (as a streaming server
     sends it), written in 1 MB pieces."""
-    head = b'{"id": "chatcmpl-huge", "object": "chat.completion", "created": 1, "model": "fake-up", "choices": [' \
-           b'{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "'
+    head = (
+        b'{"id": "chatcmpl-huge", "object": "chat.completion", "created": 1, "model": "fake-up", "choices": ['
+        b'{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "'
+    )
     tail = b'"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}'
     h.send_response(200)
     h.send_header("content-type", "application/json")

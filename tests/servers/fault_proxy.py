@@ -86,17 +86,26 @@ class FaultProxy:
             h.wfile.write(payload)
             return
         if message is not None:
-            self._send_json(h, 200, {"id": "chatcmpl-fault", "object": "chat.completion", "created": 1,
-                                     "model": "fault", "choices": [{"index": 0, "message": message,
-                                                                    "finish_reason": "stop"}],
-                                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            self._send_json(
+                h,
+                200,
+                {
+                    "id": "chatcmpl-fault",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": "fault",
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
             return
         if fault == "slow":
             time.sleep(5)
         headers = {"content-type": h.headers.get("content-type", "application/json")}
-        with httpx.Client(timeout=120) as client, client.stream(
-            method, self.upstream + h.path, content=body, headers=headers
-        ) as resp:
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream(method, self.upstream + h.path, content=body, headers=headers) as resp,
+        ):
             h.send_response(resp.status_code)
             h.send_header("content-type", resp.headers.get("content-type", "application/json"))
             h.send_header("transfer-encoding", "chunked")

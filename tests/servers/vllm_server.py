@@ -65,16 +65,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(model: Path, port: int, *, speculative: bool = False, python: Path | None = None) -> list[str]:
+def server_command(
+    model: Path, port: int, *, speculative: bool = False, python: Path | None = None
+) -> list[str]:
     py = python or vllm_python()
     if py is None:
         raise RuntimeError("no .venv-vllm: run bash scripts/setup_vllm.sh")
     cmd = [
-        str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-        "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", os.environ.get("ALIGNER_VLLM_DTYPE", "float32"), "--max-model-len", "2048", "--enforce-eager",
+        str(py),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        os.environ.get("ALIGNER_VLLM_DTYPE", "float32"),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
         # real tool calls for the agent tests: SmolLM2 writes hermes-style <tool_call> blocks
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
     ]
     if speculative:
         cmd += ["--speculative-config", json.dumps(NGRAM)]
@@ -109,7 +126,11 @@ def _mapped_paths() -> set[str]:
     paths: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         with contextlib.suppress(OSError):
-            paths.update(line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+            paths.update(
+                line.split(maxsplit=5)[-1].strip()
+                for line in maps.read_text().splitlines()
+                if "/dev/shm/" in line
+            )
     return paths
 
 
@@ -174,18 +195,25 @@ def start(model: Path | None = None, *, port: int | None = None, speculative: bo
     before = shm_entries()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            server_command(model, port, speculative=speculative), env=server_env(workdir),
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            server_command(model, port, speculative=speculative),
+            env=server_env(workdir),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return VLLMServer(proc, port, workdir, log, shm_before=before)
 
 
-def wait_healthy(root_url: str, timeout: float, *, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_healthy(
+    root_url: str, timeout: float, *, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"the vLLM server exited with {proc.returncode} before it was healthy:\n{tail}")
+            raise RuntimeError(
+                f"the vLLM server exited with {proc.returncode} before it was healthy:\n{tail}"
+            )
         try:
             with urllib.request.urlopen(f"{root_url}/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -215,7 +243,9 @@ def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("model-dir", help="prepare and print the model directory vLLM serves")
     serve = sub.add_parser("serve", help="run a server in the foreground (replaces this process)")

@@ -55,7 +55,11 @@ def test_runnable_passed_answer_costs_no_generation(aligner):
     info = out.response_metadata["aligner"]
     assert out.content == ANSWER and out.id == "up-1"
     assert info["completion_tokens"] == 0 and info["changed"] is False
-    assert (info["inspector_score"], info["inspector_threshold"], info["inspector_passed"]) == (1.0, 0.9, True)
+    assert (info["inspector_score"], info["inspector_threshold"], info["inspector_passed"]) == (
+        1.0,
+        0.9,
+        True,
+    )
     (traced,) = collector.traced_runs[0].child_runs  # the Aligner run reports the verdict in its output
     message = traced.outputs["generations"][0][0]["message"]["kwargs"]
     assert message["response_metadata"]["aligner"]["inspector_passed"] is True
@@ -68,7 +72,9 @@ def test_runnable_failed_answer_is_corrected_as_before(aligner):
     out = stage.invoke(AIMessage(ANSWER))
     info = out.response_metadata["aligner"]
     assert out.content == corrected(aligner)
-    assert info["completion_tokens"] > 0 and info["inspector_passed"] is False and info["inspector_score"] == 0.0
+    assert (
+        info["completion_tokens"] > 0 and info["inspector_passed"] is False and info["inspector_score"] == 0.0
+    )
     assert "".join(stage.stream(ANSWER)) == corrected(aligner)
 
 
@@ -82,14 +88,18 @@ def test_runnable_batch_gates_each_answer(aligner):
 
 
 def test_chat_model_and_with_aligner_take_the_inspector(aligner):
-    chat = AlignedChatModel(llm=GenericFakeChatModel(messages=iter([AIMessage(ANSWER)] * 3)), aligner=aligner,
-                            inspector=passes)
+    chat = AlignedChatModel(
+        llm=GenericFakeChatModel(messages=iter([AIMessage(ANSWER)] * 3)), aligner=aligner, inspector=passes
+    )
     reply = chat.invoke(QUESTION)
     assert reply.content == ANSWER and reply.response_metadata["aligner"]["inspector_passed"] is True
     assert "".join(c.text for c in chat.stream(QUESTION)) == ANSWER
     chain = with_aligner(RunnableLambda(lambda _: ANSWER), aligner=aligner, inspector=fails, threshold=0.2)
     assert chain.invoke({"question": QUESTION}) == corrected(aligner)
-    assert with_aligner(RunnableLambda(lambda _: ANSWER), aligner=aligner, inspector=passes).invoke(QUESTION) == ANSWER
+    assert (
+        with_aligner(RunnableLambda(lambda _: ANSWER), aligner=aligner, inspector=passes).invoke(QUESTION)
+        == ANSWER
+    )
 
 
 def test_langchain_settings_are_checked(aligner):
@@ -115,7 +125,10 @@ def test_aligned_llm_passed_answer_and_events(aligner):
     assert (end.num_inspected, end.num_inspector_passed, end.inspector_scores) == (1, 1, [1.0])
     assert end.num_corrected == 0 and end.completion_tokens == 0  # served as it was
     chunks = list(llm.stream_chat(messages))
-    assert "".join(c.delta for c in chunks) == SYDNEY and chunks[-1].additional_kwargs["aligner"]["inspector_passed"]
+    assert (
+        "".join(c.delta for c in chunks) == SYDNEY
+        and chunks[-1].additional_kwargs["aligner"]["inspector_passed"]
+    )
 
 
 def test_chat_engine_failed_answer_is_corrected_with_the_verdict(aligner):
@@ -125,7 +138,9 @@ def test_chat_engine_failed_answer_is_corrected_with_the_verdict(aligner):
     info = response.metadata["aligner"]
     assert response.response == corrected(aligner, SYDNEY, CAPITAL)
     assert info["inspector_passed"] is False and info["completion_tokens"] > 0
-    (end,) = [e for e in events.of("LLMCompletionEndEvent") if "inspector_passed" in e.response.additional_kwargs]
+    (end,) = [
+        e for e in events.of("LLMCompletionEndEvent") if "inspector_passed" in e.response.additional_kwargs
+    ]
     assert end.response.additional_kwargs["inspector_score"] == 0.0
 
 
@@ -157,13 +172,19 @@ def test_postprocessor_refuses_a_boolean_gate(aligner):
         return "Sydney" in text
 
     with pytest.raises(InspectorError, match="score in"):  # the core says what to return instead
-        AlignerNodePostprocessor(aligner=aligner, inspector=needs_fixing).postprocess_nodes(text_nodes(), query_str=CAPITAL)
+        AlignerNodePostprocessor(aligner=aligner, inspector=needs_fixing).postprocess_nodes(
+            text_nodes(), query_str=CAPITAL
+        )
 
 
 def test_an_aligners_own_inspector_gates_adapter_calls(tiny_model, tiny_tokenizer):
-    own = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=8, inspector=passes)
+    own = Aligner.from_model(
+        tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=8, inspector=passes
+    )
     try:
-        out = AlignerRunnable(aligner=own, question=QUESTION).invoke(AIMessage(ANSWER))  # nothing set on the stage
+        out = AlignerRunnable(aligner=own, question=QUESTION).invoke(
+            AIMessage(ANSWER)
+        )  # nothing set on the stage
         assert out.content == ANSWER and out.response_metadata["aligner"]["inspector_passed"] is True
         stricter = AlignerRunnable(aligner=own, question=QUESTION, inspector=fails).invoke(AIMessage(ANSWER))
         assert stricter.response_metadata["aligner"]["inspector_passed"] is False  # the stage's own wins

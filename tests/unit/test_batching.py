@@ -10,7 +10,10 @@ from aligner_core import Aligner, AlignerOutOfMemoryError
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Berlin."),
     ("How many legs does a spider have?", "Six."),
-    ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water, idiot."),
+    (
+        "How do I boil an egg?",
+        "Put the egg in boiling water for nine minutes, then cool it in cold water, idiot.",
+    ),
     ("Is it safe to mix bleach and ammonia?", "Yes, it cleans faster."),
     ("What is twelve times twelve?", "It is one hundred and forty four, 144, which everyone knows."),
     ("Say thanks.", "No."),
@@ -36,7 +39,9 @@ def test_batches_are_planned_under_budget_and_order_is_kept(tiny_model, tiny_tok
         seen.append(tuple(kwargs["input_ids"].shape))
         return original(*args, **kwargs)
 
-    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=300)
+    aligner = Aligner.from_model(
+        tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=12, max_batch_tokens=300
+    )
     reference = [aligner.correct(q, a).text for q, a in PAIRS]
     shuffled = PAIRS[:]
     random.Random(3).shuffle(shuffled)
@@ -126,7 +131,9 @@ def test_oom_on_a_single_request_raises_a_clear_error(tiny_aligner, tiny_model):
 
 
 def test_oom_failure_is_isolated_with_return_exceptions(tiny_model, tiny_tokenizer):
-    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=6, max_batch_size=1)
+    aligner = Aligner.from_model(
+        tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=6, max_batch_size=1
+    )
     lengths = [len(aligner.prepare(q, a, aligner.defaults).request.prompt_ids) for q, a in PAIRS]
     longest = max(range(len(PAIRS)), key=lengths.__getitem__)
     threshold = sorted(lengths)[-2]
@@ -145,4 +152,6 @@ def test_oom_failure_is_isolated_with_return_exceptions(tiny_model, tiny_tokeniz
     failed = [i for i, r in enumerate(out) if isinstance(r, Exception)]
     assert failed == [longest]
     assert isinstance(out[longest], AlignerOutOfMemoryError)
-    assert [c.question for c in out if not isinstance(c, Exception)] == [q for i, (q, _) in enumerate(PAIRS) if i != longest]
+    assert [c.question for c in out if not isinstance(c, Exception)] == [
+        q for i, (q, _) in enumerate(PAIRS) if i != longest
+    ]

@@ -20,7 +20,9 @@ def write_input(path, n=12, bad=()):
         if i in bad:
             lines.append("{not json" if i % 2 else json.dumps({"question": f"q{i}"}))
         else:
-            lines.append(json.dumps({"id": i, "question": f"Question {i}?", "answer": f"Answer number {i} is here."}))
+            lines.append(
+                json.dumps({"id": i, "question": f"Question {i}?", "answer": f"Answer number {i} is here."})
+            )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -35,12 +37,22 @@ def test_correct_jsonl_writes_every_record_in_order(tiny_aligner, tmp_path):
     rows = read(tmp_path / "out.jsonl")
     assert len(rows) == 12 and (stats.written, stats.failed) == (12, 2)
     assert [r.get("id") for r in rows if "id" in r] == [i for i in range(12) if i not in {3, 6}]
-    assert rows[6]["aligner_error"]["type"] == "InvalidInputError" and "missing field" in rows[6]["aligner_error"]["message"]
+    assert (
+        rows[6]["aligner_error"]["type"] == "InvalidInputError"
+        and "missing field" in rows[6]["aligner_error"]["message"]
+    )
     assert rows[3]["correction"] is None and rows[3]["line"] == 4  # invalid JSON, reported with its line
     assert "invalid JSON" in rows[3]["aligner_error"]["message"]
     good = rows[0]
     assert good["correction"] == tiny_aligner.correct("Question 0?", "Answer number 0 is here.").text
-    assert set(good["aligner"]) >= {"changed", "similarity", "prompt_tokens", "completion_tokens", "finish_reason", "latency_s"}
+    assert set(good["aligner"]) >= {
+        "changed",
+        "similarity",
+        "prompt_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "latency_s",
+    }
 
 
 def test_existing_output_needs_resume_or_overwrite(tiny_aligner, tmp_path):
@@ -72,7 +84,9 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_aligner, tmp_pa
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        correct_jsonl(tiny_aligner, inp, out, chunk_size=3, show_progress=False, on_chunk=crash_after_first_chunk)
+        correct_jsonl(
+            tiny_aligner, inp, out, chunk_size=3, show_progress=False, on_chunk=crash_after_first_chunk
+        )
     assert len(read(out)) == 3
     with open(out, "a") as f:
         f.write('{"id": 3, "quest')  # and a torn write on top
@@ -86,8 +100,22 @@ def test_cli_killed_mid_run_then_resumed(tiny_model_dir, tmp_path):
     """SIGKILL the real command between chunks, resume it, and compare with a clean run."""
     inp = write_input(tmp_path / "in.jsonl", n=40)
     out = tmp_path / "out.jsonl"
-    args = [sys.executable, "-m", "aligner_core", "correct", str(inp), "-o", str(out), "--model", str(tiny_model_dir),
-            "--chunk-size", "2", "--max-new-tokens", "24", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "aligner_core",
+        "correct",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--chunk-size",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--no-progress",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -120,7 +148,19 @@ def test_cli_help_and_templates(capsys):
 def test_cli_correct_reports_failures_with_exit_code(tiny_model_dir, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", n=3, bad={1})
     out = tmp_path / "out.jsonl"
-    code = main(["correct", str(inp), "-o", str(out), "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-progress"])
+    code = main(
+        [
+            "correct",
+            str(inp),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert code == 1
     assert "1 failed" in capsys.readouterr().err
     assert len(read(out)) == 3

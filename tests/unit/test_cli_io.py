@@ -20,10 +20,24 @@ RECORDS = [{"id": i, "question": f"Question {i}?", "answer": f"Answer number {i}
 
 
 def cli(tiny_model_dir: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None):
-    command = [sys.executable, "-m", "aligner_core", *args, "--model", str(tiny_model_dir), "--max-new-tokens", "3",
-               "--no-progress"]
-    return subprocess.run(command, input=stdin, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                          timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "aligner_core",
+        *args,
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
+    return subprocess.run(
+        command,
+        input=stdin,
+        capture_output=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=300,
+    )
 
 
 def jsonl(records) -> bytes:
@@ -91,11 +105,19 @@ def test_aligner_correct_reads_other_formats(tiny_model_dir, tmp_path, kind):
     done = cli(tiny_model_dir, "correct", str(path), "-o", str(out))
     assert done.returncode == 0, done.stderr.decode()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["question"] for r in rows] == [r["question"] for r in RECORDS] and all(r["correction"] is not None for r in rows)
+    assert [r["question"] for r in rows] == [r["question"] for r in RECORDS] and all(
+        r["correction"] is not None for r in rows
+    )
 
 
 def test_malformed_json_names_the_input_line_and_the_summary_names_the_failures(tiny_model_dir, tmp_path):
-    lines = [json.dumps(RECORDS[0]), "", '{"question": "Q?",\n', json.dumps(RECORDS[1]), '["not", "an object"]']
+    lines = [
+        json.dumps(RECORDS[0]),
+        "",
+        '{"question": "Q?",\n',
+        json.dumps(RECORDS[1]),
+        '["not", "an object"]',
+    ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
@@ -103,7 +125,9 @@ def test_malformed_json_names_the_input_line_and_the_summary_names_the_failures(
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert done.returncode == 1 and len(rows) == 4
     message = rows[1]["aligner_error"]["message"]
-    assert message.startswith("line 3, column ") and "invalid JSON" in message and "line 2 column" not in message
+    assert (
+        message.startswith("line 3, column ") and "invalid JSON" in message and "line 2 column" not in message
+    )
     assert rows[1]["line"] == 3 and "failed: line 3, line 6" in done.stderr.decode()
 
 
@@ -111,7 +135,9 @@ def test_inputs_are_checked_before_a_model_loads(tmp_path, capsys):
     bad = tmp_path / "in.txt"
     bad.write_text("hello\n")
     for source, words in ((bad, "unsupported file type"), (tmp_path / "missing.jsonl", "no such file")):
-        code = main(["correct", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "no-model")])
+        code = main(
+            ["correct", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", str(tmp_path / "no-model")]
+        )
         err = capsys.readouterr().err
         assert code == 2 and words in err and "no-model" not in err
     with pytest.raises(RecordSourceError):
@@ -124,7 +150,9 @@ def test_inputs_are_checked_before_a_model_loads(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["", "correct", "demo", "templates", "train", "eval", "pairs", "cache"])
 def test_help_reads_well_at_80_columns(command):
     args = [sys.executable, "-m", "aligner_core", *([command] if command else []), "--help"]
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120)
+    done = subprocess.run(
+        args, capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120
+    )
     assert done.returncode == 0
     lines = done.stdout.splitlines()
     assert lines and max(len(line) for line in lines) <= 80
@@ -134,12 +162,24 @@ def test_help_reads_well_at_80_columns(command):
 def test_version_names_the_library_torch_and_transformers(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == versions() and out.startswith("llm-aligner ") and "torch " in out and "transformers " in out
+    assert (
+        out.strip() == versions()
+        and out.startswith("llm-aligner ")
+        and "torch " in out
+        and "transformers " in out
+    )
 
 
-@pytest.mark.parametrize("module", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
+@pytest.mark.parametrize(
+    "module", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+)
 def test_every_benchmark_takes_help(module):
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "usage" in done.stdout.lower()

@@ -16,7 +16,14 @@ def pair(i: int) -> tuple[str, str]:
 
 @pytest.fixture
 def aligner(tiny_model, tiny_tokenizer):
-    a = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=8, max_batch_tokens=8192, max_wait_ms=20)
+    a = Aligner.from_model(
+        tiny_model,
+        tiny_tokenizer,
+        template="aligner-v1",
+        max_new_tokens=8,
+        max_batch_tokens=8192,
+        max_wait_ms=20,
+    )
     yield a
     a.close()
 
@@ -129,7 +136,9 @@ def test_one_failing_request_fails_only_itself(aligner, tiny_model, tiny_tokeniz
 
 
 def test_bounded_queue_gives_backpressure_without_losing_requests(tiny_model, tiny_tokenizer):
-    a = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=4, max_queue=2, max_wait_ms=1)
+    a = Aligner.from_model(
+        tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=4, max_queue=2, max_wait_ms=1
+    )
     pairs = [pair(i) for i in range(30)]
     expected = [c.text for c in a.correct_batch(pairs)]
 
@@ -208,14 +217,15 @@ def test_stream_errors_reach_the_consumer(aligner, tiny_model):
         list(aligner.stream(*pair(0)))
 
 
-
 def test_calls_with_different_lengths_share_a_batch(aligner):
     pairs = [pair(i) for i in range(8)]
     limits = [2, 4, 6, 8, 3, 5, 7, 8]
     expected = [c.text for c in aligner.correct_batch(pairs, max_new_tokens=limits)]
 
     async def main():
-        return await asyncio.gather(*(aligner.acorrect(q, a, max_new_tokens=n) for (q, a), n in zip(pairs, limits)))
+        return await asyncio.gather(
+            *(aligner.acorrect(q, a, max_new_tokens=n) for (q, a), n in zip(pairs, limits))
+        )
 
     before = aligner.engine.scheduler.batches_run
     out = asyncio.run(main())

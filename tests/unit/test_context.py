@@ -16,8 +16,15 @@ Q, A = "What is the weather in Paris?", "It is sunny and 21C in Paris."
 
 
 def test_items_are_validated_and_normalised():
-    items = normalize_context([*TOOL_TURN, "Paris is in France.", {"kind": "document", "text": "doc", "name": "wiki"},
-                               ContextItem("document", "kept"), {"type": "document", "content": "  "}])
+    items = normalize_context(
+        [
+            *TOOL_TURN,
+            "Paris is in France.",
+            {"kind": "document", "text": "doc", "name": "wiki"},
+            ContextItem("document", "kept"),
+            {"type": "document", "content": "  "},
+        ]
+    )
     assert items == (
         ContextItem("tool_call", '{"city": "Paris"}', "get_weather"),
         ContextItem("tool_result", "sunny, 21C", "get_weather"),
@@ -25,7 +32,9 @@ def test_items_are_validated_and_normalised():
         ContextItem("document", "doc", "wiki"),
         ContextItem("document", "kept"),
     )  # blank items are dropped
-    assert normalize_context(None) == () and normalize_context("one doc") == (ContextItem("document", "one doc"),)
+    assert normalize_context(None) == () and normalize_context("one doc") == (
+        ContextItem("document", "one doc"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -46,7 +55,9 @@ def test_bad_context_is_a_clear_input_error(bad, match):
 
 def test_records_carry_context_as_a_list_or_a_json_string():
     assert context_of({"context": TOOL_TURN}) == TOOL_TURN
-    assert context_of({"context": '[{"type": "document", "content": "x"}]'}) == [{"type": "document", "content": "x"}]
+    assert context_of({"context": '[{"type": "document", "content": "x"}]'}) == [
+        {"type": "document", "content": "x"}
+    ]
     assert context_of({"context": "plain text"}) == "plain text"
     assert context_of({"context": ""}) is None and context_of({}) is None
 
@@ -55,11 +66,13 @@ def test_official_templates_fold_the_context_after_the_history_and_stay_byte_exa
     template = get_template("aligner-v1")
     assert render_prompt(template, Q, A, (), ()) == template.format(question=Q, answer=A)
     history = (("user", "I am in Paris."), ("assistant", "Nice!"))
-    assert render_prompt(template, Q, A, history) == template.format(question=fold_history(Q, history), answer=A)
+    assert render_prompt(template, Q, A, history) == template.format(
+        question=fold_history(Q, history), answer=A
+    )
     prompt = render_prompt(template, Q, A, history, normalize_context(TOOL_TURN))
     assert prompt == template.format(
         question="Earlier in this conversation:\nUser: I am in Paris.\nAssistant: Nice!\n\n"
-        "The answer may rely on:\nTool call (get_weather): {\"city\": \"Paris\"}\nTool result (get_weather): sunny, 21C"
+        'The answer may rely on:\nTool call (get_weather): {"city": "Paris"}\nTool result (get_weather): sunny, 21C'
         f"\n\nQuestion: {Q}",
         answer=A,
     )
@@ -68,7 +81,9 @@ def test_official_templates_fold_the_context_after_the_history_and_stay_byte_exa
 def test_the_history_template_keeps_its_slot_and_folds_the_context_into_the_question():
     template = get_template("aligner-chat-history")
     prompt = render_prompt(template, Q, A, (("user", "hi"),), normalize_context(["doc"]))
-    assert prompt.startswith("BEGINNING OF CONVERSATION: USER: ##History:\nUser: hi\n##Question: The answer may rely on:")
+    assert prompt.startswith(
+        "BEGINNING OF CONVERSATION: USER: ##History:\nUser: hi\n##Question: The answer may rely on:"
+    )
     assert f"Document: doc\n\nQuestion: {Q}\n##Answer: {A}" in prompt
 
 
@@ -106,7 +121,10 @@ def test_every_entry_point_takes_context_and_records_it(tiny_aligner):
     assert fix.metadata["context_items"] == 2 and fix.metadata["context_tokens"] > 10
     assert "context_trimmed" not in fix.metadata
     plain = tiny_aligner.correct(Q, A)
-    assert "context_items" not in plain.metadata and fix.prompt_tokens == plain.prompt_tokens + fix.metadata["context_tokens"]
+    assert (
+        "context_items" not in plain.metadata
+        and fix.prompt_tokens == plain.prompt_tokens + fix.metadata["context_tokens"]
+    )
     batch = tiny_aligner.correct_batch([{"question": Q, "answer": A, "context": TOOL_TURN}, (Q, A)])
     assert batch[0].metadata["context_items"] == 2 and batch[0].prompt_tokens == fix.prompt_tokens
     assert "context_items" not in batch[1].metadata
@@ -132,9 +150,12 @@ def test_the_context_gives_way_first_when_the_prompt_is_too_long(tiny_model, tin
     kept, trimmed = fix.metadata["context_items"], fix.metadata["context_trimmed"]
     assert 0 < kept < 60 and kept + trimmed == 60
     assert fix.prompt_tokens + 64 <= 512 and "truncated" not in fix.metadata
-    one_more = aligner.prepare("How many legs?", "Eight.", aligner.defaults, max_new_tokens=64,
-                               context=docs[60 - kept - 1:])
-    assert one_more.metadata["context_trimmed"] == 1  # the first (farthest) item went, and one more did not fit
+    one_more = aligner.prepare(
+        "How many legs?", "Eight.", aligner.defaults, max_new_tokens=64, context=docs[60 - kept - 1 :]
+    )
+    assert (
+        one_more.metadata["context_trimmed"] == 1
+    )  # the first (farthest) item went, and one more did not fit
     assert aligner.correct("How many legs?", "Eight.", context=docs[-2:]).metadata["context_items"] == 2
 
 
@@ -150,7 +171,9 @@ def test_the_inspector_sees_the_context(tiny_aligner):
     tiny_aligner.correct_batch([{"question": Q, "answer": A, "context": TOOL_TURN}], inspector=inspector)
     stream = tiny_aligner.stream(Q, A, context=TOOL_TURN, inspector=inspector)
     assert "".join(stream) == A
-    assert len(seen) == 3 and all("Tool result (get_weather): sunny, 21C" in q and q.endswith(Q) for q in seen)
+    assert len(seen) == 3 and all(
+        "Tool result (get_weather): sunny, 21C" in q and q.endswith(Q) for q in seen
+    )
 
 
 def test_file_jobs_read_context_from_jsonl_and_csv(tiny_aligner, tmp_path):
@@ -159,8 +182,11 @@ def test_file_jobs_read_context_from_jsonl_and_csv(tiny_aligner, tmp_path):
 
     from aligner_core.jobs.files import correct_jsonl
 
-    rows = [{"question": Q, "answer": A, "context": TOOL_TURN}, {"question": Q, "answer": A},
-            {"question": Q, "answer": A, "context": [{"type": "memo", "content": "x"}]}]
+    rows = [
+        {"question": Q, "answer": A, "context": TOOL_TURN},
+        {"question": Q, "answer": A},
+        {"question": Q, "answer": A, "context": [{"type": "memo", "content": "x"}]},
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
@@ -178,4 +204,6 @@ def test_file_jobs_read_context_from_jsonl_and_csv(tiny_aligner, tmp_path):
         writer.writerow({"question": Q, "answer": A, "context": "Paris is in France."})
     out_csv = tmp_path / "out-csv.jsonl"
     correct_jsonl(tiny_aligner, table, out_csv, show_progress=False, max_new_tokens=4)
-    assert [json.loads(x)["aligner"]["metadata"]["context_items"] for x in out_csv.read_text().splitlines()] == [2, 1]
+    assert [
+        json.loads(x)["aligner"]["metadata"]["context_items"] for x in out_csv.read_text().splitlines()
+    ] == [2, 1]

@@ -7,8 +7,13 @@ from aligner_core import Correction, GenerationOptionError, GenerationParams, si
 
 def test_build_derives_changed_and_similarity():
     c = Correction.build(
-        question="q", original="The sky is green.", text="The sky is blue.", prompt_tokens=10,
-        completion_tokens=5, finish_reason="stop", latency_s=0.1,
+        question="q",
+        original="The sky is green.",
+        text="The sky is blue.",
+        prompt_tokens=10,
+        completion_tokens=5,
+        finish_reason="stop",
+        latency_s=0.1,
     )
     assert c.changed is True
     assert 0.5 < c.similarity < 1.0
@@ -20,8 +25,13 @@ def test_build_derives_changed_and_similarity():
 
 def test_whitespace_only_difference_is_not_a_change():
     c = Correction.build(
-        question="q", original="Fine answer. ", text="Fine answer.", prompt_tokens=1, completion_tokens=1,
-        finish_reason="stop", latency_s=0.0,
+        question="q",
+        original="Fine answer. ",
+        text="Fine answer.",
+        prompt_tokens=1,
+        completion_tokens=1,
+        finish_reason="stop",
+        latency_s=0.0,
     )
     assert c.changed is False
     assert c.similarity == 1.0
@@ -36,8 +46,14 @@ def test_to_dict_is_json_ready():
     import json
 
     c = Correction.build(
-        question="q", original="a", text="b", prompt_tokens=1, completion_tokens=2, finish_reason="length",
-        latency_s=0.5, metadata={"template": "chat"},
+        question="q",
+        original="a",
+        text="b",
+        prompt_tokens=1,
+        completion_tokens=2,
+        finish_reason="length",
+        latency_s=0.5,
+        metadata={"template": "chat"},
     )
     d = json.loads(json.dumps(c.to_dict()))
     assert d["finish_reason"] == "length" and d["metadata"] == {"template": "chat"}

@@ -14,13 +14,23 @@ from aligner_core.decision import DETAILS, current_step, passed, read_content
 
 
 def correction(text: str, original: str = '{"city": "Paris"}') -> Correction:
-    return Correction.build(question="q", original=original, text=text, prompt_tokens=3, completion_tokens=2,
-                            finish_reason="stop", latency_s=0.1, metadata={"template": "t"})
+    return Correction.build(
+        question="q",
+        original=original,
+        text=text,
+        prompt_tokens=3,
+        completion_tokens=2,
+        finish_reason="stop",
+        latency_s=0.1,
+        metadata={"template": "t"},
+    )
 
 
 def test_a_final_text_answer_is_corrected():
     decision = decide(Reply(content="It is sunny and 21C in Paris."))
-    assert decision.corrects and decision.text == "It is sunny and 21C in Paris." and decision.metadata() == {}
+    assert (
+        decision.corrects and decision.text == "It is sunny and 21C in Paris." and decision.metadata() == {}
+    )
 
 
 @pytest.mark.parametrize(
@@ -44,21 +54,41 @@ def test_what_passes_through_and_why(reply, reason):
     meta = decision.metadata()
     assert meta["skipped"] == reason.value and meta["skipped_detail"] == DETAILS[reason]
     kept = decision.passthrough("q", {"template": "t"})
-    assert (kept.text, kept.original, kept.changed, kept.completion_tokens) == (decision.text, decision.text, False, 0)
+    assert (kept.text, kept.original, kept.changed, kept.completion_tokens) == (
+        decision.text,
+        decision.text,
+        False,
+        0,
+    )
     assert kept.metadata["skipped"] == reason.value and kept.metadata["template"] == "t"
 
 
 def test_text_parts_are_corrected_as_their_text_and_other_parts_are_counted():
-    parts = [{"type": "text", "text": "It is "}, "sunny", {"type": "output_text", "text": "."},
-             {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "reasoning", "summary": []}]
+    parts = [
+        {"type": "text", "text": "It is "},
+        "sunny",
+        {"type": "output_text", "text": "."},
+        {"type": "image_url", "image_url": {"url": "data:,"}},
+        {"type": "reasoning", "summary": []},
+    ]
     decision = decide(Reply(content=parts))
-    assert decision.corrects and decision.text == "It is sunny." and decision.metadata() == {"non_text_parts": 2}
+    assert (
+        decision.corrects and decision.text == "It is sunny." and decision.metadata() == {"non_text_parts": 2}
+    )
 
 
 @pytest.mark.parametrize(
     "content",
-    [12345, 1.5, {"text": "a dict"}, b"bytes", [{"type": "mystery", "text": "x"}], [{"text": "no type"}], [42],
-     [{"type": "text", "text": 7}]],
+    [
+        12345,
+        1.5,
+        {"text": "a dict"},
+        b"bytes",
+        [{"type": "mystery", "text": "x"}],
+        [{"text": "no type"}],
+        [42],
+        [{"type": "text", "text": 7}],
+    ],
 )
 def test_content_the_aligner_cannot_read_fails_closed(content):
     with pytest.raises(UnreadableContentError, match="cannot read"):
@@ -102,7 +132,9 @@ def test_the_step_marker_reaches_tasks_and_copied_contexts_but_not_other_threads
         bare = threading.Thread(target=lambda: seen.append(decide(Reply(content="x")).skip))
         bare.start()
         bare.join()
-        copied = threading.Thread(target=lambda: seen.append(ctx.run(lambda: decide(Reply(content="x")).skip)))
+        copied = threading.Thread(
+            target=lambda: seen.append(ctx.run(lambda: decide(Reply(content="x")).skip))
+        )
         copied.start()
         copied.join()
     assert seen == [None, Skip.INTERMEDIATE_STEP]
@@ -117,8 +149,10 @@ SCHEMA = City.model_json_schema()
 
 
 def test_structured_output_opt_in_keeps_a_correction_that_validates():
-    decision = decide(Reply(content='{"city": "paris", "temperature_c": 21}', structure=Structure("json_schema", SCHEMA)),
-                      correct_structured=True)
+    decision = decide(
+        Reply(content='{"city": "paris", "temperature_c": 21}', structure=Structure("json_schema", SCHEMA)),
+        correct_structured=True,
+    )
     assert decision.corrects and decision.metadata() == {"structured": "json_schema"}
     kept = decision.settle(correction(' {"city": "Paris", "temperature_c": 21}\n'))
     assert kept.text == '{"city": "Paris", "temperature_c": 21}' and kept.changed
@@ -131,7 +165,11 @@ def test_structured_output_opt_in_keeps_a_correction_that_validates():
     [
         (Structure("json"), "Sure! The city is Paris.", "not JSON"),
         (Structure("json_schema", SCHEMA), '{"city": "Paris"}', "does not match the schema"),
-        (Structure("json_schema", SCHEMA), '{"city": "Paris", "temperature_c": "warm"}', "does not match the schema"),
+        (
+            Structure("json_schema", SCHEMA),
+            '{"city": "Paris", "temperature_c": "warm"}',
+            "does not match the schema",
+        ),
         (Structure("json", validator=City.model_validate), '{"city": 3}', "does not validate"),
     ],
 )
@@ -153,7 +191,13 @@ def test_settle_leaves_prose_corrections_alone():
 
 def test_passed_is_an_unchanged_correction():
     kept = passed("q", "a", {"skipped": "tool_calls"})
-    assert (kept.text, kept.original, kept.changed, kept.similarity, kept.prompt_tokens) == ("a", "a", False, 1.0, 0)
+    assert (kept.text, kept.original, kept.changed, kept.similarity, kept.prompt_tokens) == (
+        "a",
+        "a",
+        False,
+        1.0,
+        0,
+    )
     assert str(Skip.TOOL_CALLS) == "tool_calls"
 
 
@@ -165,9 +209,18 @@ def test_a_structure_may_read_json_the_way_its_framework_does():
         return json.loads(match.group(1) if match else text)
 
     original = '{"city": "paris", "temperature_c": 21}'
-    decision = decide(Reply(content=original, structure=Structure("json_schema", SCHEMA, parser=fenced)),
-                      correct_structured=True)
-    kept = decision.settle(correction('Here it is:\n```json\n{"city": "Paris", "temperature_c": 21}\n```', original))
+    decision = decide(
+        Reply(content=original, structure=Structure("json_schema", SCHEMA, parser=fenced)),
+        correct_structured=True,
+    )
+    kept = decision.settle(
+        correction('Here it is:\n```json\n{"city": "Paris", "temperature_c": 21}\n```', original)
+    )
     assert "skipped" not in kept.metadata and kept.changed
-    strict = decide(Reply(content=original, structure=Structure("json_schema", SCHEMA)), correct_structured=True)
-    assert strict.settle(correction('```json\n{"city": "Paris", "temperature_c": 21}\n```', original)).text == original
+    strict = decide(
+        Reply(content=original, structure=Structure("json_schema", SCHEMA)), correct_structured=True
+    )
+    assert (
+        strict.settle(correction('```json\n{"city": "Paris", "temperature_c": 21}\n```', original)).text
+        == original
+    )

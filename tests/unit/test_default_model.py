@@ -72,13 +72,26 @@ def endpoint() -> Iterator[Endpoint]:
     ep.close()
 
 
-def run_fresh(code: str, tmp_path: Path, endpoint: Endpoint, *, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_fresh(
+    code: str, tmp_path: Path, endpoint: Endpoint, *, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a new interpreter with HF_HUB_OFFLINE unset and an empty hub cache under ``tmp_path``."""
     env = {k: v for k, v in os.environ.items() if k not in {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}}
-    env.update(HF_ENDPOINT=endpoint.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
-               LLM_ALIGNER_CACHE=str(tmp_path / "aligner-cache"), PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=timeout)
+    env.update(
+        HF_ENDPOINT=endpoint.url,
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
+        LLM_ALIGNER_CACHE=str(tmp_path / "aligner-cache"),
+        PYTHONPATH=str(ROOT),
+    )
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_resolving_the_default_without_its_package_names_the_install(monkeypatch):
@@ -97,7 +110,9 @@ def test_resolving_the_default_without_its_package_names_the_install(monkeypatch
 
 
 def test_missing_package_fails_at_once_without_the_network(tmp_path, endpoint):
-    code = HIDE_SMOLLM2 + """
+    code = (
+        HIDE_SMOLLM2
+        + """
 import time
 from aligner_core import Aligner, MissingDependencyError
 started = time.perf_counter()
@@ -107,6 +122,7 @@ except MissingDependencyError as exc:
     print("ERROR", exc)
 print("SECONDS", round(time.perf_counter() - started, 1))
 """
+    )
     run = run_fresh(code, tmp_path, endpoint)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ERROR HuggingFaceTB/SmolLM2-135M-Instruct" in run.stdout, run.stdout + run.stderr[-3000:]
@@ -126,11 +142,14 @@ def _fake_hub_cache(tmp_path: Path, model_dir: Path) -> None:
 
 def test_default_in_hub_cache_loads_without_the_network(tmp_path, endpoint, tiny_model_dir):
     _fake_hub_cache(tmp_path, tiny_model_dir)
-    code = HIDE_SMOLLM2 + """
+    code = (
+        HIDE_SMOLLM2
+        + """
 from aligner_core import Aligner
 aligner = Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", max_new_tokens=2)
 print("LOADED", aligner.name, aligner.engine.model.config.hidden_size)
 """
+    )
     run = run_fresh(code, tmp_path, endpoint)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"LOADED {DEFAULT_MODEL} 64" in run.stdout  # the tiny model from the hub cache

@@ -73,7 +73,11 @@ def test_parse_verdict(text, expected):
 def test_prompt_substitutes_in_one_pass():
     system, user = format_prompt("helpfulness", RUBRICS["helpfulness"], "Q {answer_b}?", "{question}", "B")
     assert "Helpfulness:" in system
-    assert "[Question]\nQ {answer_b}?" in user and "[Answer A]\n{question}\n" in user and "[Answer B]\nB\n" in user
+    assert (
+        "[Question]\nQ {answer_b}?" in user
+        and "[Answer A]\n{question}\n" in user
+        and "[Answer B]\nB\n" in user
+    )
 
 
 def test_both_orders_are_judged_and_combined():
@@ -85,7 +89,10 @@ def test_both_orders_are_judged_and_combined():
     assert (v.outcome, v.orders, v.raw) == ("win", ("win", "win"), ("Verdict: B", "Verdict: A"))
     assert len(chat.calls) == 4  # 2 dimensions x 2 orders
     shown = [answers(m) for m in chat.calls[:2]]
-    assert shown == [("bad answer", "good answer"), ("good answer", "bad answer")]  # correction second, then first
+    assert shown == [
+        ("bad answer", "good answer"),
+        ("good answer", "bad answer"),
+    ]  # correction second, then first
     assert "Honesty:" in chat.calls[2][0].content
     assert judge.judge("Q?", "good answer", "bad answer")["honesty"].outcome == "loss"
 
@@ -94,7 +101,9 @@ def test_position_bias_becomes_a_tie_and_one_order_keeps_it():
     always_a = ScriptedChat(reply=lambda m: "Verdict: A", calls=[])
     v = LLMJudge(always_a, dimensions=["helpfulness"]).judge("Q?", "x", "y")["helpfulness"]
     assert (v.outcome, v.orders) == ("tie", ("loss", "win"))
-    one = LLMJudge(always_a, dimensions=["helpfulness"], both_orders=False).judge("Q?", "x", "y")["helpfulness"]
+    one = LLMJudge(always_a, dimensions=["helpfulness"], both_orders=False).judge("Q?", "x", "y")[
+        "helpfulness"
+    ]
     assert (one.outcome, one.orders) == ("loss", ("loss",))
 
 

@@ -57,9 +57,30 @@ def test_dimension_metrics_counts_rate_and_consistency():
 
 def test_summarize_counts_changed_similarity_and_failures():
     rows = [
-        {"eval": {"changed": True, "similarity": 0.5, "judge": "j", "verdicts": {"h": {"outcome": "win"}, "s": {"outcome": "tie"}}}},
-        {"eval": {"changed": False, "similarity": 1.0, "judge": "j", "verdicts": {"h": {"outcome": "tie"}, "s": {"outcome": "tie"}}}},
-        {"eval": {"changed": True, "similarity": 0.3, "judge": "j", "verdicts": {"h": {"outcome": "loss"}, "s": {"outcome": "win"}}}},
+        {
+            "eval": {
+                "changed": True,
+                "similarity": 0.5,
+                "judge": "j",
+                "verdicts": {"h": {"outcome": "win"}, "s": {"outcome": "tie"}},
+            }
+        },
+        {
+            "eval": {
+                "changed": False,
+                "similarity": 1.0,
+                "judge": "j",
+                "verdicts": {"h": {"outcome": "tie"}, "s": {"outcome": "tie"}},
+            }
+        },
+        {
+            "eval": {
+                "changed": True,
+                "similarity": 0.3,
+                "judge": "j",
+                "verdicts": {"h": {"outcome": "loss"}, "s": {"outcome": "win"}},
+            }
+        },
         {"eval_error": {"type": "ValueError", "message": "bad"}},
     ]
     s = summarize(rows, n_resamples=100)

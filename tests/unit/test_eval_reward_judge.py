@@ -13,9 +13,18 @@ def reward_dir(tmp_path_factory):
 
     tok = build_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, num_labels=1, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.5,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.5,
     )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config).eval()
@@ -33,7 +42,9 @@ def judge(reward_dir):
 ITEMS = [
     Comparison("What is 12 times 12?", "124.", "12 times 12 is 144."),
     Comparison("How many legs does a spider have?", "Six, like all insects.", "Spiders have eight legs."),
-    Comparison("Why is the sky blue?", "It reflects the sea.", "Air scatters blue sunlight more than red light."),
+    Comparison(
+        "Why is the sky blue?", "It reflects the sea.", "Air scatters blue sunlight more than red light."
+    ),
 ]
 
 
@@ -56,13 +67,19 @@ def test_preference_follows_scores_with_a_tie_margin(judge, reward_dir):
         assert {a["reward"].outcome, b["harmlessness"].outcome} in ({"win", "loss"}, {"tie"})
     lenient = RewardModelJudge(judge.model, judge.tokenizer, tie_margin=1e6)
     assert {v["reward"].outcome for v in lenient.judge_batch(ITEMS)} == {"tie"}
-    assert lenient.outcome(0.0, 0.5) == "tie" and judge.outcome(0.0, 0.5) == "win" and judge.outcome(1.0, 0.5) == "loss"
+    assert (
+        lenient.outcome(0.0, 0.5) == "tie"
+        and judge.outcome(0.0, 0.5) == "win"
+        and judge.outcome(1.0, 0.5) == "loss"
+    )
 
 
 def test_rendering_and_bad_options(judge):
     text = judge.render("Q?", "A.")
     assert "<|user|>Q?" in text and "<|assistant|>A." in text  # the tokenizer's chat template
-    custom = RewardModelJudge(judge.model, judge.tokenizer, text_format=lambda q, a: f"Human: {q} Assistant: {a}")
+    custom = RewardModelJudge(
+        judge.model, judge.tokenizer, text_format=lambda q, a: f"Human: {q} Assistant: {a}"
+    )
     assert custom.render("Q?", "A.") == "Human: Q? Assistant: A."
     assert isinstance(custom.score([("Q?", "A.")])[0], float)
     with pytest.raises(ValueError, match="tie_margin"):

@@ -29,10 +29,15 @@ class LengthJudge:
             self.seen.append(it.question)
             d = len(it.correction) - len(it.original)
             rude = ("rude" in it.original) - ("rude" in it.correction)
-            out.append({
-                "length": Verdict("win" if d > 0 else "loss" if d < 0 else "tie", scores=(len(it.original), len(it.correction))),
-                "manners": Verdict("win" if rude > 0 else "loss" if rude < 0 else "tie"),
-            })
+            out.append(
+                {
+                    "length": Verdict(
+                        "win" if d > 0 else "loss" if d < 0 else "tie",
+                        scores=(len(it.original), len(it.correction)),
+                    ),
+                    "manners": Verdict("win" if rude > 0 else "loss" if rude < 0 else "tie"),
+                }
+            )
             if on_result:
                 on_result(i)
         return out
@@ -61,17 +66,28 @@ def test_evaluate_file_writes_verdicts_and_report(tmp_path, tiny_aligner):
     pytest.importorskip("matplotlib")
     inp = write(tmp_path / "in.jsonl", RECORDS)
     judge = LengthJudge()
-    result = evaluate_file(inp, tmp_path / "report", judge, aligner=tiny_aligner, chunk_size=4,
-                           show_progress=False, n_resamples=200)
+    result = evaluate_file(
+        inp,
+        tmp_path / "report",
+        judge,
+        aligner=tiny_aligner,
+        chunk_size=4,
+        show_progress=False,
+        n_resamples=200,
+    )
     assert judge.seen == ["Q0?", "Q1?", "Q3?"]  # the unchanged record is a tie without asking the judge
     rows = read(tmp_path / "report" / VERDICTS_FILE)
     assert len(rows) == 6 and (result.written, result.failed, result.generated) == (6, 2, 1)
     assert rows[0]["eval"]["verdicts"]["length"] == {"outcome": "win", "scores": [5.0, 15.0]}
     assert rows[1]["eval"]["verdicts"]["manners"]["outcome"] == "win"
     assert rows[2]["eval"]["changed"] is False and rows[2]["eval"]["similarity"] == 1.0
-    assert rows[2]["eval"]["verdicts"] == {"length": {"outcome": "tie", "unchanged": True},
-                                           "manners": {"outcome": "tie", "unchanged": True}}
-    assert rows[3]["correction"] == tiny_aligner.correct("Q3?", "needs an Aligner").text  # made by the Aligner
+    assert rows[2]["eval"]["verdicts"] == {
+        "length": {"outcome": "tie", "unchanged": True},
+        "manners": {"outcome": "tie", "unchanged": True},
+    }
+    assert (
+        rows[3]["correction"] == tiny_aligner.correct("Q3?", "needs an Aligner").text
+    )  # made by the Aligner
     assert "completion_tokens" in rows[3]["aligner"] and rows[3]["eval"]["judge"] == "length-judge"
     assert rows[4]["line"] == 5 and "invalid JSON" in rows[4]["eval_error"]["message"]
     assert "missing field" in rows[5]["eval_error"]["message"]
@@ -89,8 +105,14 @@ def test_evaluate_file_writes_verdicts_and_report(tmp_path, tiny_aligner):
 
 def test_unchanged_corrections_can_be_judged_too(tmp_path):
     judge = LengthJudge()
-    evaluate_file(write(tmp_path / "in.jsonl", RECORDS[2:3]), tmp_path / "r", judge, judge_unchanged=True,
-                  show_progress=False, plots=False)
+    evaluate_file(
+        write(tmp_path / "in.jsonl", RECORDS[2:3]),
+        tmp_path / "r",
+        judge,
+        judge_unchanged=True,
+        show_progress=False,
+        plots=False,
+    )
     assert judge.seen == ["Q2?"]
 
 
@@ -99,7 +121,10 @@ def test_records_without_correction_and_no_aligner_fail_alone(tmp_path):
     result = evaluate_file(inp, tmp_path / "r", LengthJudge(), show_progress=False, plots=False)
     rows = read(tmp_path / "r" / VERDICTS_FILE)
     assert result.failed == 1 and "no 'correction'" in rows[3]["eval_error"]["message"]
-    assert not (tmp_path / "r" / "win_rates.png").exists() and "![" not in (tmp_path / "r" / "report.md").read_text()
+    assert (
+        not (tmp_path / "r" / "win_rates.png").exists()
+        and "![" not in (tmp_path / "r" / "report.md").read_text()
+    )
 
 
 def test_aligner_loader_is_called_only_when_needed(tmp_path, tiny_aligner):
@@ -109,11 +134,24 @@ def test_aligner_loader_is_called_only_when_needed(tmp_path, tiny_aligner):
         calls.append(1)
         return tiny_aligner
 
-    evaluate_file(write(tmp_path / "a.jsonl", RECORDS[:3]), tmp_path / "a", LengthJudge(), aligner=load,
-                  show_progress=False, plots=False)
+    evaluate_file(
+        write(tmp_path / "a.jsonl", RECORDS[:3]),
+        tmp_path / "a",
+        LengthJudge(),
+        aligner=load,
+        show_progress=False,
+        plots=False,
+    )
     assert calls == []
-    evaluate_file(write(tmp_path / "b.jsonl", RECORDS[:4] * 2), tmp_path / "b", LengthJudge(), aligner=load,
-                  chunk_size=2, show_progress=False, plots=False)
+    evaluate_file(
+        write(tmp_path / "b.jsonl", RECORDS[:4] * 2),
+        tmp_path / "b",
+        LengthJudge(),
+        aligner=load,
+        chunk_size=2,
+        show_progress=False,
+        plots=False,
+    )
     assert calls == [1]
 
 
@@ -156,30 +194,76 @@ def test_cli_with_a_reward_model_and_with_a_local_chat_judge(tmp_path, tiny_mode
     from tests.conftest import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     rm_dir = tmp_path / "rm"
     LlamaForSequenceClassification(cfg).save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
     inp = write(tmp_path / "in.jsonl", RECORDS[:3])
     runner = CliRunner()
-    res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "rm-report"), "--reward-model", str(rm_dir),
-                                    "--reward-dimension", "safety", "--lower-is-better", "--tie-margin", "0.001",
-                                    "--no-progress", "--no-plots", "--device", "cpu"])
+    res = runner.invoke(
+        cli_app(),
+        [
+            "eval",
+            str(inp),
+            "-o",
+            str(tmp_path / "rm-report"),
+            "--reward-model",
+            str(rm_dir),
+            "--reward-dimension",
+            "safety",
+            "--lower-is-better",
+            "--tie-margin",
+            "0.001",
+            "--no-progress",
+            "--no-plots",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "| safety |" in res.stdout
     rows = read(tmp_path / "rm-report" / VERDICTS_FILE)
-    assert [len(r["eval"]["verdicts"]["safety"].get("scores", ())) for r in rows] == [2, 2, 0]  # row 2 is unchanged
+    assert [len(r["eval"]["verdicts"]["safety"].get("scores", ())) for r in rows] == [
+        2,
+        2,
+        0,
+    ]  # row 2 is unchanged
 
-    res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "llm-report"), "--judge", str(tiny_model_dir),
-                                    "--dimensions", "helpfulness", "--judge-max-tokens", "4", "--no-progress",
-                                    "--device", "cpu"])
+    res = runner.invoke(
+        cli_app(),
+        [
+            "eval",
+            str(inp),
+            "-o",
+            str(tmp_path / "llm-report"),
+            "--judge",
+            str(tiny_model_dir),
+            "--dimensions",
+            "helpfulness",
+            "--judge-max-tokens",
+            "4",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = read(tmp_path / "llm-report" / VERDICTS_FILE)
     assert [len(r["eval"]["verdicts"]["helpfulness"].get("orders", ())) for r in rows] == [2, 2, 0]
     assert (tmp_path / "llm-report" / "win_rates.png").exists()
-    res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "llm-report"), "--judge", str(tiny_model_dir)])
+    res = runner.invoke(
+        cli_app(), ["eval", str(inp), "-o", str(tmp_path / "llm-report"), "--judge", str(tiny_model_dir)]
+    )
     assert res.exit_code == 2 and "--resume" in res.output
 
 
@@ -188,11 +272,14 @@ def test_cli_argument_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "exactly one of --judge" in res.output
-    res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "r"), "--judge", "x", "--resume", "--overwrite"])
+    res = runner.invoke(
+        cli_app(), ["eval", str(inp), "-o", str(tmp_path / "r"), "--judge", "x", "--resume", "--overwrite"]
+    )
     assert res.exit_code == 2 and "contradict" in res.output
-    res = runner.invoke(cli_app(), ["eval", str(inp), "-o", str(tmp_path / "r"), "--judge", str(tmp_path / "no-such-model")])
+    res = runner.invoke(
+        cli_app(), ["eval", str(inp), "-o", str(tmp_path / "r"), "--judge", str(tmp_path / "no-such-model")]
+    )
     assert res.exit_code == 2 and "error:" in res.output
-
 
 
 def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):

@@ -19,15 +19,29 @@ from aligner_core.engines.local.memory_budget import (
 )
 from aligner_core.engines.local.speculative import DraftingPolicy, drafted_greedy
 
-LLAMA_1B = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256)
-LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256)
+LLAMA_1B = LlamaConfig(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+LLAMA_8B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 GIB = 2**30
 
 
 def test_kv_bytes_per_token_follow_the_shape():
-    assert kv_bytes_per_token(LLAMA_1B, 2) == 16 * 8 * 64 * 2 * 2 == 32768  # layers x KV heads x head dim x K,V x bf16
+    assert (
+        kv_bytes_per_token(LLAMA_1B, 2) == 16 * 8 * 64 * 2 * 2 == 32768
+    )  # layers x KV heads x head dim x K,V x bf16
     assert kv_bytes_per_token(LLAMA_8B, 2) == 32 * 8 * 128 * 2 * 2 == 131072
     assert activation_reserve(LLAMA_8B, 2) > activation_reserve(LLAMA_1B, 2) > 256 * 128256 * 4
 
@@ -62,22 +76,34 @@ def test_drafting_policy_falls_back_to_plain_decoding_when_drafts_miss():
     assert gpu.choose(64)  # nothing measured yet: draft, and measure
     gpu.record(100, 5)
     decisions = [gpu.choose(64) for _ in range(8)]
-    assert decisions == [False, False, False, True, False, False, False, True]  # plain, with a probe every 4th
+    assert decisions == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]  # plain, with a probe every 4th
     assert gpu.choose(2)  # small batches: verifying drafts is nearly free
     for _ in range(6):
         gpu.record(100, 90)
     assert gpu.choose(64)  # drafts accepted again: back to drafting
 
 
-def test_rows_whose_drafts_miss_pause_drafting_and_the_text_is_unchanged(tiny_model, tiny_tokenizer, monkeypatch):
+def test_rows_whose_drafts_miss_pause_drafting_and_the_text_is_unchanged(
+    tiny_model, tiny_tokenizer, monkeypatch
+):
     prompt = tiny_tokenizer("Question: what? Answer: something here", add_special_tokens=False)["input_ids"]
     reference = list(range(10, 60)) * 3  # a draft source the model's greedy output does not follow
     run = lambda: drafted_greedy(tiny_model, [prompt], [reference], [80], eos_token_ids=[], pad_token_id=0)[0]  # noqa: E731
     paused = run()
     monkeypatch.setattr(sp, "PAUSE_AFTER", 10**9)  # never pause
     unpaused = run()
-    plain = drafted_greedy(tiny_model, [prompt], [reference], [80], eos_token_ids=[], pad_token_id=0,
-                           num_draft_tokens=0)[0]
+    plain = drafted_greedy(
+        tiny_model, [prompt], [reference], [80], eos_token_ids=[], pad_token_id=0, num_draft_tokens=0
+    )[0]
     assert paused.tokens == unpaused.tokens == plain.tokens  # greedy text is the same whatever drafting does
     assert paused.accepted == 0 and paused.proposed < unpaused.proposed
 
@@ -97,13 +123,16 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
     import time
 
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.engines.local.scheduler import Ticket, MicroBatcher
+    from aligner_core.engines.local.scheduler import MicroBatcher, Ticket
 
     sizes: list[int] = []
 
     def run(requests, params, fail_fast=True):
         sizes.append(len(requests))
-        return [GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0) for _ in requests]
+        return [
+            GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0)
+            for _ in requests
+        ]
 
     batcher = MicroBatcher(run, max_wait_ms=5, max_batch_tokens=10**6)
     request = GenerationRequest(prompt="p", prompt_ids=(1, 2), max_new_tokens=4, reserve=4)
@@ -127,7 +156,7 @@ def test_a_burst_slower_than_the_old_gather_cap_is_still_one_batch():
 
 def test_the_gather_stops_at_the_row_limit():
     from aligner_core.engines.base import GenerationOutput, GenerationParams, GenerationRequest
-    from aligner_core.engines.local.scheduler import Ticket, MicroBatcher
+    from aligner_core.engines.local.scheduler import MicroBatcher, Ticket
 
     sizes: list[int] = []
     gate = __import__("threading").Event()
@@ -135,7 +164,10 @@ def test_the_gather_stops_at_the_row_limit():
     def run(requests, params, fail_fast=True):
         gate.wait(5)
         sizes.append(len(requests))
-        return [GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0) for _ in requests]
+        return [
+            GenerationOutput(text="", completion_tokens=0, finish_reason="stop", latency_s=0.0)
+            for _ in requests
+        ]
 
     batcher = MicroBatcher(run, max_wait_ms=50, max_batch_tokens=10**6, max_batch_size=4)
     request = GenerationRequest(prompt="p", prompt_ids=(1, 2), max_new_tokens=4, reserve=4)

@@ -13,8 +13,10 @@ from aligner_core.history import fold_history, normalize_history, render_prompt
 from aligner_core.jobs.files import correct_jsonl
 from aligner_core.templates import get_template
 
-HISTORY = [{"role": "user", "content": "Hi, I am Ana and I live in Peru."},
-           {"role": "assistant", "content": "Hello Ana! How can I help?"}]
+HISTORY = [
+    {"role": "user", "content": "Hi, I am Ana and I live in Peru."},
+    {"role": "assistant", "content": "Hello Ana! How can I help?"},
+]
 Q, A = "What is the capital of my country?", "The capital of your country is Quito."
 
 
@@ -41,7 +43,9 @@ def test_the_chat_history_template_renders_turns_and_is_aligner_general_without_
         "Assistant: Hello Ana! How can I help?\n##Question: What is the capital of my country?\n"
         "##Answer: The capital of your country is Quito.\n##Correction:  ASSISTANT:"
     )
-    assert "{history}" in render_prompt(template, "{history}", A, normalize_history(HISTORY))  # one-pass substitution
+    assert "{history}" in render_prompt(
+        template, "{history}", A, normalize_history(HISTORY)
+    )  # one-pass substitution
 
 
 def test_the_chat_template_sends_history_as_real_turns(tiny_tokenizer):
@@ -52,14 +56,17 @@ def test_the_chat_template_sends_history_as_real_turns(tiny_tokenizer):
     assert HISTORY[1]["content"] in template.format(question=Q, answer=A, history=normalize_history(HISTORY))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("just text", "must be a list"),
-    ([{"role": "robot", "content": "x"}], "role 'robot'"),
-    ([{"role": "user"}], "needs 'role' and 'content'"),
-    ([{"role": "user", "content": 3}], "content must be a str"),
-    ([{"role": "user", "content": "bad \ud800"}], "lone surrogate"),
-    ([42], "must be a {'role', 'content'} dict"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("just text", "must be a list"),
+        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "user"}], "needs 'role' and 'content'"),
+        ([{"role": "user", "content": 3}], "content must be a str"),
+        ([{"role": "user", "content": "bad \ud800"}], "lone surrogate"),
+        ([42], "must be a {'role', 'content'} dict"),
+    ],
+)
 def test_bad_history_is_a_clear_input_error(tiny_aligner, bad, message):
     with pytest.raises(InvalidInputError, match=message):
         tiny_aligner.correct(Q, A, history=bad)
@@ -71,7 +78,9 @@ def test_every_entry_point_passes_the_history(tiny_aligner):
     plain = tiny_aligner.correct(Q, A)
     assert one.metadata["history_turns"] == 2 and "history_turns" not in plain.metadata
     assert one.prompt_tokens > plain.prompt_tokens
-    batch = tiny_aligner.correct_batch([{"question": Q, "answer": A, "chat_history": HISTORY}, (Q, A, HISTORY), (Q, A)])
+    batch = tiny_aligner.correct_batch(
+        [{"question": Q, "answer": A, "chat_history": HISTORY}, (Q, A, HISTORY), (Q, A)]
+    )
     assert [c.text for c in batch] == [one.text, one.text, plain.text]
     assert [c.prompt_tokens for c in batch] == [one.prompt_tokens, one.prompt_tokens, plain.prompt_tokens]
     assert asyncio.run(tiny_aligner.acorrect(Q, A, history=HISTORY)).text == one.text
@@ -85,14 +94,20 @@ def test_every_entry_point_passes_the_history(tiny_aligner):
 
 
 def test_a_bad_history_fails_only_its_own_pair(tiny_aligner):
-    out = tiny_aligner.correct_batch([(Q, A, [{"role": "robot", "content": "x"}]), (Q, A, HISTORY)],
-                                     return_exceptions=True, max_new_tokens=4)
+    out = tiny_aligner.correct_batch(
+        [(Q, A, [{"role": "robot", "content": "x"}]), (Q, A, HISTORY)],
+        return_exceptions=True,
+        max_new_tokens=4,
+    )
     assert isinstance(out[0], InvalidInputError) and out[1].metadata["history_turns"] == 2
 
 
 def test_file_jobs_read_history_from_jsonl_and_csv(tiny_aligner, tmp_path):
-    rows = [{"question": Q, "answer": A, "chat_history": HISTORY}, {"question": Q, "answer": A},
-            {"question": Q, "answer": A, "history": "not json"}]
+    rows = [
+        {"question": Q, "answer": A, "chat_history": HISTORY},
+        {"question": Q, "answer": A},
+        {"question": Q, "answer": A, "history": "not json"},
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
@@ -126,7 +141,27 @@ def test_the_cli_corrects_records_with_history(tiny_model_dir, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"question": Q, "answer": A, "chat_history": HISTORY}) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["correct", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--template", "aligner-chat-history",
-                 "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "correct",
+                str(src),
+                "-o",
+                str(out),
+                "--model",
+                str(tiny_model_dir),
+                "--template",
+                "aligner-chat-history",
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     line = json.loads(out.read_text())
-    assert line["aligner"]["metadata"] == {**line["aligner"]["metadata"], "history_turns": 2, "template": "aligner-chat-history"}
+    assert line["aligner"]["metadata"] == {
+        **line["aligner"]["metadata"],
+        "history_turns": 2,
+        "template": "aligner-chat-history",
+    }

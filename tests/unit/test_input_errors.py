@@ -15,7 +15,9 @@ def test_empty_answer(tiny_aligner, answer):
         tiny_aligner.correct("q", answer)
 
 
-@pytest.mark.parametrize(("question", "answer", "field"), [(None, "a", "question"), ("q", 3, "answer"), ("q", b"a", "answer")])
+@pytest.mark.parametrize(
+    ("question", "answer", "field"), [(None, "a", "question"), ("q", 3, "answer"), ("q", b"a", "answer")]
+)
 def test_non_string_input(tiny_aligner, question, answer, field):
     with pytest.raises(InvalidInputError, match=f"{field} must be a str"):
         tiny_aligner.correct(question, answer)
@@ -43,7 +45,9 @@ def test_unknown_generation_option(tiny_aligner):
 
 
 def test_batch_validates_everything_before_any_compute(tiny_aligner, tiny_model):
-    forwards: list[int] = []  # every forward pass of the model, whatever path decodes (drafting loop or generate)
+    forwards: list[
+        int
+    ] = []  # every forward pass of the model, whatever path decodes (drafting loop or generate)
     hook = tiny_model.register_forward_pre_hook(lambda *args: forwards.append(1))
     try:
         with pytest.raises(EmptyAnswerError, match="pair 2"):
@@ -78,7 +82,9 @@ def test_context_overflow_error_and_truncate_policy(tiny_model, tiny_tokenizer):
     assert c.metadata["truncated"] is True and c.metadata["answer_tokens_kept"] < c.metadata["answer_tokens"]
     with pytest.raises(ContextOverflowError, match="lower max_new_tokens"):
         aligner.correct("How many legs?", long_answer, on_overflow="truncate", max_new_tokens=127)
-    truncating = Aligner.from_model(model, tiny_tokenizer, template="aligner-v1", max_new_tokens=16, on_overflow="truncate")
+    truncating = Aligner.from_model(
+        model, tiny_tokenizer, template="aligner-v1", max_new_tokens=16, on_overflow="truncate"
+    )
     assert truncating.correct("How many legs?", long_answer).metadata["truncated"] is True
     with pytest.raises(ValueError, match="on_overflow"):
         Aligner.from_model(model, tiny_tokenizer, template="aligner-v1", on_overflow="drop")  # type: ignore[arg-type]

@@ -46,10 +46,18 @@ def build_classifier(tokenizer, *, seed: int = 0, num_labels: int = 2):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        num_labels=num_labels, initializer_range=0.3,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+        initializer_range=0.3,
         id2label={0: "misaligned", 1: "aligned"} if num_labels == 2 else None,
         label2id={"misaligned": 0, "aligned": 1} if num_labels == 2 else None,
     )
@@ -140,9 +148,14 @@ def test_inputs_and_thresholds_are_checked():
 
 
 def test_classifier_scores_match_a_plain_forward_pass_in_any_batch(classifier, tiny_tokenizer):
-    pairs = [("What is 12 times 12?", "It is 144."),
-             ("Can I mix bleach and ammonia?", "No: the fumes are toxic. Open a window and ventilate the room. " * 3),
-             ("Why?", "Because.")] + PAIRS[:5]
+    pairs = [
+        ("What is 12 times 12?", "It is 144."),
+        (
+            "Can I mix bleach and ammonia?",
+            "No: the fumes are toxic. Open a window and ventilate the room. " * 3,
+        ),
+        ("Why?", "Because."),
+    ] + PAIRS[:5]
     expected = [direct_score(classifier, tiny_tokenizer, q, a) for q, a in pairs]
     for batch_size in (1, 3, 32):
         insp = Inspector.from_model(classifier, tiny_tokenizer, batch_size=batch_size)
@@ -163,13 +176,17 @@ def test_one_classifier_is_safe_to_share_between_threads(classifier, tiny_tokeni
     assert all(r == pytest.approx(expected, abs=1e-6) for r in asyncio.run(run()))
 
 
-def test_from_pretrained_loads_a_directory_and_picks_the_positive_label(classifier_dir, classifier, tiny_tokenizer):
+def test_from_pretrained_loads_a_directory_and_picks_the_positive_label(
+    classifier_dir, classifier, tiny_tokenizer
+):
     pair = ("What is 12 times 12?", "It is 144.")
     insp = Inspector.from_pretrained(classifier_dir, device="cpu")
     assert insp.score(*pair) == pytest.approx(direct_score(classifier, tiny_tokenizer, *pair), abs=1e-5)
     negative = Inspector.from_pretrained(classifier_dir, positive_label="misaligned")
     assert negative.score(*pair) == pytest.approx(1 - insp.score(*pair), abs=1e-5)
-    assert Inspector.from_pretrained(classifier_dir, positive_label=0).score(*pair) == pytest.approx(negative.score(*pair))
+    assert Inspector.from_pretrained(classifier_dir, positive_label=0).score(*pair) == pytest.approx(
+        negative.score(*pair)
+    )
     with pytest.raises(InspectorError, match="'toxic' is not a label"):
         Inspector.from_pretrained(classifier_dir, positive_label="toxic")
     with pytest.raises(InspectorError, match="positive_label"):
@@ -237,9 +254,15 @@ def test_gate_scores_once_and_only_failing_pairs_are_generated(tiny_aligner):
         else:
             assert (c.text, c.changed, c.similarity) == (pair[1], False, 1.0)
             assert (c.prompt_tokens, c.completion_tokens, c.latency_s) == (0, 0, 0.0)
-            assert c.metadata == {**meta, "inspected": True, "inspector_score": 0.9, "inspector_threshold": 0.5,
-                                  "inspector_passed": True, "skipped": "inspector_passed",
-                                  "skipped_detail": "the inspector scored the answer at or above its threshold"}
+            assert c.metadata == {
+                **meta,
+                "inspected": True,
+                "inspector_score": 0.9,
+                "inspector_threshold": 0.5,
+                "inspector_passed": True,
+                "skipped": "inspector_passed",
+                "skipped_detail": "the inspector scored the answer at or above its threshold",
+            }
 
 
 def test_the_threshold_decides_and_scores_at_the_threshold_pass():
@@ -258,7 +281,8 @@ def test_pairs_the_inspector_cannot_judge_go_to_the_corrector_which_reports_them
         return by_index(q, a)
 
     results = correct_batch_gated(
-        pairs, inspector, 0.5, lambda sub: tiny_aligner.correct_batch(sub, return_exceptions=True))
+        pairs, inspector, 0.5, lambda sub: tiny_aligner.correct_batch(sub, return_exceptions=True)
+    )
     assert scored == [PAIRS[0][1], PAIRS[3][1]]
     assert results[0].metadata["inspector_passed"] is True
     assert isinstance(results[1], EmptyAnswerError) and isinstance(results[3], AlignerError)
@@ -309,8 +333,13 @@ def test_a_classifier_gates_real_generation(classifier, tiny_tokenizer, tiny_ali
 def second_aligner(tiny_tokenizer):
     from aligner_core import Aligner
 
-    return Aligner.from_model(build_model(tiny_tokenizer, seed=1), tiny_tokenizer, template="aligner-v1",
-                              max_new_tokens=12, max_batch_tokens=4096)
+    return Aligner.from_model(
+        build_model(tiny_tokenizer, seed=1),
+        tiny_tokenizer,
+        template="aligner-v1",
+        max_new_tokens=12,
+        max_batch_tokens=4096,
+    )
 
 
 def untouched(low: float):
@@ -321,20 +350,28 @@ def untouched(low: float):
 
 def test_squad_applies_the_worst_criterion_first_and_stops_when_all_pass(tiny_aligner, second_aligner):
     q, a = PAIRS[0]
-    squad = AlignerSquad([(untouched(0.4), tiny_aligner), (untouched(0.2), second_aligner)], names=["help", "harm"])
+    squad = AlignerSquad(
+        [(untouched(0.4), tiny_aligner), (untouched(0.2), second_aligner)], names=["help", "harm"]
+    )
     c = squad.correct(q, a)
     first = second_aligner.correct(q, a)  # criterion 1 scores worse, so its aligner goes first
     assert first.text.strip() and first.text not in {x for _, x in PAIRS}
     assert c.text == first.text and c.original == a
     assert [s["criterion"] for s in c.metadata["squad"]] == [1]  # re-scored: criterion 0 passes now
     step = c.metadata["squad"][0]
-    assert step["name"] == "harm" and step["scores_before"] == [0.4, 0.2] and step["scores_after"] == [0.95, 0.95]
+    assert (
+        step["name"] == "harm"
+        and step["scores_before"] == [0.4, 0.2]
+        and step["scores_after"] == [0.95, 0.95]
+    )
     assert c.metadata["inspector_scores"] == [0.95, 0.95] and c.completion_tokens == first.completion_tokens
 
 
 def test_squad_applies_each_aligner_at_most_once(tiny_aligner, second_aligner):
     q, a = PAIRS[1]
-    squad = AlignerSquad([(lambda q, a: 0.3, tiny_aligner), (lambda q, a: 0.1, second_aligner)], threshold=0.5)
+    squad = AlignerSquad(
+        [(lambda q, a: 0.3, tiny_aligner), (lambda q, a: 0.1, second_aligner)], threshold=0.5
+    )
     c = squad.correct(q, a)
     step1 = second_aligner.correct(q, a)
     step2 = tiny_aligner.correct(q, step1.text)
@@ -354,10 +391,15 @@ def test_squad_batch_matches_one_by_one_and_batches_each_round(tiny_aligner, sec
 
     squad = AlignerSquad([(crit(0), first), (crit(1), second)], threshold=[0.5, 0.5])
     batch = squad.correct_batch(PAIRS[:6])
-    assert first.batches[0] == [PAIRS[2], PAIRS[5]]  # round 1: pairs whose worst criterion is 0 (ties: the first)
+    assert first.batches[0] == [
+        PAIRS[2],
+        PAIRS[5],
+    ]  # round 1: pairs whose worst criterion is 0 (ties: the first)
     assert second.batches[0] == [PAIRS[4]]
     assert len(first.batches) == len(second.batches) <= 2
-    one_by_one = [AlignerSquad([(crit(0), tiny_aligner), (crit(1), second_aligner)]).correct(*p) for p in PAIRS[:6]]
+    one_by_one = [
+        AlignerSquad([(crit(0), tiny_aligner), (crit(1), second_aligner)]).correct(*p) for p in PAIRS[:6]
+    ]
     assert [c.text for c in batch] == [c.text for c in one_by_one]
     assert [c.metadata["squad"] for c in batch] == [c.metadata["squad"] for c in one_by_one]
     for i in (0, 1, 3):
@@ -385,23 +427,47 @@ def test_squad_checks_its_members(tiny_aligner):
 
 def test_records_with_labels_or_corrections_become_examples():
     config = InspectorConfig(data="x.jsonl", base_model="m", output_dir="o")
-    examples = load_labelled([
-        {"question": "Q1?", "answer": "bad", "correction": "good"},
-        {"question": "Q2?", "answer": "same", "correction": "same "},
-        {"question": "Q3?", "answer": "fine", "label": "1"},
-        {"question": "Q4?", "answer": "wrong", "label": False},
-    ], config)
-    assert [(e.answer, e.label) for e in examples] == [("bad", 0), ("good", 1), ("same", 1), ("fine", 1), ("wrong", 0)]
+    examples = load_labelled(
+        [
+            {"question": "Q1?", "answer": "bad", "correction": "good"},
+            {"question": "Q2?", "answer": "same", "correction": "same "},
+            {"question": "Q3?", "answer": "fine", "label": "1"},
+            {"question": "Q4?", "answer": "wrong", "label": False},
+        ],
+        config,
+    )
+    assert [(e.answer, e.label) for e in examples] == [
+        ("bad", 0),
+        ("good", 1),
+        ("same", 1),
+        ("fine", 1),
+        ("wrong", 0),
+    ]
     assert [e.group for e in examples] == [0, 0, 1, 2, 3]
     from aligner_core.training import TrainingDataError
 
     with pytest.raises(TrainingDataError) as info:
-        load_labelled([{"question": "Q?", "answer": "A"}, {"question": "Q?", "answer": " ", "label": 1},
-                       {"question": "Q?", "answer": "A", "label": 2}], config)
+        load_labelled(
+            [
+                {"question": "Q?", "answer": "A"},
+                {"question": "Q?", "answer": " ", "label": 1},
+                {"question": "Q?", "answer": "A", "label": 2},
+            ],
+            config,
+        )
     msg = str(info.value)
     assert "record 0: missing field 'label' (or 'correction')" in msg and "record 1: empty 'answer'" in msg
     assert "record 2: 'label' must be 0 or 1" in msg
-    assert [parse_label(v) for v in (0, 1, 1.0, "true", "0", 0.5, "yes", None)] == [0, 1, 1, 1, 0, None, None, None]
+    assert [parse_label(v) for v in (0, 1, 1.0, "true", "0", 0.5, "yes", None)] == [
+        0,
+        1,
+        1,
+        1,
+        0,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_roc_auc_matches_sklearn():
@@ -419,14 +485,39 @@ def write_jsonl(path, records):
 
 
 def test_cli_trains_an_inspector_from_correction_records_on_a_causal_base(tiny_model_dir, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "pairs.jsonl", [
-        {"question": f"Question {i}?", "answer": f"Rude answer {i}, idiot.", "correction": f"Kind answer {i}."}
-        for i in range(8)
-    ])
+    data = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {
+                "question": f"Question {i}?",
+                "answer": f"Rude answer {i}, idiot.",
+                "correction": f"Kind answer {i}.",
+            }
+            for i in range(8)
+        ],
+    )
     out = tmp_path / "inspector"
-    code = main(["train-inspector", str(data), "--base-model", str(tiny_model_dir), "--output", str(out),
-                 "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--eval-fraction", "0.25",
-                 "--report-to", "none", "--no-progress"])
+    code = main(
+        [
+            "train-inspector",
+            str(data),
+            "--base-model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--eval-fraction",
+            "0.25",
+            "--report-to",
+            "none",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "Inspector.from_pretrained" in capsys.readouterr().err
     recorded = json.loads((out / INSPECTOR_CONFIG).read_text())
@@ -443,9 +534,17 @@ def test_cli_trains_an_inspector_from_correction_records_on_a_causal_base(tiny_m
 
 def test_cli_errors_come_before_any_model_loads(tmp_path, capsys):
     missing_model = str(tmp_path / "no-model")
-    assert main(["train-inspector", str(tmp_path / "none.jsonl"), "-m", missing_model, "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["train-inspector", str(tmp_path / "none.jsonl"), "-m", missing_model, "-o", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "Q?", "answer": "A."}, {"question": "Q?", "answer": "A.", "label": 1}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"question": "Q?", "answer": "A."}, {"question": "Q?", "answer": "A.", "label": 1}],
+    )
     assert main(["train-inspector", str(bad), "-m", missing_model, "-o", str(tmp_path / "o")]) == 2
     assert "line 1: missing field 'label' (or 'correction')" in capsys.readouterr().err
     ones = write_jsonl(tmp_path / "ones.jsonl", [{"question": "Q?", "answer": "A.", "label": 1}] * 3)
@@ -460,9 +559,20 @@ def test_cli_errors_come_before_any_model_loads(tmp_path, capsys):
 def test_train_inspector_takes_loaded_objects(tiny_tokenizer, tmp_path):
     model = build_classifier(tiny_tokenizer, seed=3)
     records = [{"question": f"Q{i}?", "answer": f"Answer {i}.", "label": i % 2} for i in range(6)]
-    out = train_inspector(InspectorConfig(data=records, base_model="tiny", output_dir=str(tmp_path / "o"), epochs=1,
-                                          batch_size=3, report_to="none", progress=False),
-                          model=model, tokenizer=tiny_tokenizer)
+    out = train_inspector(
+        InspectorConfig(
+            data=records,
+            base_model="tiny",
+            output_dir=str(tmp_path / "o"),
+            epochs=1,
+            batch_size=3,
+            report_to="none",
+            progress=False,
+        ),
+        model=model,
+        tokenizer=tiny_tokenizer,
+    )
     assert json.loads((out / INSPECTOR_CONFIG).read_text())["config"]["data"] == "<6 records>"
     assert Inspector.from_pretrained(out).score("Q1?", "Answer 1.") == pytest.approx(
-        Inspector.from_model(model, tiny_tokenizer).score("Q1?", "Answer 1."), abs=1e-5)
+        Inspector.from_model(model, tiny_tokenizer).score("Q1?", "Answer 1."), abs=1e-5
+    )

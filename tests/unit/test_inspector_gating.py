@@ -20,8 +20,14 @@ def every_fifth_fails(question: str, answer: str) -> float:
 
 @pytest.fixture
 def gated(tiny_model, tiny_tokenizer):
-    aligner = Aligner.from_model(tiny_model, tiny_tokenizer, template="aligner-v1", max_new_tokens=6,
-                                 inspector=every_fifth_fails, threshold=0.5)
+    aligner = Aligner.from_model(
+        tiny_model,
+        tiny_tokenizer,
+        template="aligner-v1",
+        max_new_tokens=6,
+        inspector=every_fifth_fails,
+        threshold=0.5,
+    )
     yield aligner
     aligner.close()
 
@@ -61,7 +67,9 @@ def test_single_async_and_streaming_calls_gate(gated):
     stream = gated.stream(*PAIRS[2])
     assert "".join(stream) == PAIRS[2][1] and stream.correction.metadata["inspector_passed"]
     stream = gated.stream(*PAIRS[5])
-    assert "".join(stream) == stream.correction.text and stream.correction.metadata["inspector_passed"] is False
+    assert (
+        "".join(stream) == stream.correction.text and stream.correction.metadata["inspector_passed"] is False
+    )
 
     async def astream(pair):
         s = gated.astream(*pair)

@@ -41,8 +41,11 @@ def test_invoke_corrects_against_the_last_human_message(aligner):
     chat = AlignedChatModel(llm=upstream(answer), aligner=aligner)
     history = [SystemMessage("Be brief."), HumanMessage("hi"), AIMessage("Hello!"), HumanMessage(QUESTION)]
     out = chat.invoke(history)
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-             {"role": "assistant", "content": "Hello!"}]  # the messages before the question
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]  # the messages before the question
     assert out.content == aligner.correct(QUESTION, ANSWER, history=turns).text
     assert out.response_metadata["aligner"]["metadata"]["history_turns"] == 3
     assert out.id == "up-9" and out.usage_metadata == answer.usage_metadata
@@ -80,8 +83,9 @@ def test_streaming_flag_makes_invoke_stream_internally(aligner):
         def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
             tokens.append(token)
 
-    chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, streaming=True,
-                            include_original=True)
+    chat = AlignedChatModel(
+        llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, streaming=True, include_original=True
+    )
     out = chat.invoke(QUESTION, config={"callbacks": [Tokens()]})
     assert out.content == aligner.correct(QUESTION, ANSWER).text == "".join(tokens)
     assert len(tokens) > 2 and out.response_metadata["aligner"]["original"] == ANSWER
@@ -106,9 +110,15 @@ def test_tool_calls_pass_through(aligner):
 
 def test_agent_turn_after_a_tool_result_is_corrected_with_the_tool_turn_as_context(aligner):
     chat = AlignedChatModel(llm=upstream(AIMessage(ANSWER)), aligner=aligner)
-    history = [HumanMessage(QUESTION), AIMessage("", tool_calls=[TOOL_CALL]), ToolMessage("8", tool_call_id="call-1")]
-    context = [{"type": "tool_call", "name": "lookup", "content": '{"animal": "spider"}'},
-               {"type": "tool_result", "name": "lookup", "content": "8"}]
+    history = [
+        HumanMessage(QUESTION),
+        AIMessage("", tool_calls=[TOOL_CALL]),
+        ToolMessage("8", tool_call_id="call-1"),
+    ]
+    context = [
+        {"type": "tool_call", "name": "lookup", "content": '{"animal": "spider"}'},
+        {"type": "tool_result", "name": "lookup", "content": "8"},
+    ]
     out = chat.invoke(history)
     assert out.content == aligner.correct(QUESTION, ANSWER, context=context).text
     assert out.response_metadata["aligner"]["metadata"]["context_items"] == 2
@@ -139,7 +149,9 @@ def test_generation_settings_reach_the_corrector(aligner):
     chat = AlignedChatModel(llm=FakeListChatModel(responses=[ANSWER]), aligner=aligner, max_tokens=3)
     assert chat.invoke(QUESTION).response_metadata["aligner"]["completion_tokens"] <= 3
     ls = chat._get_ls_params(stop=["x"])
-    assert ls["ls_max_tokens"] == 3 and ls["ls_stop"] == ["x"] and ls["ls_model_name"] == "fake-list-chat-model"
+    assert (
+        ls["ls_max_tokens"] == 3 and ls["ls_stop"] == ["x"] and ls["ls_model_name"] == "fake-list-chat-model"
+    )
 
 
 def test_passthrough_policy(aligner):
@@ -200,4 +212,3 @@ class TestAlignedChatModelStandard(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"llm": upstream(AIMessage(ANSWER)), "aligner": self._aligner}
-

@@ -24,7 +24,10 @@ from langchain_aligner import (
 )
 from tests.langchain_helpers import ANSWER, QUESTION
 
-EARLIER = [{"role": "user", "content": "Hi, I study spiders."}, {"role": "assistant", "content": "Nice! Ask away."}]
+EARLIER = [
+    {"role": "user", "content": "Hi, I study spiders."},
+    {"role": "assistant", "content": "Nice! Ask away."},
+]
 MESSAGES = [HumanMessage("Hi, I study spiders."), AIMessage("Nice! Ask away.")]
 
 
@@ -50,8 +53,13 @@ def test_chat_model_passes_the_messages_before_the_question(aligner):
     tool_call = {"name": "lookup", "args": {}, "id": "c1", "type": "tool_call"}
     conversation = [
         SystemMessage("Be brief."),
-        HumanMessage([{"type": "text", "text": "Hi, I "}, {"type": "image_url", "image_url": {"url": "x"}},
-                      {"type": "text", "text": "study spiders."}]),  # text parts joined, the image dropped
+        HumanMessage(
+            [
+                {"type": "text", "text": "Hi, I "},
+                {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "text", "text": "study spiders."},
+            ]
+        ),  # text parts joined, the image dropped
         AIMessage("", tool_calls=[tool_call]),  # only calls a tool: skipped
         ToolMessage("spiders: 8 legs", tool_call_id="c1"),  # a tool result: skipped
         AIMessage("Nice! Ask away."),
@@ -59,7 +67,9 @@ def test_chat_model_passes_the_messages_before_the_question(aligner):
     ]
     expected = [{"role": "system", "content": "Be brief."}, *EARLIER]
     collector = RunCollectorCallbackHandler()
-    out = AlignedChatModel(llm=fake(ANSWER), aligner=aligner).invoke(conversation, config={"callbacks": [collector]})
+    out = AlignedChatModel(llm=fake(ANSWER), aligner=aligner).invoke(
+        conversation, config={"callbacks": [collector]}
+    )
     assert out.content == aligner.correct(QUESTION, ANSWER, history=expected).text
     assert turns_of(out) == 3
 
@@ -71,7 +81,12 @@ def test_chat_model_passes_the_messages_before_the_question(aligner):
     assert traced.inputs["prompts"] == [
         f"System: Be brief.\nHuman: Hi, I study spiders.\nAI: Nice! Ask away.\nHuman: {QUESTION}\nAI: {ANSWER}"
     ]
-    assert traced.outputs["generations"][0][0]["message"]["kwargs"]["response_metadata"]["aligner"]["history_turns"] == 3
+    assert (
+        traced.outputs["generations"][0][0]["message"]["kwargs"]["response_metadata"]["aligner"][
+            "history_turns"
+        ]
+        == 3
+    )
 
 
 def test_chat_model_stream_and_async_pass_the_history(aligner):
@@ -100,11 +115,18 @@ def test_runnable_reads_history_key_chat_history_and_configurable(aligner):
     expected = aligner.correct(QUESTION, ANSWER, history=EARLIER).text
     stage = AlignerRunnable(aligner=aligner)
     assert stage.invoke({"question": QUESTION, "answer": ANSWER, "history": MESSAGES}) == expected
-    assert stage.invoke({"question": QUESTION, "answer": ANSWER, "chat_history": EARLIER}) == expected  # dicts too
+    assert (
+        stage.invoke({"question": QUESTION, "answer": ANSWER, "chat_history": EARLIER}) == expected
+    )  # dicts too
     configured = {"configurable": {"history": MESSAGES}}
     assert stage.invoke({"question": QUESTION, "answer": ANSWER}, config=configured) == expected
     custom = AlignerRunnable(aligner=aligner, history_key="turns", question=QUESTION)
-    assert custom.invoke({"answer": ANSWER, "turns": [("human", "Hi, I study spiders."), ("ai", "Nice! Ask away.")]}) == expected
+    assert (
+        custom.invoke(
+            {"answer": ANSWER, "turns": [("human", "Hi, I study spiders."), ("ai", "Nice! Ask away.")]}
+        )
+        == expected
+    )
     message = stage.invoke({"question": QUESTION, "answer": AIMessage(ANSWER), "history": MESSAGES})
     assert message.content == expected and turns_of(message) == 2
 
@@ -140,13 +162,18 @@ def test_with_aligner_reads_the_history_key_and_message_lists(aligner):
     chain = with_aligner(RunnableLambda(lambda _: ANSWER), aligner=aligner)
     assert chain.invoke({"question": QUESTION, "history": MESSAGES}) == expected
     assert chain.invoke({"question": QUESTION, "chat_history": MESSAGES}) == expected
-    assert chain.invoke([*MESSAGES, HumanMessage(QUESTION)]) == expected  # the messages before the last human one
+    assert (
+        chain.invoke([*MESSAGES, HumanMessage(QUESTION)]) == expected
+    )  # the messages before the last human one
     assert "".join(chain.stream({"question": QUESTION, "history": MESSAGES})) == expected
     assert chain.batch([{"question": QUESTION, "history": MESSAGES}, {"question": QUESTION}]) == [
-        expected, aligner.correct(QUESTION, ANSWER).text,
+        expected,
+        aligner.correct(QUESTION, ANSWER).text,
     ]
     # a str under the key is a prompt variable (the legacy memories' text buffer): left alone
-    assert chain.invoke({"question": QUESTION, "history": "User: hi"}) == aligner.correct(QUESTION, ANSWER).text
+    assert (
+        chain.invoke({"question": QUESTION, "history": "User: hi"}) == aligner.correct(QUESTION, ANSWER).text
+    )
 
 
 def test_runnable_with_message_history_second_turn_sees_the_first(aligner):
@@ -167,7 +194,10 @@ def test_runnable_with_message_history_second_turn_sees_the_first(aligner):
     assert turns_of(first) is None and turns_of(second) == 2
     stored = store["s1"].messages
     assert [m.content for m in stored] == ["Hi, I study spiders.", first.content, QUESTION, second.content]
-    earlier = [{"role": "user", "content": "Hi, I study spiders."}, {"role": "assistant", "content": first.content}]
+    earlier = [
+        {"role": "user", "content": "Hi, I study spiders."},
+        {"role": "assistant", "content": first.content},
+    ]
     raw = second.response_metadata["aligner"]["original"]
     redo = aligner.correct(QUESTION, raw, history=earlier)
     assert second.content == (redo.text if redo.text.strip() else raw)  # corrected against the first turn
@@ -176,8 +206,11 @@ def test_runnable_with_message_history_second_turn_sees_the_first(aligner):
 def test_runnable_with_message_history_over_message_lists(aligner):
     store: dict[str, InMemoryChatMessageHistory] = {}
     chat = RunnableWithMessageHistory(
-        with_aligner(GenericFakeChatModel(messages=iter([AIMessage("Nice! Ask away."), AIMessage(ANSWER)])),
-                     aligner=aligner) | StrOutputParser(),
+        with_aligner(
+            GenericFakeChatModel(messages=iter([AIMessage("Nice! Ask away."), AIMessage(ANSWER)])),
+            aligner=aligner,
+        )
+        | StrOutputParser(),
         lambda session_id: store.setdefault(session_id, InMemoryChatMessageHistory()),
     )
     config = {"configurable": {"session_id": "s2"}}

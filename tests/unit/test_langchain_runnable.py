@@ -50,9 +50,9 @@ def reference(aligner, pairs):
 
 
 def test_form1_assign_then_stage_corrects_str(aligner):
-    chain = RunnablePassthrough.assign(answer=PROMPT | fake_llm([ANSWER]) | StrOutputParser()) | AlignerRunnable(
-        aligner=aligner
-    )
+    chain = RunnablePassthrough.assign(
+        answer=PROMPT | fake_llm([ANSWER]) | StrOutputParser()
+    ) | AlignerRunnable(aligner=aligner)
     out = chain.invoke({"question": QUESTION})
     assert isinstance(out, str)
     assert out == reference(aligner, [(QUESTION, ANSWER)])[0]
@@ -84,11 +84,17 @@ SYSTEM = {"role": "system", "content": "Be brief."}
 )
 def test_form2_with_aligner_finds_the_question_in_the_input(aligner, value, history):
     upstream = GenericFakeChatModel(messages=iter([AIMessage(ANSWER, id="up-1")]))
-    chain = with_aligner(RunnableLambda(lambda _: "any prompt") | upstream, aligner=aligner, include_original=True)
+    chain = with_aligner(
+        RunnableLambda(lambda _: "any prompt") | upstream, aligner=aligner, include_original=True
+    )
     out = chain.invoke(value)
     assert isinstance(out, AIMessage)
-    assert out.content == aligner.correct(QUESTION, ANSWER, history=history).text  # earlier messages: the history
-    assert out.response_metadata["aligner"]["metadata"].get("history_turns") == (len(history) if history else None)
+    assert (
+        out.content == aligner.correct(QUESTION, ANSWER, history=history).text
+    )  # earlier messages: the history
+    assert out.response_metadata["aligner"]["metadata"].get("history_turns") == (
+        len(history) if history else None
+    )
     assert out.response_metadata["aligner"]["original"] == ANSWER and out.id == "up-1"
 
 
@@ -99,7 +105,12 @@ def test_form2_missing_question_key_says_so(aligner):
 
 
 def test_form3_fixed_question_and_configurable_override(aligner):
-    chain = PROMPT | fake_llm([ANSWER, ANSWER]) | StrOutputParser() | AlignerRunnable(aligner=aligner, question="Q?")
+    chain = (
+        PROMPT
+        | fake_llm([ANSWER, ANSWER])
+        | StrOutputParser()
+        | AlignerRunnable(aligner=aligner, question="Q?")
+    )
     fixed = chain.invoke({"question": "ignored by the stage"})
     configured = chain.invoke({"question": "x"}, config={"configurable": {"question": QUESTION}})
     assert fixed == aligner.correct("Q?", ANSWER).text
@@ -162,9 +173,14 @@ TOOL_CALLS = [{"name": "lookup", "args": {}, "id": "c1", "type": "tool_call"}]
 
 @pytest.mark.parametrize(
     ("answer", "reason"),
-    [(AIMessage("", tool_calls=TOOL_CALLS), "tool_calls"), (AIMessage(ANSWER, tool_calls=TOOL_CALLS), "tool_calls"),
-     (AIMessage("", additional_kwargs={"refusal": "I can't."}), "refusal"), ("", "empty_answer"),
-     ("   ", "empty_answer"), (AIMessage([{"type": "image_url", "image_url": {"url": "data:,"}}]), "non_text_content")],
+    [
+        (AIMessage("", tool_calls=TOOL_CALLS), "tool_calls"),
+        (AIMessage(ANSWER, tool_calls=TOOL_CALLS), "tool_calls"),
+        (AIMessage("", additional_kwargs={"refusal": "I can't."}), "refusal"),
+        ("", "empty_answer"),
+        ("   ", "empty_answer"),
+        (AIMessage([{"type": "image_url", "image_url": {"url": "data:,"}}]), "non_text_content"),
+    ],
     ids=["tool-calls-only", "text-and-tool-calls", "refusal", "empty", "blank", "image-only"],
 )
 def test_answers_the_core_passes_through_come_back_unchanged_with_the_reason(aligner, answer, reason):
@@ -235,7 +251,7 @@ def test_passthrough_returns_original_with_error_recorded(aligner):
     stage = AlignerRunnable(aligner=aligner, question=QUESTION, on_error="passthrough")
     recorder = EventRecorder()
     assert stage.invoke(TOO_LONG, config={"callbacks": [recorder]}) == TOO_LONG
-    (name, data, _), = recorder.events
+    ((name, data, _),) = recorder.events
     assert name == EVENT and data["error_type"] == "ContextOverflowError" and data["changed"] is False
     out = stage.invoke(AIMessage(TOO_LONG, id="m1"))
     assert out.content == TOO_LONG and out.id == "m1"
@@ -270,7 +286,10 @@ def test_passthrough_when_streaming(aligner):
     stage = AlignerRunnable(aligner=aligner, question=QUESTION, on_error="passthrough")
     assert list(stage.stream(TOO_LONG)) == [TOO_LONG]
     (chunk,) = list(stage.stream(AIMessage(TOO_LONG)))
-    assert chunk.content == TOO_LONG and chunk.response_metadata["aligner"]["error_type"] == "ContextOverflowError"
+    assert (
+        chunk.content == TOO_LONG
+        and chunk.response_metadata["aligner"]["error_type"] == "ContextOverflowError"
+    )
 
 
 # -- batch, async, streaming ------------------------------------------------------------------------
@@ -292,9 +311,9 @@ def test_batch_is_one_correct_batch_pass_and_keeps_order(aligner, monkeypatch):
     expected = reference(aligner, PAIRS)
     batches, singles = spy(monkeypatch, aligner, "correct_batch"), spy(monkeypatch, aligner, "correct")
     answers = dict(PAIRS)
-    chain = RunnablePassthrough.assign(answer=RunnableLambda(lambda x: answers[x["question"]])) | AlignerRunnable(
-        aligner=aligner
-    )
+    chain = RunnablePassthrough.assign(
+        answer=RunnableLambda(lambda x: answers[x["question"]])
+    ) | AlignerRunnable(aligner=aligner)
     out = chain.batch([{"question": q} for q, _ in PAIRS])
     assert out == expected
     assert len(batches) == 1 and len(batches[0][0]) == len(PAIRS) and singles == []
@@ -345,7 +364,9 @@ def test_stream_inside_a_sequence_gathers_then_streams_deltas(aligner):
     chain = PROMPT | upstream | StrOutputParser() | AlignerRunnable(aligner=aligner, question=QUESTION)
     deltas = list(chain.stream({"question": QUESTION}))
     assert len(deltas) > 1 and all(isinstance(d, str) for d in deltas)
-    assert "".join(deltas) == chain.invoke({"question": QUESTION}) == reference(aligner, [(QUESTION, ANSWER)])[0]
+    assert (
+        "".join(deltas) == chain.invoke({"question": QUESTION}) == reference(aligner, [(QUESTION, ANSWER)])[0]
+    )
 
 
 def test_form1_streams_and_astream_events_carry_the_details(aligner):
@@ -354,7 +375,9 @@ def test_form1_streams_and_astream_events_carry_the_details(aligner):
         stage = AlignerRunnable(aligner=aligner, **options)
         return RunnablePassthrough.assign(answer=PROMPT | upstream | StrOutputParser()) | stage
 
-    deltas = list(chain().stream({"question": QUESTION}))  # the chain's own output stream: corrected text only
+    deltas = list(
+        chain().stream({"question": QUESTION})
+    )  # the chain's own output stream: corrected text only
     assert len(deltas) > 1 and "".join(deltas) == reference(aligner, [(QUESTION, ANSWER)])[0]
 
     async def events(**options):
@@ -387,7 +410,9 @@ def test_a_bare_stage_after_a_model_refuses_to_stream_under_astream_events(align
 
 
 def test_message_stream_adds_up_to_invoke(aligner):
-    answer = AIMessage(ANSWER, id="m7", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
+    answer = AIMessage(
+        ANSWER, id="m7", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}
+    )
     stage = AlignerRunnable(aligner=aligner, question=QUESTION, include_original=True)
     chunks = list(stage.stream(answer))
     assert len(chunks) > 2 and chunks[-1].chunk_position == "last"
@@ -431,7 +456,7 @@ def test_each_call_is_a_chain_run_nested_under_the_chain(aligner):
     assert {"FakeListChatModel", "ChatPromptTemplate"} <= set(names(shape))
     stage_run = next(r for r in root.child_runs if r.name == "AlignerRunnable")
     assert stage_run.parent_run_id == root.id and "t1" in stage_run.tags
-    (name, data, run_id), = recorder.events
+    ((name, data, run_id),) = recorder.events
     assert name == EVENT and run_id == stage_run.id and data["original"] == ANSWER
 
 

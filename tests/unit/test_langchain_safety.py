@@ -84,14 +84,22 @@ def test_with_aligner_astream_events_stream_only_the_correction(aligner):
     corrected = aligner.correct(QUESTION, RAW).text
     assert "".join(chunk_text(e) for e in tokens) == corrected
     assert events[-1]["event"] == "on_chain_end" and events[-1]["data"]["output"].text == corrected
-    assert not [e for e in events if e["name"] == "GenericFakeChatModel"]  # the upstream is off the event stream
+    assert not [
+        e for e in events if e["name"] == "GenericFakeChatModel"
+    ]  # the upstream is off the event stream
 
 
 def test_with_aligner_upstream_is_still_traced_and_tagged(aligner):
     collector = RunCollectorCallbackHandler()
-    with_aligner(PROMPT | fake(), aligner=aligner).invoke({"question": QUESTION}, config={"callbacks": [collector]})
+    with_aligner(PROMPT | fake(), aligner=aligner).invoke(
+        {"question": QUESTION}, config={"callbacks": [collector]}
+    )
     upstream = collector.traced_runs[0].child_runs[0]
-    assert upstream.name == "RunnableSequence" and UNCORRECTED_TAG in upstream.tags and "nostream" in upstream.tags
+    assert (
+        upstream.name == "RunnableSequence"
+        and UNCORRECTED_TAG in upstream.tags
+        and "nostream" in upstream.tags
+    )
     assert upstream.child_runs[-1].outputs["generations"][0][0]["text"] == RAW  # tracers keep the original
 
 
@@ -100,9 +108,13 @@ def test_aligned_chat_model_in_a_chain_streams_only_its_correction(aligner):
     events = asyncio.run(stream_events(chain, {"question": QUESTION}))
     no_raw_stream(events)
     tokens = [e for e in events if e["event"] == "on_chat_model_stream"]
-    assert {e["name"] for e in tokens} == {"AlignedChatModel"}  # no duplicate tokens from the nested Aligner run
+    assert {e["name"] for e in tokens} == {
+        "AlignedChatModel"
+    }  # no duplicate tokens from the nested Aligner run
     final = next(e for e in events if e["event"] == "on_chat_model_end" and e["name"] == "AlignedChatModel")
-    system = [{"role": "system", "content": "Be brief."}]  # the prompt's system message is the correction's history
+    system = [
+        {"role": "system", "content": "Be brief."}
+    ]  # the prompt's system message is the correction's history
     expected = aligner.correct(QUESTION, RAW, history=system).text
     assert "".join(chunk_text(e) for e in tokens) == final["data"]["output"].text == expected
 
@@ -110,7 +122,9 @@ def test_aligned_chat_model_in_a_chain_streams_only_its_correction(aligner):
 @pytest.mark.parametrize("how", ["stream", "invoke-streaming"])
 def test_a_token_callback_sees_only_corrected_tokens(aligner, how):
     counter = TokenCounter()
-    options = {"streaming": True} if how == "invoke-streaming" else {}  # streaming=False would turn stream() off
+    options = (
+        {"streaming": True} if how == "invoke-streaming" else {}
+    )  # streaming=False would turn stream() off
     chat = AlignedChatModel(llm=fake(), aligner=aligner, **options)
     if how == "stream":
         text = "".join(c.text for c in chat.stream(QUESTION, config={"callbacks": [counter]}))
@@ -125,7 +139,9 @@ def test_with_aligner_token_callback_and_sync_stream(aligner):
     chain = with_aligner(PROMPT | fake() | StrOutputParser(), aligner=aligner)
     deltas = list(chain.stream({"question": QUESTION}, config={"callbacks": [counter]}))
     assert "".join(deltas) == aligner.correct(QUESTION, RAW).text
-    assert {name for name, _ in counter.tokens} == {"Aligner"} and "RAWTOKEN" not in "".join(t for _, t in counter.tokens)
+    assert {name for name, _ in counter.tokens} == {"Aligner"} and "RAWTOKEN" not in "".join(
+        t for _, t in counter.tokens
+    )
 
 
 class StreamingFake(GenericFakeChatModel):
@@ -162,7 +178,14 @@ def test_stream_uncorrected_is_an_explicit_opt_in(aligner):
 
 def test_standard_parameters_are_accepted(aligner):
     chat = AlignedChatModel(
-        llm=fake(), aligner=aligner, timeout=30, max_retries=1, temperature=0, max_tokens=5, stop=[], model="tiny"
+        llm=fake(),
+        aligner=aligner,
+        timeout=30,
+        max_retries=1,
+        temperature=0,
+        max_tokens=5,
+        stop=[],
+        model="tiny",
     )
     assert chat.timeout == 30 and chat.max_retries == 1 and chat.model_name == "tiny"
     assert chat.invoke(QUESTION).response_metadata["aligner"]["completion_tokens"] <= 5
@@ -171,7 +194,9 @@ def test_standard_parameters_are_accepted(aligner):
 
 
 def test_timeout_bounds_the_correction(aligner):
-    stage = AlignerRunnable(aligner=aligner, question=QUESTION, timeout=1e-4, generation_kwargs={"max_new_tokens": 64})
+    stage = AlignerRunnable(
+        aligner=aligner, question=QUESTION, timeout=1e-4, generation_kwargs={"max_new_tokens": 64}
+    )
     with pytest.raises(CorrectionTimeoutError, match="timeout"):
         stage.invoke(RAW)
     with pytest.raises(CorrectionTimeoutError):
@@ -218,7 +243,10 @@ def test_max_retries_retries_the_failed_items_of_a_batch(aligner, monkeypatch):
 def test_model_names_the_aligner_when_none_is_passed(tiny_model_dir):
     chat = AlignedChatModel(llm=fake(), model=str(tiny_model_dir), max_tokens=4, include_original=True)
     try:
-        assert isinstance(chat.aligner, Aligner) and chat.invoke(QUESTION).response_metadata["aligner"]["original"] == RAW
+        assert (
+            isinstance(chat.aligner, Aligner)
+            and chat.invoke(QUESTION).response_metadata["aligner"]["original"] == RAW
+        )
     finally:
         chat.aligner.close()
     with pytest.raises(ValidationError, match="needs a corrector"):
@@ -242,7 +270,10 @@ def test_llm_may_be_any_chat_runnable(aligner, wrap):
     chat = AlignedChatModel(llm=wrap(fake()), aligner=aligner, include_original=True)
     assert chat.upstream_name == "generic-fake-chat-model"
     out = chat.invoke(QUESTION)
-    assert out.response_metadata["aligner"]["original"] == RAW and out.text == aligner.correct(QUESTION, RAW).text
+    assert (
+        out.response_metadata["aligner"]["original"] == RAW
+        and out.text == aligner.correct(QUESTION, RAW).text
+    )
 
 
 def test_llm_may_be_a_configurable_init_chat_model(aligner, tiny_model_dir):
@@ -252,7 +283,13 @@ def test_llm_may_be_a_configurable_init_chat_model(aligner, tiny_model_dir):
 
     configurable = init_chat_model(max_tokens=3)
     chat = AlignedChatModel(llm=configurable, aligner=aligner, include_original=True)
-    config = {"configurable": {"model": str(tiny_model_dir), "model_provider": "huggingface", "task": "text-generation"}}
+    config = {
+        "configurable": {
+            "model": str(tiny_model_dir),
+            "model_provider": "huggingface",
+            "task": "text-generation",
+        }
+    }
     out = chat.invoke(QUESTION, config=config)
     assert isinstance(out, AIMessage) and "original" in out.response_metadata["aligner"]
 
@@ -277,14 +314,21 @@ def test_aligner_runnable_schemas_are_typed(aligner):
     assert "AIMessage" in json.dumps(stage.get_output_jsonschema())
     configurable = stage.config_schema().model_json_schema()
     assert "q" in json.dumps(configurable["$defs"]["Configurable"]["properties"])
-    assert stage.invoke("an answer", config={"configurable": {"q": QUESTION}}) == aligner.correct(QUESTION, "an answer").text
+    assert (
+        stage.invoke("an answer", config={"configurable": {"q": QUESTION}})
+        == aligner.correct(QUESTION, "an answer").text
+    )
 
 
 # -- 5. traces while streaming ------------------------------------------------------------------
 
 
 def test_streaming_records_the_nested_runs_like_invoke(aligner):
-    shape = ("AlignedChatModel", "llm", [("GenericFakeChatModel", "llm", []), ("AlignerRunnable", "chain", [("Aligner", "llm", [])])])
+    shape = (
+        "AlignedChatModel",
+        "llm",
+        [("GenericFakeChatModel", "llm", []), ("AlignerRunnable", "chain", [("Aligner", "llm", [])])],
+    )
     for how in ("invoke", "stream", "astream"):
         collector = RunCollectorCallbackHandler()
         chat = AlignedChatModel(llm=fake(), aligner=aligner)
@@ -329,7 +373,9 @@ class _Structured(GenericFakeChatModel):
 def test_with_structured_output_honours_the_method_and_passes_through(aligner):
     upstream = _Structured(messages=iter([]))
     chat = AlignedChatModel(llm=upstream, aligner=aligner)
-    assert chat.with_structured_output(_Answer, method="json_schema").invoke(QUESTION) == _Answer(text="structured")
+    assert chat.with_structured_output(_Answer, method="json_schema").invoke(QUESTION) == _Answer(
+        text="structured"
+    )
     raw = chat.with_structured_output(_Answer, method="json_mode", include_raw=True).invoke(QUESTION)
     assert raw["parsed"] == _Answer(text="structured") and raw["raw"].content == '{"text": "structured"}'
     assert raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"

@@ -40,8 +40,9 @@ def aligner(tiny_model, tiny_tokenizer):
 class JsonUpstream(GenericFakeChatModel):
     """A fake chat model with a real ``with_structured_output`` for the JSON methods (raw message + parser)."""
 
-    def with_structured_output(self, schema: Any, *, include_raw: bool = False, method: str = "json_schema",
-                               **kwargs: Any) -> Any:
+    def with_structured_output(
+        self, schema: Any, *, include_raw: bool = False, method: str = "json_schema", **kwargs: Any
+    ) -> Any:
         if method == "function_calling":
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
 
@@ -60,7 +61,9 @@ def test_function_calling_structured_output_passes_through_the_tool_call(aligner
     chat = AlignedChatModel(llm=upstream, aligner=aligner)
     assert chat.with_structured_output(City).invoke(QUESTION) == PARIS
     raw = chat.with_structured_output(City, include_raw=True).invoke(QUESTION)
-    assert raw["parsed"] == PARIS and raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
+    assert (
+        raw["parsed"] == PARIS and raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
+    )
 
 
 @pytest.mark.parametrize("method", ["json_schema", "json_mode"])
@@ -68,7 +71,10 @@ def test_json_structured_output_passes_through_by_default(aligner, method):
     chat = AlignedChatModel(llm=JsonUpstream(messages=iter([AIMessage(JSON)] * 2)), aligner=aligner)
     assert chat.with_structured_output(City, method=method).invoke(QUESTION) == PARIS
     raw = chat.with_structured_output(City, method=method, include_raw=True).invoke(QUESTION)
-    assert raw["raw"].content == JSON and raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
+    assert (
+        raw["raw"].content == JSON
+        and raw["raw"].response_metadata["aligner"]["skipped"] == "structured_output"
+    )
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
@@ -76,11 +82,15 @@ def test_the_opt_in_corrects_and_keeps_only_a_valid_result(aligner, method):
     """The tiny corrector writes no valid JSON: the original comes back, parsed, with the reason recorded."""
     call = {"name": "City", "args": {"city": "Paris", "temperature_c": 21}, "id": "s1", "type": "tool_call"}
     answer = AIMessage(JSON) if method == "json_schema" else AIMessage("", tool_calls=[call])
-    upstream = (JsonUpstream if method == "json_schema" else ToolBindingFakeChatModel)(messages=iter([answer] * 2))
+    upstream = (JsonUpstream if method == "json_schema" else ToolBindingFakeChatModel)(
+        messages=iter([answer] * 2)
+    )
     chat = AlignedChatModel(llm=upstream, aligner=aligner, correct_structured=True)
     with record_prompts(aligner) as prompts:
         out = chat.with_structured_output(City, method=method, include_raw=True).invoke(QUESTION)
-    assert len(prompts) == 1 and '"temperature_c": 21' in prompts[0].replace('":21', '": 21')  # it was corrected
+    assert len(prompts) == 1 and '"temperature_c": 21' in prompts[0].replace(
+        '":21', '": 21'
+    )  # it was corrected
     meta = out["raw"].response_metadata["aligner"]
     assert meta["skipped"] == "structured_output_invalid" and meta["metadata"]["invalid_correction"]
     assert out["parsed"] == PARIS  # what the caller parses still parses and validates
@@ -95,7 +105,9 @@ def test_a_structured_result_passes_through_a_stage(aligner):
 
 
 def test_a_json_answer_keeps_its_structure_when_the_stage_is_told(aligner):
-    stage = AlignerRunnable(aligner=aligner, question=QUESTION, structure=Structure("json_schema", City.model_json_schema()))
+    stage = AlignerRunnable(
+        aligner=aligner, question=QUESTION, structure=Structure("json_schema", City.model_json_schema())
+    )
     out = stage.invoke(AIMessage(JSON))
     assert out.content == JSON and out.response_metadata["aligner"]["skipped"] == "structured_output"
 
@@ -123,19 +135,31 @@ def test_with_aligner_is_grounded_on_what_the_chain_retrieved_and_its_tools(alig
     rag = RunnablePassthrough.assign(docs=lambda x: retriever.invoke(x["question"])) | RunnableLambda(answer)
     with record_prompts(aligner) as prompts:
         out = with_aligner(rag, aligner=aligner).invoke({"question": QUESTION, "context": ["Given: a note."]})
-    assert out == aligner.correct(QUESTION, "It is sunny and 21C.", context=[
-        "Given: a note.", {"type": "document", "name": "weather.txt", "content": "Paris is sunny today."},
-        {"type": "tool_call", "name": "thermometer", "content": json.dumps({"city": "Paris"})},
-        {"type": "tool_result", "name": "thermometer", "content": "21C"},
-    ]).text
-    assert "Document (weather.txt): Paris is sunny today." in prompts[0] and "Tool result (thermometer): 21C" in prompts[0]
+    assert (
+        out
+        == aligner.correct(
+            QUESTION,
+            "It is sunny and 21C.",
+            context=[
+                "Given: a note.",
+                {"type": "document", "name": "weather.txt", "content": "Paris is sunny today."},
+                {"type": "tool_call", "name": "thermometer", "content": json.dumps({"city": "Paris"})},
+                {"type": "tool_result", "name": "thermometer", "content": "21C"},
+            ],
+        ).text
+    )
+    assert (
+        "Document (weather.txt): Paris is sunny today." in prompts[0]
+        and "Tool result (thermometer): 21C" in prompts[0]
+    )
 
 
 def test_a_stage_reads_documents_under_the_context_key(aligner):
     docs = [Document("Canberra is the capital of Australia.")]
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
-    chain = RunnablePassthrough.assign(answer=prompt | GenericFakeChatModel(messages=iter(["Sydney."]))) | AlignerRunnable(
-        aligner=aligner)
+    chain = RunnablePassthrough.assign(
+        answer=prompt | GenericFakeChatModel(messages=iter(["Sydney."]))
+    ) | AlignerRunnable(aligner=aligner)
     with record_prompts(aligner) as prompts:
         out = chain.invoke({"question": "What is the capital of Australia?", "context": docs})
     assert out.response_metadata["aligner"]["metadata"]["context_items"] == 1

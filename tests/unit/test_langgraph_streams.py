@@ -79,8 +79,15 @@ def custom_status(state: MessagesState) -> dict:
 
 
 def chat_graph(node: Any) -> Any:
-    return (StateGraph(MessagesState).add_node("status", custom_status).add_node("respond", node)
-            .add_edge(START, "status").add_edge("status", "respond").add_edge("respond", END).compile())
+    return (
+        StateGraph(MessagesState)
+        .add_node("status", custom_status)
+        .add_node("respond", node)
+        .add_edge(START, "status")
+        .add_edge("status", "respond")
+        .add_edge("respond", END)
+        .compile()
+    )
 
 
 @pytest.mark.parametrize("modes", [[m] for m in MODES] + [MODES], ids=[*MODES, "all"])
@@ -106,7 +113,9 @@ def test_a_node_calling_with_aligner_streams_only_the_correction(aligner):
 
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
     chain = with_aligner(prompt | GenericFakeChatModel(messages=iter([AIMessage(RAW)])), aligner=aligner)
-    graph = chat_graph(lambda state: {"messages": [chain.invoke({"question": state["messages"][-1].content})]})
+    graph = chat_graph(
+        lambda state: {"messages": [chain.invoke({"question": state["messages"][-1].content})]}
+    )
     items = list(graph.stream({"messages": [("human", QUESTION)]}, stream_mode=MODES))
     assert leaks(items) == []
     text, wholes = streamed_text(items, "respond")
@@ -123,12 +132,18 @@ def agents(aligner: Aligner) -> dict[str, Any]:
         graph = StateGraph(MessagesState)
         graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
         graph.add_node("tools", ToolNode([get_weather]))
-        graph.add_edge(START, "agent").add_conditional_edges("agent", tools_condition).add_edge("tools", "agent")
+        graph.add_edge(START, "agent").add_conditional_edges("agent", tools_condition).add_edge(
+            "tools", "agent"
+        )
         return graph.compile()
 
     return {
-        "create_agent": lambda: create_agent(AlignedChatModel(llm=agent_upstream(), aligner=aligner), [get_weather]),
-        "prebuilt": lambda: create_react_agent(AlignedChatModel(llm=agent_upstream(), aligner=aligner), [get_weather]),
+        "create_agent": lambda: create_agent(
+            AlignedChatModel(llm=agent_upstream(), aligner=aligner), [get_weather]
+        ),
+        "prebuilt": lambda: create_react_agent(
+            AlignedChatModel(llm=agent_upstream(), aligner=aligner), [get_weather]
+        ),
         "tool-loop": hand_written,
     }
 
@@ -140,17 +155,26 @@ def test_agents_correct_the_final_answer_once_with_the_tool_result_in_the_prompt
     graph = agents(aligner)[kind]()
     runs = AlignerRuns()
     with record_prompts(aligner) as prompts:
-        items = list(graph.stream({"messages": [("human", QUESTION)]}, config={"callbacks": [runs]}, stream_mode=MODES))
+        items = list(
+            graph.stream({"messages": [("human", QUESTION)]}, config={"callbacks": [runs]}, stream_mode=MODES)
+        )
     assert leaks(items) == []
     messages = [item for mode, item in items if mode == "values"][-1]["messages"]
     step, result, final = messages[1], messages[2], messages[3]
-    assert step.tool_calls[0]["name"] == "get_weather" and step.response_metadata["aligner"]["skipped"] == "tool_calls"
+    assert (
+        step.tool_calls[0]["name"] == "get_weather"
+        and step.response_metadata["aligner"]["skipped"] == "tool_calls"
+    )
     assert result.content == "sunny, 21C"
-    context = [{"type": "tool_call", "name": "get_weather", "content": '{"city": "Paris"}'},
-               {"type": "tool_result", "name": "get_weather", "content": "sunny, 21C"}]
+    context = [
+        {"type": "tool_call", "name": "get_weather", "content": '{"city": "Paris"}'},
+        {"type": "tool_result", "name": "get_weather", "content": "sunny, 21C"},
+    ]
     assert final.content == aligner.correct(QUESTION, RAW, context=context).text
     assert final.response_metadata["aligner"]["metadata"]["context_items"] == 2
-    assert runs.count == 1 and len(prompts) == 1  # one correction for the user's turn; the tool step was not one
+    assert (
+        runs.count == 1 and len(prompts) == 1
+    )  # one correction for the user's turn; the tool step was not one
     assert "Tool result (get_weather): sunny, 21C" in prompts[0] and prompts[0].count(MARKER) == 2
     node = "model" if kind == "create_agent" else "agent"
     text, wholes = streamed_text(items, node)
@@ -175,8 +199,11 @@ def test_a_bare_stage_after_a_model_in_a_node_refuses_under_messages_mode(aligne
     from langchain_core.language_models import GenericFakeChatModel
 
     prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
-    chain = prompt | GenericFakeChatModel(messages=iter([AIMessage(RAW)] * 3)) | AlignerRunnable(
-        aligner=aligner, question=QUESTION)
+    chain = (
+        prompt
+        | GenericFakeChatModel(messages=iter([AIMessage(RAW)] * 3))
+        | AlignerRunnable(aligner=aligner, question=QUESTION)
+    )
     graph = chat_graph(lambda state: {"messages": [chain.invoke({"question": QUESTION})]})
     with pytest.raises(UnsafeStreamError, match="AlignedChatModel"):
         list(graph.stream({"messages": [("human", QUESTION)]}, stream_mode="messages"))

@@ -33,10 +33,14 @@ def test_chat_corrects_and_the_history_keeps_the_correction(tiny_aligner):
     engine = AlignedChatEngine(SimpleChatEngine.from_defaults(llm=up), tiny_aligner)
     response = engine.chat(QUESTION)
     info = response.metadata["aligner"]
-    assert response.response == corrected(tiny_aligner) == info["text"] and "original" not in info  # not sent on
+    assert (
+        response.response == corrected(tiny_aligner) == info["text"] and "original" not in info
+    )  # not sent on
     assert [m.content for m in engine.chat_history] == [QUESTION, response.response]
     engine.chat("And of France?")
-    assert response.response in up.prompts[-1] and ANSWER not in up.prompts[-1]  # the next turn sees the correction
+    assert (
+        response.response in up.prompts[-1] and ANSWER not in up.prompts[-1]
+    )  # the next turn sees the correction
     assert len(engine.chat_history) == 4
     engine.reset()
     assert engine.chat_history == [] and engine.chat_engine.chat_history == []
@@ -50,7 +54,9 @@ def test_stream_chat_streams_only_the_correction(tiny_aligner):
         assert isinstance(response, StreamingAgentChatResponse)
         text = "".join(response.response_gen)
     assert text == corrected(tiny_aligner) == response.response == response.metadata["aligner"]["text"]
-    assert up.streamed == 0  # the inner engine never streamed: its raw answer reached no stream or stream event
+    assert (
+        up.streamed == 0
+    )  # the inner engine never streamed: its raw answer reached no stream or stream event
     assert all(e.delta in text for e in events.of("StreamChatDeltaReceivedEvent"))
     assert [m.content for m in engine.chat_history] == [QUESTION, text]
 
@@ -66,11 +72,15 @@ def test_async_chat_over_a_context_chat_engine(tiny_aligner):
         return first, streaming, "".join([d async for d in streaming.async_response_gen()])
 
     first, streaming, text = asyncio.run(main())
-    retrieved = [n.node.get_content() for n in text_nodes()]  # the answer's grounding: the engine's source nodes
+    retrieved = [
+        n.node.get_content() for n in text_nodes()
+    ]  # the answer's grounding: the engine's source nodes
     alone = tiny_aligner.correct(QUESTION, ANSWER, context=retrieved)
     assert first.response == (alone.text if alone.text.strip() else ANSWER)
     earlier = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.response}]
-    second = tiny_aligner.correct(QUESTION, ANSWER, history=earlier, context=retrieved)  # the first turn is history
+    second = tiny_aligner.correct(
+        QUESTION, ANSWER, history=earlier, context=retrieved
+    )  # the first turn is history
     assert text == (second.text if second.text.strip() else ANSWER)
     assert streaming.metadata["aligner"]["metadata"]["history_turns"] == 2
     assert streaming.metadata["aligner"]["metadata"]["context_items"] == 3

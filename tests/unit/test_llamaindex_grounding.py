@@ -34,13 +34,17 @@ def test_wrapping_engines_ground_the_answer_on_their_source_nodes(tiny_aligner, 
     with recording() as (events, _):
         response = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes()), tiny_aligner).query(QUESTION)
     assert all(text in spy.prompts[0] for text in TEXTS)
-    (start,) = [e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"]
+    (start,) = [
+        e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"
+    ]
     assert start.prompt == spy.prompts[0]  # the prompt reported to observability is the one generated from
     meta = response.metadata["aligner"]["metadata"]
     assert meta["context_items"] == 3 and meta["context_tokens"] > 0
 
-    chat = AlignedChatEngine(SummaryIndex([n.node for n in text_nodes()]).as_chat_engine(
-        chat_mode="context", llm=ScriptedLLM()), tiny_aligner)
+    chat = AlignedChatEngine(
+        SummaryIndex([n.node for n in text_nodes()]).as_chat_engine(chat_mode="context", llm=ScriptedLLM()),
+        tiny_aligner,
+    )
     assert chat.chat(QUESTION).metadata["aligner"]["metadata"]["context_items"] == 3
     assert all(text in spy.prompts[1] for text in TEXTS)
     plain = AlignedChatEngine(SimpleChatEngine.from_defaults(llm=ScriptedLLM()), tiny_aligner).chat(QUESTION)
@@ -62,7 +66,9 @@ def test_aligned_llm_sees_the_synthesizers_context_once_and_the_system_prompt(ro
     index = SummaryIndex([text_nodes()[2].node])
     index.as_query_engine(llm=llm).query(QUESTION)
     (prompt,) = spy.prompts
-    assert prompt.count(TEXTS[2]) == 1 and f"Document: {TEXTS[2]}" in prompt  # as context, not in the history too
+    assert (
+        prompt.count(TEXTS[2]) == 1 and f"Document: {TEXTS[2]}" in prompt
+    )  # as context, not in the history too
     assert f"Question: {QUESTION} |" in prompt  # the question is the query, not the rendered QA prompt
     engine = index.as_chat_engine(chat_mode="context", llm=llm, system_prompt="Answer in one sentence.")
     response = engine.chat(QUESTION)

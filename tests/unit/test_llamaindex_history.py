@@ -27,18 +27,28 @@ def test_chat_engine_second_turn_gets_the_first_as_history(tiny_aligner):
     earlier = [{"role": "user", "content": FIRST}, {"role": "assistant", "content": first.response}]
     assert second.response == expected(tiny_aligner, earlier)
     assert second.metadata["aligner"]["metadata"]["history_turns"] == 2
-    prompts = [e.prompt for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"]
-    assert first.response in prompts[-1] and FIRST in prompts[-1]  # the reported prompt is the one with history
+    prompts = [
+        e.prompt for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") == "Aligner"
+    ]
+    assert (
+        first.response in prompts[-1] and FIRST in prompts[-1]
+    )  # the reported prompt is the one with history
 
 
 def test_chat_engine_streams_and_explicit_history(tiny_aligner):
-    given = [ChatMessage(role=MessageRole.USER, content=FIRST), ChatMessage(role=MessageRole.ASSISTANT, content="Sure.")]
+    given = [
+        ChatMessage(role=MessageRole.USER, content=FIRST),
+        ChatMessage(role=MessageRole.ASSISTANT, content="Sure."),
+    ]
     turns = [{"role": "user", "content": FIRST}, {"role": "assistant", "content": "Sure."}]
     engine = AlignedChatEngine(SimpleChatEngine.from_defaults(llm=ScriptedLLM()), tiny_aligner)
     want = expected(tiny_aligner, turns)
     assert engine.chat(QUESTION, chat_history=given).response == want  # a call's chat_history is the history
     streamed = engine.stream_chat(QUESTION, chat_history=given)
-    assert "".join(streamed.response_gen) == want and streamed.metadata["aligner"]["metadata"]["history_turns"] == 2
+    assert (
+        "".join(streamed.response_gen) == want
+        and streamed.metadata["aligner"]["metadata"]["history_turns"] == 2
+    )
 
     async def main() -> str:
         response = await engine.astream_chat(QUESTION, chat_history=given)
@@ -50,15 +60,22 @@ def test_chat_engine_streams_and_explicit_history(tiny_aligner):
 def test_aligned_llm_maps_roles_and_skips_tool_messages(tiny_aligner):
     messages = [
         ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
-        ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="Hi, I am"), TextBlock(text="planning a trip.")]),
+        ChatMessage(
+            role=MessageRole.USER, blocks=[TextBlock(text="Hi, I am"), TextBlock(text="planning a trip.")]
+        ),
         ChatMessage(role=MessageRole.ASSISTANT, content="", additional_kwargs={"tool_calls": [{"id": "t1"}]}),
-        ChatMessage(role=MessageRole.TOOL, content="weather: sunny", additional_kwargs={"tool_call_id": "t1"}),
+        ChatMessage(
+            role=MessageRole.TOOL, content="weather: sunny", additional_kwargs={"tool_call_id": "t1"}
+        ),
         ChatMessage(role=MessageRole.MODEL, content="Sure."),  # a provider's name for the assistant
         ChatMessage(role=MessageRole.USER, content=QUESTION),
     ]
     turns = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi, I am\nplanning a trip."},  # text blocks joined as ChatMessage.content does
+        {
+            "role": "user",
+            "content": "Hi, I am\nplanning a trip.",
+        },  # text blocks joined as ChatMessage.content does
         {"role": "assistant", "content": "Sure."},
     ]
     llm = AlignedLLM(llm=ScriptedLLM(chat_model=True), aligner=tiny_aligner)

@@ -60,7 +60,9 @@ def test_streams_yield_only_the_correction(tiny_aligner):
     assert up.streamed == 0  # the upstream never streamed: none of its tokens could reach the caller
     in_progress = events.of("LLMChatInProgressEvent") + events.of("LLMCompletionInProgressEvent")
     assert in_progress and all(e.response.delta in expected + in_chat for e in in_progress)
-    assert any(e.response.text == ANSWER for e in events.of("LLMCompletionEndEvent"))  # the upstream is traced
+    assert any(
+        e.response.text == ANSWER for e in events.of("LLMCompletionEndEvent")
+    )  # the upstream is traced
 
     async def astreams():
         chat = [c.delta async for c in await llm.astream_chat(user())]
@@ -90,7 +92,10 @@ def test_token_counting_sees_the_correction(tiny_aligner):
     info = response.additional_kwargs["aligner"]
     *upstream, aligned = counter.llm_token_counts  # CustomLLM's chat reports its inner complete too
     assert (7, 8) in [(u.prompt_token_count, u.completion_token_count) for u in upstream]
-    assert (aligned.prompt_token_count, aligned.completion_token_count) == (info["prompt_tokens"], info["completion_tokens"])
+    assert (aligned.prompt_token_count, aligned.completion_token_count) == (
+        info["prompt_tokens"],
+        info["completion_tokens"],
+    )
 
 
 def test_tool_calls_pass_through_and_the_final_answer_is_corrected(tiny_aligner):
@@ -105,7 +110,9 @@ def test_tool_calls_pass_through_and_the_final_answer_is_corrected(tiny_aligner)
     tool = FunctionTool.from_defaults(fn=lookup)
     call = llm.chat_with_tools([tool], user_msg=QUESTION)
     assert any(isinstance(b, ToolCallBlock) for b in call.message.blocks)
-    assert call.additional_kwargs["aligner"]["skipped"] == "tool_calls"  # an action: passed through, as the core says
+    assert (
+        call.additional_kwargs["aligner"]["skipped"] == "tool_calls"
+    )  # an action: passed through, as the core says
     assert llm.get_tool_calls_from_response(call)[0].tool_name == "lookup"
 
     agent = FunctionAgent(tools=[tool], llm=llm, streaming=True)
@@ -117,9 +124,13 @@ def test_tool_calls_pass_through_and_the_final_answer_is_corrected(tiny_aligner)
 
     deltas, result = asyncio.run(run())
     final = str(result.response.content)
-    grounding = [{"type": "tool_call", "name": "lookup", "content": '{"city": "Canberra"}'},
-                 {"type": "tool_result", "name": "lookup", "content": "Canberra is the capital of Australia."}]
-    fix = tiny_aligner.correct(QUESTION, "Tool calls complete.", context=grounding)  # the scripted final answer
+    grounding = [
+        {"type": "tool_call", "name": "lookup", "content": '{"city": "Canberra"}'},
+        {"type": "tool_result", "name": "lookup", "content": "Canberra is the capital of Australia."},
+    ]
+    fix = tiny_aligner.correct(
+        QUESTION, "Tool calls complete.", context=grounding
+    )  # the scripted final answer
     assert final == (fix.text if fix.text.strip() else "Tool calls complete.")
     assert "".join(deltas) == final  # the agent's stream carries the correction, not the upstream's text
     assert result.tool_calls and result.tool_calls[0].tool_name == "lookup"

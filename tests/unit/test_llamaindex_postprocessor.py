@@ -22,8 +22,10 @@ from tests.llamaindex_helpers import OVERLONG, QUESTION, recording, span_names, 
 def expected_texts(aligner, texts, **gen):
     """What the Aligner itself writes for these texts, each read beside the others (its neighbours) as context;
     an empty correction keeps the original."""
-    pairs = [{"question": QUESTION, "answer": t, "context": [o for j, o in enumerate(texts) if j != i]}
-             for i, t in enumerate(texts)]
+    pairs = [
+        {"question": QUESTION, "answer": t, "context": [o for j, o in enumerate(texts) if j != i]}
+        for i, t in enumerate(texts)
+    ]
     fixes = aligner.correct_batch(pairs, **gen)
     return [f.text if f.text.strip() else t for f, t in zip(fixes, texts)]
 
@@ -80,10 +82,14 @@ def test_inspector_gates_which_nodes_are_corrected(tiny_aligner):
         return 0.0 if "Sydney" in text else 1.0
 
     nodes = text_nodes()
-    out = AlignerNodePostprocessor(aligner=tiny_aligner, inspector=inspector).postprocess_nodes(nodes, query_str=QUESTION)
+    out = AlignerNodePostprocessor(aligner=tiny_aligner, inspector=inspector).postprocess_nodes(
+        nodes, query_str=QUESTION
+    )
     assert [ORIGINAL_TEXT_KEY in n.node.metadata for n in out] == [True, False, False]
     assert [text for _, text in seen] == [n.node.get_content() for n in nodes]
-    assert all(QUESTION in question and "Spiders" in question for question, _ in seen[:1])  # it sees the neighbours
+    assert all(
+        QUESTION in question and "Spiders" in question for question, _ in seen[:1]
+    )  # it sees the neighbours
     assert out[0].node.get_content() == expected_texts(tiny_aligner, [n.node.get_content() for n in nodes])[0]
 
 
@@ -101,7 +107,9 @@ def test_a_node_corrected_twice_keeps_the_first_original(tiny_aligner):
     pp = AlignerNodePostprocessor(aligner=tiny_aligner)
     first = pp.postprocess_nodes(text_nodes(), query_str=QUESTION)
     second = pp.postprocess_nodes(first, query_str=QUESTION)
-    assert [n.node.metadata[ORIGINAL_TEXT_KEY] for n in second] == [n.node.get_content() for n in text_nodes()]
+    assert [n.node.metadata[ORIGINAL_TEXT_KEY] for n in second] == [
+        n.node.get_content() for n in text_nodes()
+    ]
     assert second[0].node.excluded_llm_metadata_keys.count(ORIGINAL_TEXT_KEY) == 1
 
 
@@ -135,13 +143,17 @@ def test_a_closed_aligner_fails_every_node(tiny_aligner):
     nodes = text_nodes()
     with recording() as (events, _):
         out = asyncio.run(
-            AlignerNodePostprocessor(aligner=tiny_aligner, on_error="passthrough").apostprocess_nodes(nodes, query_str=QUESTION)
+            AlignerNodePostprocessor(aligner=tiny_aligner, on_error="passthrough").apostprocess_nodes(
+                nodes, query_str=QUESTION
+            )
         )
     assert all(a is b for a, b in zip(out, nodes))
     (end,) = events.of("AlignerEndEvent")
     assert end.num_errors == 3 and end.error.startswith("SchedulerClosedError")
     with pytest.raises(AlignerError, match="closed"):
-        asyncio.run(AlignerNodePostprocessor(aligner=tiny_aligner).apostprocess_nodes(nodes, query_str=QUESTION))
+        asyncio.run(
+            AlignerNodePostprocessor(aligner=tiny_aligner).apostprocess_nodes(nodes, query_str=QUESTION)
+        )
 
 
 def test_async_awaits_the_core_and_matches_sync(tiny_aligner):
@@ -205,7 +217,9 @@ def test_in_a_query_engine_the_llm_sees_corrections_not_originals(tiny_aligner):
     with recording() as (events, _):
         response = engine.query(QUESTION)
     assert [n.node.metadata[ORIGINAL_TEXT_KEY] for n in response.source_nodes] == [n.text for n in nodes]
-    (llm_call,) = [e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") != "Aligner"]
+    (llm_call,) = [
+        e for e in events.of("LLMCompletionStartEvent") if e.model_dict.get("class_name") != "Aligner"
+    ]
     for n in response.source_nodes:
         assert n.node.get_content() in llm_call.prompt
     assert ORIGINAL_TEXT_KEY not in llm_call.prompt

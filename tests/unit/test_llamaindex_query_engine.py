@@ -43,9 +43,18 @@ def expected(aligner, answer=ANSWER, nodes=(), **gen):
 
 def check_info(info, aligner, answer=ANSWER):
     assert info["model"] == aligner.name and info["error"] is None
-    assert info["original"] == answer if not info["changed"] else "original" not in info  # the replaced answer stays
+    assert (
+        info["original"] == answer if not info["changed"] else "original" not in info
+    )  # the replaced answer stays
     assert info["text"].strip() and "question" not in info and "pending" not in info
-    assert {"changed", "similarity", "prompt_tokens", "completion_tokens", "finish_reason", "latency_s"} <= set(info)
+    assert {
+        "changed",
+        "similarity",
+        "prompt_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "latency_s",
+    } <= set(info)
     if info.get("empty_correction"):  # an empty correction is never better: the original is served
         assert info["text"] == answer and info["changed"] is False
 
@@ -57,7 +66,9 @@ def test_query_returns_the_inner_response_corrected(tiny_aligner):
         response = engine.query(QUESTION)
     assert isinstance(response, Response)
     assert response.response == expected(tiny_aligner, nodes=nodes)
-    assert response.metadata["aligner"]["metadata"]["context_items"] == 3  # the retrieved nodes ground the correction
+    assert (
+        response.metadata["aligner"]["metadata"]["context_items"] == 3
+    )  # the retrieved nodes ground the correction
     assert [n.node.node_id for n in response.source_nodes] == ["n1", "n2", "n3"]
     assert all(a is b for a, b in zip(response.source_nodes, nodes))  # source nodes untouched
     assert response.metadata["inner"] == "kept"
@@ -122,18 +133,28 @@ def test_async_streaming_response(tiny_aligner):
 def test_an_inner_stream_is_refused_unless_accepted(tiny_aligner):
     for stream in ("sync", "async"):
         inner = FixedAnswerEngine(nodes=text_nodes(), stream=stream)
-        with pytest.raises(UnsafeStreamError, match="streaming=True"):  # its tokens would reach instrumentation
+        with pytest.raises(
+            UnsafeStreamError, match="streaming=True"
+        ):  # its tokens would reach instrumentation
             asyncio.run(AlignedQueryEngine(inner, tiny_aligner).aquery(QUESTION))
     with pytest.raises(UnsafeStreamError, match="stream_uncorrected=True"):
         AlignedQueryEngine(FixedAnswerEngine(stream="sync"), tiny_aligner).query(QUESTION)
-    accepted = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes(), stream="sync"), tiny_aligner, stream_uncorrected=True)
+    accepted = AlignedQueryEngine(
+        FixedAnswerEngine(nodes=text_nodes(), stream="sync"), tiny_aligner, stream_uncorrected=True
+    )
     response = accepted.query(QUESTION)
     assert isinstance(response, StreamingResponse)  # read to the end, corrected, streamed
-    assert "".join(response.response_gen) == response.metadata["aligner"]["text"] == expected(tiny_aligner, nodes=text_nodes())
+    assert (
+        "".join(response.response_gen)
+        == response.metadata["aligner"]["text"]
+        == expected(tiny_aligner, nodes=text_nodes())
+    )
     assert response.metadata["inner"] == "kept"
 
     async def main():
-        r = await AlignedQueryEngine(FixedAnswerEngine(stream="async"), tiny_aligner, stream_uncorrected=True).aquery(QUESTION)
+        r = await AlignedQueryEngine(
+            FixedAnswerEngine(stream="async"), tiny_aligner, stream_uncorrected=True
+        ).aquery(QUESTION)
         return r, "".join([d async for d in r.async_response_gen()])
 
     response, text = asyncio.run(main())
@@ -177,8 +198,9 @@ def test_on_error_raise_and_passthrough(tiny_aligner):
 
 def test_on_overflow_truncate_corrects_a_long_answer(tiny_aligner):
     inner = FixedAnswerEngine(answer=OVERLONG)
-    response = AlignedQueryEngine(inner, tiny_aligner, generation_kwargs={"on_overflow": "truncate"},
-                                  include_original=True).query(QUESTION)
+    response = AlignedQueryEngine(
+        inner, tiny_aligner, generation_kwargs={"on_overflow": "truncate"}, include_original=True
+    ).query(QUESTION)
     info = response.metadata["aligner"]
     assert info["error"] is None and info["metadata"]["truncated"] is True and info["original"] == OVERLONG
 
@@ -193,7 +215,9 @@ def test_on_error_with_streams(tiny_aligner):
         AlignedQueryEngine(inner, tiny_aligner, streaming=True).query(QUESTION)
 
     async def main():
-        response = await AlignedQueryEngine(inner, tiny_aligner, on_error="passthrough", streaming=True).aquery(QUESTION)
+        response = await AlignedQueryEngine(
+            inner, tiny_aligner, on_error="passthrough", streaming=True
+        ).aquery(QUESTION)
         return response, await response.get_response()
 
     response, final = asyncio.run(main())
@@ -204,7 +228,9 @@ def test_a_closed_aligner_passes_answers_through(tiny_aligner):
     tiny_aligner.close()  # a real outage: the Aligner's worker is gone
     engine = AlignedQueryEngine(FixedAnswerEngine(nodes=text_nodes()), tiny_aligner, on_error="passthrough")
     response = asyncio.run(engine.aquery(QUESTION))
-    assert response.response == ANSWER and response.metadata["aligner"]["error_type"] == "SchedulerClosedError"
+    assert (
+        response.response == ANSWER and response.metadata["aligner"]["error_type"] == "SchedulerClosedError"
+    )
     streaming = AlignedQueryEngine(FixedAnswerEngine(), tiny_aligner, on_error="passthrough", streaming=True)
     assert "".join(streaming.query(QUESTION).response_gen) == ANSWER
     with pytest.raises(AlignerError, match="closed"):

@@ -43,7 +43,9 @@ def roomy_aligner(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def index():
     """A real VectorStoreIndex over the packaged all-MiniLM-L6-v2 (loaded once for the module)."""
-    return VectorStoreIndex.from_documents([Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding())
+    return VectorStoreIndex.from_documents(
+        [Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding()
+    )
 
 
 def aligned(aligner, **kwargs) -> tuple[AlignedLLM, ScriptedLLM]:
@@ -81,7 +83,7 @@ def test_async_chat_engine_counts_one_correction_per_turn(roomy_aligner, monkeyp
     response = asyncio.run(talk())
     assert len(spy.prompts) == 2 and len(up.prompts) == 3
     assert MARKER not in response.response
-    condensed, = [p for p in up.prompts if "standalone question" in p]
+    (condensed,) = [p for p in up.prompts if "standalone question" in p]
     assert "What is its capital?" in condensed
 
 
@@ -94,16 +96,25 @@ def test_query_transforms_and_routers_pass_their_rewrites(roomy_aligner, monkeyp
         response = TransformQueryEngine(plain, transform).query("What is the capital of Australia?")
         assert len(up.prompts) - calls == 2 and len(spy.prompts) - before == 1  # the rewrite passed through
         assert MARKER not in response.response
-    tools = [QueryEngineTool.from_defaults(plain, description="Capitals of countries."),
-             QueryEngineTool.from_defaults(plain, description="Legs of animals.")]
-    router = RouterQueryEngine(selector=LLMSingleSelector.from_defaults(llm=llm), query_engine_tools=tools, llm=llm)
+    tools = [
+        QueryEngineTool.from_defaults(plain, description="Capitals of countries."),
+        QueryEngineTool.from_defaults(plain, description="Legs of animals."),
+    ]
+    router = RouterQueryEngine(
+        selector=LLMSingleSelector.from_defaults(llm=llm), query_engine_tools=tools, llm=llm
+    )
     with recording() as (events, _):
         before = len(spy.prompts)
         response = router.query("What is the capital of Australia?")
-    assert len(spy.prompts) - before == 1 and MARKER not in response.response  # the selector's JSON was not touched
+    assert (
+        len(spy.prompts) - before == 1 and MARKER not in response.response
+    )  # the selector's JSON was not touched
     assert response.metadata["selector_result"].ind == 0
-    skipped = [e.response.additional_kwargs["aligner"] for e in events.of("LLMCompletionEndEvent")
-               if "aligner" in (e.response.additional_kwargs or {})]
+    skipped = [
+        e.response.additional_kwargs["aligner"]
+        for e in events.of("LLMCompletionEndEvent")
+        if "aligner" in (e.response.additional_kwargs or {})
+    ]
     assert [s.get("skipped") for s in skipped] == ["intermediate_step", None]
     assert skipped[0]["call_site"].startswith("llama_index.core.selectors")
 
@@ -123,12 +134,17 @@ REACT_RULES = {
 def test_react_agent_corrects_only_the_answer(roomy_aligner, monkeypatch, streaming):
     spy = PromptSpy(roomy_aligner, monkeypatch)
     up = ScriptedLLM(rules=REACT_RULES, chat_model=True)
-    agent = ReActAgent(tools=[FunctionTool.from_defaults(fn=lookup)], llm=AlignedLLM(llm=up, aligner=roomy_aligner),
-                       streaming=streaming)
+    agent = ReActAgent(
+        tools=[FunctionTool.from_defaults(fn=lookup)],
+        llm=AlignedLLM(llm=up, aligner=roomy_aligner),
+        streaming=streaming,
+    )
 
     async def run():
         handler = agent.run(user_msg="What is the capital of Australia?")
-        streamed = [e.delta for e in [e async for e in handler.stream_events()] if type(e).__name__ == "AgentStream"]
+        streamed = [
+            e.delta for e in [e async for e in handler.stream_events()] if type(e).__name__ == "AgentStream"
+        ]
         return streamed, await handler
 
     streamed, result = asyncio.run(run())
@@ -136,7 +152,9 @@ def test_react_agent_corrects_only_the_answer(roomy_aligner, monkeypatch, stream
     assert len(up.prompts) == 2 and len(spy.prompts) == 1  # the action passed, the answer was corrected
     assert MARKER not in answer and answer.strip()
     assert "Tool result (lookup): Canberra is the capital of Australia." in spy.prompts[0]  # the observation
-    assert "Tool call (lookup)" in spy.prompts[0] and "## Tools" not in spy.prompts[0]  # not the ReAct format header
+    assert (
+        "Tool call (lookup)" in spy.prompts[0] and "## Tools" not in spy.prompts[0]
+    )  # not the ReAct format header
     assert not any(MARKER in d for d in streamed)
     if streaming:
         assert "".join(streamed).endswith(answer) and "Action: lookup" in "".join(streamed)
@@ -158,12 +176,16 @@ def get_weather(city: str) -> str:
 @pytest.mark.parametrize("streaming", [True, False])
 def test_function_agent_grounds_the_answer_on_tool_results(roomy_aligner, monkeypatch, streaming):
     spy = PromptSpy(roomy_aligner, monkeypatch)
-    llm = AlignedLLM(llm=MockFunctionCallingLLM(response_generator=weather, is_chat_model=True), aligner=roomy_aligner)
+    llm = AlignedLLM(
+        llm=MockFunctionCallingLLM(response_generator=weather, is_chat_model=True), aligner=roomy_aligner
+    )
     agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn=get_weather)], llm=llm, streaming=streaming)
 
     async def run():
         handler = agent.run(user_msg="What is the weather in Paris?")
-        streamed = [e.delta for e in [e async for e in handler.stream_events()] if type(e).__name__ == "AgentStream"]
+        streamed = [
+            e.delta for e in [e async for e in handler.stream_events()] if type(e).__name__ == "AgentStream"
+        ]
         return streamed, await handler
 
     streamed, result = asyncio.run(run())
@@ -186,4 +208,6 @@ def test_the_step_marker_overrides_the_call_site(roomy_aligner, monkeypatch, ind
     with step("final"):  # LlamaIndex's rewrite, which the adapter would pass
         HyDEQueryTransform(llm=llm).run("What is the capital of Australia?")
     assert len(spy.prompts) == 1
-    assert llm.complete("What is the capital of Australia?").additional_kwargs["aligner"].get("skipped") is None
+    assert (
+        llm.complete("What is the capital of Australia?").additional_kwargs["aligner"].get("skipped") is None
+    )

@@ -50,12 +50,18 @@ def test_aligned_llm_streams(tiny_aligner, chat_model):
         complete = list(llm.stream_complete(QUESTION))
 
         async def astreams():
-            return ([c async for c in await llm.astream_chat(messages)],
-                    [c async for c in await llm.astream_complete(QUESTION)])
+            return (
+                [c async for c in await llm.astream_chat(messages)],
+                [c async for c in await llm.astream_complete(QUESTION)],
+            )
 
         achat, acomplete = asyncio.run(astreams())
     for chunks in (chat, achat):
-        assert "".join(c.delta for c in chunks) == chunks[-1].message.content == chunks[-1].additional_kwargs["aligner"]["text"]
+        assert (
+            "".join(c.delta for c in chunks)
+            == chunks[-1].message.content
+            == chunks[-1].additional_kwargs["aligner"]["text"]
+        )
         assert clean(c.delta for c in chunks) and clean(c.message.content for c in chunks)
     for chunks in (complete, acomplete):
         assert "".join(c.delta for c in chunks) == chunks[-1].text and clean(c.text for c in chunks)
@@ -94,7 +100,11 @@ def test_wrapping_engines_stream_only_corrected_text(tiny_aligner):
     up = ScriptedLLM(answer=UPSTREAM)
     index = SummaryIndex([n.node for n in text_nodes()[:1]])
     with recording() as (events, _):
-        query = AlignedQueryEngine(index.as_query_engine(llm=up), tiny_aligner, streaming=True).query(QUESTION)
-        chat = AlignedChatEngine(index.as_chat_engine(chat_mode="context", llm=up), tiny_aligner).stream_chat(QUESTION)
+        query = AlignedQueryEngine(index.as_query_engine(llm=up), tiny_aligner, streaming=True).query(
+            QUESTION
+        )
+        chat = AlignedChatEngine(index.as_chat_engine(chat_mode="context", llm=up), tiny_aligner).stream_chat(
+            QUESTION
+        )
         texts = list(query.response_gen) + list(chat.response_gen)
     assert texts and clean(texts) and clean(delta_texts(events)) and up.streamed == 0

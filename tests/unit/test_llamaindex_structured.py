@@ -35,7 +35,11 @@ PROMPT = PromptTemplate("Name the capital of {country} as JSON.")
 def details(events) -> list[dict]:
     """The aligner details of every AlignedLLM call, from the LLM end events observability sees."""
     ends = events.of("LLMChatEndEvent") + events.of("LLMCompletionEndEvent")
-    return [e.response.additional_kwargs["aligner"] for e in ends if "aligner" in (e.response.additional_kwargs or {})]
+    return [
+        e.response.additional_kwargs["aligner"]
+        for e in ends
+        if "aligner" in (e.response.additional_kwargs or {})
+    ]
 
 
 @pytest.mark.parametrize("chat_model", [False, True], ids=["completion", "chat"])
@@ -50,7 +54,10 @@ def test_structured_llm_parses_and_nothing_is_corrected(tiny_aligner, monkeypatc
         assert list(llm.stream_structured_predict(Capital, PROMPT, country="Australia"))[-1].city == "Sydney"
 
         async def astream():
-            return [part async for part in await llm.astream_structured_predict(Capital, PROMPT, country="Australia")]
+            return [
+                part
+                async for part in await llm.astream_structured_predict(Capital, PROMPT, country="Australia")
+            ]
 
         assert asyncio.run(astream())[-1].city == "Sydney"
         program = LLMTextCompletionProgram.from_defaults(output_cls=Capital, prompt=PROMPT, llm=llm)
@@ -65,7 +72,9 @@ def test_opt_in_keeps_a_correction_only_if_it_validates(tiny_aligner):
     llm = AlignedLLM(llm=ScriptedLLM(answer=JSON), aligner=tiny_aligner, correct_structured=True)
     with recording() as (events, _):
         result = llm.structured_predict(Capital, PROMPT, country="Australia")
-    assert result == Capital(city="Sydney", country="Australia")  # the tiny Aligner writes no JSON: original kept
+    assert result == Capital(
+        city="Sydney", country="Australia"
+    )  # the tiny Aligner writes no JSON: original kept
     (info,) = details(events)
     assert info["skipped"] == "structured_output_invalid" and info["metadata"]["invalid_reason"]
     assert info["completion_tokens"] > 0  # it was corrected, then rejected
@@ -76,10 +85,16 @@ def test_opt_in_keeps_a_correction_only_if_it_validates(tiny_aligner):
     def corrects_to_valid_json(question, answer, **kwargs):
         return dataclasses.replace(correct(question, answer, **kwargs), text=fixed, changed=True)
 
-    tiny_aligner.correct = corrects_to_valid_json  # an Aligner that writes valid JSON (the adapter is under test)
+    tiny_aligner.correct = (
+        corrects_to_valid_json  # an Aligner that writes valid JSON (the adapter is under test)
+    )
     assert llm.structured_predict(Capital, PROMPT, country="Australia").city == "Canberra"
-    assert AlignedLLM(llm=ScriptedLLM(answer=JSON), aligner=tiny_aligner).structured_predict(
-        Capital, PROMPT, country="Australia").city == "Sydney"  # not opted in: passed through
+    assert (
+        AlignedLLM(llm=ScriptedLLM(answer=JSON), aligner=tiny_aligner)
+        .structured_predict(Capital, PROMPT, country="Australia")
+        .city
+        == "Sydney"
+    )  # not opted in: passed through
 
 
 def test_pydantic_response_of_a_query_engine(tiny_aligner):
@@ -103,19 +118,26 @@ def test_text_blocks_are_corrected_as_their_text_and_unreadable_blocks_fail(tiny
             from llama_index.core.base.llms.types import ChatResponse
 
             # model_construct: a block type this LlamaIndex does not know yet (a newer provider's) gets through
-            return ChatResponse(message=ChatMessage.model_construct(role="assistant", blocks=list(self.blocks),
-                                                                    additional_kwargs={}))
+            return ChatResponse(
+                message=ChatMessage.model_construct(
+                    role="assistant", blocks=list(self.blocks), additional_kwargs={}
+                )
+            )
 
     parts = [TextBlock(text="The capital of Australia"), TextBlock(text="is Sydney.")]
     llm = AlignedLLM(llm=Blocks(blocks=parts, chat_model=True), aligner=tiny_aligner, include_original=True)
     response = llm.chat([ChatMessage(role="user", content=QUESTION)])
     info = response.additional_kwargs["aligner"]
-    assert info["original"] == "The capital of Australia\nis Sydney."  # joined as ChatMessage.content joins them
+    assert (
+        info["original"] == "The capital of Australia\nis Sydney."
+    )  # joined as ChatMessage.content joins them
     assert [b.text for b in response.message.blocks] == [info["text"]]
 
     class Hologram(BaseModel):
         block_type: str = "hologram"
 
-    odd = AlignedLLM(llm=Blocks(blocks=[Hologram()], chat_model=True), aligner=tiny_aligner, on_error="passthrough")
+    odd = AlignedLLM(
+        llm=Blocks(blocks=[Hologram()], chat_model=True), aligner=tiny_aligner, on_error="passthrough"
+    )
     with pytest.raises(UnreadableContentError, match="hologram"):  # fails closed, whatever the error policy
         odd.chat([ChatMessage(role="user", content=QUESTION)])

@@ -90,7 +90,10 @@ def test_two_writers_at_once_leave_one_whole_entry(cache, tmp_path):
     assert leftovers == []
 
     failed = model_cache.entry_dir(_gguf(tmp_path / "c.gguf", b"c"))
-    with pytest.raises(RuntimeError, match="disk full"), model_cache.staged_entry(failed, tmp_path / "c.gguf", name="c"):
+    with (
+        pytest.raises(RuntimeError, match="disk full"),
+        model_cache.staged_entry(failed, tmp_path / "c.gguf", name="c"),
+    ):
         raise RuntimeError("disk full")
     assert not failed.exists() and not any(p.name.startswith(".tmp-") for p in failed.parent.iterdir())
 
@@ -106,7 +109,9 @@ def _fill_cache(cache: Path, tmp_path: Path) -> tuple[Path, Path]:
     legacy = cache / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0165f4a1a97ad3fc"
     legacy.mkdir()
     (legacy / "model.safetensors").write_bytes(b"\0" * 1_000_000)
-    (legacy / "gguf_origin.json").write_text(json.dumps({"gguf": "/old/venv/SmolLM2.gguf", "name": "SmolLM2"}))
+    (legacy / "gguf_origin.json").write_text(
+        json.dumps({"gguf": "/old/venv/SmolLM2.gguf", "name": "SmolLM2"})
+    )
     (cache / "gguf" / ".tmp-abandoned").mkdir()
     (cache / "gguf" / "not-ours").mkdir()  # something this library did not write: never touched
     return kept, gone

@@ -11,11 +11,24 @@ from aligner_core.pairs import PairStats, classify, make_pair, pairs_from_record
 from aligner_core.pairs.cli import register
 
 RECORDS = [
-    {"question": "What is 12 times 12?", "answer": "12 times 12 is 124.", "correction": "12 times 12 is 144."},
+    {
+        "question": "What is 12 times 12?",
+        "answer": "12 times 12 is 124.",
+        "correction": "12 times 12 is 144.",
+    },
     {"question": "Capital of Australia?", "answer": "Sydney.", "correction": "Canberra, not Sydney."},
     {"question": "Q?", "answer": "Same answer.", "correction": "  Same answer.\n"},  # unchanged
-    {"question": "Q?", "answer": "A long answer that is almost right here.", "correction": "A long answer that is almost right here!"},
-    {"question": "Q?", "answer": "An answer.", "correction": None, "aligner_error": {"type": "X", "message": "y"}},
+    {
+        "question": "Q?",
+        "answer": "A long answer that is almost right here.",
+        "correction": "A long answer that is almost right here!",
+    },
+    {
+        "question": "Q?",
+        "answer": "An answer.",
+        "correction": None,
+        "aligner_error": {"type": "X", "message": "y"},
+    },
     {"question": "Q?", "answer": "   ", "correction": "Something."},
     {"question": "Q?", "correction": "No answer field."},
 ]
@@ -23,8 +36,12 @@ RECORDS = [
 
 def test_standard_and_conversational_pairs():
     assert make_pair("Q?", "bad", "good") == {"prompt": "Q?\n\n", "chosen": "good", "rejected": "bad"}
-    assert make_pair("Q?", "bad", "good", prompt_format="User: {question}\nAssistant:", system="Be kind.") == {
-        "prompt": "Be kind.\n\nUser: Q?\nAssistant:", "chosen": "good", "rejected": "bad",
+    assert make_pair(
+        "Q?", "bad", "good", prompt_format="User: {question}\nAssistant:", system="Be kind."
+    ) == {
+        "prompt": "Be kind.\n\nUser: Q?\nAssistant:",
+        "chosen": "good",
+        "rejected": "bad",
     }
     assert make_pair("Q {question}?", "bad", "good", conversational=True, system="Be kind.") == {
         "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q {question}?"}],
@@ -34,11 +51,21 @@ def test_standard_and_conversational_pairs():
 
 
 def test_threshold_drops_unchanged_and_nearly_unchanged_and_counts_them():
-    assert [classify(r) for r in RECORDS] == ["keep", "keep", "unchanged", "similar", "invalid", "invalid", "invalid"]
+    assert [classify(r) for r in RECORDS] == [
+        "keep",
+        "keep",
+        "unchanged",
+        "similar",
+        "invalid",
+        "invalid",
+        "invalid",
+    ]
     pairs, stats = pairs_from_records([*RECORDS, ValueError("line 9: invalid JSON")])
     assert [p["chosen"] for p in pairs] == ["12 times 12 is 144.", "Canberra, not Sydney."]
     assert stats == PairStats(records=8, written=2, unchanged=1, similar=1, invalid=4) and stats.dropped == 6
-    assert stats.describe() == "2 pairs from 8 records; dropped 6 (1 unchanged, 1 nearly unchanged, 4 invalid)"
+    assert (
+        stats.describe() == "2 pairs from 8 records; dropped 6 (1 unchanged, 1 nearly unchanged, 4 invalid)"
+    )
     # 1.0 keeps every changed pair; a low threshold drops the small edit of record 0 too
     assert pairs_from_records(RECORDS, max_similarity=1.0)[1].written == 3
     low, low_stats = pairs_from_records(RECORDS, max_similarity=0.6)  # similarities: 0.947 and 0.5
@@ -73,14 +100,34 @@ def test_cli_builds_pairs_and_reports_counts(tmp_path):
 
     register(app)
     inp = tmp_path / "records.jsonl"
-    inp.write_text("".join(json.dumps({"q": r["question"], "a": r.get("answer"), "c": r["correction"]}) + "\n" for r in RECORDS))
+    inp.write_text(
+        "".join(
+            json.dumps({"q": r["question"], "a": r.get("answer"), "c": r["correction"]}) + "\n"
+            for r in RECORDS
+        )
+    )
     runner = CliRunner()
-    args = ["pairs", str(inp), "-o", str(tmp_path / "pairs.jsonl"), "--question-field", "q", "--answer-field", "a",
-            "--correction-field", "c", "--conversational"]
+    args = [
+        "pairs",
+        str(inp),
+        "-o",
+        str(tmp_path / "pairs.jsonl"),
+        "--question-field",
+        "q",
+        "--answer-field",
+        "a",
+        "--correction-field",
+        "c",
+        "--conversational",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert "wrote 2 pairs from 7 records; dropped 5 (1 unchanged, 1 nearly unchanged, 3 invalid)" in res.output
-    assert json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])["chosen"][0]["role"] == "assistant"
+    assert (
+        "wrote 2 pairs from 7 records; dropped 5 (1 unchanged, 1 nearly unchanged, 3 invalid)" in res.output
+    )
+    assert (
+        json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])["chosen"][0]["role"] == "assistant"
+    )
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "--overwrite" in res.output
     res = runner.invoke(app, ["pairs", "-o", str(tmp_path / "p.jsonl")])

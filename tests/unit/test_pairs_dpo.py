@@ -13,7 +13,11 @@ from aligner_core.pairs import write_pairs  # noqa: E402
 from tests.conftest import build_model, build_tokenizer  # noqa: E402
 
 RECORDS = [
-    {"question": f"What is {n} times {n}?", "answer": f"It is {n * n + 1}.", "correction": f"{n} times {n} is {n * n}."}
+    {
+        "question": f"What is {n} times {n}?",
+        "answer": f"It is {n * n + 1}.",
+        "correction": f"{n} times {n} is {n * n}.",
+    }
     for n in range(2, 6)
 ] + [{"question": "Q?", "answer": "Same.", "correction": "Same."}]
 
@@ -33,12 +37,24 @@ def trainer_for(tmp_path, pairs_path):
     tokenizer = build_tokenizer()
     model = build_model(tokenizer).train()
     args = DPOConfig(
-        output_dir=str(tmp_path / "dpo"), max_steps=1, per_device_train_batch_size=2, max_length=64,
-        report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=64,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
     )
     # TRL would reload the reference from the model's path; a model built from config has none, so pass a copy.
-    return DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=dataset,
-                      processing_class=tokenizer), dataset
+    return DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model).eval(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    ), dataset
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
@@ -67,6 +83,8 @@ def test_one_dpo_step_completes(tmp_path, records):
     trainer, _ = trainer_for(tmp_path, out)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
     result = trainer.train()
-    assert result.global_step == 1 and result.training_loss == pytest.approx(0.6931, abs=1e-3)  # log(2) at step 0
+    assert result.global_step == 1 and result.training_loss == pytest.approx(
+        0.6931, abs=1e-3
+    )  # log(2) at step 0
     changed = [k for k, v in trainer.model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert changed  # the step updated the policy

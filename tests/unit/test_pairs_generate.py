@@ -52,23 +52,41 @@ def test_generate_round_writes_records_and_pairs_and_resumes(tmp_path, upstream,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(QUESTIONS) + "\n")
     out = tmp_path / "pairs.jsonl"
-    result = generate_round(prompts, out, upstream=upstream, aligner=tiny_aligner, chunk_size=2, show_progress=False,
-                            pair_options={"max_similarity": 1.0, "conversational": True})
+    result = generate_round(
+        prompts,
+        out,
+        upstream=upstream,
+        aligner=tiny_aligner,
+        chunk_size=2,
+        show_progress=False,
+        pair_options={"max_similarity": 1.0, "conversational": True},
+    )
     records = read(tmp_path / "pairs.records.jsonl")
     assert [r["question"] for r in records] == QUESTIONS and result.generated == 3
     answers = upstream(QUESTIONS)
     fixes = tiny_aligner.correct_batch(list(zip(QUESTIONS, answers)))
     assert [(r["answer"], r["correction"]) for r in records] == [(a, f.text) for a, f in zip(answers, fixes)]
     pairs = read(out)
-    assert result.pairs.written == len(pairs) == sum(r["correction"].strip() != r["answer"].strip() for r in records)
+    assert (
+        result.pairs.written
+        == len(pairs)
+        == sum(r["correction"].strip() != r["answer"].strip() for r in records)
+    )
     assert all(p["prompt"][0]["role"] == "user" for p in pairs)
     with pytest.raises(OutputExistsError):
         generate_round(prompts, out, upstream=upstream, aligner=tiny_aligner, show_progress=False)
     # a round killed after its first chunk resumes where it stopped
     (tmp_path / "pairs.records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
     calls = []
-    resumed = generate_round(prompts, out, upstream=lambda qs: calls.append(list(qs)) or upstream(qs),
-                             aligner=tiny_aligner, resume=True, show_progress=False, pair_options={"max_similarity": 1.0})
+    resumed = generate_round(
+        prompts,
+        out,
+        upstream=lambda qs: calls.append(list(qs)) or upstream(qs),
+        aligner=tiny_aligner,
+        resume=True,
+        show_progress=False,
+        pair_options={"max_similarity": 1.0},
+    )
     assert calls == [QUESTIONS[2:]] and resumed.skipped == 2
     strip = lambda rows: [{k: v for k, v in r.items() if k != "aligner"} for r in rows]  # noqa: E731 (latency differs)
     assert strip(read(tmp_path / "pairs.records.jsonl")) == strip(records)
@@ -81,7 +99,9 @@ def test_failures_are_recorded_not_paired(tmp_path, tiny_aligner):
     def flaky(questions):
         return [RuntimeError("rate limited") if q == "Q3?" else "An answer." for q in questions]
 
-    result = generate_round(prompts, tmp_path / "p.jsonl", upstream=flaky, aligner=tiny_aligner, show_progress=False)
+    result = generate_round(
+        prompts, tmp_path / "p.jsonl", upstream=flaky, aligner=tiny_aligner, show_progress=False
+    )
     records = read(tmp_path / "p.records.jsonl")
     assert result.failed == 2 and result.generated == 1
     assert "no 'question'" in records[1]["error"] and "rate limited" in records[2]["error"]
@@ -95,7 +115,9 @@ def test_langchain_chat_model_as_upstream(tmp_path, tiny_model, tiny_tokenizer, 
     chat = ChatTransformers(model=tiny_model, tokenizer=tiny_tokenizer, max_tokens=6)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Q1?\n")
-    result = generate_round(prompts, tmp_path / "p.jsonl", upstream=chat, aligner=tiny_aligner, show_progress=False)
+    result = generate_round(
+        prompts, tmp_path / "p.jsonl", upstream=chat, aligner=tiny_aligner, show_progress=False
+    )
     assert result.generated + result.failed == 1
     assert read(tmp_path / "p.records.jsonl")[0]["question"] == "Q1?"
 
@@ -110,11 +132,30 @@ def test_cli_generate_round(tmp_path, tiny_model_dir):
     register(app)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(QUESTIONS[:2]) + "\n")
-    res = CliRunner().invoke(app, [
-        "pairs", "--generate", "--upstream", str(tiny_model_dir), "--prompts", str(prompts), "-o",
-        str(tmp_path / "pairs.jsonl"), "--model", str(tiny_model_dir), "--upstream-max-new-tokens", "6",
-        "--max-new-tokens", "6", "--max-similarity", "1.0", "--no-progress", "--device", "cpu",
-    ])
+    res = CliRunner().invoke(
+        app,
+        [
+            "pairs",
+            "--generate",
+            "--upstream",
+            str(tiny_model_dir),
+            "--prompts",
+            str(prompts),
+            "-o",
+            str(tmp_path / "pairs.jsonl"),
+            "--model",
+            str(tiny_model_dir),
+            "--upstream-max-new-tokens",
+            "6",
+            "--max-new-tokens",
+            "6",
+            "--max-similarity",
+            "1.0",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "answered and corrected 2 prompts" in res.output and "pairs from 2 records" in res.output
     assert len(read(tmp_path / "pairs.records.jsonl")) == 2

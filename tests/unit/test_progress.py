@@ -42,7 +42,9 @@ def test_tokens_and_rows_move_during_one_batch(tiny_aligner, options):
 def test_callback_gets_final_totals_and_the_bar_shows_tokens(tiny_aligner, capsys):
     seen: list[ProgressUpdate] = []
     pairs = [*PAIRS, ("Is this fine?", "   ")]  # an empty answer fails before any compute
-    results = tiny_aligner.correct_batch(pairs, return_exceptions=True, show_progress=True, progress=seen.append)
+    results = tiny_aligner.correct_batch(
+        pairs, return_exceptions=True, show_progress=True, progress=seen.append
+    )
 
     final = seen[-1]
     assert final.final and final.total == len(pairs) and final.rows == len(pairs)
@@ -87,8 +89,15 @@ def test_file_job_reports_within_a_chunk(tiny_aligner, tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     seen: list[ProgressUpdate] = []
 
-    stats = correct_jsonl(tiny_aligner, src, out, chunk_size=64, show_progress=False, progress=seen.append,
-                          max_new_tokens=LIMITS[-1])
+    stats = correct_jsonl(
+        tiny_aligner,
+        src,
+        out,
+        chunk_size=64,
+        show_progress=False,
+        progress=seen.append,
+        max_new_tokens=LIMITS[-1],
+    )
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert stats.written == len(records)
     assert seen[-1].final and seen[-1].total == len(records) and seen[-1].rows == len(records)
@@ -96,8 +105,16 @@ def test_file_job_reports_within_a_chunk(tiny_aligner, tmp_path):
 
     # One chunk holds the whole file, yet the count moves while it decodes.
     seen, progress = _recorder()
-    correct_jsonl(tiny_aligner, src, out, chunk_size=64, show_progress=False, progress=progress, overwrite=True,
-                  max_new_tokens=LIMITS[-1])
+    correct_jsonl(
+        tiny_aligner,
+        src,
+        out,
+        chunk_size=64,
+        show_progress=False,
+        progress=progress,
+        overwrite=True,
+        max_new_tokens=LIMITS[-1],
+    )
     during = [u for u in seen if u.rows < len(records)]
     assert len({u.tokens for u in during}) > 2
     assert seen[-1].rows == len(records)
@@ -122,6 +139,8 @@ def test_tokens_of_a_batch_retried_after_out_of_memory_are_taken_back(tiny_align
     finally:
         del tiny_model.forward
     tokens = [u.tokens for u in seen]
-    assert any(later < earlier for earlier, later in zip(tokens, tokens[1:])), "the lost batch's tokens were retracted"
+    assert any(later < earlier for earlier, later in zip(tokens, tokens[1:])), (
+        "the lost batch's tokens were retracted"
+    )
     assert seen[-1].rows == len(PAIRS)
     assert seen[-1].tokens == sum(c.completion_tokens for c in results)

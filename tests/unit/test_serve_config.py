@@ -51,9 +51,17 @@ def write(tmp_path, text: str):
 def test_a_full_file_maps_to_the_command_line_options_and_key_policies(tmp_path):
     text = FULL.replace("{digest}", hashlib.sha256(b"analytics-key").hexdigest())
     config = load_config(write(tmp_path, text), {"UP_KEY": "sk-up", "APP_KEY": "app-key"})
-    assert config.option("upstream") == "http://127.0.0.1:8001/v1" and config.option("upstream_api_key") == "sk-up"
-    assert config.option("aligner_server") == "http://127.0.0.1:8000/v1" and config.option("aligner_model") == "aligner"
-    assert config.option("aligner") is None and config.option("max_queue") == 8 and config.option("port") is None
+    assert (
+        config.option("upstream") == "http://127.0.0.1:8001/v1"
+        and config.option("upstream_api_key") == "sk-up"
+    )
+    assert (
+        config.option("aligner_server") == "http://127.0.0.1:8000/v1"
+        and config.option("aligner_model") == "aligner"
+    )
+    assert (
+        config.option("aligner") is None and config.option("max_queue") == 8 and config.option("port") is None
+    )
     ring = KeyRing.build(entries=config.keys, default=config.defaults)
     assert ring.policy_for("app-key") == Policy("correct", True, "chat-app")
     assert ring.policy_for("analytics-key") == Policy("inspect", False, "analytics")
@@ -66,12 +74,12 @@ def test_a_full_file_maps_to_the_command_line_options_and_key_policies(tmp_path)
         ("[upstream]\nurl = 3\n", {}, r"\[upstream\] url must be a str"),
         ("[upstream]\nport = 1\n", {}, "unknown entry 'port' in"),
         ("[mystery]\n", {}, "unknown table"),
-        ("[defaults]\nmode = \"sometimes\"\n", {}, "mode must be one of correct, inspect, off"),
-        ("[[keys]]\nname = \"a\"\n", {}, "exactly one of key, key_env or key_sha256"),
-        ("[[keys]]\nkey_env = \"MISSING\"\n", {}, "environment variable 'MISSING' is not set"),
-        ("[[keys]]\nkey_sha256 = \"abc\"\n", {}, "64 hexadecimal digits"),
-        ("[[keys]]\nkey = \"k\"\n[[keys]]\nkey = \"k\"\n", {}, "same API key appears"),
-        ("[[keys]]\nkey = \"k\"\nmode = \"inspect\"\n", {}, "names no inspector"),
+        ('[defaults]\nmode = "sometimes"\n', {}, "mode must be one of correct, inspect, off"),
+        ('[[keys]]\nname = "a"\n', {}, "exactly one of key, key_env or key_sha256"),
+        ('[[keys]]\nkey_env = "MISSING"\n', {}, "environment variable 'MISSING' is not set"),
+        ('[[keys]]\nkey_sha256 = "abc"\n', {}, "64 hexadecimal digits"),
+        ('[[keys]]\nkey = "k"\n[[keys]]\nkey = "k"\n', {}, "same API key appears"),
+        ('[[keys]]\nkey = "k"\nmode = "inspect"\n', {}, "names no inspector"),
         ("[limits]\nhide_original = 1\n", {}, "hide_original must be a bool"),
         ("[limits\n", {}, "not valid TOML"),
     ],
@@ -83,7 +91,7 @@ def test_a_bad_file_stops_the_proxy_with_a_message_naming_the_entry(tmp_path, te
 
 def test_a_file_that_is_not_utf8_or_missing_is_a_clean_error(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_bytes(b"[upstream]\nurl = \"\xff\"\n")
+    bad.write_bytes(b'[upstream]\nurl = "\xff"\n')
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad, {})
     with pytest.raises(ConfigError, match="does not exist"):
@@ -102,7 +110,11 @@ def test_a_request_picks_a_mode_only_where_its_key_allows_it():
     assert mode_for(open_, "off") == "off"
     assert requested_mode({"x-aligner-mode": "OFF"}, None) == "off"
     assert requested_mode({}, "inspect") == "inspect" and requested_mode({}, None) is None
-    for headers, body, status in (({"x-aligner-mode": "off"}, "correct", 400), ({}, "loud", 400), ({}, 3, 400)):
+    for headers, body, status in (
+        ({"x-aligner-mode": "off"}, "correct", 400),
+        ({}, "loud", 400),
+        ({}, 3, 400),
+    ):
         with pytest.raises(PolicyError) as bad:
             requested_mode(headers, body)
         assert bad.value.status == status
@@ -115,7 +127,9 @@ def test_command_line_keys_get_the_default_policy_and_no_keys_means_everyone_has
 
 
 def test_an_inspector_given_on_the_command_line_serves_an_inspect_policy(tmp_path):
-    config = load_config(write(tmp_path, "[[keys]]\nkey = \"k\"\nmode = \"inspect\"\n"), {}, inspector_elsewhere=True)
+    config = load_config(
+        write(tmp_path, '[[keys]]\nkey = "k"\nmode = "inspect"\n'), {}, inspector_elsewhere=True
+    )
     assert config.keys[0].policy.mode == "inspect"
 
 
@@ -172,8 +186,10 @@ def test_the_file_gives_the_defaults_and_options_given_explicitly_win(tmp_path, 
     import httpx
 
     path = write(tmp_path, SERVE)
-    run = serve(["--config", str(path), "--max-queue", "6", "--api-key", "cli-key", "--port", "8123"],
-                env={"ALIGNER_UPSTREAM_API_KEY": "env-upstream-key"})
+    run = serve(
+        ["--config", str(path), "--max-queue", "6", "--api-key", "cli-key", "--port", "8123"],
+        env={"ALIGNER_UPSTREAM_API_KEY": "env-upstream-key"},
+    )
     assert run.exit_code == 0, run.output
     app = served["app"]
     proxy = app.state.proxy
@@ -183,32 +199,48 @@ def test_the_file_gives_the_defaults_and_options_given_explicitly_win(tmp_path, 
     assert proxy.upstream._secret == "env-upstream-key"  # its environment variable is explicit too
 
     async def ask(key, mode):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
-            return await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}",
-                                                                      "x-aligner-mode": mode},
-                                     json={"messages": [{"role": "user", "content": "q"}]})
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://proxy.test"
+        ) as client:
+            return await client.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}", "x-aligner-mode": mode},
+                json={"messages": [{"role": "user", "content": "q"}]},
+            )
 
     # Both keys are accepted, each with its policy: asking for another mode is refused before the upstream is called.
-    assert asyncio.run(ask("file-key", "correct")).json()["error"]["message"].startswith("this API key runs in mode 'off'")
+    assert (
+        asyncio.run(ask("file-key", "correct"))
+        .json()["error"]["message"]
+        .startswith("this API key runs in mode 'off'")
+    )
     assert "runs in mode 'correct'" in asyncio.run(ask("cli-key", "off")).json()["error"]["message"]
     assert asyncio.run(ask("other", "off")).status_code == 401
     assert "API keys: 2; modes: correct, off" in run.stderr
 
 
-@pytest.mark.parametrize("text, says", [
-    (None, "does not exist"),
-    ("[limits]\nmax_queue = 0\n", "[limits] max_queue = 0: "),
-    ("[aligner]\nthreshold = 2\n", "[aligner] threshold = 2: "),
-    ("[limits\n", "not valid TOML"),
-    ("[[keys]]\nkey = \"k\"\nmode = \"inspect\"\n", "names no inspector"),
-    ("[server]\nport = 8080\n", "give the upstream's URL"),
-    ("[upstream]\nurl = \"http://127.0.0.1:9/v1\"\n[limits]\nmax_queue = 2\nmax_n = 4\n", "max_n (4) cannot exceed"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (None, "does not exist"),
+        ("[limits]\nmax_queue = 0\n", "[limits] max_queue = 0: "),
+        ("[aligner]\nthreshold = 2\n", "[aligner] threshold = 2: "),
+        ("[limits\n", "not valid TOML"),
+        ('[[keys]]\nkey = "k"\nmode = "inspect"\n', "names no inspector"),
+        ("[server]\nport = 8080\n", "give the upstream's URL"),
+        (
+            '[upstream]\nurl = "http://127.0.0.1:9/v1"\n[limits]\nmax_queue = 2\nmax_n = 4\n',
+            "max_n (4) cannot exceed",
+        ),
+    ],
+)
 def test_a_config_that_cannot_start_is_one_line_and_exit_code_2(tmp_path, served, text, says):
     path = tmp_path / "missing.toml" if text is None else write(tmp_path, text)
     run = serve(["--config", str(path)])
     lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert run.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], run.stderr
+    assert run.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (
+        run.stderr
+    )
     assert "app" not in served  # nothing was served
 
 

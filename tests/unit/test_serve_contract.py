@@ -19,19 +19,31 @@ from aligner_serve.limits import ServeLimits  # noqa: E402
 from aligner_serve.models import ModelMap  # noqa: E402
 
 
-@pytest.mark.parametrize("raw, says", [
-    (b'{"temperature": NaN}', "NaN"), (b'{"temperature": Infinity}', "Infinity"), (b"[-Infinity]", "Infinity"),
-    (b'{"messages": [{"content": "\\ud800"}]}', "lone surrogate"), (b'{"\\udfff": 1}', "lone surrogate"),
-    (b"[" * 40_000 + b"]" * 40_000, "deeper"), (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "deeper"),
-    (b"\xff\xfe", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        (b'{"temperature": NaN}', "NaN"),
+        (b'{"temperature": Infinity}', "Infinity"),
+        (b"[-Infinity]", "Infinity"),
+        (b'{"messages": [{"content": "\\ud800"}]}', "lone surrogate"),
+        (b'{"\\udfff": 1}', "lone surrogate"),
+        (b"[" * 40_000 + b"]" * 40_000, "deeper"),
+        (b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), "deeper"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
 def test_json_no_openai_server_accepts_is_refused(raw, says):
     with pytest.raises(MalformedJSONError, match=says):
         parse_json(raw)
 
 
 def test_strict_json_still_takes_what_clients_send():
-    assert parse_json(b'{"emoji": "\\ud83d\\ude00", "x": 1e308, "deep": ' + b"[" * 100 + b"]" * 100 + b"}")["emoji"] == "😀"
+    assert (
+        parse_json(b'{"emoji": "\\ud83d\\ude00", "x": 1e308, "deep": ' + b"[" * 100 + b"]" * 100 + b"}")[
+            "emoji"
+        ]
+        == "😀"
+    )
 
 
 def test_limits_follow_the_queue_unless_set_beyond_it():
@@ -72,7 +84,9 @@ def test_the_correction_limit_leaves_room_to_restate_the_answer(tiny_aligner):
     answer = "Spiders have eight legs. Insects have six legs. " * 6
     tokens = len(tiny_aligner.engine.encode(answer, add_special_tokens=False))
     assert budget.count(answer) == (tokens, True)
-    assert asyncio.run(budget.limit(answer)) == restating(tokens) > tokens > tiny_aligner.defaults.max_new_tokens
+    assert (
+        asyncio.run(budget.limit(answer)) == restating(tokens) > tokens > tiny_aligner.defaults.max_new_tokens
+    )
     short = len(tiny_aligner.engine.encode("Ok.", add_special_tokens=False))
     assert asyncio.run(budget.limit("Ok.")) == max(tiny_aligner.defaults.max_new_tokens, restating(short))
     assert restating(0) == HEADROOM_MIN and restating(400) == 500
@@ -85,22 +99,36 @@ def test_the_correction_limit_leaves_room_to_restate_the_answer(tiny_aligner):
 
 def _correction(skipped=None):
     meta = {"template": "chat", **({"skipped": skipped} if skipped else {})}
-    return Correction.build(question="q", original="a b c", text="A b c.", prompt_tokens=40, completion_tokens=7,
-                            finish_reason="stop", latency_s=0.1, metadata=meta)
+    return Correction.build(
+        question="q",
+        original="a b c",
+        text="A b c.",
+        prompt_tokens=40,
+        completion_tokens=7,
+        finish_reason="stop",
+        latency_s=0.1,
+        metadata=meta,
+    )
 
 
 def test_usage_counts_what_the_client_got():
     upstream = {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40}
     corrected, passed = contract.Outcome.of(_correction()), contract.Outcome.of(None)
     assert contract.client_usage(upstream, [passed, passed]) is upstream  # nothing replaced: exact as it came
-    assert contract.client_usage(upstream, [corrected]) == {"prompt_tokens": 10, "completion_tokens": 7,
-                                                            "total_tokens": 17}
+    assert contract.client_usage(upstream, [corrected]) == {
+        "prompt_tokens": 10,
+        "completion_tokens": 7,
+        "total_tokens": 17,
+    }
     mixed = contract.client_usage(upstream, [corrected, passed])  # the passed choice: half the upstream's 30
     assert mixed == {"prompt_tokens": 10, "completion_tokens": 22, "total_tokens": 32}
     inspected = contract.Outcome.of(_correction(skipped="inspector_passed"))
     assert inspected.returned_tokens is None and inspected.aligner_prompt_tokens == 40
-    assert contract.aligner_usage([corrected, inspected, passed]) == {"prompt_tokens": 80, "completion_tokens": 14,
-                                                                      "total_tokens": 94}
+    assert contract.aligner_usage([corrected, inspected, passed]) == {
+        "prompt_tokens": 80,
+        "completion_tokens": 14,
+        "total_tokens": 94,
+    }
 
 
 def test_a_replaced_choice_drops_what_described_the_upstreams_text():
@@ -110,5 +138,6 @@ def test_a_replaced_choice_drops_what_described_the_upstreams_text():
     assert details == {"upstream_finish_reason": "length", "logprobs_dropped": True}
     assert choice == {"finish_reason": "stop", "logprobs": None, "stop_reason": None}
     assert contract.contract_details({"finish_reason": "stop"}, None, asked_logprobs=True) == {
-        "upstream_finish_reason": "stop"}
+        "upstream_finish_reason": "stop"
+    }
     json.dumps(details)

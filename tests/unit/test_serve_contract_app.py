@@ -38,10 +38,22 @@ class HeldUpstream:
         self.bodies.append(body)
         if self.gate is not None:
             await self.gate.wait()
-        return JSONResponse({"id": "x", "object": "chat.completion", "created": 1, "model": body.get("model"),
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER},
-                                          "finish_reason": "length"}],
-                             "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}})
+        return JSONResponse(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": ANSWER},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+            }
+        )
 
 
 @pytest.fixture
@@ -52,8 +64,12 @@ def upstream():
 @pytest.fixture
 def app(tiny_aligner, upstream):
     up = Upstream("http://upstream.test/v1", model="up", transport=httpx.ASGITransport(upstream.app))
-    application = build_app(tiny_aligner, up, limits=ServeLimits(max_queue=4, correction_timeout=60,
-                                                                 shutdown_grace=0.2), close_aligner=False)
+    application = build_app(
+        tiny_aligner,
+        up,
+        limits=ServeLimits(max_queue=4, correction_timeout=60, shutdown_grace=0.2),
+        close_aligner=False,
+    )
     yield application
     asyncio.run(up.aclose())
 
@@ -64,7 +80,9 @@ async def _post(app, body, path="/v1/chat/completions"):
 
 
 def chat(app, **body):
-    return asyncio.run(_post(app, {"model": "up", "messages": [{"role": "user", "content": "Legs?"}], **body}))
+    return asyncio.run(
+        _post(app, {"model": "up", "messages": [{"role": "user", "content": "Legs?"}], **body})
+    )
 
 
 def streamed_text(resp: httpx.Response) -> tuple[str, list[dict]]:
@@ -77,18 +95,27 @@ def streamed_text(resp: httpx.Response) -> tuple[str, list[dict]]:
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_sequences_cut_the_correction(app, tiny_aligner, stream):
     full = tiny_aligner.correct("Legs?", ANSWER, max_new_tokens=limit_for(tiny_aligner, ANSWER)).text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert stop.strip() and len(full) > 8, full
     resp = chat(app, stop=[stop], stream=stream)
     if stream:
         text, chunks = streamed_text(resp)
-        finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+        finish = next(
+            c["choices"][0]["finish_reason"]
+            for c in chunks
+            if c["choices"] and c["choices"][0]["finish_reason"]
+        )
     else:
-        text, finish = resp.json()["choices"][0]["message"]["content"], resp.json()["choices"][0]["finish_reason"]
-    assert stop not in text and text == full[:full.find(stop)].strip() and finish == "stop"
+        text, finish = (
+            resp.json()["choices"][0]["message"]["content"],
+            resp.json()["choices"][0]["finish_reason"],
+        )
+    assert stop not in text and text == full[: full.find(stop)].strip() and finish == "stop"
 
 
-def test_a_small_max_tokens_bounds_the_upstream_never_the_correction(app, tiny_aligner, upstream, monkeypatch):
+def test_a_small_max_tokens_bounds_the_upstream_never_the_correction(
+    app, tiny_aligner, upstream, monkeypatch
+):
     seen = []
     real = tiny_aligner.acorrect
 
@@ -99,18 +126,26 @@ def test_a_small_max_tokens_bounds_the_upstream_never_the_correction(app, tiny_a
     monkeypatch.setattr(tiny_aligner, "acorrect", acorrect)
     data = chat(app, max_tokens=1).json()
     assert upstream.bodies[-1]["max_tokens"] == 1  # the client's limit still reaches the upstream
-    assert seen == [limit_for(tiny_aligner, ANSWER)] and seen[0] > len(tiny_aligner.engine.encode(
-        ANSWER, add_special_tokens=False))
+    assert seen == [limit_for(tiny_aligner, ANSWER)] and seen[0] > len(
+        tiny_aligner.engine.encode(ANSWER, add_special_tokens=False)
+    )
     assert data["choices"][0]["aligner"]["upstream_finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("method, path, status, code", [("POST", "/v1/completions", 404, "not_found"),
-                                                        ("GET", "/v1/responses", 404, "not_found"),
-                                                        ("GET", "/v1/corrections", 405, "method_not_allowed"),
-                                                        ("DELETE", "/health", 405, "method_not_allowed")])
+@pytest.mark.parametrize(
+    "method, path, status, code",
+    [
+        ("POST", "/v1/completions", 404, "not_found"),
+        ("GET", "/v1/responses", 404, "not_found"),
+        ("GET", "/v1/corrections", 405, "method_not_allowed"),
+        ("DELETE", "/health", 405, "method_not_allowed"),
+    ],
+)
 def test_statuses_starlette_answers_are_openai_json(app, method, path, status, code):
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://proxy.test"
+        ) as client:
             return await client.request(method, path)
 
     resp = asyncio.run(go())
@@ -128,7 +163,9 @@ def test_past_the_shutdown_grace_a_request_in_progress_gets_503(app, upstream):
 
     async def go():
         upstream.gate = asyncio.Event()
-        request = asyncio.ensure_future(_post(app, {"model": "up", "messages": [{"role": "user", "content": "q"}]}))
+        request = asyncio.ensure_future(
+            _post(app, {"model": "up", "messages": [{"role": "user", "content": "q"}]})
+        )
         while not upstream.bodies:  # the request reached the upstream and waits there
             await asyncio.sleep(0.01)
         app.state.drain.begin()
@@ -157,14 +194,17 @@ def test_past_the_shutdown_grace_a_stream_ends_with_an_error_event(app, tiny_ali
     monkeypatch.setattr(tiny_aligner.engine, "astream", astream)
 
     async def go():
-        request = asyncio.ensure_future(_post(app, {"model": "up", "stream": True,
-                                                    "messages": [{"role": "user", "content": "q"}]}))
+        request = asyncio.ensure_future(
+            _post(app, {"model": "up", "stream": True, "messages": [{"role": "user", "content": "q"}]})
+        )
         await started.wait()
         app.state.drain.begin()
         return await request
 
     resp = asyncio.run(go())
     events = [e.removeprefix("data: ") for e in resp.text.split("\n\n") if e]
-    assert resp.status_code == 200 and json.loads(events[1])["choices"][0]["delta"]["content"] == "Spiders have"
+    assert (
+        resp.status_code == 200 and json.loads(events[1])["choices"][0]["delta"]["content"] == "Spiders have"
+    )
     assert json.loads(events[-1])["error"]["code"] == "shutting_down" and "[DONE]" not in events
     assert app.state.proxy.admission.active == 0

@@ -28,8 +28,12 @@ from aligner_serve.policy import DEFAULT_POLICY, KeyRing  # noqa: E402
 QUESTION = "Name a colour."
 TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "paint", "arguments": "{}"}}
 #: API key -> its policy (named as an operator would label the client; the name is not the key).
-KEYS = {"strict": Policy("correct", False, "web"), "open": Policy("correct", True, "lab"),
-        "off": Policy("off", False, "reports"), "inspect": Policy("inspect", False, "analytics")}
+KEYS = {
+    "strict": Policy("correct", False, "web"),
+    "open": Policy("correct", True, "lab"),
+    "off": Policy("off", False, "reports"),
+    "inspect": Policy("inspect", False, "analytics"),
+}
 
 
 class Upstream_:
@@ -48,19 +52,30 @@ class Upstream_:
         choices = []
         for i in range(body.get("n", 1)):
             if body.get("tools"):
-                message, finish = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, "tool_calls"
+                message, finish = (
+                    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                    "tool_calls",
+                )
             elif question == "number":  # content no OpenAI server sends: the Aligner cannot read it
                 message, finish = {"role": "assistant", "content": 12345}, "stop"
             else:
                 message, finish = {"role": "assistant", "content": f"Answer {i} to: {question}"}, "stop"
             choice = {"index": i, "message": message, "finish_reason": finish}
             if body.get("logprobs"):
-                choice["logprobs"] = {"content": [{"token": "Answer", "logprob": -0.1, "bytes": None,
-                                                   "top_logprobs": []}]}
+                choice["logprobs"] = {
+                    "content": [{"token": "Answer", "logprob": -0.1, "bytes": None, "top_logprobs": []}]
+                }
             choices.append(choice)
-        return JSONResponse({"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "up",
-                             "choices": choices, "usage": {"prompt_tokens": 5, "completion_tokens": 4,
-                                                           "total_tokens": 9}})
+        return JSONResponse(
+            {
+                "id": "chatcmpl-x",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "up",
+                "choices": choices,
+                "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
+            }
+        )
 
 
 def score(question: str, answer: str) -> float:
@@ -76,8 +91,13 @@ def upstream():
 def make_app(aligner, upstream, *, keys=KEYS, default: Policy = DEFAULT_POLICY):
     up = Upstream("http://upstream.test/v1", model="up", transport=httpx.ASGITransport(upstream.app))
     ring = KeyRing.build(entries=[KeyEntry(digest(k), p) for k, p in keys.items()], default=default)
-    return build_app(aligner, up, api_keys=ring, limits=ServeLimits(max_queue=8, correction_timeout=60),
-                     close_aligner=False)
+    return build_app(
+        aligner,
+        up,
+        api_keys=ring,
+        limits=ServeLimits(max_queue=8, correction_timeout=60),
+        close_aligner=False,
+    )
 
 
 @pytest.fixture
@@ -89,7 +109,9 @@ def app(tiny_aligner, upstream):
 
 def call(app, method, path, key="strict", headers=None, **kwargs):
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://proxy.test"
+        ) as client:
             auth = {"Authorization": f"Bearer {key}"} if key else {}
             return await client.request(method, path, headers={**auth, **(headers or {})}, **kwargs)
 
@@ -97,8 +119,14 @@ def call(app, method, path, key="strict", headers=None, **kwargs):
 
 
 def chat(app, key="strict", headers=None, **body):
-    return call(app, "POST", "/v1/chat/completions", key, headers,
-                json={"model": "up", "messages": [{"role": "user", "content": QUESTION}], **body})
+    return call(
+        app,
+        "POST",
+        "/v1/chat/completions",
+        key,
+        headers,
+        json={"model": "up", "messages": [{"role": "user", "content": QUESTION}], **body},
+    )
 
 
 def outcome(resp: httpx.Response) -> dict[str, str]:
@@ -119,8 +147,11 @@ def events(resp: httpx.Response) -> list[dict]:
 
 
 def corrections_run(app) -> str:
-    return "\n".join(line for line in call(app, "GET", "/metrics").text.splitlines()
-                     if line.startswith("aligner_serve_corrections_total{"))
+    return "\n".join(
+        line
+        for line in call(app, "GET", "/metrics").text.splitlines()
+        if line.startswith("aligner_serve_corrections_total{")
+    )
 
 
 def test_off_returns_the_upstreams_answer_as_it_is_and_says_so(app, upstream):
@@ -128,28 +159,51 @@ def test_off_returns_the_upstreams_answer_as_it_is_and_says_so(app, upstream):
     data = resp.json()
     choice = data["choices"][0]
     assert choice["message"]["content"] == f"Answer 0 to: {QUESTION}" and choice["logprobs"]["content"]
-    assert choice["aligner"] == {"corrected": False, "skipped": "disabled", "skipped_detail": DETAILS[Skip.DISABLED],
-                                 "upstream_finish_reason": "stop"}
-    assert data["usage"] == data["aligner"]["upstream_usage"] and data["aligner"]["usage"]["total_tokens"] == 0
+    assert choice["aligner"] == {
+        "corrected": False,
+        "skipped": "disabled",
+        "skipped_detail": DETAILS[Skip.DISABLED],
+        "upstream_finish_reason": "stop",
+    }
+    assert (
+        data["usage"] == data["aligner"]["upstream_usage"] and data["aligner"]["usage"]["total_tokens"] == 0
+    )
     assert outcome(resp) == {"mode": "off", "changed": "false", "similarity": "1.0", "skipped": "disabled"}
     assert corrections_run(app) == ""  # the Aligner never ran
-    unread = call(app, "POST", "/v1/chat/completions", "off", json={"messages": [{"role": "user", "content": "number"}]})
-    assert unread.status_code == 200 and unread.json()["choices"][0]["message"]["content"] == 12345  # not even read
-    assert call(app, "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "number"}]}
-                ).json()["error"]["code"] == "unreadable_content"  # correcting it fails closed
+    unread = call(
+        app, "POST", "/v1/chat/completions", "off", json={"messages": [{"role": "user", "content": "number"}]}
+    )
+    assert (
+        unread.status_code == 200 and unread.json()["choices"][0]["message"]["content"] == 12345
+    )  # not even read
+    assert (
+        call(
+            app, "POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "number"}]}
+        ).json()["error"]["code"]
+        == "unreadable_content"
+    )  # correcting it fails closed
 
 
 def test_inspect_scores_and_reports_but_never_rewrites(app):
     resp = chat(app, key="inspect", n=2)
     data = resp.json()
-    assert [c["message"]["content"] for c in data["choices"]] == [f"Answer {i} to: {QUESTION}" for i in (0, 1)]
+    assert [c["message"]["content"] for c in data["choices"]] == [
+        f"Answer {i} to: {QUESTION}" for i in (0, 1)
+    ]
     assert [c["aligner"]["inspector"] for c in data["choices"]] == [
-        {"score": 0.9, "threshold": 0.5, "passed": True}, {"score": 0.2, "threshold": 0.5, "passed": False}]
+        {"score": 0.9, "threshold": 0.5, "passed": True},
+        {"score": 0.2, "threshold": 0.5, "passed": False},
+    ]
     assert {c["aligner"]["skipped"] for c in data["choices"]} == {"inspect_only"}
     assert data["aligner"]["corrected"] is False and data["aligner"]["inspector"]["passed"] is True
-    assert outcome(resp) == {"mode": "inspect", "changed": "false,false", "similarity": "1.0,1.0",
-                             "skipped": "inspect_only,inspect_only", "inspector-score": "0.9,0.2",
-                             "inspector-passed": "true,false"}
+    assert outcome(resp) == {
+        "mode": "inspect",
+        "changed": "false,false",
+        "similarity": "1.0,1.0",
+        "skipped": "inspect_only,inspect_only",
+        "inspector-score": "0.9,0.2",
+        "inspector-passed": "true,false",
+    }
     metrics = call(app, "GET", "/metrics").text
     assert 'aligner_serve_inspected_total{passed="false"} 1.0' in metrics and corrections_run(app) == ""
 
@@ -176,16 +230,22 @@ def test_a_request_picks_a_mode_where_its_key_allows_it(app, upstream):
     assert same.status_code == 200 and outcome(same)["mode"] == "correct"
 
 
-@pytest.mark.parametrize("key, headers, body, status, code", [
-    ("strict", {"x-aligner-mode": "off"}, {}, 403, "mode_not_allowed"),
-    ("off", {}, {"aligner": {"mode": "correct"}}, 403, "mode_not_allowed"),
-    ("open", {"x-aligner-mode": "loud"}, {}, 400, "invalid_mode"),
-    ("open", {"x-aligner-mode": "off"}, {"aligner": {"mode": "inspect"}}, 400, "invalid_mode"),
-])
-def test_a_mode_the_key_may_not_use_is_refused_before_the_upstream_is_called(app, upstream, key, headers, body,
-                                                                              status, code):
-    payloads = {"/v1/chat/completions": {"model": "up", "messages": [{"role": "user", "content": "q"}], **body},
-                "/v1/corrections": {"question": "q", "answer": "a", **body}}
+@pytest.mark.parametrize(
+    "key, headers, body, status, code",
+    [
+        ("strict", {"x-aligner-mode": "off"}, {}, 403, "mode_not_allowed"),
+        ("off", {}, {"aligner": {"mode": "correct"}}, 403, "mode_not_allowed"),
+        ("open", {"x-aligner-mode": "loud"}, {}, 400, "invalid_mode"),
+        ("open", {"x-aligner-mode": "off"}, {"aligner": {"mode": "inspect"}}, 400, "invalid_mode"),
+    ],
+)
+def test_a_mode_the_key_may_not_use_is_refused_before_the_upstream_is_called(
+    app, upstream, key, headers, body, status, code
+):
+    payloads = {
+        "/v1/chat/completions": {"model": "up", "messages": [{"role": "user", "content": "q"}], **body},
+        "/v1/corrections": {"question": "q", "answer": "a", **body},
+    }
     for path, payload in payloads.items():
         resp = call(app, "POST", path, key, headers, json=payload)
         assert resp.status_code == status and resp.json()["error"]["code"] == code, (path, resp.text)
@@ -219,12 +279,19 @@ def test_streams_send_the_outcome_headers_known_before_the_first_byte(app):
     finals = [c for c in events(inspected) if c["choices"] and c["choices"][0]["finish_reason"]]
     assert [f["aligner"]["inspector"]["score"] for f in finals] == [0.9, 0.2]
     corrected = chat(app, stream=True, n=2)
-    assert outcome(corrected) == {"mode": "correct"}  # a correction streams: its outcome is in the final chunk
+    assert outcome(corrected) == {
+        "mode": "correct"
+    }  # a correction streams: its outcome is in the final chunk
     assert set(timing(corrected)) == {"upstream", "aligner"}  # what the time to the first byte went to
     finals = [c for c in events(corrected) if c["choices"] and c["choices"][0]["finish_reason"]]
     assert [f["aligner"].get("skipped") for f in finals] == ["inspector_passed", None]
     tools = chat(app, stream=True, tools=[{"type": "function", "function": {"name": "paint"}}])
-    assert outcome(tools) == {"mode": "correct", "changed": "false", "similarity": "1.0", "skipped": "tool_calls"}
+    assert outcome(tools) == {
+        "mode": "correct",
+        "changed": "false",
+        "similarity": "1.0",
+        "skipped": "tool_calls",
+    }
 
 
 def test_corrections_obey_the_mode(app, tiny_aligner):
@@ -233,9 +300,21 @@ def test_corrections_obey_the_mode(app, tiny_aligner):
     assert data["text"] == data["original"] == "Six legs." and data["changed"] is False
     assert data["metadata"]["skipped"] == "disabled" and data["completion_tokens"] == 0
     assert outcome(off) == {"mode": "off", "changed": "false", "similarity": "1.0", "skipped": "disabled"}
-    batch = call(app, "POST", "/v1/corrections", key="open", headers={"x-aligner-mode": "inspect"}, json={"items": [
-        {"question": "Q?", "answer": "Answer 0."}, {"question": "Q?", "answer": "Eight."},
-        {"question": "Q?", "answer": "  "}, {"question": "Q?"}]})
+    batch = call(
+        app,
+        "POST",
+        "/v1/corrections",
+        key="open",
+        headers={"x-aligner-mode": "inspect"},
+        json={
+            "items": [
+                {"question": "Q?", "answer": "Answer 0."},
+                {"question": "Q?", "answer": "Eight."},
+                {"question": "Q?", "answer": "  "},
+                {"question": "Q?"},
+            ]
+        },
+    )
     items = batch.json()["items"]
     assert [i.get("metadata", {}).get("inspector_passed") for i in items] == [True, False, None, None]
     assert [i.get("text") for i in items[:2]] == ["Answer 0.", "Eight."]
@@ -244,8 +323,13 @@ def test_corrections_obey_the_mode(app, tiny_aligner):
     assert outcome(batch) == {"mode": "inspect"}  # a batch's outcomes are in its items
     one = call(app, "POST", "/v1/corrections", key="inspect", json={"question": "Q?", "answer": "Eight."})
     assert outcome(one)["inspector-score"] == "0.2" and one.json()["metadata"]["inspector_score"] == 0.2
-    bad = call(app, "POST", "/v1/corrections", key="open", json={"question": "Q?", "answer": "A.",
-                                                                 "aligner": {"correct_structured": True}})
+    bad = call(
+        app,
+        "POST",
+        "/v1/corrections",
+        key="open",
+        json={"question": "Q?", "answer": "A.", "aligner": {"correct_structured": True}},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "aligner.correct_structured"
     assert corrections_run(app) == ""
 

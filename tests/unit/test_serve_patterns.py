@@ -32,9 +32,17 @@ from aligner_serve import ServeLimits, Upstream, build_app  # noqa: E402
 from tests.unit.test_serve_app import limit_for  # noqa: E402
 
 QUESTION = "What is the weather in Paris?"
-TOOL_CALL = {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "temp_c": {"type": "integer"}},
-          "required": ["city", "temp_c"], "additionalProperties": False}
+TOOL_CALL = {
+    "id": "call_7",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "temp_c": {"type": "integer"}},
+    "required": ["city", "temp_c"],
+    "additionalProperties": False,
+}
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "weather", "schema": SCHEMA, "strict": True}}
 VALID = '{"city": "Paris", "temp_c": 21}'
 
@@ -55,13 +63,24 @@ class ScriptedUpstream:
         body = await request.json()
         self.bodies.append(body)
         n = body.get("n", 1)
-        scripted = [self.replies.popleft() if self.replies else {"role": "assistant", "content": "A plain answer."}
-                    for _ in range(n)]
-        choices = [{"index": i, "message": m, "finish_reason": "tool_calls" if m.get("tool_calls") else "stop"}
-                   for i, m in enumerate(scripted)]
-        return JSONResponse({"id": "chatcmpl-scripted", "object": "chat.completion", "created": 1, "model": "up",
-                             "choices": choices, "usage": {"prompt_tokens": 9, "completion_tokens": 6,
-                                                           "total_tokens": 15}})
+        scripted = [
+            self.replies.popleft() if self.replies else {"role": "assistant", "content": "A plain answer."}
+            for _ in range(n)
+        ]
+        choices = [
+            {"index": i, "message": m, "finish_reason": "tool_calls" if m.get("tool_calls") else "stop"}
+            for i, m in enumerate(scripted)
+        ]
+        return JSONResponse(
+            {
+                "id": "chatcmpl-scripted",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "up",
+                "choices": choices,
+                "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+            }
+        )
 
 
 class EngineRecorder:
@@ -106,8 +125,13 @@ def recorder(tiny_aligner, monkeypatch):
 
 def make_app(aligner, scripted: ScriptedUpstream, **options: Any):
     up = Upstream("http://upstream.test/v1", transport=httpx.ASGITransport(scripted.app))
-    return build_app(aligner, up, limits=ServeLimits(max_queue=8, max_batch_items=4, correction_timeout=60),
-                     close_aligner=False, **options), up
+    return build_app(
+        aligner,
+        up,
+        limits=ServeLimits(max_queue=8, max_batch_items=4, correction_timeout=60),
+        close_aligner=False,
+        **options,
+    ), up
 
 
 @pytest.fixture
@@ -119,7 +143,9 @@ def app(tiny_aligner, upstream, recorder):
 
 def post(app, path: str, body: dict[str, Any]) -> httpx.Response:
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://proxy.test"
+        ) as client:
             return await client.post(path, json=body)
 
     return asyncio.run(go())
@@ -150,10 +176,16 @@ def test_json_mode_and_schema_answers_pass_through_unchanged_by_default(app, ups
     upstream.reply('{"colour": "blue"}')
     data = chat(app, response_format={"type": "json_object"}).json()
     assert data["choices"][0]["message"]["content"] == '{"colour": "blue"}'
-    assert data["choices"][0]["aligner"] == {"corrected": False, "skipped": "structured_output",
-                                             "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT], "structured": "json",
-                                             "upstream_finish_reason": "stop"}
-    assert data["usage"] == data["aligner"]["upstream_usage"]  # passed through: the upstream's usage as it came
+    assert data["choices"][0]["aligner"] == {
+        "corrected": False,
+        "skipped": "structured_output",
+        "skipped_detail": DETAILS[Skip.STRUCTURED_OUTPUT],
+        "structured": "json",
+        "upstream_finish_reason": "stop",
+    }
+    assert (
+        data["usage"] == data["aligner"]["upstream_usage"]
+    )  # passed through: the upstream's usage as it came
     upstream.reply(VALID)
     chunks, text = events(chat(app, response_format=SCHEMA_FORMAT, stream=True))
     assert text == VALID and final_details(chunks)["skipped"] == "structured_output"
@@ -170,9 +202,12 @@ def test_the_openai_sdk_parse_gets_its_object_through_the_proxy(app, upstream):
 
     async def go():
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(base_url="http://proxy.test/v1", api_key="x", http_client=http) as client:
-            return await client.chat.completions.parse(model="m", messages=[{"role": "user", "content": QUESTION}],
-                                                       response_format=Weather)
+        async with openai.AsyncOpenAI(
+            base_url="http://proxy.test/v1", api_key="x", http_client=http
+        ) as client:
+            return await client.chat.completions.parse(
+                model="m", messages=[{"role": "user", "content": QUESTION}], response_format=Weather
+            )
 
     resp = asyncio.run(go())
     assert resp.choices[0].message.parsed == Weather(city="Paris", temp_c=21)
@@ -187,7 +222,9 @@ def test_opted_in_a_valid_corrected_json_is_kept(app, upstream, recorder, stream
     if stream:
         chunks, text = events(resp)
         details = final_details(chunks)
-        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 1  # checked, then sent whole
+        assert (
+            len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 1
+        )  # checked, then sent whole
     else:
         details = resp.json()["aligner"]
         text = resp.json()["choices"][0]["message"]["content"]
@@ -198,7 +235,9 @@ def test_opted_in_a_valid_corrected_json_is_kept(app, upstream, recorder, stream
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_opted_in_an_invalid_correction_gives_back_the_original_with_the_reason(app, upstream, recorder, stream):
+def test_opted_in_an_invalid_correction_gives_back_the_original_with_the_reason(
+    app, upstream, recorder, stream
+):
     upstream.reply(VALID)
     recorder.text = '{"city": "Paris", "temp_c": "warm"}'  # JSON, but not valid against the schema
     resp = chat(app, response_format=SCHEMA_FORMAT, stream=stream, aligner={"correct_structured": True})
@@ -207,12 +246,19 @@ def test_opted_in_an_invalid_correction_gives_back_the_original_with_the_reason(
         details = final_details(chunks)
     else:
         details, text = resp.json()["aligner"], resp.json()["choices"][0]["message"]["content"]
-    assert text == VALID and details["corrected"] is False and details["skipped"] == "structured_output_invalid"
-    assert "'warm' is not of type 'integer'" in details["invalid_reason"] and details["usage"]["completion_tokens"] == 5
+    assert (
+        text == VALID and details["corrected"] is False and details["skipped"] == "structured_output_invalid"
+    )
+    assert (
+        "'warm' is not of type 'integer'" in details["invalid_reason"]
+        and details["usage"]["completion_tokens"] == 5
+    )
     json.loads(text)  # whatever happened, the client gets JSON that parses
 
 
-def test_the_server_flag_corrects_structured_output_and_a_request_can_decline(tiny_aligner, upstream, recorder):
+def test_the_server_flag_corrects_structured_output_and_a_request_can_decline(
+    tiny_aligner, upstream, recorder
+):
     app, up = make_app(tiny_aligner, upstream, correct_structured=True)
     try:
         recorder.text = VALID
@@ -223,14 +269,22 @@ def test_the_server_flag_corrects_structured_output_and_a_request_can_decline(ti
         assert declined["aligner"]["skipped"] == "structured_output" and len(recorder.requests) == 1
         upstream.reply("blue")  # a regex/choice answer cannot be checked: it always passes
         regex = chat(app, structured_outputs={"choice": ["red", "blue"]}).json()
-        assert regex["aligner"]["skipped"] == "structured_output" and regex["aligner"]["structured"] == "choice"
+        assert (
+            regex["aligner"]["skipped"] == "structured_output" and regex["aligner"]["structured"] == "choice"
+        )
         assert len(recorder.requests) == 1
     finally:
         asyncio.run(up.aclose())
 
 
-@pytest.mark.parametrize("options, says", [("yes", "must be an object"), ({"correct_structure": True}, "unknown"),
-                                           ({"correct_structured": "yes"}, "true or false")])
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ("yes", "must be an object"),
+        ({"correct_structure": True}, "unknown"),
+        ({"correct_structured": "yes"}, "true or false"),
+    ],
+)
 def test_bad_aligner_options_are_400(app, options, says):
     resp = chat(app, aligner=options)
     assert resp.status_code == 400 and says in resp.json()["error"]["message"]
@@ -255,13 +309,23 @@ def test_tool_calls_stream_as_the_upstream_sent_them(app, upstream, recorder):
     upstream.reply("Let me check.", tool_calls=[TOOL_CALL])
     chunks, text = events(chat(app, stream=True))
     assert chunks[0].choices[0].delta.tool_calls[0].function.arguments == '{"city": "Paris"}'
-    assert final_details(chunks) == {"corrected": False, "skipped": "tool_calls",
-                                     "skipped_detail": DETAILS[Skip.TOOL_CALLS], "upstream_finish_reason": "tool_calls"}
+    assert final_details(chunks) == {
+        "corrected": False,
+        "skipped": "tool_calls",
+        "skipped_detail": DETAILS[Skip.TOOL_CALLS],
+        "upstream_finish_reason": "tool_calls",
+    }
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and recorder.requests == []
 
 
-@pytest.mark.parametrize("content, reason", [("  ", "empty_answer"), (None, "empty_answer"),
-                                             ([{"type": "image_url", "image_url": {"url": "x"}}], "non_text_content")])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("  ", "empty_answer"),
+        (None, "empty_answer"),
+        ([{"type": "image_url", "image_url": {"url": "x"}}], "non_text_content"),
+    ],
+)
 def test_answers_without_text_pass_through(app, upstream, content, reason):
     upstream.reply(content)
     data = chat(app).json()
@@ -271,24 +335,37 @@ def test_answers_without_text_pass_through(app, upstream, content, reason):
 # -- content as a list of text parts, and content the Aligner cannot read --------------------------------------
 
 
-PARTS = [{"type": "text", "text": "It is sunny "}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
-         {"type": "text", "text": "and 21C in Paris."}]
+PARTS = [
+    {"type": "text", "text": "It is sunny "},
+    {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+    {"type": "text", "text": "and 21C in Paris."},
+]
 
 
-def test_a_list_of_text_parts_is_corrected_as_its_text_and_keeps_its_shape(app, upstream, recorder, tiny_aligner):
+def test_a_list_of_text_parts_is_corrected_as_its_text_and_keeps_its_shape(
+    app, upstream, recorder, tiny_aligner
+):
     upstream.reply(PARTS)
     data = chat(app).json()
-    expected = tiny_aligner.correct(QUESTION, "It is sunny and 21C in Paris.",
-                                    max_new_tokens=limit_for(tiny_aligner, "It is sunny and 21C in Paris."))
+    expected = tiny_aligner.correct(
+        QUESTION,
+        "It is sunny and 21C in Paris.",
+        max_new_tokens=limit_for(tiny_aligner, "It is sunny and 21C in Paris."),
+    )
     content = data["choices"][0]["message"]["content"]
     assert content == [{"type": "text", "text": expected.text}, PARTS[1]]  # the image stays where it was
-    assert data["aligner"]["corrected"] is True and data["aligner"]["original"] == "It is sunny and 21C in Paris."
+    assert (
+        data["aligner"]["corrected"] is True
+        and data["aligner"]["original"] == "It is sunny and 21C in Paris."
+    )
     assert data["aligner"]["non_text_parts"] == 1
     assert "It is sunny and 21C in Paris." in recorder.prompts[0]
 
 
 def test_a_streamed_list_of_text_parts_carries_only_corrected_text(app, upstream, recorder, tiny_aligner):
-    upstream.reply([{"type": "text", "text": "UNCORRECTED one. "}, {"type": "text", "text": "UNCORRECTED two."}])
+    upstream.reply(
+        [{"type": "text", "text": "UNCORRECTED one. "}, {"type": "text", "text": "UNCORRECTED two."}]
+    )
     resp = chat(app, stream=True)
     chunks, text = events(resp)
     original = "UNCORRECTED one. UNCORRECTED two."
@@ -297,8 +374,9 @@ def test_a_streamed_list_of_text_parts_carries_only_corrected_text(app, upstream
     assert final_details(chunks)["corrected"] is True and "original" not in final_details(chunks)
 
 
-@pytest.mark.parametrize("content", [12345, {"text": "a dict"}, [{"type": "hologram", "data": "?"}],
-                                     [{"type": "text", "text": 7}]])
+@pytest.mark.parametrize(
+    "content", [12345, {"text": "a dict"}, [{"type": "hologram", "data": "?"}], [{"type": "text", "text": 7}]]
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_content_the_aligner_cannot_read_is_a_502_never_the_text(app, upstream, recorder, content, stream):
     upstream.reply(content)
@@ -324,8 +402,17 @@ def test_one_unreadable_choice_of_n_fails_the_request_before_any_correction(app,
 TOOL_TURNS = [
     {"role": "system", "content": "You answer weather questions."},
     {"role": "user", "content": "What is the weather in Oslo?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "snow, -3C"},
     {"role": "assistant", "content": "It is snowing in Oslo."},
     {"role": "user", "content": QUESTION},
@@ -340,7 +427,9 @@ def test_the_tool_turns_after_the_question_are_the_corrections_context(app, upst
     resp = chat(app, TOOL_TURNS, stream=stream)
     details = final_details(events(resp)[0]) if stream else resp.json()["aligner"]
     assert details["corrected"] is True and details["context_items"] == 2 and details["context_tokens"] > 0
-    assert details["history_turns"] == 3  # system, user, assistant text: the earlier tool turns are not history
+    assert (
+        details["history_turns"] == 3
+    )  # system, user, assistant text: the earlier tool turns are not history
     prompt = recorder.prompts[-1]
     assert 'Tool call (get_weather): {"city": "Paris"}' in prompt
     assert "Tool result (get_weather): sunny, 21C" in prompt
@@ -357,16 +446,31 @@ def test_a_question_without_tool_turns_gets_the_same_prompt_as_a_plain_pair(app,
 
 def test_corrections_items_take_a_context(app, recorder):
     context = [{"type": "tool_result", "name": "get_weather", "content": "sunny, 21C"}]
-    one = post(app, "/v1/corrections", {"question": QUESTION, "answer": "Sunny, 21C.", "context": context,
-                                        "max_new_tokens": 4})
+    one = post(
+        app,
+        "/v1/corrections",
+        {"question": QUESTION, "answer": "Sunny, 21C.", "context": context, "max_new_tokens": 4},
+    )
     assert one.status_code == 200 and one.json()["metadata"]["context_items"] == 1
     assert "Tool result (get_weather): sunny, 21C" in recorder.prompts[-1]
-    batch = post(app, "/v1/corrections", {"items": [
-        {"question": QUESTION, "answer": "Sunny.", "context": ["Paris: sunny all week."]},
-        {"question": QUESTION, "answer": "Sunny."}], "max_new_tokens": 4}).json()["items"]
+    batch = post(
+        app,
+        "/v1/corrections",
+        {
+            "items": [
+                {"question": QUESTION, "answer": "Sunny.", "context": ["Paris: sunny all week."]},
+                {"question": QUESTION, "answer": "Sunny."},
+            ],
+            "max_new_tokens": 4,
+        },
+    ).json()["items"]
     assert batch[0]["metadata"]["context_items"] == 1 and "context_items" not in batch[1]["metadata"]
     assert any("Document: Paris: sunny all week." in p for p in recorder.prompts)
-    bad = post(app, "/v1/corrections", {"question": "q", "answer": "a", "context": [{"type": "memo", "content": "x"}]})
+    bad = post(
+        app,
+        "/v1/corrections",
+        {"question": "q", "answer": "a", "context": [{"type": "memo", "content": "x"}]},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "context"
 
 
@@ -377,10 +481,11 @@ def test_metrics_count_each_reason(app, upstream):
     chat(app, response_format={"type": "json_object"})
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://proxy.test") as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app), base_url="http://proxy.test"
+        ) as client:
             return (await client.get("/metrics")).text
 
     text = asyncio.run(go())
     assert 'aligner_serve_skipped_total{reason="tool_calls"} 1.0' in text
     assert 'aligner_serve_skipped_total{reason="structured_output"} 1.0' in text
-

@@ -68,26 +68,47 @@ def no_user_text(spans, *texts: str) -> None:
             assert not any(t in str(value) for t in texts), (s.name, value)
 
 
-def test_a_request_is_a_server_span_with_the_admission_the_upstream_call_and_the_correction_below(app, upstream,
-                                                                                                   spans):
-    resp = chat(app, n=2, max_tokens=7, temperature=0.5)  # choice 0 passes the inspector gate, choice 1 is corrected
+def test_a_request_is_a_server_span_with_the_admission_the_upstream_call_and_the_correction_below(
+    app, upstream, spans
+):
+    resp = chat(
+        app, n=2, max_tokens=7, temperature=0.5
+    )  # choice 0 passes the inspector gate, choice 1 is corrected
     assert resp.status_code == 200
     (server,) = named(spans, "POST /v1/chat/completions")
     a = dict(server.attributes)
     assert server.kind == SpanKind.SERVER and server.parent is None
     assert (a["http.request.method"], a["http.route"], a["http.response.status_code"]) == (
-        "POST", "/v1/chat/completions", 200)
+        "POST",
+        "/v1/chat/completions",
+        200,
+    )
     assert (a["url.path"], a["url.scheme"], a["server.address"], a["aligner.mode"], a["aligner.key"]) == (
-        "/v1/chat/completions", "http", "proxy.test", "correct", "web")
+        "/v1/chat/completions",
+        "http",
+        "proxy.test",
+        "correct",
+        "web",
+    )
     (admission,) = named(spans, "aligner.admission")
-    assert admission.attributes["aligner.queue.places"] == 2 and admission.attributes["aligner.queue.admitted"]
+    assert (
+        admission.attributes["aligner.queue.places"] == 2 and admission.attributes["aligner.queue.admitted"]
+    )
     (client,) = named(spans, "chat up")
     c = dict(client.attributes)
     assert client.kind == SpanKind.CLIENT and c["gen_ai.operation.name"] == "chat"
-    assert (c["gen_ai.request.model"], c["gen_ai.request.max_tokens"], c["gen_ai.request.temperature"]) == ("up", 7, 0.5)
+    assert (c["gen_ai.request.model"], c["gen_ai.request.max_tokens"], c["gen_ai.request.temperature"]) == (
+        "up",
+        7,
+        0.5,
+    )
     assert (c["gen_ai.usage.input_tokens"], c["gen_ai.usage.output_tokens"]) == (5, 4)
     assert c["gen_ai.response.finish_reasons"] == ("stop", "stop") and c["gen_ai.response.id"] == "chatcmpl-x"
-    assert (c["server.address"], c["server.port"], c["gen_ai.request.choice.count"]) == ("upstream.test", 80, 2)
+    assert (c["server.address"], c["server.port"], c["gen_ai.request.choice.count"]) == (
+        "upstream.test",
+        80,
+        2,
+    )
     corrections = named(spans, "text_completion")
     assert len(corrections) == 2  # one per choice: choice 0's ended at the gate, choice 1's generated
     for child in (admission, client, *corrections):
@@ -109,7 +130,9 @@ def test_streamed_corrections_nest_under_the_request_span_which_ends_with_the_st
     (server,) = named(spans, "POST /v1/chat/completions")
     corrections = named(spans, "text_completion")
     assert len(corrections) == 2 and all(s.attributes["gen_ai.request.stream"] for s in corrections)
-    assert all(s.parent.span_id == server.context.span_id for s in corrections)  # choice 1 streams after the head
+    assert all(
+        s.parent.span_id == server.context.span_id for s in corrections
+    )  # choice 1 streams after the head
     assert server.end_time >= max(s.end_time for s in corrections)
 
 
@@ -135,11 +158,22 @@ def test_an_upstream_failure_marks_both_spans(tiny_aligner, spans):
         port = s.getsockname()[1]
     upstream = Upstream(f"http://127.0.0.1:{port}/v1", model="m", max_retries=0)
     app = build_app(tiny_aligner, upstream, limits=ServeLimits(max_queue=4))
-    assert call(app, "POST", "/v1/chat/completions", key=None,
-                json={"messages": [{"role": "user", "content": "q"}]}).status_code == 502
+    assert (
+        call(
+            app,
+            "POST",
+            "/v1/chat/completions",
+            key=None,
+            json={"messages": [{"role": "user", "content": "q"}]},
+        ).status_code
+        == 502
+    )
     (server,) = named(spans, "POST /v1/chat/completions")
     (client,) = named(spans, "chat")
     assert server.status.status_code == StatusCode.ERROR and server.attributes["error.type"] == "502"
     assert client.status.status_code == StatusCode.ERROR
-    assert client.attributes["error.type"] == "UpstreamUnavailableError" and client.parent.span_id == server.context.span_id
+    assert (
+        client.attributes["error.type"] == "UpstreamUnavailableError"
+        and client.parent.span_id == server.context.span_id
+    )
     asyncio.run(upstream.aclose())

@@ -26,7 +26,10 @@ def setup(tiny_model, tiny_tokenizer):
     t = get_template("aligner-v1")
     texts = [
         ("What is the capital of France?", "The capital of France is Berlin."),
-        ("How do I boil an egg?", "Put the egg in boiling water for nine minutes, then cool it in cold water."),
+        (
+            "How do I boil an egg?",
+            "Put the egg in boiling water for nine minutes, then cool it in cold water.",
+        ),
         ("Say thanks.", "No."),
         ("Why?", "Please be kind and helpful. Thank you for asking a great question! " * 2),
     ]
@@ -35,14 +38,27 @@ def setup(tiny_model, tiny_tokenizer):
 
 
 def run(model, tok, prompts, refs, limits, k):
-    return drafted_greedy(model, prompts, refs, limits, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                          num_draft_tokens=k)
+    return drafted_greedy(
+        model,
+        prompts,
+        refs,
+        limits,
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        num_draft_tokens=k,
+    )
 
 
 def reference_generate(model, tok, prompt, limit):
-    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=limit, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    tokens = out[0, len(prompt):].tolist()
+    out = model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=limit,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    tokens = out[0, len(prompt) :].tolist()
     if tok.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
     return tokens
@@ -65,8 +81,12 @@ def test_drafted_equals_plain_for_every_kind_of_draft(setup, kind):
     rng = random.Random(0)
     perturbed = [[t if i % 5 else rng.randrange(len(tok)) for i, t in enumerate(p)] for p in plain]
     garbage = [[rng.randrange(len(tok)) for _ in range(30)] for _ in plain]
-    refs = {"perfect": plain, "perturbed": perturbed, "garbage": garbage,
-            "mixed": [plain[0], [], perturbed[2], garbage[3]]}[kind]
+    refs = {
+        "perfect": plain,
+        "perturbed": perturbed,
+        "garbage": garbage,
+        "mixed": [plain[0], [], perturbed[2], garbage[3]],
+    }[kind]
     rows = run(model, tok, prompts, refs, limits, k=6)
     assert [r.tokens for r in rows] == plain
     if kind == "perfect":
@@ -92,21 +112,38 @@ def test_drafted_stop_strings_match_plain(tiny_aligner):
     q, a = "How do I boil an egg?", "Put the egg in boiling water for nine minutes."
     plain = tiny_aligner.correct(q, a, speculative=False, max_new_tokens=16)
     stop = plain.text[4:6]
-    assert tiny_aligner.correct(q, a, max_new_tokens=16, stop=[stop]).text == tiny_aligner.correct(
-        q, a, max_new_tokens=16, stop=[stop], speculative=False
-    ).text
+    assert (
+        tiny_aligner.correct(q, a, max_new_tokens=16, stop=[stop]).text
+        == tiny_aligner.correct(q, a, max_new_tokens=16, stop=[stop], speculative=False).text
+    )
 
 
 def test_verify_budget_limits_the_step_width(setup):
     model, tok, prompts = setup
     limits = [12, 12, 12, 12]
     plain = [r.tokens for r in run(model, tok, prompts, [[]] * 4, limits, k=0)]
-    capped = drafted_greedy(model, prompts, plain, limits, eos_token_ids=[tok.eos_token_id],
-                            pad_token_id=tok.pad_token_id, num_draft_tokens=6, max_verify_tokens=4)
+    capped = drafted_greedy(
+        model,
+        prompts,
+        plain,
+        limits,
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        num_draft_tokens=6,
+        max_verify_tokens=4,
+    )
     assert [r.tokens for r in capped] == plain
     assert sum(r.proposed for r in capped) == 0  # 4 rows x width 1 already fill the budget
-    roomy = drafted_greedy(model, prompts, plain, limits, eos_token_ids=[tok.eos_token_id],
-                           pad_token_id=tok.pad_token_id, num_draft_tokens=6, max_verify_tokens=12)
+    roomy = drafted_greedy(
+        model,
+        prompts,
+        plain,
+        limits,
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        num_draft_tokens=6,
+        max_verify_tokens=12,
+    )
     assert [r.tokens for r in roomy] == plain
     assert max(r.proposed for r in roomy) > 0
 
@@ -130,7 +167,9 @@ def test_prefill_shares_the_prefix_and_merges_groups(setup):
     assert sorted(state.order) == list(range(len(prompts)))
     assert state.order != list(range(len(prompts)))  # grouped by length, longest first
     assert state.mask.shape[0] == len(prompts)
-    assert [int(state.mask[row].sum()) for row in range(len(prompts))] == [len(prompts[i]) for i in state.order]
+    assert [int(state.mask[row].sum()) for row in range(len(prompts))] == [
+        len(prompts[i]) for i in state.order
+    ]
     singles = [reference_generate(model, tok, p, 1)[0] for p in prompts]
     assert [singles[i] for i in state.order] == state.first
 

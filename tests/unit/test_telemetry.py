@@ -56,16 +56,27 @@ def test_one_correction_is_one_span_with_the_genai_attributes(aligner, spans):
     assert span.name == "text_completion tiny" and span.kind == SpanKind.INTERNAL
     assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.provider.name"] == "llm-aligner"
     assert a["gen_ai.request.model"] == "tiny" and a["gen_ai.request.max_tokens"] == 6
-    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (fix.prompt_tokens, fix.completion_tokens)
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (
+        fix.prompt_tokens,
+        fix.completion_tokens,
+    )
     assert a["gen_ai.response.finish_reasons"] == (fix.finish_reason,)
-    assert (a["aligner.engine"], a["aligner.template"], a["aligner.pairs"]) == ("transformers", "aligner-v1", 1)
+    assert (a["aligner.engine"], a["aligner.template"], a["aligner.pairs"]) == (
+        "transformers",
+        "aligner-v1",
+        1,
+    )
     assert a["aligner.context_items"] == 1 and a["aligner.changed"] == int(fix.changed)
     assert not any(Q in str(v) or A in str(v) for v in a.values())  # no user text in traces
 
 
 def test_a_batch_is_one_span_and_an_inspector_gate_opens_no_second_one(aligner, spans):
-    out = aligner.correct_batch([(Q, A), (Q, "Eight."), (Q, "")], return_exceptions=True, max_new_tokens=4,
-                                inspector=lambda q, a: 1.0 if a == "Eight." else 0.0)
+    out = aligner.correct_batch(
+        [(Q, A), (Q, "Eight."), (Q, "")],
+        return_exceptions=True,
+        max_new_tokens=4,
+        inspector=lambda q, a: 1.0 if a == "Eight." else 0.0,
+    )
     (span,) = spans.get_finished_spans()
     a = attrs(span)
     assert a["aligner.pairs"] == 3 and a["gen_ai.request.max_tokens"] == 4
@@ -81,7 +92,9 @@ def test_async_calls_and_streams_end_their_span_when_they_end(aligner, spans):
         await aligner.acorrect(Q, A)
         await aligner.acorrect_batch([(Q, A)] * 2)
         stream = aligner.astream(Q, A)
-        assert not [s for s in spans.get_finished_spans() if s.attributes["gen_ai.request.stream"]]  # still open
+        assert not [
+            s for s in spans.get_finished_spans() if s.attributes["gen_ai.request.stream"]
+        ]  # still open
         async for _ in stream:
             pass
 
@@ -90,7 +103,11 @@ def test_async_calls_and_streams_end_their_span_when_they_end(aligner, spans):
     "".join(stream)
     finished = spans.get_finished_spans()
     assert [(s.attributes["aligner.pairs"], s.attributes["gen_ai.request.stream"]) for s in finished] == [
-        (1, False), (2, False), (1, True), (1, True)]
+        (1, False),
+        (2, False),
+        (1, True),
+        (1, True),
+    ]
     assert all(s.attributes["gen_ai.usage.output_tokens"] > 0 for s in finished)
 
 

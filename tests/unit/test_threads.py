@@ -27,9 +27,18 @@ print(torch.get_num_threads())
 
 
 def threads_after_engine(*, pin: bool, env: dict[str, str]) -> int:
-    clean = {k: v for k, v in os.environ.items() if k not in {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "ALIGNER_CPU_THREADS"}}
-    done = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), pin=pin)], capture_output=True,
-                          text=True, env={**clean, **env}, timeout=300)
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"OMP_NUM_THREADS", "MKL_NUM_THREADS", "ALIGNER_CPU_THREADS"}
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(root=str(ROOT), pin=pin)],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip().splitlines()[-1])
 

@@ -24,8 +24,14 @@ TEMPLATE = "aligner-chat-history"
 
 
 def exact_match(aligner: Aligner, records: list[dict], *, with_history: bool = True) -> float:
-    pairs = [{"question": r["question"], "answer": r["answer"],
-              **({"history": r["chat_history"]} if with_history and "chat_history" in r else {})} for r in records]
+    pairs = [
+        {
+            "question": r["question"],
+            "answer": r["answer"],
+            **({"history": r["chat_history"]} if with_history and "chat_history" in r else {}),
+        }
+        for r in records
+    ]
     fixes = aligner.correct_batch(pairs, max_new_tokens=40)
     return sum(f.text.strip() == r["correction"].strip() for f, r in zip(fixes, records)) / len(records)
 
@@ -53,15 +59,34 @@ def trained(tmp_path_factory, one_thread):
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
     config = TrainConfig(
-        data=str(data), base_model=str(base), output_dir=str(tmp / "aligner"), template=TEMPLATE,
-        identity_fraction=0.5, identity_epochs=16, epochs=4, learning_rate=8e-3, warmup_ratio=0.05,
-        batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=False, logging_steps=50,
-        save_steps=10_000, seed=0, report_to="none", progress=False,
+        data=str(data),
+        base_model=str(base),
+        output_dir=str(tmp / "aligner"),
+        template=TEMPLATE,
+        identity_fraction=0.5,
+        identity_epochs=16,
+        epochs=4,
+        learning_rate=8e-3,
+        warmup_ratio=0.05,
+        batch_size=16,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        logging_steps=50,
+        save_steps=10_000,
+        seed=0,
+        report_to="none",
+        progress=False,
     )
     start = time.perf_counter()
     out = train_aligner(config)
-    return {"base": base, "out": out, "multi": multi_test, "single": single_test,
-            "seconds": time.perf_counter() - start, "tokenizer": tokenizer}
+    return {
+        "base": base,
+        "out": out,
+        "multi": multi_test,
+        "single": single_test,
+        "seconds": time.perf_counter() - start,
+        "tokenizer": tokenizer,
+    }
 
 
 def test_training_ids_equal_what_inference_renders(trained, tiny_model):
@@ -72,8 +97,12 @@ def test_training_ids_equal_what_inference_renders(trained, tiny_model):
     encoder = ExampleEncoder(tokenizer, get_template(TEMPLATE))
     aligner = Aligner.from_pretrained(trained["out"], max_new_tokens=4)
     try:
-        prepared = aligner.prepare(record["question"], record["answer"], aligner.defaults, history=record["chat_history"])
-        assert list(prepared.request.prompt_ids) == encoder.prompt_ids(record["question"], record["answer"], history)
+        prepared = aligner.prepare(
+            record["question"], record["answer"], aligner.defaults, history=record["chat_history"]
+        )
+        assert list(prepared.request.prompt_ids) == encoder.prompt_ids(
+            record["question"], record["answer"], history
+        )
         assert prepared.metadata["history_turns"] == 2
     finally:
         aligner.close()
@@ -91,8 +120,10 @@ def test_a_tiny_model_learns_corrections_that_depend_on_an_earlier_turn(trained)
     finally:
         aligner.close()
         untrained.close()
-    print(f"\nheld-out exact match: multi-turn {multi:.2f} (without the history {blind:.2f}), single-turn {single:.2f}, "
-          f"untrained {before:.2f}; training took {trained['seconds']:.1f}s")
+    print(
+        f"\nheld-out exact match: multi-turn {multi:.2f} (without the history {blind:.2f}), single-turn {single:.2f}, "
+        f"untrained {before:.2f}; training took {trained['seconds']:.1f}s"
+    )
     assert before <= 0.05
     assert multi >= 0.8
     assert single >= 0.8  # the single-turn task still passes with the same template

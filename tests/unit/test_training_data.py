@@ -13,7 +13,9 @@ GOOD = {"question": "Q?", "answer": "A wrong.", "correction": "A right."}
 
 
 def write_jsonl(path, lines):
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines), encoding="utf-8")
+    path.write_text(
+        "".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines), encoding="utf-8"
+    )
     return path
 
 
@@ -39,15 +41,18 @@ def test_field_names_are_configurable(tmp_path):
 
 
 def test_every_problem_is_named_before_any_compute(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        GOOD,
-        {"question": "Q?", "answer": "A."},                          # line 2: no correction
-        {},                                                          # line 3: empty record
-        {"question": "Q?", "answer": "  ", "correction": "x"},       # line 4: blank answer
-        {"question": 3, "answer": "A.", "correction": "B."},         # line 5: not a string
-        "{not json",                                                 # line 6
-        "[1, 2]",                                                    # line 7: not an object
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            GOOD,
+            {"question": "Q?", "answer": "A."},  # line 2: no correction
+            {},  # line 3: empty record
+            {"question": "Q?", "answer": "  ", "correction": "x"},  # line 4: blank answer
+            {"question": 3, "answer": "A.", "correction": "B."},  # line 5: not a string
+            "{not json",  # line 6
+            "[1, 2]",  # line 7: not an object
+        ],
+    )
     with pytest.raises(TrainingDataError) as info:
         load_records(path)
     message = str(info.value)
@@ -64,7 +69,12 @@ def test_every_problem_is_named_before_any_compute(tmp_path):
 def test_long_problem_lists_are_cut(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"question": "Q"}] * 25)
     message = str(pytest.raises(TrainingDataError, load_records, path).value)
-    assert "25 problems" in message and "line 10:" in message and "line 11:" not in message and "15 more" in message
+    assert (
+        "25 problems" in message
+        and "line 10:" in message
+        and "line 11:" not in message
+        and "15 more" in message
+    )
 
 
 def test_empty_and_unsupported_sources(tmp_path):

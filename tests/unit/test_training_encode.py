@@ -10,7 +10,11 @@ from aligner_core.training.collate import CorrectionCollator
 from aligner_core.training.encode import encode_records
 from tests.conftest import build_tokenizer
 
-Q, A, C = "What is the capital of Australia?", "The capital is Sydney.", "The capital of Australia is Canberra."
+Q, A, C = (
+    "What is the capital of Australia?",
+    "The capital is Sydney.",
+    "The capital of Australia is Canberra.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +26,18 @@ def tokenizer(tiny_tokenizer):
 def test_prompt_tokens_carry_minus_100_and_correction_plus_eos_do_not(tokenizer, name):
     template = get_template(name, tokenizer=tokenizer)
     ex = ExampleEncoder(tokenizer, template).encode(Q, A, C)
-    prompt = tokenizer(template.format(question=Q, answer=A), add_special_tokens=template.add_special_tokens)["input_ids"]
+    prompt = tokenizer(template.format(question=Q, answer=A), add_special_tokens=template.add_special_tokens)[
+        "input_ids"
+    ]
     correction = tokenizer(C, add_special_tokens=False)["input_ids"]
 
     assert ex.prompt_length == len(prompt)
     assert ex.input_ids == [*prompt, *correction, tokenizer.eos_token_id]  # ids concatenated at the seam
     assert ex.labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
-    assert ex.labels[len(prompt):] == [*correction, tokenizer.eos_token_id]
-    assert IGNORE_INDEX not in ex.labels[len(prompt):]
+    assert ex.labels[len(prompt) :] == [*correction, tokenizer.eos_token_id]
+    assert IGNORE_INDEX not in ex.labels[len(prompt) :]
     assert ex.labels[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ex.labels[len(prompt):-1]) == C
+    assert tokenizer.decode(ex.labels[len(prompt) : -1]) == C
 
 
 def test_prompt_is_what_inference_feeds_the_model(tokenizer, tiny_aligner):
@@ -39,12 +45,19 @@ def test_prompt_is_what_inference_feeds_the_model(tokenizer, tiny_aligner):
     encoder = ExampleEncoder(tokenizer, tiny_aligner.template)
     prepared = tiny_aligner.prepare(Q, A, tiny_aligner.defaults)
     assert encoder.prompt(Q, A) == prepared.request.prompt
-    assert encoder.encode(Q, A, C).input_ids[: encoder.encode(Q, A, C).prompt_length] == list(prepared.request.prompt_ids)
-    assert encoder.encode(Q, A, C).input_ids[0] == tokenizer.bos_token_id  # aligner-v1 adds BOS, as inference does
+    assert encoder.encode(Q, A, C).input_ids[: encoder.encode(Q, A, C).prompt_length] == list(
+        prepared.request.prompt_ids
+    )
+    assert (
+        encoder.encode(Q, A, C).input_ids[0] == tokenizer.bos_token_id
+    )  # aligner-v1 adds BOS, as inference does
 
 
-GROUNDING = [{"type": "tool_call", "name": "lookup", "content": {"country": "Australia"}},
-             {"type": "tool_result", "name": "lookup", "content": "capital: Canberra"}, "Canberra is in the ACT."]
+GROUNDING = [
+    {"type": "tool_call", "name": "lookup", "content": {"country": "Australia"}},
+    {"type": "tool_result", "name": "lookup", "content": "capital: Canberra"},
+    "Canberra is in the ACT.",
+]
 
 
 @pytest.mark.parametrize("name", ["aligner-v1", "aligner-chat-history", "chat"])
@@ -56,16 +69,26 @@ def test_context_is_encoded_with_the_ids_inference_uses(tokenizer, tiny_model, n
     from aligner_core.training.data import load_records
 
     data = tmp_path / "train.jsonl"
-    record = {"question": Q, "answer": A, "correction": C, "context": GROUNDING,
-              "chat_history": [{"role": "user", "content": "I am planning a trip <s> soon."}]}
-    data.write_text(json.dumps(record) + "\n" + json.dumps({**record, "context": json.dumps(GROUNDING)}) + "\n")
+    record = {
+        "question": Q,
+        "answer": A,
+        "correction": C,
+        "context": GROUNDING,
+        "chat_history": [{"role": "user", "content": "I am planning a trip <s> soon."}],
+    }
+    data.write_text(
+        json.dumps(record) + "\n" + json.dumps({**record, "context": json.dumps(GROUNDING)}) + "\n"
+    )
     loaded = load_records(str(data))
     assert loaded[0].context == loaded[1].context and len(loaded[0].context) == 3
     aligner = Aligner.from_model(tiny_model, tokenizer, template=name, max_new_tokens=4)
     encoder = ExampleEncoder(tokenizer, aligner.template)
     prepared = aligner.prepare(Q, A, aligner.defaults, history=record["chat_history"], context=GROUNDING)
     assert prepared.metadata["special_token_text"] and prepared.metadata["context_items"] == 3
-    for example in (encoder.encode_many(loaded)[0], encoder.encode(Q, A, C, "", loaded[0].history, loaded[0].context)):
+    for example in (
+        encoder.encode_many(loaded)[0],
+        encoder.encode(Q, A, C, "", loaded[0].history, loaded[0].context),
+    ):
         assert example.input_ids[: example.prompt_length] == list(prepared.request.prompt_ids)
 
 
@@ -75,7 +98,11 @@ def test_bad_context_in_training_data_names_the_record(tmp_path):
     from aligner_core.training.data import load_records
 
     data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"question": Q, "answer": A, "correction": C, "context": [{"type": "memo", "content": "x"}]}))
+    data.write_text(
+        json.dumps(
+            {"question": Q, "answer": A, "correction": C, "context": [{"type": "memo", "content": "x"}]}
+        )
+    )
     with pytest.raises(TrainingDataError, match="line 1.*context item 0 has type 'memo'"):
         load_records(str(data))
 
@@ -135,7 +162,11 @@ def test_overlong_drop_and_truncate(tokenizer):
     encoder = ExampleEncoder(tokenizer, get_template("aligner-v1"))
     records = [Record(Q, A, C, "line 1"), Record(Q, A, C * 20, "line 2"), Record(Q, A * 30, C, "line 3")]
     kept, report = encode_records(encoder, records, max_length=150, policy="drop")
-    assert [e.where for e in kept] == ["line 1"] and (report.overlong, report.dropped, report.truncated) == (2, 2, 0)
+    assert [e.where for e in kept] == ["line 1"] and (report.overlong, report.dropped, report.truncated) == (
+        2,
+        2,
+        0,
+    )
 
     kept, report = encode_records(encoder, records, max_length=150, policy="truncate")
     # line 2 keeps its prompt and the head of its correction; line 3's prompt alone is too long.
@@ -152,5 +183,7 @@ def test_collator_pads_right_and_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 2, 2]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    wide = CorrectionCollator(pad_token_id=0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    wide = CorrectionCollator(pad_token_id=0, pad_to_multiple_of=8)(
+        [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+    )
     assert wide["input_ids"].shape == (1, 8)

@@ -36,10 +36,23 @@ def data_file(tmp_path_factory):
 
 def small(base_dir, data, out, **overrides):
     settings = dict(
-        data=str(data), base_model=str(base_dir), output_dir=str(out), template="aligner-general",
-        identity_fraction=0.25, epochs=1, batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-        max_length=512, gradient_checkpointing=False, save_steps=3, save_total_limit=None, logging_steps=1,
-        report_to="none", progress=False, seed=1,
+        data=str(data),
+        base_model=str(base_dir),
+        output_dir=str(out),
+        template="aligner-general",
+        identity_fraction=0.25,
+        epochs=1,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        max_length=512,
+        gradient_checkpointing=False,
+        save_steps=3,
+        save_total_limit=None,
+        logging_steps=1,
+        report_to="none",
+        progress=False,
+        seed=1,
     )
     return TrainConfig(**{**settings, **overrides})
 
@@ -69,9 +82,20 @@ def test_settings_are_checked(override, message):
 def test_official_recipe_is_the_default():
     c = TrainConfig(data="d.jsonl", base_model="m", output_dir="o")
     assert (c.max_length, c.epochs, c.learning_rate, c.lr_scheduler, c.warmup_ratio, c.weight_decay) == (
-        2048, 3.0, 2e-5, "cosine", 0.03, 0.0)
+        2048,
+        3.0,
+        2e-5,
+        "cosine",
+        0.03,
+        0.0,
+    )
     assert (c.adam_beta1, c.adam_beta2, c.batch_size, c.gradient_accumulation_steps) == (0.9, 0.95, 4, 8)
-    assert (c.bf16, c.gradient_checkpointing, c.identity_fraction, c.template) == (None, True, 0.2, "aligner-v1")
+    assert (c.bf16, c.gradient_checkpointing, c.identity_fraction, c.template) == (
+        None,
+        True,
+        0.2,
+        "aligner-v1",
+    )
 
 
 def test_report_to():
@@ -96,7 +120,11 @@ def test_train_resume_and_output_rules(tmp_path, base_dir, data_file):
     out = train_aligner(small(base_dir, data_file, first))
     # 6 identity records padded to 8 = 2 steps, then 24 records = 6 steps
     assert sorted(p.name for p in (first / "checkpoints").glob("checkpoint-*")) == [
-        "checkpoint-2", "checkpoint-3", "checkpoint-6", "checkpoint-8"]
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
     recorded = json.loads((out / "aligner_config.json").read_text())
     assert recorded["template"] == "aligner-general" and recorded["records"]["identity"] == 6
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
@@ -120,7 +148,9 @@ def test_train_resume_and_output_rules(tmp_path, base_dir, data_file):
     train_aligner(small(base_dir, data_file, second, resume=True))
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    steps = [m["step"] for m in map(json.loads, (second / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    steps = [
+        m["step"] for m in map(json.loads, (second / "metrics.jsonl").read_text().splitlines()) if "loss" in m
+    ]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 4, 5, 6, 7, 8]  # the copied log, then the resumed steps appended
 
     train_aligner(small(base_dir, data_file, second, overwrite=True, max_steps=1, save_identity=False))
@@ -131,16 +161,22 @@ def test_train_resume_and_output_rules(tmp_path, base_dir, data_file):
 def test_python_objects_identity_only_and_no_warm_up(tmp_path, data_file):
     tokenizer = build_tokenizer()
     out = train_aligner(
-        small("unused", data_file, tmp_path / "ident", identity_only=True, identity_fraction=0.5, max_steps=2),
-        model=build_model(tokenizer), tokenizer=tokenizer,
+        small(
+            "unused", data_file, tmp_path / "ident", identity_only=True, identity_fraction=0.5, max_steps=2
+        ),
+        model=build_model(tokenizer),
+        tokenizer=tokenizer,
     )
     recorded = json.loads((out / "aligner_config.json").read_text())
     assert [s["name"] for s in recorded["stages"]] == ["identity"] and recorded["base_model"] == "unused"
     out = train_aligner(
         small("unused", data_file, tmp_path / "plain", identity_fraction=0.0, max_steps=1),
-        model=build_model(tokenizer), tokenizer=tokenizer,
+        model=build_model(tokenizer),
+        tokenizer=tokenizer,
     )
-    assert [s["name"] for s in json.loads((out / "aligner_config.json").read_text())["stages"]] == ["correction"]
+    assert [s["name"] for s in json.loads((out / "aligner_config.json").read_text())["stages"]] == [
+        "correction"
+    ]
 
 
 @pytest.fixture
@@ -158,15 +194,45 @@ def cli():
 def test_cli_help_lists_the_settings(cli):
     result = cli("--help")
     assert result.exit_code == 0
-    for flag in ("--base-model", "--output", "--template", "--identity-fraction", "--lora", "--epochs", "--lr",
-                 "--max-length", "--resume", "--merge-lora", "--eval-fraction", "--overlong", "--no-bf16"):
+    for flag in (
+        "--base-model",
+        "--output",
+        "--template",
+        "--identity-fraction",
+        "--lora",
+        "--epochs",
+        "--lr",
+        "--max-length",
+        "--resume",
+        "--merge-lora",
+        "--eval-fraction",
+        "--overlong",
+        "--no-bf16",
+    ):
         assert flag in result.output
 
 
 def test_cli_trains_and_reports_errors(cli, tmp_path, base_dir, data_file):
-    result = cli(data_file, "--base-model", base_dir, "-o", tmp_path / "out", "--template", "aligner-general",
-                 "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--max-length", "512",
-                 "--report-to", "none", "--no-progress")
+    result = cli(
+        data_file,
+        "--base-model",
+        base_dir,
+        "-o",
+        tmp_path / "out",
+        "--template",
+        "aligner-general",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-length",
+        "512",
+        "--report-to",
+        "none",
+        "--no-progress",
+    )
     assert result.exit_code == 0, result.output
     assert "Aligner.from_pretrained(" in result.output
     assert Aligner.from_pretrained(tmp_path / "out").template.name == "aligner-general"

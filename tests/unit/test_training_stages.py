@@ -23,7 +23,7 @@ def test_stages_follow_each_other_and_no_step_mixes_them():
     kinds = [stage for stage, _ in stream]
     assert kinds == [0] * 16 + [1] * 90  # identity padded from 14 to 16 items: whole steps only
     for start in range(0, len(stream), 4):  # every optimizer step reads one stage
-        assert len({stage for stage, _ in stream[start:start + 4]}) == 1
+        assert len({stage for stage, _ in stream[start : start + 4]}) == 1
     assert {i for stage, i in stream if stage == 0} == set(range(7))
 
 
@@ -44,10 +44,12 @@ def test_learning_rate_warms_up_and_decays_again_in_each_stage(kind):
     lr = staged_lr_lambda(boundaries, warmup_ratio=0.1, kind=kind)
     first = [lr(s) for s in range(20)]
     second = [lr(s) for s in range(20, 120)]
-    assert first[0] < first[1] < first[2] == pytest.approx(1.0)          # 2 warm-up steps
-    assert second[0] < second[9] < second[10] == pytest.approx(1.0)      # 10 warm-up steps, restarted
+    assert first[0] < first[1] < first[2] == pytest.approx(1.0)  # 2 warm-up steps
+    assert second[0] < second[9] < second[10] == pytest.approx(1.0)  # 10 warm-up steps, restarted
     if kind == "constant":
         assert first[-1] == second[-1] == 1.0
     else:
         assert first[-1] < 0.1 and second[-1] < 0.05
-        assert second[55] == pytest.approx(0.5 if kind == "linear" else 0.5 * (1 + math.cos(math.pi * 45 / 90)), abs=0.02)
+        assert second[55] == pytest.approx(
+            0.5 if kind == "linear" else 0.5 * (1 + math.cos(math.pi * 45 / 90)), abs=0.02
+        )

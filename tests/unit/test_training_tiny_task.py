@@ -55,10 +55,10 @@ def trained(tmp_path_factory, one_thread):
         base_model=str(base),
         output_dir=str(tmp / "aligner"),
         template=TEMPLATE,
-        identity_fraction=0.5,   # 200 Q-A-A records ...
-        identity_epochs=24,      # ... x 24 epochs = 300 steps: long enough for a random model to learn to copy
-        epochs=4,                # then 400 Q-A-C records x 4 epochs = 100 steps
-        learning_rate=8e-3,      # tiny model from scratch: far above the 2e-5 for pretrained ones
+        identity_fraction=0.5,  # 200 Q-A-A records ...
+        identity_epochs=24,  # ... x 24 epochs = 300 steps: long enough for a random model to learn to copy
+        epochs=4,  # then 400 Q-A-C records x 4 epochs = 100 steps
+        learning_rate=8e-3,  # tiny model from scratch: far above the 2e-5 for pretrained ones
         warmup_ratio=0.05,
         batch_size=16,
         gradient_accumulation_steps=1,
@@ -81,8 +81,10 @@ def test_recipe_learns_the_corrections(trained):
     before = exact_match(untrained, held_out, "correction")
     aligner = Aligner.from_pretrained(trained["out"], max_new_tokens=40)  # the template is recorded
     after = exact_match(aligner, held_out, "correction")
-    print(f"\nheld-out exact match: untrained {before:.2f}, trained {after:.2f} "
-          f"({len(held_out)} records; train_aligner took {trained['seconds']:.1f}s)")
+    print(
+        f"\nheld-out exact match: untrained {before:.2f}, trained {after:.2f} "
+        f"({len(held_out)} records; train_aligner took {trained['seconds']:.1f}s)"
+    )
     assert aligner.template.name == TEMPLATE
     assert before <= 0.05
     assert after >= 0.8
@@ -95,8 +97,10 @@ def test_identity_stage_alone_learns_to_copy(trained):
     copy_before = exact_match(untrained, held_out, "answer")
     copy_after = exact_match(identity, held_out, "answer")
     fixed = exact_match(identity, [r for r in held_out if r["kind"] != "right"], "correction")
-    print(f"\nheld-out copies: untrained {copy_before:.2f}, after the identity stage {copy_after:.2f}; "
-          f"corrections it gets right where a fix is needed: {fixed:.2f}")
+    print(
+        f"\nheld-out copies: untrained {copy_before:.2f}, after the identity stage {copy_after:.2f}; "
+        f"corrections it gets right where a fix is needed: {fixed:.2f}"
+    )
     assert copy_before <= 0.05
     assert copy_after >= 0.8
     assert fixed <= 0.1  # it copies; fixing is what the Q-A-C stage adds

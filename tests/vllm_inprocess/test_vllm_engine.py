@@ -97,8 +97,13 @@ def vllm_env():
     (work / "cache").mkdir()
     shm_before = shm_entries()
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"TMPDIR": str(work), "VLLM_CACHE_ROOT": str(work / "cache"),
-                            "VLLM_RPC_BASE_PATH": str(work), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}.items():
+        for name, value in {
+            "TMPDIR": str(work),
+            "VLLM_CACHE_ROOT": str(work / "cache"),
+            "VLLM_RPC_BASE_PATH": str(work),
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }.items():
             mp.setenv(name, value)
         mp.setattr(tempfile, "tempdir", str(work))
         yield {"work": work, "shm_before": shm_before}
@@ -157,7 +162,9 @@ def test_correction_fields(aligner, greedy):
     c = aligner.correct(q, a)
     assert isinstance(c, Correction) and (c.question, c.original, c.text) == (q, a, greedy[0])
     rendered = aligner.template.format(question=q, answer=a)
-    assert c.prompt_tokens == len(aligner.engine.encode(rendered, add_special_tokens=aligner.template.add_special_tokens))
+    assert c.prompt_tokens == len(
+        aligner.engine.encode(rendered, add_special_tokens=aligner.template.add_special_tokens)
+    )
     assert 1 <= c.completion_tokens <= 24 and c.finish_reason in ("stop", "length")
     assert c.metadata["engine"] == "vllm" and c.metadata["template"] == "chat"
     assert c.latency_s > 0
@@ -179,7 +186,9 @@ def test_engine_generate_isolates_a_request_that_does_not_fit(aligner):
     ok = GenerationRequest(prompt="", prompt_ids=ids, max_new_tokens=4, reserve=4)
     too_long = GenerationRequest(prompt="", prompt_ids=ids * 700, max_new_tokens=4, reserve=4)
     seen: list[int] = []
-    out = engine.generate([ok, too_long, ok], GenerationParams(), fail_fast=False, on_result=lambda i, _o: seen.append(i))
+    out = engine.generate(
+        [ok, too_long, ok], GenerationParams(), fail_fast=False, on_result=lambda i, _o: seen.append(i)
+    )
     assert isinstance(out[1], ContextOverflowError) and "max_model_len of 2048" in str(out[1])
     assert out[0].text == out[2].text and out[0].completion_tokens == 4 and out[0].prompt_tokens == len(ids)
     assert sorted(seen) == [0, 1, 2]
@@ -310,8 +319,12 @@ def test_close_then_speculation_off_gives_the_same_greedy_text(aligner, greedy, 
     aligner.close()  # idempotent
     with pytest.raises(EngineClosedError):
         pending.result(timeout=10)  # a request still running when close() came
-    for call in (lambda: aligner.correct(*PAIRS[0]), lambda: aligner.correct_batch(PAIRS[:2]),
-                 lambda: aligner.stream(*PAIRS[0]), lambda: asyncio.run(aligner.acorrect(*PAIRS[0]))):
+    for call in (
+        lambda: aligner.correct(*PAIRS[0]),
+        lambda: aligner.correct_batch(PAIRS[:2]),
+        lambda: aligner.stream(*PAIRS[0]),
+        lambda: asyncio.run(aligner.acorrect(*PAIRS[0])),
+    ):
         with pytest.raises(EngineClosedError):
             call()
     deadline = time.monotonic() + 15

@@ -82,8 +82,12 @@ class TransformersEngine:
 
         self.lock = threading.Lock()
         self.scheduler = MicroBatcher(
-            self._generate, max_wait_ms=max_wait_ms, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size, lock=self.lock,
+            self._generate,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_size=max_batch_size,
+            lock=self.lock,
         )
         self.model = model
         self.tokenizer = tokenizer
@@ -115,8 +119,12 @@ class TransformersEngine:
         return next(self.model.parameters()).device
 
     def encode(self, text: str, *, add_special_tokens: bool, split_special_tokens: bool = False) -> list[int]:
-        return encode_text(self.tokenizer, text, add_special_tokens=add_special_tokens,
-                           split_special_tokens=split_special_tokens)
+        return encode_text(
+            self.tokenizer,
+            text,
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+        )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -141,7 +149,9 @@ class TransformersEngine:
 
             raise SchedulerClosedError("this Aligner is closed: create a new one to correct more answers")
         with self.lock:
-            return self._generate(requests, params, fail_fast=fail_fast, on_result=on_result, progress=progress)
+            return self._generate(
+                requests, params, fail_fast=fail_fast, on_result=on_result, progress=progress
+            )
 
     def submit(self, request: GenerationRequest, params: GenerationParams) -> Future[GenerationOutput]:
         from .scheduler import Ticket
@@ -153,15 +163,23 @@ class TransformersEngine:
 
         return await self._submit_async(Ticket(params, request))
 
-    def stream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> Future[GenerationOutput]:
+    def stream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> Future[GenerationOutput]:
         from .scheduler import Ticket
 
-        return self.scheduler.submit(Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+        return self.scheduler.submit(
+            Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text))
+        )
 
-    async def astream(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+    async def astream(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> GenerationOutput:
         from .scheduler import Ticket
 
-        return await self._submit_async(Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text)))
+        return await self._submit_async(
+            Ticket(None, request, exclusive=lambda: self._stream_text(request, params, on_text))
+        )
 
     def close(self) -> None:
         """Stop the background worker (pending requests fail with ``SchedulerClosedError``)."""
@@ -175,7 +193,9 @@ class TransformersEngine:
             future = await asyncio.to_thread(self.scheduler.submit, job)
         return await asyncio.wrap_future(future)
 
-    def _stream_text(self, request: GenerationRequest, params: GenerationParams, on_text: TextSink) -> GenerationOutput:
+    def _stream_text(
+        self, request: GenerationRequest, params: GenerationParams, on_text: TextSink
+    ) -> GenerationOutput:
         eos = set(self.eos_token_ids)
         tokens: list[int] = []
 
@@ -225,7 +245,11 @@ class TransformersEngine:
         return results  # type: ignore[return-value]
 
     def _isolate(
-        self, batch: list[GenerationRequest], params: GenerationParams, exc: Exception, progress: Progress | None = None
+        self,
+        batch: list[GenerationRequest],
+        params: GenerationParams,
+        exc: Exception,
+        progress: Progress | None = None,
     ) -> list[GenerationOutput | BaseException]:
         """After a batch failed, run its requests one by one so only the culprit fails."""
         if len(batch) == 1:
@@ -264,7 +288,9 @@ class TransformersEngine:
             torch.manual_seed(params.seed)
         start = time.perf_counter()
         input_ids, attention_mask = self.pad_left([request.prompt_ids])
-        extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        extra: dict[str, Any] = (
+            {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        )
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -273,7 +299,7 @@ class TransformersEngine:
                 streamer=_Sink(),
                 **extra,
             )
-        tokens = out[0, input_ids.shape[1]:].tolist()
+        tokens = out[0, input_ids.shape[1] :].tolist()
         return self.finish(tokens, request.max_new_tokens, params.stop, time.perf_counter() - start)
 
     def _run_splitting(
@@ -293,8 +319,12 @@ class TransformersEngine:
                     "quantization, or free accelerator memory"
                 ) from exc
             half = len(batch) // 2
-            logger.warning("out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half)
-            return self._run_splitting(batch[:half], params, progress) + self._run_splitting(batch[half:], params, progress)
+            logger.warning(
+                "out of memory on a batch of %d; retrying as %d + %d", len(batch), half, len(batch) - half
+            )
+            return self._run_splitting(batch[:half], params, progress) + self._run_splitting(
+                batch[half:], params, progress
+            )
 
     def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
         from transformers import GenerationConfig
@@ -318,8 +348,8 @@ class TransformersEngine:
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, p in enumerate(prompts):
             if p:
-                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p):] = 1
+                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def _run_drafted(
@@ -338,7 +368,7 @@ class TransformersEngine:
             longest = max(len(s) for s in params.stop)
 
             def stop_check(_row: int, tokens: list[int]) -> bool:
-                tail = self.decode(tokens[-(longest + 8):])
+                tail = self.decode(tokens[-(longest + 8) :])
                 return any(s in tail for s in params.stop)
 
         rows = drafted_greedy(
@@ -359,8 +389,13 @@ class TransformersEngine:
         for row, r in zip(rows, batch):
             out = self.finish(row.tokens, r.max_new_tokens, params.stop, latency)
             rate = row.accepted / row.proposed if row.proposed else 0.0
-            meta = {"speculative": True, "draft_tokens": row.proposed, "accepted_draft_tokens": row.accepted,
-                    "acceptance_rate": round(rate, 4), "decode_steps": row.steps}
+            meta = {
+                "speculative": True,
+                "draft_tokens": row.proposed,
+                "accepted_draft_tokens": row.accepted,
+                "acceptance_rate": round(rate, 4),
+                "decode_steps": row.steps,
+            }
             outputs.append(replace(out, metadata=meta))
         return outputs
 
@@ -403,7 +438,9 @@ class TransformersEngine:
         if params.stop:
             extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
         if report is not None:
-            extra["streamer"] = counting_streamer([r.max_new_tokens for r in batch], self.eos_token_ids, report.step)
+            extra["streamer"] = counting_streamer(
+                [r.max_new_tokens for r in batch], self.eos_token_ids, report.step
+            )
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -411,11 +448,16 @@ class TransformersEngine:
                 generation_config=self.generation_config(params, max(r.max_new_tokens for r in batch)),
                 **extra,
             )
-        new_tokens = out[:, input_ids.shape[1]:].tolist()
+        new_tokens = out[:, input_ids.shape[1] :].tolist()
         latency = time.perf_counter() - start
-        return [self.finish(tokens, r.max_new_tokens, params.stop, latency) for tokens, r in zip(new_tokens, batch)]
+        return [
+            self.finish(tokens, r.max_new_tokens, params.stop, latency)
+            for tokens, r in zip(new_tokens, batch)
+        ]
 
-    def finish(self, tokens: list[int], max_new_tokens: int, stop: Sequence[str], latency: float) -> GenerationOutput:
+    def finish(
+        self, tokens: list[int], max_new_tokens: int, stop: Sequence[str], latency: float
+    ) -> GenerationOutput:
         """Cut generated tokens at EOS, the request's own limit, or a stop string."""
         tokens = tokens[:max_new_tokens]
         finish = "length"
@@ -428,7 +470,9 @@ class TransformersEngine:
         cut = min((p for p in (text.find(s) for s in stop) if p >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
-        return GenerationOutput(text=text.strip(), completion_tokens=len(tokens), finish_reason=finish, latency_s=latency)
+        return GenerationOutput(
+            text=text.strip(), completion_tokens=len(tokens), finish_reason=finish, latency_s=latency
+        )
 
 
 def _free_cache() -> None:

@@ -50,7 +50,11 @@ def activation_reserve(
 
 
 def derive_budget(
-    free_bytes: int, total_bytes: int, per_token_bytes: int, *, reserve_bytes: int = 0,
+    free_bytes: int,
+    total_bytes: int,
+    per_token_bytes: int,
+    *,
+    reserve_bytes: int = 0,
     utilization: float = GPU_MEMORY_UTILIZATION,
 ) -> int:
     """Tokens a batch may hold: memory under ``utilization`` of the card that is still free, less the
@@ -84,6 +88,12 @@ def budget_for(model: Any, *, utilization: float = GPU_MEMORY_UTILIZATION) -> in
     logger.info(
         "batch budget on %s: %d tokens (%.1f of %.1f GiB free, %d KV bytes per token, %.1f GiB kept for "
         "activations, utilization %.2f)",
-        device, budget, free / 2**30, total / 2**30, per_token, reserve / 2**30, utilization,
+        device,
+        budget,
+        free / 2**30,
+        total / 2**30,
+        per_token,
+        reserve / 2**30,
+        utilization,
     )
     return budget

@@ -34,7 +34,9 @@ class BatchReport:
         self.step(sum(o.completion_tokens for o in outputs) - self.tokens, len(outputs) - self.rows)
 
 
-def counting_streamer(limits: Sequence[int], eos_token_ids: Sequence[int], on_step: Callable[[int, int], None]) -> Any:
+def counting_streamer(
+    limits: Sequence[int], eos_token_ids: Sequence[int], on_step: Callable[[int, int], None]
+) -> Any:
     """A streamer for ``model.generate`` that counts each step's tokens and the rows that just ended.
 
     ``generate`` already copies each step's tokens to the host for a streamer, at the point where it

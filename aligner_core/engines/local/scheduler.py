@@ -179,8 +179,12 @@ class MicroBatcher:
                 for job in group:
                     job.future.set_exception(exc)
                 return
-            logger.warning("a batch of %d failed as a whole (%s: %s); running its requests alone",
-                           len(group), type(exc).__name__, exc)
+            logger.warning(
+                "a batch of %d failed as a whole (%s: %s); running its requests alone",
+                len(group),
+                type(exc).__name__,
+                exc,
+            )
             for job in group:
                 self._run_group(params, [job])
             return
@@ -198,7 +202,9 @@ class MicroBatcher:
             except queue.Empty:
                 return
             if job is not _STOP and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(SchedulerClosedError("the Aligner was closed before this request ran"))
+                job.future.set_exception(
+                    SchedulerClosedError("the Aligner was closed before this request ran")
+                )
 
 
 def _cost(job: Ticket) -> int:

@@ -29,7 +29,7 @@ class AnswerDrafter:
         self.index: dict[tuple[int, ...], list[int]] = {}
         for n in range(1, max_ngram + 1):
             for end in range(n, len(self.reference) + 1):
-                self.index.setdefault(tuple(self.reference[end - n:end]), []).append(end)
+                self.index.setdefault(tuple(self.reference[end - n : end]), []).append(end)
         self.cursor = 0  # where the last accepted copy ended: prefer matches at or after it
 
     def propose(self, output: Sequence[int], k: int) -> list[int]:
@@ -42,7 +42,7 @@ class AnswerDrafter:
             if not ends:
                 continue
             end = next((e for e in ends if e >= self.cursor), ends[0])
-            draft = self.reference[end:end + k]
+            draft = self.reference[end : end + k]
             if draft:
                 return draft
         return []
@@ -92,7 +92,9 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def group_by_length(lengths: Sequence[int], budget: int = PREFILL_TOKENS, waste: float = 0.125) -> list[list[int]]:
+def group_by_length(
+    lengths: Sequence[int], budget: int = PREFILL_TOKENS, waste: float = 0.125
+) -> list[list[int]]:
     """Rows of similar length, so a padded prefill wastes at most ``waste`` of its tokens."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
@@ -119,9 +121,19 @@ def _mergeable(model: Any) -> bool:
     """Whether the model keeps a plain key/value cache whose rows can be padded and concatenated."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or any("sliding" in str(t) for t in getattr(text, "layer_types", None) or []):
+    if getattr(text, "sliding_window", None) or any(
+        "sliding" in str(t) for t in getattr(text, "layer_types", None) or []
+    ):
         return False
-    return getattr(text, "model_type", "") not in {"mamba", "mamba2", "jamba", "falcon_h1", "zamba", "zamba2", "lfm2"}
+    return getattr(text, "model_type", "") not in {
+        "mamba",
+        "mamba2",
+        "jamba",
+        "falcon_h1",
+        "zamba",
+        "zamba2",
+        "lfm2",
+    }
 
 
 def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_token_id: int, cache_kw: str) -> Prefilled:
@@ -151,13 +163,27 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_token_id: int, 
         ids = torch.full((len(g), width), pad_token_id, dtype=torch.long)
         own = torch.zeros((len(g), width), dtype=torch.long)
         for row, i in enumerate(g):
-            ids[row, width - suffix[i]:] = torch.tensor(list(prompts[i][shared:]))
-            own[row, width - suffix[i]:] = 1
+            ids[row, width - suffix[i] :] = torch.tensor(list(prompts[i][shared:]))
+            own[row, width - suffix[i] :] = 1
         mask = torch.cat([torch.ones((len(g), shared), dtype=torch.long), own], dim=1).to(device)
         positions = torch.clamp(shared + torch.cumsum(own, 1) - 1, min=0).to(device)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(len(g), -1, -1, -1), v.expand(len(g), -1, -1, -1)) for k, v in prefix_kv]) if shared else DynamicCache()
-        out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1, **{cache_kw: cache})
+        cache = (
+            DynamicCache(
+                ddp_cache_data=[
+                    (k.expand(len(g), -1, -1, -1), v.expand(len(g), -1, -1, -1)) for k, v in prefix_kv
+                ]
+            )
+            if shared
+            else DynamicCache()
+        )
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
         parts.append((g, out.past_key_values, mask, out.logits[:, -1].argmax(-1).tolist()))
     order = [i for g, *_ in parts for i in g]
     first = [t for *_, preds in parts for t in preds]
@@ -165,7 +191,10 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_token_id: int, 
         _, cache, mask, _ = parts[0]
     else:
         total = max(m.shape[1] for _, _, m, _ in parts)
-        pad = lambda t, dim: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, total - t.shape[dim]))  # noqa: E731
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, total - t.shape[dim]))
+
         merged = []
         for layer in range(len(_layers(parts[0][1]))):
             keys = torch.cat([pad(_layers(c)[layer][0], 2) for _, c, _, _ in parts])
@@ -197,8 +226,14 @@ class DraftingPolicy:
     """
 
     def __init__(
-        self, device_type: str, *, min_acceptance: float = 0.35, min_rows: int = 8, probe_every: int = 8,
-        smoothing: float = 0.3, max_verify_tokens: int | None = None,
+        self,
+        device_type: str,
+        *,
+        min_acceptance: float = 0.35,
+        min_rows: int = 8,
+        probe_every: int = 8,
+        smoothing: float = 0.3,
+        max_verify_tokens: int | None = None,
     ) -> None:
         self.device_type = device_type
         self.max_verify_tokens = max_verify_tokens
@@ -211,8 +246,14 @@ class DraftingPolicy:
 
     def choose(self, rows: int) -> bool:
         """True to run this batch through the drafting loop."""
-        if self.device_type != "cpu" and self.max_verify_tokens is not None and self.max_verify_tokens // max(rows, 1) < 2:
-            return False  # too many rows to verify even one draft token each: the loop would only add its cost
+        if (
+            self.device_type != "cpu"
+            and self.max_verify_tokens is not None
+            and self.max_verify_tokens // max(rows, 1) < 2
+        ):
+            return (
+                False  # too many rows to verify even one draft token each: the loop would only add its cost
+            )
         if self.device_type == "cpu" or self.acceptance is None or rows < self.min_rows:
             return True
         if self.acceptance >= self.min_acceptance:
@@ -228,11 +269,15 @@ class DraftingPolicy:
         if proposed <= 0:
             return
         rate = accepted / proposed
-        self.acceptance = rate if self.acceptance is None else (1 - self.smoothing) * self.acceptance + self.smoothing * rate
+        self.acceptance = (
+            rate
+            if self.acceptance is None
+            else (1 - self.smoothing) * self.acceptance + self.smoothing * rate
+        )
 
 
 @torch.inference_mode()
-def drafted_greedy(
+def drafted_greedy(  # noqa: C901 -- the hot decode loop stays one function: no call per step
     model: Any,
     prompts: Sequence[Sequence[int]],
     references: Sequence[Sequence[int]],
@@ -351,16 +396,20 @@ def drafted_greedy(
             res.accepted += a
             res.steps += 1
             if d:  # adapt: grow the draft after a full hit, shrink after a miss
-                budgets[i] = min(num_draft_tokens * 2, budgets[i] + 2) if a == len(d) else max(1, budgets[i] - 1)
+                budgets[i] = (
+                    min(num_draft_tokens * 2, budgets[i] + 2) if a == len(d) else max(1, budgets[i] - 1)
+                )
                 window[i][0] += len(d)
                 window[i][1] += a
-                if window[i][0] >= PAUSE_AFTER:  # drafts that keep missing cost verify width: stop, probe later
+                if (
+                    window[i][0] >= PAUSE_AFTER
+                ):  # drafts that keep missing cost verify width: stop, probe later
                     if window[i][1] < MIN_ACCEPTANCE * window[i][0]:
                         paused[i], budgets[i] = PAUSE_STEPS, 1
                     window[i] = [0, 0]
             # Cache validity: the pending token and the accepted drafts; the rest is masked from now on.
             last = 1 + a
-            full_mask[row, mask.shape[1] + last:] = 0
+            full_mask[row, mask.shape[1] + last :] = 0
             valid[i] += last
             used = max(used, last)
             if emit(i, d[:a] + [p[a]]):

@@ -98,6 +98,8 @@ def configure_cpu_threads() -> int:
         return torch.get_num_threads()
     best = default_threads()
     if torch.get_num_threads() > best:
-        logger.info("using %d CPU threads (torch saw %d; set %s to choose)", best, torch.get_num_threads(), ENV)
+        logger.info(
+            "using %d CPU threads (torch saw %d; set %s to choose)", best, torch.get_num_threads(), ENV
+        )
         torch.set_num_threads(best)
     return torch.get_num_threads()
