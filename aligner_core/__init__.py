@@ -48,8 +48,7 @@ from .templates import (
     list_templates,
     register_template,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -1,33 +1,33 @@
 """The Aligner facade: build a corrector, check each call's arguments, and hand the work on.
 
-What each step does lives beside the step: request building and context fitting in ``requests``, the
-inspector gate in ``gating``, stream plumbing in ``streaming``, template choice in ``templates``, progress in
-``progress``, spans in ``telemetry``; engines in ``engines``. Every entry point goes through the same path.
+The ways to build one are in ``construction`` (inherited). What each step does lives beside the step: request
+building and context fitting in ``requests``, many answers in ``batches``, the inspector gate in ``gating``, stream
+plumbing in ``streaming``, template choice in ``templates``, progress in ``progress``, spans in ``telemetry``;
+engines in ``engines``. Every entry point goes through the same path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, overload
 
-from . import gating, requests, streaming, telemetry
+from . import batches, gating, requests, streaming, telemetry
+from .construction import Construction
 from .correction import Correction
 from .engines.base import Engine, GenerationOutput, GenerationParams
 from .gating import OWN
 from .items import as_sequence
-from .progress import Progress, ProgressCallback, batch_tracker, generate_tracked
+from .progress import Progress, ProgressCallback, batch_tracker
 from .requests import ContextArg, HistoryArg, OverflowPolicy, PreparedRequest
 from .streaming import AsyncCorrectionStream, CorrectionStream
 from .telemetry import span_of
-from .templates import Template, bind, choose_template
+from .templates import Template, choose_template
 
 
-class Aligner:
+class Aligner(Construction):
     """A corrector: reads a question and an upstream answer, writes a better answer.
 
     Build one with :meth:`from_pretrained` (loads a model into this process, on the library's
@@ -57,163 +57,6 @@ class Aligner:
         self.on_overflow: OverflowPolicy = on_overflow
         self.defaults = GenerationParams(max_new_tokens=max_new_tokens)
         self.inspector, self.threshold = gating.checked(inspector, threshold)
-
-    # -- construction ------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | os.PathLike[str],
-        *,
-        template: str | Template | None = None,
-        engine: Literal["transformers", "vllm"] = "transformers",
-        dtype: Any = "auto",
-        device: str | None = None,
-        device_map: Any = None,
-        gguf_file: str | None = None,
-        adapter: str | os.PathLike[str] | None = None,
-        quantization: Any = None,
-        trust_remote_code: bool = False,
-        allow_pickle: bool = False,
-        revision: str | None = None,
-        max_new_tokens: int = 1024,
-        max_batch_tokens: int | None = None,
-        on_overflow: OverflowPolicy = "error",
-        max_wait_ms: float = 5.0,
-        inspector: Any = None,
-        threshold: float = 0.5,
-        **engine_kwargs: Any,
-    ) -> Aligner:
-        """Load an Aligner from a hub id, a local directory or a GGUF file.
-
-        ``template=None`` picks the template recorded in the model (or adapter) directory, then
-        ``aligner-v1`` for the official ``aligner/aligner-*`` checkpoints, then ``chat`` when the
-        tokenizer has a chat template. ``allow_pickle`` opts in to ``.bin`` weights.
-
-        ``engine="vllm"`` runs the model on vLLM in this process (``pip install
-        "llm-aligner[vllm]"``): ``speculative`` (n-gram prompt lookup, default on),
-        ``num_speculative_tokens``, ``prompt_lookup_max`` and ``enable_prefix_caching`` (default on)
-        are taken, the rest of ``engine_kwargs`` go to ``vllm.AsyncEngineArgs``
-        (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ...).
-        """
-        from .engines.opening import open_pretrained
-
-        opened, chosen, name = open_pretrained(
-            model,
-            template=template,
-            engine=engine,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            gguf_file=gguf_file,
-            adapter=adapter,
-            quantization=quantization,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-            revision=revision,
-            max_batch_tokens=max_batch_tokens,
-            max_wait_ms=max_wait_ms,
-            engine_kwargs=engine_kwargs,
-        )
-        return cls(
-            opened,
-            chosen,
-            name=name,
-            max_new_tokens=max_new_tokens,
-            on_overflow=on_overflow,
-            inspector=inspector,
-            threshold=threshold,
-        )
-
-    @classmethod
-    def from_model(
-        cls,
-        model: Any,
-        tokenizer: Any,
-        *,
-        template: str | Template = "chat",
-        name: str = "",
-        max_new_tokens: int = 1024,
-        max_batch_tokens: int | None = None,
-        max_batch_size: int | None = None,
-        on_overflow: OverflowPolicy = "error",
-        max_wait_ms: float = 5.0,
-        max_queue: int = 4096,
-        inspector: Any = None,
-        threshold: float = 0.5,
-    ) -> Aligner:
-        """Wrap a transformers model and tokenizer that are already loaded."""
-        from .engines.opening import open_local
-
-        engine = open_local(
-            model,
-            tokenizer,
-            max_batch_tokens=max_batch_tokens,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
-        )
-        return cls(
-            engine,
-            bind(template, tokenizer),
-            name=name or str(getattr(model, "name_or_path", "")),
-            max_new_tokens=max_new_tokens,
-            on_overflow=on_overflow,
-            inspector=inspector,
-            threshold=threshold,
-        )
-
-    @classmethod
-    def from_server(
-        cls,
-        base_url: str,
-        *,
-        model: str | None = None,
-        template: str | Template | None = None,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        max_concurrency: int = 64,
-        tokenizer: Any = None,
-        max_new_tokens: int = 1024,
-        on_overflow: OverflowPolicy = "error",
-        extra_body: Mapping[str, Any] | None = None,
-        inspector: Any = None,
-        threshold: float = 0.5,
-    ) -> Aligner:
-        """Correct through any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
-
-        No local model or GPU is needed. The exact rendered template goes to ``/v1/completions``
-        (greedy by default); ``model=None`` takes the one model the server serves. ``template=None``
-        picks ``aligner-v1`` for the official checkpoints, the template recorded in the served
-        directory when it is readable here, else ``chat`` (the server applies the model's chat
-        template). ``tokenizer`` (a tokenizer object, hub id or directory) is optional: with it,
-        prompts are counted and checked against the server's context before they are sent.
-        ``api_key`` defaults to ``$OPENAI_API_KEY``. Faults are per request: connection errors,
-        timeouts, 429 and 5xx are retried ``max_retries`` times with backoff.
-        """
-        from .engines.opening import open_server
-
-        engine, chosen = open_server(
-            base_url,
-            template=template,
-            model=model,
-            api_key=api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            max_concurrency=max_concurrency,
-            tokenizer=tokenizer,
-            extra_body=extra_body,
-        )
-        return cls(
-            engine,
-            chosen,
-            name=engine.model_name or base_url,
-            max_new_tokens=max_new_tokens,
-            on_overflow=on_overflow,
-            inspector=inspector,
-            threshold=threshold,
-        )
 
     def __repr__(self) -> str:
         return f"Aligner(name={self.name!r}, template={self.template.name!r}, engine={self.engine.name!r})"
@@ -391,25 +234,12 @@ class Aligner:
         with batch_tracker(len(as_sequence(pairs)), show_progress, progress) as tracker:
 
             def run(subset: Sequence[Any], limits: Any, passed: int) -> list[Any]:
-                if tracker is not None and passed:
-                    tracker.update(rows=passed)  # answers the inspector passed are done: no generation
-                slots, params = requests.prepare_all(
-                    self, subset, return_exceptions, limits, dict(generation)
-                )
-                live = [i for i, s in enumerate(slots) if isinstance(s, PreparedRequest)]
-                if tracker is not None:
-                    tracker.update(rows=len(subset) - len(live))  # pairs refused before any compute
-                outputs = generate_tracked(
-                    self.engine,
-                    [slots[i].request for i in live],
-                    params,  # type: ignore[union-attr]
-                    fail_fast=not return_exceptions,
-                    progress=tracker,
-                )
-                results: list[Any] = list(slots)
-                for i, out in zip(live, outputs):
-                    results[i] = out if isinstance(out, BaseException) else self.build(slots[i], out)  # type: ignore[arg-type]
-                return results
+                options = {
+                    "tracker": tracker,
+                    "return_exceptions": return_exceptions,
+                    "generation": generation,
+                }
+                return batches.run(self, subset, limits, passed=passed, **options)
 
             return gating.batch(self, inspector, threshold, pairs, max_new_tokens, run)
 
@@ -427,16 +257,9 @@ class Aligner:
         """Async ``correct_batch``: all pairs go to the engine at once; input order is kept."""
 
         async def run(subset: Sequence[Any], limits: Any) -> list[Any]:
-            slots, params = requests.prepare_all(self, subset, return_exceptions, limits, dict(generation))
-            start = time.perf_counter()
-
-            async def one(slot: PreparedRequest | Exception) -> Correction:
-                if isinstance(slot, Exception):
-                    raise slot
-                out = await self.engine.agenerate(slot.request, params)
-                return self.build(slot, out, latency=time.perf_counter() - start)
-
-            return list(await asyncio.gather(*(one(s) for s in slots), return_exceptions=return_exceptions))
+            return await batches.arun(
+                self, subset, limits, return_exceptions=return_exceptions, generation=generation
+            )
 
         return await gating.abatch(self, inspector, threshold, pairs, max_new_tokens, run)
 

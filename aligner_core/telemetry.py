@@ -36,7 +36,7 @@ def _tracer() -> Any | None:
         from opentelemetry import trace
     except ImportError:
         return None
-    from . import __version__
+    from .version import __version__
 
     return trace.get_tracer(TRACER_NAME, __version__)
 

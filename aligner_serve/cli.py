@@ -135,6 +135,15 @@ def serve_command(
             rich_help_panel=_AL,
         ),
     ] = None,
+    aligner_engine: Annotated[
+        str,
+        typer.Option(
+            "--aligner-engine",
+            help="Engine of a local Aligner: auto (llama.cpp for a GGUF on a CPU-only machine "
+            "when installed, else transformers), transformers, llama.cpp or vllm.",
+            rich_help_panel=_AL,
+        ),
+    ] = "auto",
     template: Annotated[
         str | None,
         typer.Option(
@@ -372,13 +381,17 @@ def _serve(o: dict[str, Any], file: ServeConfig | None) -> None:
         _fail(str(exc))
     log_level = o["log_level"]
     logging.getLogger("aligner_serve").setLevel(log_level.upper())
-    choice = EngineChoice(
-        model=o["aligner_model"] if o["aligner_server"] else o["aligner"],
-        server=o["aligner_server"],
-        api_key=o["aligner_api_key"],
-        timeout=o["correction_timeout"],
-        max_concurrency=max(64, o["max_queue"]),
-    )
+    try:
+        choice = EngineChoice(
+            model=o["aligner_model"] if o["aligner_server"] else o["aligner"],
+            server=o["aligner_server"],
+            engine=o["aligner_engine"],
+            api_key=o["aligner_api_key"],
+            timeout=o["correction_timeout"],
+            max_concurrency=max(64, o["max_queue"]),
+        )
+    except ValueError as exc:
+        _fail(str(exc).replace("--engine", "--aligner-engine"))
     typer.echo(f"loading the Aligner ({choice.where}) ...", err=True)
     try:
         corrector = choice.load(

@@ -121,6 +121,7 @@ _TABLES: dict[str, dict[str, tuple[type, ...]]] = {
     "aligner": {
         "model": (str,),
         "server": (str,),
+        "engine": (str,),
         "api_key_env": (str,),
         "template": (str,),
         "max_new_tokens": (int,),
@@ -280,6 +281,7 @@ _ENTRIES: dict[str, tuple[str, str]] = {
     "aligner_server": ("aligner", "server"),
     "aligner_model": ("aligner", "model"),
     "aligner_api_key": ("aligner", "api_key"),
+    "aligner_engine": ("aligner", "engine"),
     "template": ("aligner", "template"),
     "max_new_tokens": ("aligner", "max_new_tokens"),
     "device": ("aligner", "device"),

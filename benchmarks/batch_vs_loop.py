@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from aligner_core import Aligner
     from aligner_core.cli.demo import sample_pairs
 
-    aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    aligner = Aligner.from_pretrained(args.model, engine="transformers", max_new_tokens=args.max_new_tokens)
     base = sample_pairs()
     pairs = [(q, a) for i in range(args.pairs) for q, a in [base[i % len(base)]]]
     pairs = [(q if i < len(base) else f"{q} (variant {i})", a) for i, (q, a) in enumerate(pairs)]

@@ -4,7 +4,7 @@
                                  [--skip local,server,ngram,vllm-inprocess,ray]
 
 The model is the packaged SmolLM2-135M-Instruct in float32 everywhere (the local engine loads the
-dequantized GGUF; vLLM serves a safetensors copy of the same weights, ``tests.servers.vllm_server.model_dir``).
+dequantized GGUF; vLLM serves a safetensors copy of the same weights, ``tests.fixtures.servers.vllm_server.model_dir``).
 All decoding is greedy. Measured, on the pairs of benchmarks/data/pairs32.jsonl (cycled to ``--pairs``):
 
 1. ``local``: the transformers engine, ``Aligner.from_pretrained(...).correct_batch`` with its defaults.
@@ -133,7 +133,7 @@ def run_local(pairs: list[tuple[str, str]], m: int, runs: int) -> dict[str, Any]
     from aligner_core import DEFAULT_MODEL, Aligner
 
     with Timer() as t_load:
-        aligner = Aligner.from_pretrained(DEFAULT_MODEL, max_new_tokens=m)
+        aligner = Aligner.from_pretrained(DEFAULT_MODEL, engine="transformers", max_new_tokens=m)
     try:
         aligner.correct(*pairs[0], max_new_tokens=4)  # warm-up (threads, allocator)
         best: dict[str, Any] | None = None
@@ -431,10 +431,10 @@ def run_servers(
     """Phases 2 and 3: a plain server, stopped, then an n-gram one; never two at once."""
     try:
         sys.path.insert(0, str(ROOT))
-        from tests.servers import vllm_server
+        from tests.fixtures.servers import vllm_server
     except Exception as exc:
         for part in parts & {"server", "ngram"}:
-            results["not_measured"][part] = f"cannot import tests.servers.vllm_server: {why(exc)}"
+            results["not_measured"][part] = f"cannot import tests.fixtures.servers.vllm_server: {why(exc)}"
         return
     if vllm_server.vllm_python() is None:
         for part in parts & {"server", "ngram"}:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from aligner_core.cli.demo import sample_pairs
     from aligner_core.inspector import Inspector, correct_batch_gated, correct_gated
 
-    aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    aligner = Aligner.from_pretrained(args.model, engine="transformers", max_new_tokens=args.max_new_tokens)
     base = sample_pairs()
     pairs = [
         (q if i < len(base) else f"{q} (variant {i})", a)

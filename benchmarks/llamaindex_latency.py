@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         "Never mix bleach and ammonia: the fumes are toxic.",
     ]
     Q = args.query
-    aligner = Aligner.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", max_new_tokens=TOK)
+    aligner = Aligner.from_pretrained(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", engine="transformers", max_new_tokens=TOK
+    )
     llm = huggingface_llm(aligner, max_new_tokens=TOK)  # HuggingFaceLLM over the Aligner's weights
     index = VectorStoreIndex.from_documents(
         [Document(text=t) for t in DOCS], embed_model=SentenceTransformerEmbedding()

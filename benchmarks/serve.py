@@ -1,11 +1,12 @@
 """``aligner serve`` against calling the upstream directly, side by side in one run.
 
     python -m benchmarks.serve [--upstream URL --upstream-model NAME] [--concurrency 1,32]
-                               [--requests-per-client 4] [--max-tokens 16] [--aligner-server URL] [--json PATH]
+                               [--requests-per-client 4] [--max-tokens 16] [--aligner-engine auto|transformers|llama.cpp]
+                               [--aligner-server URL] [--json PATH]
 
 The upstream is the vLLM CPU server serving the packaged SmolLM2 (``$ALIGNER_TEST_VLLM_URL``, ``--upstream``, or
-one started here with tests/servers/vllm_server.py and stopped at the end). The proxy is a real ``aligner serve``
-process on 127.0.0.1 (Aligner: the packaged SmolLM2 on the local transformers engine, or ``--aligner-server``).
+one started here with tests/fixtures/servers/vllm_server.py and stopped at the end). The proxy is a real ``aligner serve``
+process on 127.0.0.1 (Aligner: the packaged SmolLM2 on a local engine, ``--aligner-engine``, or ``--aligner-server``).
 For each concurrency level, ``c`` clients each send ``--requests-per-client`` chat completions one after the
 other (greedy, ``max_tokens``; questions from benchmarks/data/pairs32.jsonl), first straight to the upstream, then
 through the proxy, then straight to the upstream again (the direct figure is the better of the two runs).
@@ -174,6 +175,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def local_engine(requested: str) -> str:
+    """The engine ``aligner serve --aligner-engine requested`` runs the packaged model on, on this machine."""
+    from aligner_core.engines.choosing import canonical, choose_engine
+    from aligner_core.loading import DEFAULT_MODEL
+
+    name = canonical(requested)
+    return choose_engine(DEFAULT_MODEL, hint=False) if name == "auto" else name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         "--aligner-server", help="run the Aligner on this server instead of in the proxy process"
     )
     parser.add_argument("--aligner-model", help="the Aligner's name on --aligner-server")
+    parser.add_argument(
+        "--aligner-engine",
+        default="auto",
+        help="the proxy's local engine for the Aligner: auto, transformers or llama.cpp (default: auto)",
+    )
     parser.add_argument(
         "--concurrency", default="1,32", help="client counts, comma-separated (default: 1,32)"
     )
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream = args.upstream or os.environ.get("ALIGNER_TEST_VLLM_URL")
         if upstream is None:
             sys.path.insert(0, str(ROOT))
-            from tests.servers import vllm_server as vs
+            from tests.fixtures.servers import vllm_server as vs
 
             print("starting a vLLM CPU server for the upstream ...", file=sys.stderr)
             vllm = vs.start().wait_healthy()
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (["--aligner-model", args.aligner_model] if args.aligner_model else [])
             )
             if args.aligner_server
-            else []
+            else ["--aligner-engine", args.aligner_engine]
         )
         cmd = [
             sys.executable,
@@ -309,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg": list(os.getloadavg()),
             },
             "settings": {
-                "upstream": "vLLM CPU server, SmolLM2-135M-Instruct float32 (tests/servers/vllm_server.py)",
+                "upstream": "vLLM CPU server, SmolLM2-135M-Instruct float32 (tests/fixtures/servers/vllm_server.py)",
                 "aligner": f"server {args.aligner_server}"
                 if args.aligner_server
-                else "packaged SmolLM2-135M-Instruct, local transformers engine in the proxy process",
+                else f"packaged SmolLM2-135M-Instruct, local {local_engine(args.aligner_engine)} engine in the proxy process",
                 "max_tokens": args.max_tokens,
                 "requests_per_client": args.requests_per_client,
                 "greedy": True,

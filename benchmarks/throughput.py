@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from aligner_core import Aligner, ChatTemplate, GenerationParams
+    from aligner_core.engines.local import hf_generate
 
-    aligner = Aligner.from_pretrained(args.model, max_new_tokens=args.max_new_tokens, device=args.device)
+    aligner = Aligner.from_pretrained(
+        args.model, engine="transformers", max_new_tokens=args.max_new_tokens, device=args.device
+    )
     backend = aligner.engine
     model, tok = backend.model, backend.tokenizer
     eos = set(backend.eos_token_ids)
@@ -68,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     pairs = load("pairs32.jsonl")
     params = GenerationParams(max_new_tokens=m)
     prompts = [list(aligner.prepare(q, a, params).request.prompt_ids) for q, a in pairs]
-    config = backend.generation_config(params, m)
+    config = hf_generate.generation_config(backend, params, m)
     aligner.correct(*pairs[0], max_new_tokens=4)  # warm-up (threads, allocator)
 
     def one_at_a_time() -> int:
         total = 0
         for p in prompts:
-            ids, mask = backend.pad_left([p])
+            ids, mask = hf_generate.pad_left(backend, [p])
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             total += count_new(out[0, ids.shape[1] :].tolist(), eos, m)
         return total
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     def chunks_of_8() -> int:
         total = 0
         for i in range(0, len(prompts), 8):
-            ids, mask = backend.pad_left(prompts[i : i + 8])
+            ids, mask = hf_generate.pad_left(backend, prompts[i : i + 8])
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             total += sum(count_new(row, eos, m) for row in out[:, ids.shape[1] :].tolist())
         return total

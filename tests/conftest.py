@@ -132,12 +132,14 @@ def require_packaged_model() -> None:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real packaged SmolLM2-135M-Instruct, loaded once per session (GGUF dequantized and cached)."""
+    """The real packaged SmolLM2-135M-Instruct, loaded once per session (GGUF dequantized and cached), on the
+    transformers engine whether or not llama-cpp-python is installed (``engine="auto"`` would pick llama.cpp
+    where it is; the tests built on this fixture expect the transformers engine's float32 arithmetic)."""
     from aligner_core import Aligner
     from aligner_core.loading import DEFAULT_MODEL
 
     require_packaged_model()
-    return Aligner.from_pretrained(DEFAULT_MODEL, max_new_tokens=48)
+    return Aligner.from_pretrained(DEFAULT_MODEL, engine="transformers", max_new_tokens=48)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +149,7 @@ def vllm_server():
     ``scripts/test.sh`` starts one for the session (``$ALIGNER_TEST_VLLM_URL``) so it warms up while
     the unit tests run; without it, one is started here when ``.venv-vllm`` exists, else the test skips.
     """
-    from tests.servers import vllm_server as vs
+    from tests.fixtures.servers import vllm_server as vs
 
     url = os.environ.get("ALIGNER_TEST_VLLM_URL")
     if url:
@@ -163,3 +165,31 @@ def vllm_server():
         yield server
     finally:
         server.stop()
+
+
+TESTS = Path(__file__).resolve().parent
+# the folder is the marker: tests/integration (and the in-process vLLM tests) use the packaged model or a real server
+INTEGRATION_FOLDERS = ("integration", "vllm_inprocess")
+INTEGRATION_FIXTURES = {"smollm2", "vllm_server"}
+ORDER = {"unit": 0, "integration": 1}  # unit tests first: the session's vLLM server warms up meanwhile
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark integration tests by their folder, refuse a unit test that loads the packaged model or needs a
+    server (it belongs under tests/integration), and run the unit tests first."""
+    misplaced = []
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder in INTEGRATION_FOLDERS:
+            item.add_marker(pytest.mark.integration)
+        elif folder == "unit" and (
+            INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or item.get_closest_marker("integration")
+        ):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError(
+            "unit tests that use the packaged model or a real server belong under tests/integration: "
+            + ", ".join(misplaced)
+        )
+    items.sort(key=lambda item: ORDER.get(item.path.resolve().relative_to(TESTS).parts[0], 2))

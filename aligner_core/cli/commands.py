@@ -29,7 +29,8 @@ app = typer.Typer(
 
 
 def versions() -> str:
-    """The library's version and those of the packages it runs on (read from metadata: nothing is imported)."""
+    """The library's version, those of the packages it runs on (read from metadata) and the engine the default
+    model runs on here (``engines.choosing``: torch is imported only to look for an accelerator)."""
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
@@ -38,6 +39,9 @@ def versions() -> str:
             parts.append(f"{label} {version(dist)}")
         except PackageNotFoundError:
             parts.append(f"{label} (not installed)")
+    from ..engines.choosing import default_engine_line
+
+    parts.append(default_engine_line())
     return ", ".join(parts)
 
 
@@ -102,7 +106,7 @@ def correct(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     server: ServerOpt = None,
-    engine: EngineOpt = "transformers",
+    engine: EngineOpt = "auto",
     api_key: ApiKeyOpt = None,
     timeout: TimeoutOpt = 60.0,
     max_retries: RetriesOpt = 3,
@@ -226,7 +230,7 @@ def demo(
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest correction, in tokens.")] = 96,
     server: ServerOpt = None,
-    engine: EngineOpt = "transformers",
+    engine: EngineOpt = "auto",
     api_key: ApiKeyOpt = None,
 ) -> None:
     """Correct the bundled sample pairs offline and show each original beside its correction."""
@@ -257,11 +261,11 @@ def _register_subcommands() -> None:
     ``serve`` (imports stay cheap: each loads its dependencies when it runs)."""
     from aligner_serve.cli import register as register_serve  # a sibling package of the same distribution
 
-    from ..evaluation import register as register_eval
-    from ..pairs import register as register_pairs
     from ..training import register as register_train
     from ..training.inspector_cli import register as register_train_inspector
     from .cache import register as register_cache
+    from .evaluate import register as register_eval
+    from .pairs import register as register_pairs
 
     register_train(app)
     register_train_inspector(app)

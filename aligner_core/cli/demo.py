@@ -61,12 +61,13 @@ def run_demo(
     name = choice.model or ("the server's model" if choice.server else DEFAULT_MODEL)
     start = time.perf_counter()
     with console.status(
-        f"Loading {name} on the {choice.where} (a first local run dequantizes the GGUF once, ~20 s)"
+        f"Loading {name} on the {choice.where} (the transformers engine dequantizes a GGUF once, ~20 s)"
     ):
         aligner = choice.load(max_new_tokens=max_new_tokens, max_batch_tokens=max_batch_tokens)
     loaded = time.perf_counter() - start
     console.print(
-        f"Loaded [bold]{aligner.name}[/] on the {choice.where} in {loaded:.1f}s, template [bold]{aligner.template.name}[/]"
+        f"Loaded [bold]{aligner.name}[/] on the [bold]{aligner.engine.name}[/] engine in {loaded:.1f}s, "
+        f"template [bold]{aligner.template.name}[/]"
     )
     pairs = sample_pairs()
     start = time.perf_counter()

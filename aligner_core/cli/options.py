@@ -1,7 +1,9 @@
 """The engine options every ``aligner`` command takes (``aligner_core.jobs.choice`` builds the Aligner from them).
 
 ``--server URL [--model NAME]`` corrects through an OpenAI-compatible server, ``--engine vllm`` loads the
-model into vLLM in this process, the default runs the library's transformers engine; ``aligner correct``
+model into vLLM in this process, ``--engine llama.cpp`` runs a GGUF on llama.cpp, ``--engine transformers`` on the
+library's transformers engine; the default (``auto``) picks llama.cpp for a GGUF on a machine without an
+accelerator when llama-cpp-python is installed, else transformers (``engines.choosing``); ``aligner correct``
 also takes ``--ray`` to spread a file over a Ray cluster.
 """
 
@@ -35,7 +37,8 @@ EngineOpt = Annotated[
     str,
     typer.Option(
         "--engine",
-        help="Local engine: transformers or vllm (vLLM in this process).",
+        help="Local engine: auto (llama.cpp for a GGUF on a CPU-only machine when "
+        "installed, else transformers), transformers, llama.cpp or vllm.",
         rich_help_panel="Engine",
     ),
 ]

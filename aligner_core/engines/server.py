@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
@@ -32,7 +31,6 @@ from typing import Any
 
 from ..errors import (
     EngineClosedError,
-    ServerContextOverflowError,
     ServerError,
     ServerRequestError,
     ServerTimeoutError,
@@ -42,15 +40,12 @@ from ..errors import (
 )
 from ..plaintext import encode_text
 from ..progress import Progress
+from . import server_faults as faults
 from .aio import EventLoopThread, gather_in_order, result_or_cancel
 from .base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
 
 logger = logging.getLogger("aligner_core")
 
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-_CONTEXT_WORDS = re.compile(
-    r"context length|max_model_len|maximum context|too long|context window|exceed", re.I
-)
 _OFFICIAL = re.compile(r"(^|/)aligner[-_]?\d+b[-_]", re.I)
 
 
@@ -225,20 +220,20 @@ class ServerEngine:
             try:
                 resp = self._sync.request(method, url, **kwargs)
             except httpx.TimeoutException as exc:
-                error: ServerError = self._timeout_error(url, exc)
+                error: ServerError = faults.timed_out(self, url, exc)
             except httpx.TransportError as exc:
-                error = self._unavailable_error(url, exc)
+                error = faults.unavailable(self, url, exc)
             else:
                 if resp.status_code < 400:
                     return resp
-                error = self._status_error(
-                    url, resp.status_code, resp.text, retry_after=resp.headers.get("retry-after")
+                error = faults.status_error(
+                    self, url, resp.status_code, resp.text, retry_after=resp.headers.get("retry-after")
                 )
                 if not isinstance(error, ServerUnavailableError):
                     raise error
             if attempt == self.max_retries:
                 raise error
-            time.sleep(self._delay(attempt, error))
+            time.sleep(faults.delay(self, attempt, error))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- the Engine entry points --------------------------------------------------------------
@@ -381,8 +376,12 @@ class ServerEngine:
                 if on_text is None:
                     resp = await client.post(url, json=body)
                     if resp.status_code >= 400:
-                        error: ServerError = self._status_error(
-                            url, resp.status_code, resp.text, retry_after=resp.headers.get("retry-after")
+                        error: ServerError = faults.status_error(
+                            self,
+                            url,
+                            resp.status_code,
+                            resp.text,
+                            retry_after=resp.headers.get("retry-after"),
                         )
                     else:
                         return self._parse(resp.json(), request, start)
@@ -390,20 +389,20 @@ class ServerEngine:
                     async with client.stream("POST", url, json=body) as resp:
                         if resp.status_code >= 400:
                             text = (await resp.aread()).decode("utf-8", "replace")
-                            error = self._status_error(
-                                url, resp.status_code, text, retry_after=resp.headers.get("retry-after")
+                            error = faults.status_error(
+                                self, url, resp.status_code, text, retry_after=resp.headers.get("retry-after")
                             )
                         else:
                             return await self._read_events(resp, request, start, on_text, progress)
             except httpx.TimeoutException as exc:
-                error = self._timeout_error(url, exc)
+                error = faults.timed_out(self, url, exc)
             except httpx.TransportError as exc:
-                error = self._unavailable_error(url, exc)
+                error = faults.unavailable(self, url, exc)
             if not isinstance(error, (ServerUnavailableError, ServerTimeoutError)):
                 raise error
             if attempt == self.max_retries or progress.emitted:  # text already streamed cannot be taken back
                 raise error
-            await asyncio.sleep(self._delay(attempt, error))
+            await asyncio.sleep(faults.delay(self, attempt, error))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _parse(self, data: dict[str, Any], request: GenerationRequest, start: float) -> GenerationOutput:
@@ -448,64 +447,6 @@ class ServerEngine:
                     finish = choice["finish_reason"]
         return _output(text, finish, usage, start, fallback_tokens=chunks)
 
-    # -- errors -------------------------------------------------------------------------------
-
-    def _delay(self, attempt: int, error: ServerError) -> float:
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            return min(retry_after, 30.0)
-        return min(self.backoff * 2**attempt, 8.0) * (0.75 + random.random() / 2)
-
-    def _unavailable_error(self, url: str, exc: BaseException) -> ServerUnavailableError:
-        return ServerUnavailableError(
-            f"cannot reach {url} ({type(exc).__name__}: {exc or 'connection failed'}) after {self.max_retries} "
-            "retries: is the server running and the URL right? Start it, or raise max_retries/timeout",
-            url=url,
-        )
-
-    def _timeout_error(self, url: str, exc: BaseException) -> ServerTimeoutError:
-        return ServerTimeoutError(
-            f"{url} did not answer within timeout={self.timeout:g}s ({type(exc).__name__}), after "
-            f"{self.max_retries} retries: the server is overloaded or the request too long; raise timeout, "
-            "lower max_new_tokens or max_concurrency",
-            url=url,
-        )
-
-    def _status_error(
-        self, url: str, status: int, text: str, *, retry_after: str | None = None
-    ) -> ServerError:
-        message = _server_message(text)
-        if status in _RETRY_STATUS:
-            error: ServerError = ServerUnavailableError(
-                f"{url} answered {status} ({message}) after {self.max_retries} retries: the server is busy or "
-                "failing; retry later, lower max_concurrency, or raise max_retries",
-                url=url,
-                status=status,
-            )
-            try:
-                error.retry_after = float(retry_after) if retry_after else None  # type: ignore[attr-defined]
-            except ValueError:
-                error.retry_after = None  # type: ignore[attr-defined]
-            return error
-        if status in (401, 403):
-            return ServerRequestError(
-                f"{url} refused the API key ({status}: {message}): pass api_key=...", url=url, status=status
-            )
-        if status == 404 and "model" in message.lower():
-            served = getattr(self, "served_models", None)
-            hint = f" (it serves: {', '.join(served)})" if served else ""
-            return ServerRequestError(
-                f"{url} does not serve model {self.model_name!r}{hint}: {message}", url=url, status=status
-            )
-        if status in (400, 413, 422) and _CONTEXT_WORDS.search(message):
-            return ServerContextOverflowError(
-                f"{url} refused the prompt as too long for the model's context: {message} -- shorten the answer, "
-                "lower max_new_tokens, or pass on_overflow='truncate'",
-                url=url,
-                status=status,
-            )
-        return ServerRequestError(f"{url} rejected the request ({status}): {message}", url=url, status=status)
-
 
 class _Progress:
     emitted = False
@@ -527,22 +468,6 @@ def _output(
         metadata=metadata,
         prompt_tokens=prompt if isinstance(prompt, int) else None,
     )
-
-
-def _server_message(text: str) -> str:
-    """The human part of an error body: OpenAI's ``{"error": {"message"}}``, vLLM's, or the raw text."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text.strip()[:500] or "no message"
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict):
-            return str(err.get("message") or err.get("detail") or err)[:500]
-        if isinstance(data.get("detail"), str):
-            return data["detail"][:500]
-        return str(err)[:500]
-    return str(data)[:500]
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:

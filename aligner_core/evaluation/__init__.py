@@ -6,8 +6,6 @@ a judge runs or a report is plotted. See docs/evaluation.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .judges import OUTCOMES, Comparison, Judge, Outcome, Verdict, combine_orders
 from .llm_judge import LLMJudge
 from .metrics import DimensionMetrics, EvalSummary, bootstrap_ci, dimension_metrics, summarize, win_rate
@@ -15,17 +13,6 @@ from .report import markdown_report, markdown_table, write_report
 from .reward_judge import RewardModelJudge
 from .rubrics import RUBRICS, format_prompt, parse_verdict
 from .runner import VERDICTS_FILE, EvalResult, evaluate_file
-
-if TYPE_CHECKING:
-    import typer
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``eval`` command to a typer app (``aligner_core.cli`` calls this)."""
-    from .cli import register as _register
-
-    _register(app)
-
 
 __all__ = [
     "OUTCOMES",
@@ -48,7 +35,6 @@ __all__ = [
     "markdown_report",
     "markdown_table",
     "parse_verdict",
-    "register",
     "summarize",
     "win_rate",
     "write_report",

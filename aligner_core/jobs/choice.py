@@ -1,7 +1,9 @@
 """Where an Aligner runs, as a command line or a job describes it, and the one function that builds it.
 
 A server (``server``, with ``model`` its served name) corrects over HTTP; otherwise ``model`` (default: the packaged
-SmolLM2) loads into this process on the ``engine`` named (the library's transformers engine, or vLLM). File jobs,
+SmolLM2) loads into this process on the ``engine`` named: ``auto`` (llama.cpp for a GGUF on a machine without an
+accelerator when llama-cpp-python is installed, else transformers: ``engines.choosing``), ``transformers``,
+``llama.cpp`` (alias ``llamacpp``) or ``vllm``. File jobs,
 Ray replicas and every ``aligner`` command build their Aligner through :meth:`EngineChoice.load`.
 """
 
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..aligner import Aligner
 
-ENGINES = ("transformers", "vllm")
+ENGINES = ("auto", "transformers", "llama.cpp", "llamacpp", "vllm")
+#: Engines that run the model in this process beside a --server (none: the server runs it).
+_NOT_WITH_SERVER = ("llama.cpp", "llamacpp", "vllm")
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,7 @@ class EngineChoice:
 
     model: str | None = None
     server: str | None = None
-    engine: str = "transformers"
+    engine: str = "auto"
     api_key: str | None = None
     timeout: float = 60.0
     max_retries: int = 3
@@ -31,12 +35,14 @@ class EngineChoice:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.server and self.engine != "transformers":
+        if self.server and self.engine in _NOT_WITH_SERVER:
             raise ValueError("--server and --engine contradict each other: the server runs the model")
 
     @property
     def where(self) -> str:
-        return f"server {self.server}" if self.server else f"{self.engine} engine"
+        if self.server:
+            return f"server {self.server}"
+        return "local engine (auto)" if self.engine == "auto" else f"{self.engine} engine"
 
     def load(
         self,
@@ -79,6 +85,7 @@ class EngineChoice:
         return Aligner.from_pretrained(
             model,
             template=template,
+            engine=self.engine,  # type: ignore[arg-type]
             device=device,
             dtype=dtype,
             max_new_tokens=max_new_tokens,

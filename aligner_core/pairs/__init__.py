@@ -5,8 +5,6 @@ See docs/evaluation.md. ``import aligner_core.pairs`` is cheap: models load only
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .build import (
     DEFAULT_MAX_SIMILARITY,
     DEFAULT_PROMPT_FORMAT,
@@ -17,17 +15,6 @@ from .build import (
     write_pairs,
 )
 from .generate import RoundResult, TransformersUpstream, Upstream, generate_round, iter_prompts
-
-if TYPE_CHECKING:
-    import typer
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``pairs`` command to a typer app (``aligner_core.cli`` calls this)."""
-    from .cli import register as _register
-
-    _register(app)
-
 
 __all__ = [
     "DEFAULT_MAX_SIMILARITY",
@@ -41,6 +28,5 @@ __all__ = [
     "iter_prompts",
     "make_pair",
     "pairs_from_records",
-    "register",
     "write_pairs",
 ]

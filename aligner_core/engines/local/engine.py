@@ -23,6 +23,7 @@ from ...errors import AlignerOutOfMemoryError
 from ...plaintext import encode_text
 from ...progress import Progress
 from ..base import GenerationOutput, GenerationParams, GenerationRequest, ResultCallback, TextSink
+from .hf_generate import generate_tokens, sink_streamer
 from .planner import plan_batches
 from .progress import BatchReport, counting_streamer
 
@@ -267,39 +268,12 @@ class TransformersEngine:
         self, request: GenerationRequest, params: GenerationParams, sink: Callable[[list[int]], None]
     ) -> GenerationOutput:
         """Generate one request, handing each new token to ``sink`` as it is produced."""
-        from transformers.generation.streamers import BaseStreamer
-
-        class _Sink(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                sink([int(t) for t in value.reshape(-1).tolist()])
-
-            def end(self) -> None:
-                pass
-
         if params.drafting and self.loop_supported and request.draft_ids:
             return self._run_drafted([request], params, sink=lambda _row, tokens: sink(tokens))[0]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         start = time.perf_counter()
-        input_ids, attention_mask = self.pad_left([request.prompt_ids])
-        extra: dict[str, Any] = (
-            {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
-        )
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self.generation_config(params, request.max_new_tokens),
-                streamer=_Sink(),
-                **extra,
-            )
-        tokens = out[0, input_ids.shape[1] :].tolist()
+        tokens = generate_tokens(self, [request], params, sink_streamer(sink))[0]
         return self.finish(tokens, request.max_new_tokens, params.stop, time.perf_counter() - start)
 
     def _run_splitting(
@@ -325,32 +299,6 @@ class TransformersEngine:
             return self._run_splitting(batch[:half], params, progress) + self._run_splitting(
                 batch[half:], params, progress
             )
-
-    def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
-        from transformers import GenerationConfig
-
-        options: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "do_sample": params.do_sample,
-            "eos_token_id": self.eos_token_ids or None,
-            "pad_token_id": self.pad_token_id,
-        }
-        if params.do_sample:
-            options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-        if params.repetition_penalty != 1.0:
-            options["repetition_penalty"] = params.repetition_penalty
-        return GenerationConfig(**options)
-
-    def pad_left(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token lists into ``input_ids`` and ``attention_mask`` on the model's device."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            if p:
-                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p) :] = 1
-        return ids.to(self.device), mask.to(self.device)
 
     def _run_drafted(
         self,
@@ -433,22 +381,10 @@ class TransformersEngine:
                 if report is not None:
                     report.retract()
         start = time.perf_counter()
-        input_ids, attention_mask = self.pad_left([r.prompt_ids for r in batch])
-        extra: dict[str, Any] = {}
-        if params.stop:
-            extra = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer}
+        streamer = None
         if report is not None:
-            extra["streamer"] = counting_streamer(
-                [r.max_new_tokens for r in batch], self.eos_token_ids, report.step
-            )
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self.generation_config(params, max(r.max_new_tokens for r in batch)),
-                **extra,
-            )
-        new_tokens = out[:, input_ids.shape[1] :].tolist()
+            streamer = counting_streamer([r.max_new_tokens for r in batch], self.eos_token_ids, report.step)
+        new_tokens = generate_tokens(self, batch, params, streamer)
         latency = time.perf_counter() - start
         return [
             self.finish(tokens, r.max_new_tokens, params.stop, latency)
