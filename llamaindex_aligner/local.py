@@ -77,7 +77,10 @@ def huggingface_llm(aligner: Aligner, **kwargs: Any) -> HuggingFaceLLM:
         raise missing("llama-index-llms-huggingface", "llamaindex", feature="huggingface_llm") from exc
     model, tokenizer = getattr(aligner.engine, "model", None), getattr(aligner.engine, "tokenizer", None)
     if model is None or tokenizer is None:
-        raise TypeError(f"the {aligner.engine.name!r} engine holds no local transformers model to share")
+        raise TypeError(
+            f"the {aligner.engine.name!r} engine holds no local transformers model to share: load the Aligner with "
+            "Aligner.from_pretrained(..., engine='transformers') to run its weights as the upstream LLM too"
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs.setdefault("max_new_tokens", 64)
     kwargs.setdefault("context_window", int(getattr(model.config, "max_position_embeddings", 2048)))

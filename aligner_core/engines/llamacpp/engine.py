@@ -16,7 +16,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from .worker import Worker
 
 logger = logging.getLogger("aligner_core.llamacpp")
 
-#: KV cache the engine sizes its sequence slots to when ``n_seq_max`` is not given (the vLLM CPU default).
-DEFAULT_KV_CACHE_BYTES = 2 << 30
+#: KV cache the engine sizes its sequence slots to when ``n_seq_max`` is not given. llama.cpp allocates it at once:
+#: 1 GiB holds 11 sequences of 4096 tokens of the packaged SmolLM2 (about 1.2 GB per engine in all); on a CPU a
+#: decode of 11 sequences already uses every core, so more slots would add memory, not throughput.
+DEFAULT_KV_CACHE_BYTES = 1 << 30
 #: Longest context per sequence by default (prompt + new tokens), capped by what the model was trained on.
 DEFAULT_CONTEXT = 4096
 #: Most sequences decoded together by default.
@@ -147,7 +150,9 @@ class LlamaCppEngine:
         self.worker = Worker(
             native,
             eos_token_ids=self.eos_token_ids,
-            decode=self.decode,
+            decode=_decoder(
+                tokenizer, self._decode_lock
+            ),  # not self.decode: the thread must not keep self alive
             context_length=self.context_length,
             capacity=native.n_ctx if kv_unified else None,
             max_draft_tokens=max_draft_tokens,
@@ -156,6 +161,8 @@ class LlamaCppEngine:
             calibrate=self.drafting,
             tuner=tuner,
         )
+        # An engine dropped without close() frees its worker thread, context and KV cache when it is collected.
+        self._finalizer = weakref.finalize(self, self.worker.close)
         logger.info(
             "llama.cpp engine: %s, %d sequences x %d tokens, %d threads, drafting %s",
             Path(model_path).name,
@@ -204,8 +211,7 @@ class LlamaCppEngine:
             )
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        with self._decode_lock:
-            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return _decoder(self.tokenizer, self._decode_lock)(token_ids)
 
     @property
     def stats(self) -> Stats:
@@ -384,6 +390,16 @@ def _eos_ids(tokenizer: Any) -> list[int]:
 def open_llamacpp(model: str | os.PathLike[str], **options: Any) -> tuple[LlamaCppEngine, ModelSource, Any]:
     """``(engine, source, tokenizer)`` for ``engine="llama.cpp"`` (see :meth:`LlamaCppEngine.from_pretrained`)."""
     return LlamaCppEngine.from_pretrained(model, **options)
+
+
+def _decoder(tokenizer: Any, lock: threading.Lock) -> Callable[[Sequence[int]], str]:
+    """Token ids to text, one thread at a time (a fast tokenizer shared across threads can fail "Already borrowed")."""
+
+    def decode(token_ids: Sequence[int]) -> str:
+        with lock:
+            return tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    return decode
 
 
 __all__ = ["LlamaCppEngine", "default_threads", "open_llamacpp"]

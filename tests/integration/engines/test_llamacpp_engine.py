@@ -202,6 +202,26 @@ def test_close_fails_later_calls(engine):
     assert not second.worker.thread.is_alive()
 
 
+def test_an_engine_dropped_without_close_frees_its_worker(engine):
+    """Nothing but the caller holds an engine: its worker thread (and with it the context and KV cache) ends when
+    the engine is collected, as a dropped transformers engine frees its model."""
+    import gc
+    import weakref
+
+    from aligner_core import Aligner
+    from aligner_core.engines.llamacpp import LlamaCppEngine
+    from aligner_core.templates import bind
+
+    dropped = LlamaCppEngine(engine.model_path, engine.tokenizer, n_ctx=512, n_seq_max=2)
+    Aligner(dropped, bind("aligner-v1", engine.tokenizer), max_new_tokens=4).correct(QUESTION, ANSWER)
+    thread, ref = dropped.worker.thread, weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None, "the worker thread must not keep its engine alive"
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
 def test_peft_lora_converts_and_loads(engine, tmp_path, monkeypatch):
     """A PEFT adapter whose B matrices are zero changes nothing; converted once, then taken from the cache."""
     np = pytest.importorskip("numpy")
