@@ -139,11 +139,13 @@ def serve_command(
         str,
         typer.Option(
             "--aligner-engine",
-            help="Engine of a local Aligner: auto (llama.cpp for a GGUF on a CPU-only machine "
-            "when installed, else transformers), transformers, llama.cpp or vllm.",
+            help="Engine of a local Aligner: transformers (default: with many clients at once its planned "
+            "batches served 3.3x the requests of llama.cpp on a 2-core CPU, benchmarks/serve.py), llama.cpp "
+            "(a GGUF; a little sooner for one client at a time), vllm, or auto (llama.cpp for a GGUF on a "
+            "CPU-only machine when installed, else transformers).",
             rich_help_panel=_AL,
         ),
-    ] = "auto",
+    ] = "transformers",
     template: Annotated[
         str | None,
         typer.Option(

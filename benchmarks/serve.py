@@ -1,7 +1,7 @@
 """``aligner serve`` against calling the upstream directly, side by side in one run.
 
     python -m benchmarks.serve [--upstream URL --upstream-model NAME] [--concurrency 1,32]
-                               [--requests-per-client 4] [--max-tokens 16] [--aligner-engine auto|transformers|llama.cpp]
+                               [--requests-per-client 4] [--max-tokens 16] [--aligner-engine transformers|llama.cpp|auto]
                                [--aligner-server URL] [--json PATH]
 
 The upstream is the vLLM CPU server serving the packaged SmolLM2 (``$ALIGNER_TEST_VLLM_URL``, ``--upstream``, or
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aligner-model", help="the Aligner's name on --aligner-server")
     parser.add_argument(
         "--aligner-engine",
-        default="auto",
-        help="the proxy's local engine for the Aligner: auto, transformers or llama.cpp (default: auto)",
+        default="transformers",
+        help="the proxy's local engine for the Aligner: transformers (the proxy's default), llama.cpp or auto",
     )
     parser.add_argument(
         "--concurrency", default="1,32", help="client counts, comma-separated (default: 1,32)"

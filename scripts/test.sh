@@ -29,10 +29,11 @@ if [ "$skip_llamacpp" != 1 ]; then
   # llama-cpp-python has no binary wheel on PyPI: build one (its multimodal library left out, which takes a third
   # off the compile), niced so that the tests keep the CPU; setsid so that cleanup can stop the whole build.
   rm -rf .llamacpp-wheel && mkdir -p .llamacpp-wheel
-  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" setsid nice -n 19 python -m pip wheel -q --no-deps \
-    -w .llamacpp-wheel "llama-cpp-python==0.3.36" > .llamacpp-build.log 2>&1 &
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" setsid nice -n 19 bash -c 'python -m pip wheel -q --no-deps \
+    -w .llamacpp-wheel "llama-cpp-python==0.3.36" && echo "llama-cpp-python wheel built in ${SECONDS}s"' \
+    > .llamacpp-build.log 2>&1 &
   build_pid=$!
-  echo "==> building the llama-cpp-python wheel in the background (pid $build_pid)" >&2
+  echo "==> building the llama-cpp-python wheel in the background (pid $build_pid, $(( $(date +%s) - start ))s into the run)" >&2
 fi
 
 server_pid=""
@@ -71,9 +72,10 @@ set -e
 if [ "$code" -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; code=1; fi
 
 if [ -n "$build_pid" ]; then
-  echo "==> llama.cpp engine tests (waiting for the llama-cpp-python wheel, started $(( $(date +%s) - start ))s ago at most)" >&2
+  echo "==> llama.cpp engine tests, once the llama-cpp-python wheel is built ($(( $(date +%s) - start ))s into the run)" >&2
   if wait "$build_pid"; then
     build_pid=""
+    echo "==> $(tail -n 1 .llamacpp-build.log)" >&2
     python -m pip install -qq .llamacpp-wheel/llama_cpp_python-*.whl
     set +e
     python -m pytest -q -p no:cacheprovider tests/unit/engines/test_llamacpp_engine.py \
