@@ -47,6 +47,11 @@ _STOP = object()
 MAX_GATHER_S = 0.25
 
 
+def gather_window(max_wait: float) -> float:
+    """Seconds a burst may be gathered in all: ``MAX_GATHER_S``, or ten times ``max_wait`` when that is longer."""
+    return max(10 * max_wait, MAX_GATHER_S)
+
+
 class MicroBatcher:
     """A background worker that serves concurrent requests in shared batches."""
 
@@ -140,7 +145,7 @@ class MicroBatcher:
         budget = _cost(first)
         rows = self.max_batch_size or float("inf")
         now = time.monotonic()
-        cap, deadline = now + max(10 * self.max_wait, MAX_GATHER_S), now + self.max_wait
+        cap, deadline = now + gather_window(self.max_wait), now + self.max_wait
         while budget < self.max_batch_tokens and len(jobs) < rows:
             remaining = min(deadline, cap) - time.monotonic()
             try:
