@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
+from ..drafts import AnswerDrafter
+
 #: Acceptance assumed before a sequence has verified anything: corrections copy most of their answer.
 PRIOR_ACCEPTANCE = 0.7
 #: Weight of the prior, in verified tokens.
@@ -40,48 +42,6 @@ MAX_FIT_TOKENS = 128
 EXPLORE_ACCEPTANCE = 0.5
 #: The first draft of a sequence, and where a sequence restarts after a miss, is at most this long.
 FIRST_DRAFT = 4
-
-
-class AnswerDrafter:
-    """Proposes the continuation of ``reference`` after the longest n-gram the output ends with.
-
-    The same lookup as the transformers engine's (``engines/local/speculative.py``), kept here so this engine
-    needs no torch: index every 1..``max_ngram``-gram of the answer, prefer a match at or after where the last
-    accepted copy ended (answers repeat short n-grams).
-    """
-
-    def __init__(self, reference: Sequence[int], max_ngram: int = 3) -> None:
-        self.reference = list(reference)
-        self.max_ngram = max_ngram
-        self.index: dict[tuple[int, ...], list[int]] = {}
-        for n in range(1, max_ngram + 1):
-            for end in range(n, len(self.reference) + 1):
-                self.index.setdefault(tuple(self.reference[end - n : end]), []).append(end)
-        self.cursor = 0
-
-    def propose(self, output: Sequence[int], k: int) -> list[int]:
-        """Up to ``k`` tokens of the answer that follow the end of ``output`` (empty when nothing matches)."""
-        if k <= 0 or not self.reference:
-            return []
-        if not output:
-            return self.reference[:k]
-        for n in range(min(self.max_ngram, len(output)), 0, -1):
-            ends = self.index.get(tuple(output[-n:]))
-            if not ends:
-                continue
-            end = next((e for e in ends if e >= self.cursor), ends[0])
-            draft = self.reference[end : end + k]
-            if draft:
-                return draft
-        return []
-
-    def accepted(self, output: Sequence[int]) -> None:
-        """Move the cursor to just after the match of the output's last tokens."""
-        for n in range(min(self.max_ngram, len(output)), 0, -1):
-            ends = self.index.get(tuple(output[-n:]))
-            if ends:
-                self.cursor = next((e for e in ends if e >= self.cursor), ends[0])
-                return
 
 
 class CostModel:

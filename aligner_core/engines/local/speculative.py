@@ -19,41 +19,7 @@ from typing import Any
 
 import torch
 
-
-class AnswerDrafter:
-    """Proposes the continuation of ``reference`` after the longest matching n-gram of the output."""
-
-    def __init__(self, reference: Sequence[int], max_ngram: int = 3):
-        self.reference = list(reference)
-        self.max_ngram = max_ngram
-        self.index: dict[tuple[int, ...], list[int]] = {}
-        for n in range(1, max_ngram + 1):
-            for end in range(n, len(self.reference) + 1):
-                self.index.setdefault(tuple(self.reference[end - n : end]), []).append(end)
-        self.cursor = 0  # where the last accepted copy ended: prefer matches at or after it
-
-    def propose(self, output: Sequence[int], k: int) -> list[int]:
-        if k <= 0 or not self.reference:
-            return []
-        if not output:
-            return self.reference[:k]
-        for n in range(min(self.max_ngram, len(output)), 0, -1):
-            ends = self.index.get(tuple(output[-n:]))
-            if not ends:
-                continue
-            end = next((e for e in ends if e >= self.cursor), ends[0])
-            draft = self.reference[end : end + k]
-            if draft:
-                return draft
-        return []
-
-    def accepted(self, output: Sequence[int]) -> None:
-        """Move the cursor to just after the match of the output's last tokens."""
-        for n in range(min(self.max_ngram, len(output)), 0, -1):
-            ends = self.index.get(tuple(output[-n:]))
-            if ends:
-                self.cursor = next((e for e in ends if e >= self.cursor), ends[0])
-                return
+from ..drafts import AnswerDrafter
 
 
 @dataclass
